@@ -1,0 +1,3 @@
+"""Chat-template tokenization with loss masks (pure core)."""
+
+IGNORE_INDEX = -100
