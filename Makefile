@@ -1,0 +1,13 @@
+# The two commands of the README. Both set everything up from this repo's own files.
+#   make quickstart   # the main job
+#   make test         # the test suite (what CI runs)
+.PHONY: setup test quickstart
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+quickstart: setup
+	.venv/bin/raypack compare jobs/quickstart.yaml

@@ -1,0 +1,151 @@
+"""The `raypack` command line: a thin shell over the library.
+
+    raypack compare jobs/quickstart.yaml [key=value ...]   # every arm's packing counts side by side
+    raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
+    raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
+    raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
+    raypack config --fields                                 # every config key, documented
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from raypack.config import ConfigError, describe_fields, load_config, to_dict
+from raypack.data.synth import PRESETS
+
+COMPARE_COLUMNS = (
+    ("rows", "num_rows"), ("lower bound", "lower_bound_rows"), ("rows/LB", "rows_over_lower_bound"),
+    ("tokens", "num_tokens"), ("supervised", "num_supervised_tokens"), ("efficiency", "efficiency"),
+    ("pad frac", "padding_fraction"), ("split", "num_split_samples"), ("seconds", "seconds"),
+)
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    """A plain aligned text table; floats get 4 significant digits."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raypack.data.local import prepare_local
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    source = ", ".join(cfg.data.sources) or f"synthetic {cfg.synth.preset} x {cfg.synth.num_samples}"
+    print(f"raypack compare: {source}, max_seq_len {cfg.data.max_seq_len}, window {cfg.pack.window}", flush=True)
+    start = time.perf_counter()
+    prep = prepare_local(cfg)
+    load = prep.load
+    rejected = {k: v for k, v in load.rejected_reasons.items() if v}
+    print(f"input rows {load.num_input_rows}: {len(load.conversations)} conversations, "
+          f"{len(load.rejected)} rejected {rejected or ''}")
+    print("tokenized: " + ", ".join(f"{k} {v}" for k, v in prep.token_counts.items()))
+    table = [[a.arm] + [a.stats[key] for _, key in COMPARE_COLUMNS] for a in prep.arms]
+    print(format_table(["arm"] + [c for c, _ in COMPARE_COLUMNS], table))
+    report = {"config": to_dict(cfg), "num_input_rows": load.num_input_rows,
+              "num_rejected_rows": len(load.rejected), "rejected_reasons": load.rejected_reasons,
+              "tokenize": prep.token_counts, "arms": {a.arm: a.stats for a in prep.arms}}
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    if load.rejected:
+        with (out / "rejected.jsonl").open("w") as f:
+            for r in load.rejected:
+                f.write(json.dumps(r) + "\n")
+    print(f"done in {time.perf_counter() - start:.1f} s; report: {out / 'compare.json'}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from raypack.data.synth import synth_conversations, write_jsonl
+
+    n = write_jsonl(synth_conversations(args.preset, args.num_samples, args.seed), args.out)
+    print(f"wrote {n} conversations ({args.preset}, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def cmd_bench_pack(args: argparse.Namespace) -> int:
+    from raypack.bench import bench_pack, format_pack_table
+    from raypack.data.synth import sample_lengths
+
+    lengths = sample_lengths(args.preset, args.num_samples, args.seed)
+    print(f"bench pack: {args.preset}, {len(lengths)} samples, mean {lengths.mean():.0f} tokens, "
+          f"{int((lengths > args.max_seq_len).sum())} over {args.max_seq_len}", flush=True)
+    result = bench_pack(lengths, args.max_seq_len, window=args.window, trl=not args.no_trl)
+    result["preset"], result["seed"] = args.preset, args.seed
+    print(format_pack_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.fields:
+        print("\n".join(describe_fields()))
+        return 0
+    if not args.config:
+        raise ConfigError("give a config file (for example jobs/quickstart.yaml) or --fields")
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raypack", description="Padding or packing? SFT at scale on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    overrides_help = "dotted key=value overrides, e.g. pack.window=1000 (see `raypack config --fields`)"
+
+    p = sub.add_parser("compare", help="tokenize once and pack every arm; print their counts side by side")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_synth)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="what", required=True)
+    p = bench.add_parser("pack", help="plan every packing strategy on the same lengths (and TRL's bfd)")
+    p.add_argument("--preset", default="opensource-1.2m", choices=list(PRESETS))
+    p.add_argument("--num-samples", type=int, default=1_200_000)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-trl", action="store_true", help="skip TRL's pack_dataset reference run")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_pack)
+
+    p = sub.add_parser("config", help="print the resolved config, or document every key")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--fields", action="store_true", help="list every config key with its type and help")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as err:
+        print(f"raypack {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

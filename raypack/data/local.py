@@ -1,0 +1,83 @@
+"""In-process preparation of every arm from one tokenization pass (no Ray).
+
+The reference path for small datasets, tests and the quickstart: read or
+synthesise conversations, tokenize them once, then pack the same samples for
+every arm and report each arm's counts side by side. The Ray Data pipeline maps
+the same pure functions over a cluster.
+
+    from raypack.config import load_config
+    report = prepare_local(load_config("jobs/quickstart.yaml"))
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raypack.config import Config, DataConfig, SynthConfig, parse_arm
+from raypack.data import formats, synth
+from raypack.data.pack import pack_rows, plan_pack, row_stats
+from raypack.data.tokenize import tokenize_conversations
+from raypack.model import load_tokenizer
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    rows: list[dict]
+    stats: dict
+
+
+@dataclass
+class LocalPrep:
+    load: formats.LoadResult
+    token_counts: dict
+    arms: list[ArmResult]
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files named by paths, globs or folders, sorted; an empty match is an error."""
+    paths: list[str] = []
+    for src in sources:
+        if Path(src).is_dir():
+            found = sorted(str(p) for ext in ("json", "jsonl", "parquet") for p in Path(src).glob(f"*.{ext}"))
+        else:
+            found = sorted(glob.glob(src))
+        if not found:
+            raise ValueError(f"data.sources: {src!r} matches no file (give JSON/JSONL/Parquet paths, globs "
+                             "or folders)")
+        paths += found
+    return paths
+
+
+def load_or_synth(data: DataConfig, synth_cfg: SynthConfig) -> formats.LoadResult:
+    """Conversations from data.sources, or synthetic ones when there are none."""
+    if data.sources:
+        return formats.load_conversations(expand_sources(data.sources), fmt=data.format, strict=data.strict)
+    rows = synth.synth_conversations(synth_cfg.preset, synth_cfg.num_samples, synth_cfg.seed)
+    convs = [formats.normalise_row(r, "messages", f"synth:{synth_cfg.preset}:{i + 1}") for i, r in enumerate(rows)]
+    return formats.LoadResult(conversations=convs, rejected=[], num_input_rows=len(convs),
+                              rejected_reasons={r: 0 for r in formats.REJECT_REASONS})
+
+
+def prepare_local(cfg: Config) -> LocalPrep:
+    """Tokenize once, pack every arm of cfg.pack.arms, and collect each arm's stats."""
+    load = load_or_synth(cfg.data, cfg.synth)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tok = tokenize_conversations(load.conversations, tokenizer, cfg.data.max_seq_len,
+                                 overlength=cfg.data.overlength, template=cfg.data.template)
+    lengths = np.array([len(s["input_ids"]) for s in tok.samples], dtype=np.int64)
+    arms = []
+    for arm in cfg.pack.arms:
+        strategy, attention = parse_arm(arm)
+        start = time.perf_counter()
+        plan = plan_pack(lengths, cfg.data.max_seq_len, strategy, window=cfg.pack.window)
+        rows = pack_rows(plan, tok.samples, attention or "isolated")
+        stats = row_stats(rows, cfg.data.max_seq_len, micro_batch_size=cfg.pack.micro_batch_size)
+        stats["seconds"] = time.perf_counter() - start
+        arms.append(ArmResult(arm, rows, stats))
+    return LocalPrep(load=load, token_counts=tok.counts, arms=arms)

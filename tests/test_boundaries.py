@@ -1,0 +1,24 @@
+"""The pure core imports neither ray, deepspeed nor lm_eval (STYLE.md).
+
+Each core module is imported in a fresh interpreter and the loaded modules are checked.
+
+    .venv/bin/pytest tests/test_boundaries.py -q
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
+        "raypack.data.pack", "raypack.data.collate", "raypack.data.synth", "raypack.data.local",
+        "raypack.bench"]
+FORBIDDEN = ("ray", "deepspeed", "lm_eval")
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_imports_no_engine(module):
+    code = (f"import sys, {module}; bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}); "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"

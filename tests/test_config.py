@@ -1,0 +1,105 @@
+"""Config loading, overrides and validation; every YAML in jobs/ must load.
+
+    .venv/bin/pytest tests/test_config.py -q
+"""
+
+from pathlib import Path
+
+import pytest
+
+from raypack.config import ConfigError, Config, describe_fields, load_config, parse_arm, to_dict
+
+JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_yaml_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.name
+
+
+def test_jobs_folder_is_not_empty():
+    assert JOBS, "jobs/ should hold at least the quickstart"
+
+
+def test_defaults_load_without_file():
+    cfg = load_config(None)
+    assert cfg.data.max_seq_len == 4096 and cfg.pack.window == 0
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["pack.window=1000", "data.max_seq_len=2048", "pack.arms=[padding, bfd-cross]",
+                             "data.strict=true", "name=x"])
+    assert cfg.pack.window == 1000 and cfg.data.max_seq_len == 2048
+    assert cfg.pack.arms == ["padding", "bfd-cross"] and cfg.data.strict is True and cfg.name == "x"
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["pack.windw=3"])
+    assert "pack.windw" in str(err.value) and "window" in str(err.value) and "arms" in str(err.value)
+    with pytest.raises(ConfigError, match="valid keys under the top level"):
+        load_config(None, ["dat.max_seq_len=3"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  max_len: 10\n")
+    with pytest.raises(ConfigError, match=r"data\.max_len.*max_seq_len"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.max_seq_len=long", "data.max_seq_len"),
+    ("data.max_seq_len=1.5", "data.max_seq_len"),
+    ("data.strict=3", "data.strict"),
+    ("pack.window=true", "pack.window"),
+    ("pack.arms=bfd-cross", "pack.arms"),
+    ("data=3", "data"),
+])
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_choices_are_enforced_and_listed():
+    with pytest.raises(ConfigError, match="truncate, drop, split"):
+        load_config(None, ["data.overlength=chop"])
+    with pytest.raises(ConfigError, match="valid presets|opensource-1.2m"):
+        load_config(None, ["synth.preset=nope"])
+
+
+def test_arms_are_parsed_and_validated():
+    assert parse_arm("padding") == ("padding", None)
+    assert parse_arm("bfd-isolated") == ("bfd", "isolated")
+    assert parse_arm("random-cross") == ("random", "cross")
+    for bad in ("bfd", "padding-cross", "bfd-open", "best-isolated"):
+        with pytest.raises(ConfigError, match="valid arms"):
+            parse_arm(bad)
+    with pytest.raises(ConfigError, match="duplicate"):
+        load_config(None, ["pack.arms=[padding, padding]"])
+
+
+def test_ranges_are_checked():
+    with pytest.raises(ConfigError, match="pack.window"):
+        load_config(None, ["pack.window=-1"])
+    with pytest.raises(ConfigError, match="data.max_seq_len"):
+        load_config(None, ["data.max_seq_len=0"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["pack.window"])
+
+
+def test_float_accepts_int_and_round_trip(tmp_path):
+    cfg = load_config(None, ["synth.seed=3"])
+    again = load_config(None, [f"{k}={v}" for k, v in [("synth.seed", to_dict(cfg)["synth"]["seed"])]])
+    assert again.synth.seed == 3
+
+
+def test_describe_fields_documents_every_key():
+    text = "\n".join(describe_fields())
+    for key in ("data.max_seq_len", "pack.window", "pack.arms", "synth.preset", "data.overlength"):
+        assert key in text
