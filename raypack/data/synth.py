@@ -30,9 +30,9 @@ import numpy as np
 BLOCK_SIZE = 1000
 # Tiny-tokenizer tokens per synthetic word (space + word, punctuation included);
 # measured by tests/test_synth.py::test_realised_mean_length_matches_preset.
-TOKENS_PER_WORD = 1.35
+TOKENS_PER_WORD = 1.52
 # Tokens the built-in template spends per message (header, role, blank line, eot).
-TEMPLATE_TOKENS_PER_MESSAGE = 6
+TEMPLATE_TOKENS_PER_MESSAGE = 5
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,298 @@
-"""Chat-template tokenization with loss masks (pure core)."""
+"""Chat-template tokenization with loss masks and counted over-length handling (pure core).
+
+A conversation is a plain dict (as produced by `raypack.data.formats`):
+
+    {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
+     "tools": str | None, "source": "path:row"}
+
+Rendering
+    `template="auto"` uses the tokenizer's own chat template when it has one and the
+    built-in Llama-3-style template otherwise; `template="builtin"` always uses the
+    built-in one, which renders
+
+        <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>...
+
+    Tools: the built-in template appends `"\\n\\nAvailable tools:\\n" + tools` to the
+    first message when it is a system message, and otherwise inserts a system
+    message whose content is `"Available tools:\\n" + tools`. An own template
+    receives `tools=` (parsed JSON list) when its source mentions `tools` and the
+    string is a JSON list; otherwise the tools are folded into the system message
+    exactly as above, so they are never silently dropped.
+
+Supervision
+    Exactly the content of every assistant turn plus the template's end-of-turn
+    text (`<|eot_id|>` for the built-in template) is supervised; everything else
+    is IGNORE_INDEX. With an own template the span of assistant turn i is the
+    character range between render(messages[:i], add_generation_prompt=True) and
+    render(messages[:i+1]); a template for which those are not prefixes of the
+    full rendering raises ValueError. A token is supervised when its first
+    character lies inside a span. `labels[0]` is always IGNORE_INDEX: a first
+    token has no predecessor, so it is never a target. This makes the supervised
+    count the same in every packing arm and keeps a packed row from holding a
+    target that crosses a sample boundary.
+
+Over-length policies (`max_seq_len`, counted in `TokenizeResult.counts`)
+    truncate  keep the first max_seq_len tokens (`num_truncated`); a sample left
+              without a supervised token is dropped (`num_dropped_no_supervised`).
+    drop      drop samples longer than max_seq_len (`num_dropped_too_long`).
+    split     cut into consecutive max_seq_len pieces, each with its own labels and
+              labels[0] of every piece set to IGNORE_INDEX: each cut loses exactly
+              one target, the first token of the new piece, when that token was
+              supervised (`num_cut_targets_lost`). Pieces with no supervised token
+              are dropped (`num_split_pieces_dropped`); a conversation all of whose
+              pieces are dropped counts in `num_dropped_no_supervised`.
+    Conversations with no supervised token at all are dropped before any cut
+    (`num_dropped_no_supervised`).
+
+Accounting (tested)
+    num_conversations == num_kept + num_dropped_too_long + num_dropped_no_supervised
+    num_samples       == num_kept - num_split + num_split_pieces
+    where num_kept counts conversations that gave at least one sample (whole,
+    truncated or split); num_truncated and num_split are subsets of num_kept.
+
+The whole batch of rendered texts goes through the fast tokenizer in one call,
+and character spans become labels with one `np.searchsorted` per sample.
+"""
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
 
 IGNORE_INDEX = -100
+OVERLENGTH_POLICIES = ("truncate", "drop", "split")
+TEMPLATES = ("auto", "builtin")
+ROLES = ("system", "user", "assistant", "tool")
+
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+END_OF_TURN = "<|eot_id|>"
+TOOLS_HEADER = "Available tools:\n"
+
+COUNT_KEYS = (
+    "num_conversations",
+    "num_samples",
+    "num_kept",
+    "num_truncated",
+    "num_split",
+    "num_split_pieces",
+    "num_split_pieces_dropped",
+    "num_cut_targets_lost",
+    "num_dropped_too_long",
+    "num_dropped_no_supervised",
+    "num_tokens",
+    "num_supervised_tokens",
+)
+
+
+@dataclass
+class TokenizeResult:
+    """Tokenized samples and the counts that account for every input conversation.
+
+    samples: [{"input_ids": np.int32 array, "labels": np.int32 array, "source": str}, ...]
+    counts:  one int per name in COUNT_KEYS (see the module docstring for the equations).
+    """
+
+    samples: list[dict] = field(default_factory=list)
+    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_conversation(conversation: dict, tokenizer, template: str = "auto") -> tuple[str, list[tuple[int, int]]]:
+    """Render one conversation to text and the character spans to supervise.
+
+    Spans are sorted, non-overlapping (start, end) ranges of the returned text.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} is not one of {TEMPLATES}; use 'auto' or 'builtin'")
+    messages = _checked_messages(conversation)
+    tools = conversation.get("tools") or None
+    if template == "auto" and getattr(tokenizer, "chat_template", None):
+        return _render_own(messages, tools, tokenizer, conversation.get("source", "?"))
+    return _render_builtin(_fold_tools(messages, tools))
+
+
+def _checked_messages(conversation: dict) -> list[dict]:
+    source = conversation.get("source", "?")
+    messages = conversation.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"conversation {source}: 'messages' must be a non-empty list of {{role, content}} dicts")
+    for message in messages:
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(
+                f"conversation {source}: message {message!r} needs a role in {ROLES} and a str content; "
+                "fix the format reader that produced it"
+            )
+    return messages
+
+
+def _fold_tools(messages: list[dict], tools: str | None) -> list[dict]:
+    """Put the tools text into the system message (see the module docstring)."""
+    if not tools:
+        return messages
+    if messages[0]["role"] == "system":
+        system = {"role": "system", "content": messages[0]["content"] + "\n\n" + TOOLS_HEADER + tools}
+        return [system, *messages[1:]]
+    return [{"role": "system", "content": TOOLS_HEADER + tools}, *messages]
+
+
+def _render_builtin(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    parts, spans, position = [BEGIN_OF_TEXT], [], len(BEGIN_OF_TEXT)
+    for message in messages:
+        header = f"{START_HEADER}{message['role']}{END_HEADER}\n\n"
+        body = message["content"] + END_OF_TURN
+        position += len(header)
+        if message["role"] == "assistant":
+            spans.append((position, position + len(body)))
+        position += len(body)
+        parts += [header, body]
+    return "".join(parts), spans
+
+
+def _tools_for_template(tools: str | None, chat_template: str) -> list | None:
+    """The tools as the `tools=` argument of an own template, or None to fold them in."""
+    if not tools or "tools" not in chat_template:
+        return None
+    try:
+        parsed = json.loads(tools)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, list) else None
+
+
+def _render_own(messages: list[dict], tools: str | None, tokenizer, source: str) -> tuple[str, list[tuple[int, int]]]:
+    tools_arg = _tools_for_template(tools, tokenizer.chat_template)
+    if tools_arg is None:
+        messages = _fold_tools(messages, tools)
+
+    def render(prefix: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            prefix, tools=tools_arg, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    text, spans = render(messages, False), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError(
+                f"conversation {source} starts with an assistant turn, which a chat template cannot "
+                "render a prompt for; start it with a system or user message, or use template='builtin'"
+            )
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                f"conversation {source}: the tokenizer's chat template is not prefix-stable (rendering "
+                f"messages[:{i}] with add_generation_prompt=True, then messages[:{i + 1}], then all messages "
+                "must each extend the previous text), so assistant spans cannot be found; "
+                "fix the template or use template='builtin'"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize_conversations(
+    conversations: list[dict],
+    tokenizer,
+    max_seq_len: int,
+    overlength: str = "truncate",
+    template: str = "auto",
+) -> TokenizeResult:
+    """Render, tokenize (one batched call) and mask conversations; apply the over-length policy."""
+    _check_arguments(max_seq_len, overlength, template)
+    result = TokenizeResult()
+    result.counts["num_conversations"] = len(conversations)
+    if not conversations:
+        return result
+    rendered = [render_conversation(c, tokenizer, template) for c in conversations]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    for conversation, (_, spans), ids, offsets in zip(
+        conversations, rendered, encoded["input_ids"], encoded["offset_mapping"]
+    ):
+        input_ids = np.asarray(ids, dtype=np.int32)
+        labels = labels_from_spans(input_ids, offsets, spans)
+        source = conversation.get("source", "")
+        for piece_ids, piece_labels in _apply_overlength(input_ids, labels, max_seq_len, overlength, result.counts):
+            result.samples.append({"input_ids": piece_ids, "labels": piece_labels, "source": source})
+    result.counts["num_samples"] = len(result.samples)
+    result.counts["num_tokens"] = sum(len(s["input_ids"]) for s in result.samples)
+    result.counts["num_supervised_tokens"] = sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in result.samples)
+    return result
+
+
+def _check_arguments(max_seq_len: int, overlength: str, template: str) -> None:
+    if overlength not in OVERLENGTH_POLICIES:
+        raise ValueError(f"overlength={overlength!r} is not one of {OVERLENGTH_POLICIES}")
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} is not one of {TEMPLATES}; use 'auto' or 'builtin'")
+    # Two tokens is the least that can hold a target (labels[0] never is one).
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2")
+
+
+def labels_from_spans(input_ids: np.ndarray, offsets, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Labels: input_ids where the token's first character is in a span, else IGNORE_INDEX.
+
+    Sorted, disjoint spans flatten to boundaries [s0, e0, s1, e1, ...]; a start
+    offset falls inside a span exactly when the number of boundaries <= it is odd.
+    """
+    starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+    boundaries = np.asarray(spans, dtype=np.int64).reshape(-1)
+    inside = np.searchsorted(boundaries, starts, side="right") % 2 == 1
+    labels = np.where(inside, input_ids, IGNORE_INDEX).astype(np.int32)
+    if labels.size:
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+def _has_target(labels: np.ndarray) -> bool:
+    return bool((labels != IGNORE_INDEX).any())
+
+
+def _apply_overlength(input_ids, labels, max_seq_len: int, overlength: str, counts: dict) -> list[tuple]:
+    """The samples one conversation yields under the policy; updates counts."""
+    if not _has_target(labels):
+        counts["num_dropped_no_supervised"] += 1
+        return []
+    if len(input_ids) <= max_seq_len:
+        pieces = [(input_ids, labels)]
+    elif overlength == "drop":
+        counts["num_dropped_too_long"] += 1
+        return []
+    elif overlength == "truncate":
+        # Copies, so the dropped tail's memory is freed rather than kept by a view.
+        pieces = [(input_ids[:max_seq_len].copy(), labels[:max_seq_len].copy())]
+        if _has_target(pieces[0][1]):
+            counts["num_truncated"] += 1
+    else:
+        pieces = _split(input_ids, labels, max_seq_len, counts)
+    pieces = [(ids, lab) for ids, lab in pieces if _has_target(lab)]
+    if not pieces:
+        counts["num_dropped_no_supervised"] += 1
+        return []
+    counts["num_kept"] += 1
+    return pieces
+
+
+def _split(input_ids, labels, max_seq_len: int, counts: dict) -> list[tuple]:
+    starts = range(0, len(input_ids), max_seq_len)
+    # A cut removes the target of the new piece's first token: it would be
+    # predicted from the previous token, which now sits in another sample.
+    counts["num_cut_targets_lost"] += int((labels[list(starts)[1:]] != IGNORE_INDEX).sum())
+    pieces = []
+    for start in starts:
+        piece_labels = labels[start : start + max_seq_len].copy()
+        piece_labels[0] = IGNORE_INDEX
+        pieces.append((input_ids[start : start + max_seq_len].copy(), piece_labels))
+    kept = sum(_has_target(lab) for _, lab in pieces)
+    counts["num_split_pieces_dropped"] += len(pieces) - kept
+    if kept:
+        counts["num_split"] += 1
+        counts["num_split_pieces"] += kept
+    return pieces

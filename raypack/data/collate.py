@@ -1,0 +1,107 @@
+"""Turn packed or unpacked rows into model-ready micro-batches (pure core).
+
+Rows come from the packer: `{"input_ids", "labels", "position_ids", "seq_lens"}`,
+int32 arrays (only `input_ids` and `labels` are read in `padding` mode).
+`collate(rows, mode, pad_token_id)` returns int64 tensors, right-padded to the
+longest row (rounded up to `pad_to_multiple_of` when given). Pads always carry
+labels IGNORE_INDEX. Two rows, samples a=[11,12,13] (labels [-100,12,13]),
+b=[21,22] (labels [-100,22]), c=[31,32,33,34] (labels [-100,-100,33,34]), pad id 0:
+
+padding (one sample per row; rows [a], [b]):
+    input_ids      [[11, 12, 13], [21, 22,  0]]
+    labels         [[-100, 12, 13], [-100, 22, -100]]
+    attention_mask [[1, 1, 1], [1, 1, 0]]
+    No position_ids: with right padding the model's default arange is already
+    each sample's 0..n-1, and pads come after every real token.
+
+isolated (packed, attention kept inside each sample; rows [a, b], [c]):
+    input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
+    labels         [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]
+    position_ids   [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    No attention_mask: transformers 5.x builds the per-sample block-causal mask
+    from position_ids (a new sample wherever the position does not go up by 1)
+    only when attention_mask is None and no KV cache is used; an all-ones mask
+    would silently switch isolation off. The pad run gets positions 0, 1, 2, ...
+    so all pads form ONE extra segment; zeros would make every pad its own
+    phantom sequence (a problem for flash-attn varlen and for segment counts).
+
+cross (the paper's contaminated packing; rows [a, b], [c]):
+    input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
+    labels         [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]
+    position_ids   [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    Positions are generated as 0..L-1 for every row (the row's own position_ids
+    are not read) and run on through the pads, so the model sees one causal
+    sequence per row and samples attend to earlier samples. Pads sit after every
+    real token, so causal attention alone keeps them out; no attention_mask.
+"""
+
+import numpy as np
+import torch
+
+from raypack.data.tokenize import IGNORE_INDEX
+
+COLLATE_MODES = ("padding", "isolated", "cross")
+
+
+def collate(
+    rows: list[dict],
+    mode: str,
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.LongTensor]:
+    """Stack rows into one micro-batch for `mode` (see the module docstring)."""
+    _check_arguments(rows, mode, pad_to_multiple_of)
+    length = _padded_length([len(row["input_ids"]) for row in rows], pad_to_multiple_of)
+    input_ids = _stack([row["input_ids"] for row in rows], length, pad_token_id)
+    labels = _stack([row["labels"] for row in rows], length, IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "labels": labels}
+    if mode == "padding":
+        batch["attention_mask"] = _stack([np.ones(len(row["input_ids"])) for row in rows], length, 0)
+    elif mode == "isolated":
+        batch["position_ids"] = _stack_isolated_positions(rows, length)
+    else:
+        batch["position_ids"] = torch.arange(length, dtype=torch.long).expand(len(rows), length).clone()
+    return batch
+
+
+def _check_arguments(rows: list[dict], mode: str, pad_to_multiple_of: int | None) -> None:
+    if mode not in COLLATE_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {COLLATE_MODES}")
+    if not rows:
+        raise ValueError("collate got no rows; a micro-batch needs at least one row")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be a positive int or None")
+    for i, row in enumerate(rows):
+        if len(row["labels"]) != len(row["input_ids"]):
+            raise ValueError(f"row {i}: labels ({len(row['labels'])}) and input_ids ({len(row['input_ids'])}) differ in length")
+        if mode == "padding" and len(row.get("seq_lens", [0])) > 1:
+            raise ValueError(
+                f"row {i} holds {len(row['seq_lens'])} samples but mode='padding' needs one sample per row; "
+                "collate packed rows with mode='isolated' or 'cross'"
+            )
+        if mode == "isolated" and len(row.get("position_ids", ())) != len(row["input_ids"]):
+            raise ValueError(f"row {i}: mode='isolated' needs position_ids as long as input_ids (restarting at 0 per sample)")
+
+
+def _padded_length(lengths: list[int], pad_to_multiple_of: int | None) -> int:
+    longest = max(lengths)
+    if pad_to_multiple_of:
+        return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    return longest
+
+
+def _stack(arrays: list, length: int, fill: int) -> torch.Tensor:
+    """Right-pad 1-D arrays to `length` with `fill` and stack as int64."""
+    out = np.full((len(arrays), length), fill, dtype=np.int64)
+    for i, array in enumerate(arrays):
+        out[i, : len(array)] = array
+    return torch.from_numpy(out)
+
+
+def _stack_isolated_positions(rows: list[dict], length: int) -> torch.Tensor:
+    out = np.empty((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        n = len(row["position_ids"])
+        out[i, :n] = row["position_ids"]
+        out[i, n:] = np.arange(length - n)
+    return torch.from_numpy(out)

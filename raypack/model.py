@@ -1,0 +1,76 @@
+"""Tokenizer and model loading, including the offline tiny pair used by tests and CPU runs.
+
+`load_tokenizer("tiny")` returns the byte-level BPE committed under
+`raypack/assets/tiny_tokenizer` (4096 tokens, Llama-3 special tokens, trained by
+`scripts/build_tiny_tokenizer.py`); any other name goes to
+`AutoTokenizer.from_pretrained` (hub ids are for clusters). `build_tiny_model`
+gives a random-init 2-layer Llama sized for that tokenizer, deterministic by seed.
+Nothing here touches the network.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY = "tiny"
+TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+
+# The tiny tokenizer's fixed ids (special tokens are trained first, in this order).
+TINY_BOS_ID, TINY_EOT_ID, TINY_PAD_ID = 0, 4, 5
+
+
+def load_tokenizer(name_or_path: str = TINY) -> PreTrainedTokenizerFast:
+    """Load the committed tiny tokenizer ("tiny") or any Hugging Face tokenizer."""
+    if name_or_path == TINY:
+        if not (TINY_TOKENIZER_DIR / "tokenizer.json").is_file():
+            raise ValueError(
+                f"tiny tokenizer files missing from {TINY_TOKENIZER_DIR}; "
+                "reinstall raypack or run scripts/build_tiny_tokenizer.py"
+            )
+        return PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    """A 2-layer Llama small enough for CPU tests; keyword overrides win.
+
+    4096 positions match the paper's max length, so packed rows of that size fit.
+    Untied embeddings, as in Llama-3-8B/70B.
+    """
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=TINY_BOS_ID,
+        eos_token_id=TINY_EOT_ID,
+        pad_token_id=TINY_PAD_ID,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_tiny_model(
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
+    **overrides,
+) -> LlamaForCausalLM:
+    """A random-init tiny Llama in float32; the same seed gives the same weights.
+
+    `vocab_size` defaults to the tiny tokenizer's size. The global torch RNG is
+    left as it was, so building a model does not shift other random streams.
+    """
+    if vocab_size is None:
+        vocab_size = len(load_tokenizer(TINY))
+    config = tiny_llama_config(vocab_size, **overrides)
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.float32)
