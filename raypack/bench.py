@@ -5,8 +5,7 @@
 figures are comparable. Measure on one core:
 
     taskset -c 0 env NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        .venv/bin/python -m raypack.bench --num-samples 1200000
-    raypack bench pack --preset opensource-1.2m --num-samples 1200000   # same, via the CLI
+        raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
 
 What is measured, so the numbers are read right:
 
@@ -27,9 +26,7 @@ What is measured, so the numbers are read right:
   and arrow's pool peak only.
 """
 
-import argparse
 import gc
-import json
 import time
 import tracemalloc
 
@@ -40,14 +37,6 @@ from raypack.data.pack import STRATEGIES, plan_pack, plan_stats
 TRL_WINDOW = 1000  # TRL packs inside dataset.map batches, 1000 rows by default
 MEMORY_METHOD = ("peak_traced_mb: tracemalloc peak of an untimed repeat (numpy allocations); "
                  "peak_rss_delta_mb: VmHWM rise over VmRSS during the timed call")
-
-
-def lognormal_lengths(n: int, seed: int = 0, mean: float = 670.0, sigma: float = 1.0,
-                      low: int = 16, high: int = 16384) -> np.ndarray:
-    """Token lengths with a lognormal long tail (mean ~``mean`` before clipping)."""
-    rng = np.random.default_rng(seed)
-    mu = np.log(mean) - sigma**2 / 2  # puts the lognormal's mean at `mean`
-    return np.clip(np.rint(rng.lognormal(mu, sigma, n)), low, high).astype(np.int64)
 
 
 def bench_pack(lengths: np.ndarray, max_seq_len: int, window: int = 0, micro_batch_size: int = 1,
@@ -239,26 +228,3 @@ def _cells(name: str, entry: dict) -> tuple:
 def _format_line(cells) -> str:
     widths = (12, 9, 11, 11, 9, 10, 9, 9, 7, 10, 9)
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="plan every packing strategy on lognormal lengths")
-    parser.add_argument("--num-samples", type=int, default=1_200_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-seq-len", type=int, default=4096)
-    parser.add_argument("--window", type=int, default=0)
-    parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    lengths = lognormal_lengths(args.num_samples, args.seed)
-    result = bench_pack(lengths, args.max_seq_len, args.window, args.micro_batch_size, trl=not args.no_trl)
-    print(format_pack_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -331,13 +331,14 @@ def test_plan_is_frozen():
 
 
 def test_bench_runs_and_prints_every_strategy():
-    from raypack.bench import bench_pack, format_pack_table, lognormal_lengths
+    from raypack.bench import bench_pack, format_pack_table
+    from raypack.data.synth import sample_lengths
 
-    lengths = lognormal_lengths(300, seed=0, mean=100)
-    result = bench_pack(lengths, 256, window=50, micro_batch_size=2, trl=False)
+    lengths = sample_lengths("opensource-1.2m", 300, seed=0)
+    result = bench_pack(lengths, 1024, window=50, micro_batch_size=2, trl=False)
     assert result["trl"] is None
     assert result["strategies"]["random"]["num_truncated"] == 0
-    assert result["strategies"]["bfd"]["num_truncated"] == int((lengths > 256).sum())
+    assert result["strategies"]["bfd"]["num_truncated"] == int((lengths > 1024).sum())
     assert result["strategies"]["bfd"]["num_rows"] >= result["strategies"]["bfd"]["lower_bound_rows"]
     table = format_pack_table(result)
     assert all(strategy in table for strategy in STRATEGIES)
