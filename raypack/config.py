@@ -59,6 +59,10 @@ class DataConfig:
     max_seq_len: int = _field(4096, "maximum tokens per row (the paper: 4096)")
     overlength: str = _field("truncate", "what to do with samples longer than max_seq_len",
                              OVERLENGTH_POLICIES)
+    hf_split: str = _field("train", "split to load for sources given as hf:<dataset id>")
+    val_fraction: float = _field(0.1, "share of conversations held out for validation, the same for "
+                                 "every arm (the paper: 10%)")
+    val_count: int = _field(0, "if > 0, hold out exactly this many conversations instead of val_fraction")
 
 
 @dataclass
@@ -74,6 +78,20 @@ class PackConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """How `raypack prepare` runs on Ray Data and where it writes."""
+
+    output_dir: str = _field("prepared", "root of prepared datasets (local path or s3://, gs://)")
+    num_tokenizer_actors: int = _field(2, "tokenizer actors (each loads the tokenizer once)")
+    actor_num_cpus: float = _field(0.5, "CPUs reserved per tokenizer actor; keep the pool below the "
+                                   "cluster's CPUs so read tasks are never starved")
+    tokenize_batch_size: int = _field(256, "conversations per tokenizer call")
+    pack_num_cpus: float = _field(0.5, "CPUs reserved per arm's packing task")
+    rows_per_shard: int = _field(20000, "packed rows per Parquet shard")
+    reuse: bool = _field(True, "reuse tokenized and packed outputs whose config hash matches")
+
+
+@dataclass
 class Config:
     """A raypack run."""
 
@@ -83,6 +101,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
@@ -162,6 +181,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"pack.arms: duplicate arm in {cfg.pack.arms}")
     for key, value in (("data.max_seq_len", cfg.data.max_seq_len), ("pack.micro_batch_size",
                        cfg.pack.micro_batch_size), ("synth.num_samples", cfg.synth.num_samples)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.val_count < 0:
+        raise ConfigError(f"data.val_count: must be >= 0, got {cfg.data.val_count}")
+    for key, value in (("prepare.num_tokenizer_actors", cfg.prepare.num_tokenizer_actors),
+                       ("prepare.tokenize_batch_size", cfg.prepare.tokenize_batch_size),
+                       ("prepare.rows_per_shard", cfg.prepare.rows_per_shard)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.pack.window < 0:
