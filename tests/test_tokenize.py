@@ -66,6 +66,12 @@ def assert_invariants(result, max_seq_len: int) -> None:
     )
     assert counts["num_samples"] == counts["num_kept"] - counts["num_split"] + counts["num_split_pieces"]
     assert counts["num_samples"] == len(result.samples)
+    # One outcome per conversation, agreeing with the counts and with the samples' origins.
+    assert len(result.outcomes) == counts["num_conversations"]
+    for outcome in ("truncated", "split", "dropped_too_long", "dropped_no_supervised"):
+        assert result.outcomes.count(outcome) == counts[f"num_{outcome}"]
+    kept = {i for i, o in enumerate(result.outcomes) if not o.startswith("dropped")}
+    assert {s["conversation"] for s in result.samples} == kept
     assert len({s["source"] for s in result.samples}) == counts["num_kept"]
     assert counts["num_tokens"] == sum(len(s["input_ids"]) for s in result.samples)
     assert counts["num_supervised_tokens"] == sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in result.samples)

@@ -63,6 +63,7 @@ IGNORE_INDEX = -100
 OVERLENGTH_POLICIES = ("truncate", "drop", "split")
 TEMPLATES = ("auto", "builtin")
 ROLES = ("system", "user", "assistant", "tool")
+OUTCOMES = ("whole", "truncated", "split", "dropped_too_long", "dropped_no_supervised")
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
@@ -90,12 +91,16 @@ COUNT_KEYS = (
 class TokenizeResult:
     """Tokenized samples and the counts that account for every input conversation.
 
-    samples: [{"input_ids": np.int32 array, "labels": np.int32 array, "source": str}, ...]
-    counts:  one int per name in COUNT_KEYS (see the module docstring for the equations).
+    samples:  [{"input_ids": np.int32 array, "labels": np.int32 array, "source": str,
+                "conversation": index of the input conversation it came from}, ...]
+    counts:   one int per name in COUNT_KEYS (see the module docstring for the equations).
+    outcomes: one per input conversation, in OUTCOMES: whole, truncated, split,
+              dropped_too_long or dropped_no_supervised.
     """
 
     samples: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
+    outcomes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- rendering
@@ -218,8 +223,11 @@ def tokenize_conversations(
         input_ids = np.asarray(ids, dtype=np.int32)
         labels = labels_from_spans(input_ids, offsets, spans)
         source = conversation.get("source", "")
-        for piece_ids, piece_labels in _apply_overlength(input_ids, labels, max_seq_len, overlength, result.counts):
-            result.samples.append({"input_ids": piece_ids, "labels": piece_labels, "source": source})
+        pieces, outcome = _apply_overlength(input_ids, labels, max_seq_len, overlength, result.counts)
+        result.outcomes.append(outcome)
+        for piece_ids, piece_labels in pieces:
+            result.samples.append({"input_ids": piece_ids, "labels": piece_labels, "source": source,
+                                   "conversation": len(result.outcomes) - 1})
     result.counts["num_samples"] = len(result.samples)
     result.counts["num_tokens"] = sum(len(s["input_ids"]) for s in result.samples)
     result.counts["num_supervised_tokens"] = sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in result.samples)
@@ -255,29 +263,36 @@ def _has_target(labels: np.ndarray) -> bool:
     return bool((labels != IGNORE_INDEX).any())
 
 
-def _apply_overlength(input_ids, labels, max_seq_len: int, overlength: str, counts: dict) -> list[tuple]:
-    """The samples one conversation yields under the policy; updates counts."""
+def _apply_overlength(input_ids, labels, max_seq_len: int, overlength: str, counts: dict) -> tuple[list, str]:
+    """The samples one conversation yields under the policy, and its outcome; updates counts."""
     if not _has_target(labels):
-        counts["num_dropped_no_supervised"] += 1
-        return []
+        return _count([], "dropped_no_supervised", counts)
     if len(input_ids) <= max_seq_len:
-        pieces = [(input_ids, labels)]
-    elif overlength == "drop":
-        counts["num_dropped_too_long"] += 1
-        return []
-    elif overlength == "truncate":
+        return _count([(input_ids, labels)], "whole", counts)
+    if overlength == "drop":
+        return _count([], "dropped_too_long", counts)
+    if overlength == "truncate":
         # Copies, so the dropped tail's memory is freed rather than kept by a view.
         pieces = [(input_ids[:max_seq_len].copy(), labels[:max_seq_len].copy())]
-        if _has_target(pieces[0][1]):
-            counts["num_truncated"] += 1
+        outcome = "truncated"
     else:
         pieces = _split(input_ids, labels, max_seq_len, counts)
+        outcome = "split"
     pieces = [(ids, lab) for ids, lab in pieces if _has_target(lab)]
     if not pieces:
-        counts["num_dropped_no_supervised"] += 1
-        return []
-    counts["num_kept"] += 1
-    return pieces
+        return _count([], "dropped_no_supervised", counts)
+    if outcome == "split":
+        counts["num_split_pieces"] += len(pieces)
+    return _count(pieces, outcome, counts)
+
+
+def _count(pieces: list, outcome: str, counts: dict) -> tuple[list, str]:
+    # Every outcome but "whole" has its own counter, named num_<outcome>.
+    if outcome != "whole":
+        counts[f"num_{outcome}"] += 1
+    if pieces:
+        counts["num_kept"] += 1
+    return pieces, outcome
 
 
 def _split(input_ids, labels, max_seq_len: int, counts: dict) -> list[tuple]:
@@ -290,9 +305,5 @@ def _split(input_ids, labels, max_seq_len: int, counts: dict) -> list[tuple]:
         piece_labels = labels[start : start + max_seq_len].copy()
         piece_labels[0] = IGNORE_INDEX
         pieces.append((input_ids[start : start + max_seq_len].copy(), piece_labels))
-    kept = sum(_has_target(lab) for _, lab in pieces)
-    counts["num_split_pieces_dropped"] += len(pieces) - kept
-    if kept:
-        counts["num_split"] += 1
-        counts["num_split_pieces"] += kept
+    counts["num_split_pieces_dropped"] += sum(not _has_target(lab) for _, lab in pieces)
     return pieces
