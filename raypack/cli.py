@@ -1,6 +1,7 @@
 """The `raypack` command line: a thin shell over the library.
 
     raypack compare jobs/quickstart.yaml [key=value ...]   # every arm's packing counts side by side
+    raypack prepare jobs/quickstart.yaml [key=value ...]   # the same on Ray Data, into Parquet shards
     raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
@@ -67,6 +68,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+PREPARE_COLUMNS = (
+    ("samples", "num_samples"), ("rows", "num_rows"), ("LB rows", "lower_bound_rows"),
+    ("tokens", "num_tokens"), ("supervised", "num_supervised_tokens"), ("efficiency", "efficiency"),
+    ("pad frac", "padding_fraction"), ("split", "num_split_samples"), ("seconds", "seconds"),
+)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from raypack.data.pipeline import prepare, read_manifest
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    folders = prepare(cfg)
+    manifests = {name: read_manifest(folder) for name, folder in folders.items()}
+    first = next(iter(manifests.values()))
+    rejected = {k: v for k, v in first["rejected_reasons"].items() if v}
+    print(f"input rows {first['num_input_rows']}: {first['num_rejected_rows']} rejected {rejected or ''}; "
+          f"truncated {first['num_truncated']}, split {first['num_split']}, dropped too long "
+          f"{first['num_dropped_too_long']}, dropped with no target {first['num_dropped_no_supervised']}; "
+          f"{first['num_val_conversations']} conversations held out for validation")
+    table = [[name] + [m[key] for _, key in PREPARE_COLUMNS] for name, m in manifests.items()]
+    print(format_table(["split/arm"] + [c for c, _ in PREPARE_COLUMNS], table))
+    for name, folder in folders.items():
+        print(f"  {name}: {folder}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from raypack.data.synth import synth_conversations, write_jsonl
 
@@ -111,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("prepare", help="tokenize and pack every arm on Ray Data into Parquet shards")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
     p.add_argument("--preset", required=True, choices=list(PRESETS))

@@ -92,6 +92,49 @@ class PrepareConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How the arms are trained: workers, batch, DeepSpeed and loss weighting."""
+
+    num_workers: int = _field(2, "Ray Train workers, one data-parallel rank each")
+    use_gpu: bool = _field(False, "one GPU per worker (NCCL); false trains on CPU (gloo)")
+    epochs: int = _field(4, "passes over each arm's training rows (the paper: 4 for 8B, 3 for 70B)")
+    seed: int = _field(0, "training seed: model init and row order; vary it to get error bars")
+    micro_batch_size: int = _field(2, "rows per micro-batch per worker (the paper: 2)")
+    global_batch_size: int = _field(128, "rows per optimizer step over all workers (the paper: 128 for 8B); "
+                                    "must be a multiple of micro_batch_size * num_workers, the quotient "
+                                    "being the gradient accumulation steps")
+    global_batch_tokens: int = _field(0, "reserved: a step defined in tokens instead of rows; only 0 (off) "
+                                      "is supported for now")
+    loss_reduction: str = _field("token", "token: mean over every supervised token of the step; sample: "
+                                 "every sample weighs the same; paper: mean of micro-batch means, as the "
+                                 "paper's code (over-weights tokens of short samples when padding)",
+                                 ("token", "sample", "paper"))
+    precision: str = _field("auto", "auto: bf16 on GPU, fp32 on CPU; bf16 needs use_gpu",
+                            ("auto", "bf16", "fp32"))
+    gradient_clipping: float = _field(1.0, "max global gradient norm; 0 turns clipping off")
+    zero_stage: int = _field(2, "DeepSpeed ZeRO stage (the paper: 3)", (0, 1, 2, 3))
+    offload_optimizer: bool = _field(False, "keep optimizer states in CPU memory (ZeRO-Offload; stage >= 1)")
+    offload_params: bool = _field(False, "keep parameters in CPU memory (stage 3 only; the paper's 70B)")
+    deepspeed_json: str = _field("", "DeepSpeed JSON whose fields override the config raypack builds "
+                                 "(deep merge); batch sizes stay set by this section; '' for none")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule, counted in this arm's own optimizer steps."""
+
+    lr: float = _field(1e-5, "peak learning rate (the paper: 1e-5)")
+    weight_decay: float = _field(0.0, "AdamW weight decay, not applied to 1-D tensors (norms, biases)")
+    betas: list[float] = _field([0.9, 0.999], "AdamW betas, two floats in [0, 1)")
+    eps: float = _field(1e-8, "AdamW epsilon")
+    schedule: str = _field("cosine", "cosine decay to min_lr_ratio * lr, or constant, both after warmup",
+                           ("cosine", "constant"))
+    warmup_ratio: float = _field(0.2, "share of the arm's optimizer steps spent warming up linearly "
+                                 "(the paper: 0.2)")
+    min_lr_ratio: float = _field(0.0, "final learning rate as a share of lr (cosine only)")
+
+
+@dataclass
 class Config:
     """A raypack run."""
 
@@ -102,6 +145,8 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
@@ -173,6 +218,38 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _validate_train(train: TrainConfig) -> None:
+    for key in ("num_workers", "epochs", "micro_batch_size", "global_batch_size"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(train, key)}")
+    rows_per_pass = train.micro_batch_size * train.num_workers
+    if train.global_batch_size % rows_per_pass:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size * train.num_workers = {rows_per_pass}; change one of them")
+    if train.global_batch_tokens != 0:
+        raise ConfigError("train.global_batch_tokens: token-defined steps are not supported yet; set it to 0 "
+                          "and size the step with train.global_batch_size")
+    if train.offload_params and train.zero_stage != 3:
+        raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {train.zero_stage}")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
+    if train.precision == "bf16" and not train.use_gpu:
+        raise ConfigError("train.precision=bf16 needs train.use_gpu=true; use auto or fp32 on CPU")
+    if train.gradient_clipping < 0:
+        raise ConfigError(f"train.gradient_clipping: must be >= 0 (0 is off), got {train.gradient_clipping}")
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    if optim.lr <= 0 or optim.eps <= 0 or optim.weight_decay < 0:
+        raise ConfigError(f"optim: lr and eps must be > 0 and weight_decay >= 0, got lr={optim.lr}, "
+                          f"eps={optim.eps}, weight_decay={optim.weight_decay}")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas: two floats in [0, 1), got {optim.betas}")
+    for key in ("warmup_ratio", "min_lr_ratio"):
+        if not 0.0 <= getattr(optim, key) <= 1.0:
+            raise ConfigError(f"optim.{key}: must be in [0, 1], got {getattr(optim, key)}")
+
+
 def validate(cfg: Config) -> Config:
     """Checks that span fields; single fields are checked by their declarations."""
     for arm in cfg.pack.arms:
@@ -194,6 +271,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.pack.window < 0:
         raise ConfigError(f"pack.window: must be >= 0 (0 packs everything at once), got {cfg.pack.window}")
+    _validate_train(cfg.train)
+    _validate_optim(cfg.optim)
     return cfg
 
 

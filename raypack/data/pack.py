@@ -461,7 +461,7 @@ def plan_stats(plan: PackPlan, lengths: np.ndarray, max_seq_len: int, micro_batc
                          f"{len(lengths)} lengths were given; pass the lengths the plan was made from")
     pieces_per_sample = np.bincount(plan.piece_sample, minlength=len(lengths))
     stats = {"num_samples": len(lengths)}
-    stats.update(_row_length_stats(plan.row_lengths(), max_seq_len, micro_batch_size))
+    stats.update(row_length_stats(plan.row_lengths(), max_seq_len, micro_batch_size))
     stats["num_split_samples"] = int((pieces_per_sample > 1).sum())
     stats["max_row_len"] = stats.pop("max_row_len")  # keep the documented key order
     return stats
@@ -478,7 +478,7 @@ def row_stats(rows: list[dict], max_seq_len: int, micro_batch_size: int = 1,
     row_lens = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
     num_supervised = sum(int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows)
     stats = {"num_samples": None}
-    base = _row_length_stats(row_lens, max_seq_len, micro_batch_size)
+    base = row_length_stats(row_lens, max_seq_len, micro_batch_size)
     stats["num_rows"] = base.pop("num_rows")
     stats["num_tokens"] = base.pop("num_tokens")
     stats["num_supervised_tokens"] = num_supervised
@@ -495,7 +495,7 @@ def row_stats(rows: list[dict], max_seq_len: int, micro_batch_size: int = 1,
     return stats
 
 
-def _row_length_stats(row_lens: np.ndarray, max_seq_len: int, micro_batch_size: int) -> dict:
+def row_length_stats(row_lens: np.ndarray, max_seq_len: int, micro_batch_size: int) -> dict:
     """Stats shared by plan_stats and row_stats, from the token count of each row."""
     max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
     micro_batch_size = _check_positive_int("micro_batch_size", micro_batch_size)

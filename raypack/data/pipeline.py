@@ -1,0 +1,559 @@
+"""Ray Data pipeline: stream, tokenize and pack SFT datasets across CPU workers (`raypack prepare`).
+
+The one module that imports ray.data. It only maps the pure core (formats,
+tokenize, holdout, pack) over a cluster:
+
+    read (a task per file, synth block or HF dataset)
+      -> normalise + tokenize + over-length policy (an actor pool; the tokenizer loads once per actor)
+      -> tokenized cache (Parquet, in input order, reused by every arm and every later run)
+      -> hold out validation conversations by key (the same for every arm)
+      -> pack per window (a task per arm, streaming the cache window by window)
+      -> packed Parquet shards + manifest.json per arm
+
+Output is deterministic: Ray Data runs with `preserve_order`, the cache's keys
+are checked to be in input order, and windows are cut by sample count, so the
+same input, config and seed give byte-identical shards whatever the number of
+workers. Layout under `prepare.output_dir`:
+
+    tok-<hash>/tokenized/*.parquet        one row per sample piece, rejected or dropped record
+    tok-<hash>/tokenized.json             counts of the tokenization pass
+    tok-<hash>/rejected/rejected.jsonl    every rejected row: source file, row, reason, detail
+    tok-<hash>/val-<hash>/                held-out conversations, one sample per row, + manifest.json
+    tok-<hash>/<arm>-<hash>/              train rows of one arm: part-*.parquet + manifest.json
+
+    raypack prepare jobs/quickstart.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from raypack.config import Config, PrepareConfig, parse_arm
+from raypack.data import formats, synth
+from raypack.data.holdout import holdout_mask
+from raypack.data.local import expand_sources
+from raypack.data.pack import pack_rows, plan_pack, row_length_stats
+from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
+from raypack.model import load_tokenizer
+
+KEY_ROW_BITS = 40  # key = file index << 40 | row number: input order, unique per record
+STATUS_REJECTED = "rejected"
+KEPT_STATUSES = ("whole", "truncated", "split")
+MANIFEST_FIELDS = (
+    "num_input_rows", "num_rejected_rows", "rejected_reasons", "num_samples", "num_truncated", "num_split",
+    "num_dropped_too_long", "num_dropped_no_supervised", "num_rows", "num_tokens", "num_supervised_tokens",
+    "num_capacity_tokens", "padding_fraction", "efficiency", "lower_bound_rows", "max_seq_len", "strategy",
+    "attention", "pack_window", "config_hash", "seconds",
+)
+TOKENIZED_SCHEMA = pa.schema([
+    ("key", pa.int64()), ("piece", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()), ("source", pa.string()), ("num_tokens", pa.int32()),
+    ("num_supervised_tokens", pa.int32()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+])
+RAW_COLUMNS = ("key", "source", "raw", "fmt", "reason", "detail")
+
+
+# ---------------------------------------------------------------- ray
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray instance (the embedded default)."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+
+
+def _config_hash(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _source_fingerprint(cfg: Config) -> list:
+    """What identifies the input: files with size and mtime, a hub id, or the synth settings."""
+    if not cfg.data.sources:
+        return ["synth", asdict(cfg.synth)]
+    fingerprint = []
+    for src in cfg.data.sources:
+        if src.startswith("hf:"):
+            fingerprint.append([src, cfg.data.hf_split])
+        elif "://" in src:
+            fingerprint.append([src])
+        else:
+            for path in expand_sources([src]):
+                stat = os.stat(path)
+                fingerprint.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return fingerprint
+
+
+# ---------------------------------------------------------------- read
+
+
+def _raw_row(key: int, source: str, value, fmt: str) -> dict:
+    if isinstance(value, formats.RowError):
+        return {"key": key, "source": source, "raw": "", "fmt": fmt, "reason": value.reason, "detail": value.detail}
+    return {"key": key, "source": source, "raw": json.dumps(value, ensure_ascii=False), "fmt": fmt,
+            "reason": "", "detail": ""}
+
+
+def _local_copy(path: str, tmp: str) -> str:
+    """Remote files (s3://, gs://, ...) are copied to the worker's disk, then read like local ones."""
+    if "://" not in path:
+        return path
+    from pyarrow import fs as pafs
+
+    filesystem, remote = pafs.FileSystem.from_uri(path)
+    local = os.path.join(tmp, os.path.basename(remote))
+    with filesystem.open_input_stream(remote) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return local
+
+
+def _read_file(item: dict, fmt: str) -> list[dict]:
+    """All records of one file, in order, as JSON text with their key; bad rows keep their reason."""
+    path, index = item["path"], int(item["file_index"])
+    rows, file_fmt = [], None if fmt == "auto" else fmt
+    with tempfile.TemporaryDirectory() as tmp:
+        for row_num, value in formats.iter_raw_rows(_local_copy(path, tmp)):
+            if file_fmt is None and isinstance(value, dict):
+                try:
+                    file_fmt = formats.detect_format(value)
+                except formats.FormatError as err:
+                    raise formats.FormatError(f"{path}:{row_num}: {err}; or set data.format") from err
+            rows.append(_raw_row((index << KEY_ROW_BITS) | row_num, f"{path}:{row_num}", value, file_fmt or ""))
+    return rows
+
+
+def _synth_rows(item: dict, preset: str, seed: int, num_samples: int) -> list[dict]:
+    block = int(item["id"])
+    n = min(synth.BLOCK_SIZE, num_samples - block * synth.BLOCK_SIZE)
+    return [_raw_row(block * synth.BLOCK_SIZE + i + 1, f"synth:{preset}:{block * synth.BLOCK_SIZE + i + 1}", row,
+                     "messages") for i, row in enumerate(synth.synth_block(preset, seed, block, n))]
+
+
+def _hf_rows(batch: pa.Table, dataset_id: str) -> pa.Table:
+    keys = batch.column("__key").to_pylist()
+    values = batch.drop_columns(["__key"]).to_pylist()
+    rows = [_raw_row(k + 1, f"hf:{dataset_id}:{k + 1}", v, "") for k, v in zip(keys, values)]
+    return pa.Table.from_pylist(rows)
+
+
+def read_sources(cfg: Config) -> ray.data.Dataset:
+    """One row per input record: key (input order), source, raw JSON, format, and a read error if any."""
+    data = cfg.data
+    if not data.sources:
+        n = cfg.synth.num_samples
+        num_blocks = -(-n // synth.BLOCK_SIZE)
+        return ray.data.range(num_blocks, override_num_blocks=num_blocks).flat_map(
+            _synth_rows, fn_kwargs={"preset": cfg.synth.preset, "seed": cfg.synth.seed, "num_samples": n},
+            num_cpus=cfg.prepare.actor_num_cpus)
+    hub = [s for s in data.sources if s.startswith("hf:")]
+    files = [s for s in data.sources if not s.startswith("hf:")]
+    if hub and (files or len(hub) > 1):
+        raise ValueError("data.sources: give one hf:<dataset id> alone, or files only")
+    if hub:
+        return _read_hf(hub[0][3:], data.hf_split, data.format)
+    paths = [p for src in files for p in ([src] if "://" in src else expand_sources([src]))]
+    items = [{"file_index": i, "path": p} for i, p in enumerate(paths)]
+    return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+        _read_file, fn_kwargs={"fmt": data.format}, num_cpus=cfg.prepare.actor_num_cpus)
+
+
+def _read_hf(dataset_id: str, split: str, fmt: str) -> ray.data.Dataset:
+    import datasets  # only clusters with internet (or a local HF cache) take this path
+
+    hf = datasets.load_dataset(dataset_id, split=split)
+    hf = hf.add_column("__key", list(range(len(hf))))
+    ds = ray.data.from_huggingface(hf).map_batches(_hf_rows, batch_format="pyarrow",
+                                                   fn_kwargs={"dataset_id": dataset_id})
+    if fmt == "auto":
+        fmt = formats.detect_format(hf[0])
+    return ds.map_batches(_set_format, batch_format="pyarrow", fn_kwargs={"fmt": fmt})
+
+
+def _set_format(batch: pa.Table, fmt: str) -> pa.Table:
+    return batch.set_column(batch.schema.get_field_index("fmt"), "fmt", pa.array([fmt] * len(batch), pa.string()))
+
+
+# ---------------------------------------------------------------- tokenize
+
+
+def _list_column(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+class TokenizeBatch:
+    """Ray Data actor: normalise, tokenize and apply the over-length policy to a batch of records."""
+
+    def __init__(self, data_cfg: dict):
+        self.data = data_cfg
+        self.tokenizer = load_tokenizer(data_cfg["tokenizer"])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        records = batch.select(list(RAW_COLUMNS)).to_pylist()
+        out: list[dict] = []
+        conversations, slots = [], []
+        for rec in records:
+            reason, detail = rec["reason"], rec["detail"]
+            if not reason:
+                try:
+                    conversations.append(formats.normalise_row(json.loads(rec["raw"]), rec["fmt"], rec["source"]))
+                    slots.append(len(out))
+                    out.append(None)  # filled below, in input order
+                    continue
+                except formats.RowError as err:
+                    reason, detail = err.reason, err.detail
+            if self.data["strict"]:
+                raise formats.FormatError(f"{rec['source']}: {reason}: {detail}")
+            out.append(self._row(rec, 0, STATUS_REJECTED, reason, detail))
+        result = tokenize_conversations(conversations, self.tokenizer, self.data["max_seq_len"],
+                                        overlength=self.data["overlength"], template=self.data["template"])
+        pieces: dict[int, list[dict]] = {}
+        for sample in result.samples:
+            pieces.setdefault(sample["conversation"], []).append(sample)
+        for conv_index, slot in enumerate(slots):
+            rec = records[slot]
+            outcome = result.outcomes[conv_index]
+            samples = pieces.get(conv_index, [])
+            out[slot] = [self._row(rec, i, outcome, "", "", s) for i, s in enumerate(samples)] or \
+                [self._row(rec, 0, outcome, "", "")]
+        flat = [r for item in out for r in (item if isinstance(item, list) else [item])]
+        return self._table(flat)
+
+    @staticmethod
+    def _row(rec: dict, piece: int, status: str, reason: str, detail: str, sample: dict | None = None) -> dict:
+        empty = np.zeros(0, dtype=np.int32)
+        ids = sample["input_ids"] if sample else empty
+        labels = sample["labels"] if sample else empty
+        return {"key": rec["key"], "piece": piece, "status": status, "reason": reason, "detail": detail,
+                "source": rec["source"], "input_ids": ids, "labels": labels}
+
+    @staticmethod
+    def _table(rows: list[dict]) -> pa.Table:
+        ids = [r["input_ids"] for r in rows]
+        labels = [r["labels"] for r in rows]
+        columns = {name: [r[name] for r in rows] for name in ("key", "piece", "status", "reason", "detail", "source")}
+        columns["num_tokens"] = [len(a) for a in ids]
+        columns["num_supervised_tokens"] = [int(np.count_nonzero(a != IGNORE_INDEX)) for a in labels]
+        arrays = [pa.array(columns[f.name], f.type) for f in TOKENIZED_SCHEMA if f.name in columns]
+        return pa.Table.from_arrays(arrays + [_list_column(ids), _list_column(labels)], schema=TOKENIZED_SCHEMA)
+
+
+def _user_error(err: BaseException) -> formats.FormatError | None:
+    """The FormatError (a bad file, or a bad row in strict mode) behind a Ray task failure, if any.
+
+    Ray re-raises a worker's exception as a RayTaskError whose text carries the
+    original traceback; the original object is not always kept, so read the text.
+    """
+    marker = f"{formats.FormatError.__module__}.FormatError: "
+    for line in reversed(str(err).splitlines()):
+        if line.startswith(marker):
+            return formats.FormatError(line[len(marker):])
+    return None
+
+
+def _sorted_parquet_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.glob("*.parquet"))
+
+
+def tokenize_to_cache(cfg: Config, tok_dir: Path) -> dict:
+    """Run read -> tokenize on Ray Data into tok_dir/tokenized; returns the pass's counts."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the cache must be in input order
+    prep: PrepareConfig = cfg.prepare
+    ds = read_sources(cfg).map_batches(
+        TokenizeBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
+        fn_constructor_kwargs={"data_cfg": asdict(cfg.data)})
+    staging = tok_dir / "tokenized.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        ds.write_parquet(str(staging))
+    except Exception as err:  # Ray wraps a worker's exception; surface ours as itself
+        raise _user_error(err) or err
+    counts = summarise_tokenized(_sorted_parquet_files(staging))
+    _write_rejected(_sorted_parquet_files(staging), tok_dir / "rejected" / "rejected.jsonl")
+    shutil.rmtree(tok_dir / "tokenized", ignore_errors=True)
+    staging.rename(tok_dir / "tokenized")
+    (tok_dir / "tokenized.json").write_text(json.dumps(counts, indent=2))
+    return counts
+
+
+def summarise_tokenized(files: list[str]) -> dict:
+    """Counts of the tokenization pass, from the cache's small columns; checks the input order."""
+    table = pq.read_table(files, columns=["key", "piece", "status", "reason", "num_tokens",
+                                          "num_supervised_tokens"]) if files else TOKENIZED_SCHEMA.empty_table()
+    key = table.column("key").to_numpy()
+    piece = table.column("piece").to_numpy()
+    order_ok = np.all((np.diff(key) > 0) | ((np.diff(key) == 0) & (np.diff(piece) == 1)))
+    if not order_ok:
+        raise RuntimeError("tokenized cache is not in input order; Ray Data did not preserve order "
+                           "(please report this with your Ray version)")
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    first = piece == 0
+    reasons = [r for r, s in zip(table.column("reason").to_pylist(), status) if s == STATUS_REJECTED]
+    kept = np.isin(status, KEPT_STATUSES)
+    return {
+        "num_input_rows": int(first.sum()),
+        "num_rejected_rows": int((status == STATUS_REJECTED).sum()),
+        "rejected_reasons": {r: reasons.count(r) for r in formats.REJECT_REASONS},
+        "num_conversations": int((first & (status != STATUS_REJECTED)).sum()),
+        "num_samples": int(kept.sum()),
+        "num_truncated": int((first & (status == "truncated")).sum()),
+        "num_split": int((first & (status == "split")).sum()),
+        "num_dropped_too_long": int((status == "dropped_too_long").sum()),
+        "num_dropped_no_supervised": int((status == "dropped_no_supervised").sum()),
+        "num_tokens": int(table.column("num_tokens").to_numpy()[kept].sum()),
+        "num_supervised_tokens": int(table.column("num_supervised_tokens").to_numpy()[kept].sum()),
+    }
+
+
+def _write_rejected(files: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for path in files:
+            table = pq.read_table(path, columns=["status", "source", "reason", "detail"])
+            for row in table.filter(pa.compute.equal(table["status"], STATUS_REJECTED)).to_pylist():
+                source, _, row_num = row["source"].rpartition(":")
+                f.write(json.dumps({"source": source, "row": int(row_num), "reason": row["reason"],
+                                    "detail": row["detail"]}) + "\n")
+
+
+# ---------------------------------------------------------------- hold out and pack
+
+
+def _iter_kept_samples(files: list[str], holdout_keys: np.ndarray, select: str):
+    """Yield (key, piece, input_ids, labels) of kept samples of the train or val split, in input order."""
+    columns = ["key", "piece", "status", "input_ids", "labels"]
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=2048, columns=columns):
+            keys = batch.column("key").to_numpy()
+            kept = np.isin(np.array(batch.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
+            held = np.isin(keys, holdout_keys)
+            chosen = kept & (held if select == "val" else ~held)
+            if not chosen.any():
+                continue
+            pieces = batch.column("piece").to_numpy()
+            ids_col, lab_col = batch.column("input_ids"), batch.column("labels")
+            offsets = ids_col.offsets.to_numpy()
+            ids_values = ids_col.values.to_numpy(zero_copy_only=False)
+            lab_values = lab_col.values.to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(chosen):
+                lo, hi = offsets[i], offsets[i + 1]
+                yield int(keys[i]), int(pieces[i]), ids_values[lo:hi], lab_values[lo:hi]
+
+
+def _rows_table(rows: list[dict], sample_keys: np.ndarray, sample_pieces: np.ndarray,
+                row_offsets: np.ndarray, first_row: int) -> pa.Table:
+    n = len(rows)
+    offsets = pa.array(row_offsets.astype(np.int32))
+    return pa.table({
+        "row_index": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+        "input_ids": _list_column([r["input_ids"] for r in rows]),
+        "labels": _list_column([r["labels"] for r in rows]),
+        "position_ids": _list_column([r["position_ids"] for r in rows]),
+        "seq_lens": _list_column([r["seq_lens"] for r in rows]),
+        "sample_keys": pa.ListArray.from_arrays(offsets, pa.array(sample_keys.astype(np.int64))),
+        "sample_pieces": pa.ListArray.from_arrays(offsets, pa.array(sample_pieces.astype(np.int32))),
+        "num_tokens": pa.array([len(r["input_ids"]) for r in rows], pa.int32()),
+        "num_supervised_tokens": pa.array([int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows],
+                                          pa.int32()),
+    })
+
+
+class _ArmWriter:
+    """Packs one window at a time and writes its rows as Parquet shards; keeps only row lengths."""
+
+    def __init__(self, out: Path, strategy: str, attention: str, max_seq_len: int, rows_per_shard: int):
+        self.out, self.strategy, self.attention = out, strategy, attention
+        self.max_seq_len, self.rows_per_shard = max_seq_len, rows_per_shard
+        self.row_lens: list[np.ndarray] = []
+        self.num_rows = self.num_samples = self.num_split_samples = self.num_supervised = 0
+        self.window_index = 0
+
+    def write_window(self, samples: list[tuple]) -> None:
+        if not samples:
+            return
+        keys = np.array([s[0] for s in samples], dtype=np.int64)
+        pieces = np.array([s[1] for s in samples], dtype=np.int32)
+        tokens = [{"input_ids": s[2], "labels": s[3]} for s in samples]
+        plan = plan_pack(np.array([len(s[2]) for s in samples]), self.max_seq_len, self.strategy)
+        rows = pack_rows(plan, tokens, self.attention)
+        counts = np.bincount(plan.piece_sample, minlength=len(samples))
+        self.num_samples += len(samples)
+        self.num_split_samples += int((counts > 1).sum())
+        for c, lo in enumerate(range(0, len(rows), self.rows_per_shard)):
+            hi = min(lo + self.rows_per_shard, len(rows))
+            p_lo, p_hi = plan.row_offsets[lo], plan.row_offsets[hi]
+            table = _rows_table(rows[lo:hi], keys[plan.piece_sample[p_lo:p_hi]], pieces[plan.piece_sample[p_lo:p_hi]],
+                                plan.row_offsets[lo:hi + 1] - p_lo, self.num_rows + lo)
+            pq.write_table(table, self.out / f"part-{self.window_index:05d}-{c:03d}.parquet")
+        self.num_supervised += sum(int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows)
+        self.row_lens.append(plan.row_lengths())
+        self.num_rows += len(rows)
+        self.window_index += 1
+
+
+@ray.remote
+def pack_split(files: list[str], holdout_keys: np.ndarray, select: str, strategy: str, attention: str,
+               window: int, max_seq_len: int, micro_batch_size: int, rows_per_shard: int, out: str) -> dict:
+    """Stream the cache window by window into packed shards under `out`; returns the arm's row stats.
+
+    Memory holds one window of samples (all of them when window is 0).
+    """
+    start = time.perf_counter()
+    out_dir = Path(out)
+    writer = _ArmWriter(out_dir, strategy, attention, max_seq_len, rows_per_shard)
+    buffer: list[tuple] = []
+    for sample in _iter_kept_samples(files, holdout_keys, select):
+        buffer.append(sample)
+        if window and len(buffer) == window:
+            writer.write_window(buffer)
+            buffer = []
+    writer.write_window(buffer)
+    row_lens = np.concatenate(writer.row_lens) if writer.row_lens else np.zeros(0, np.int64)
+    stats = row_length_stats(row_lens, max_seq_len, micro_batch_size)
+    stats.update(num_samples=writer.num_samples, num_split_samples=writer.num_split_samples,
+                 num_supervised_tokens=writer.num_supervised, seconds=time.perf_counter() - start)
+    return stats
+
+
+def _finish(partial: Path, final: Path, manifest: dict) -> None:
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _tok_hash(cfg: Config) -> str:
+    d = cfg.data
+    return _config_hash(_source_fingerprint(cfg), d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
+                        d.overlength, d.hf_split)
+
+
+def _holdout_keys(files: list[str], cfg: Config) -> np.ndarray:
+    table = pq.read_table(files, columns=["key", "piece", "status"])
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    first_kept = (table.column("piece").to_numpy() == 0) & np.isin(status, KEPT_STATUSES)
+    conv_keys = table.column("key").to_numpy()[first_kept]
+    if len(conv_keys) == 0:
+        return conv_keys
+    mask = holdout_mask(conv_keys, cfg.seed, fraction=cfg.data.val_fraction, count=cfg.data.val_count)
+    return conv_keys[mask]
+
+
+def prepare(cfg: Config) -> dict:
+    """Prepare the validation split and every arm of cfg.pack.arms; returns {name: folder}.
+
+    Outputs whose config hash matches are reused (prepare.reuse), so a sweep's trials
+    never re-tokenize. The returned dict has "val" plus one entry per arm.
+    """
+    ensure_ray()
+    root = Path(cfg.prepare.output_dir)
+    tok_hash = _tok_hash(cfg)
+    tok_dir = root / f"tok-{tok_hash}"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    counts_path = tok_dir / "tokenized.json"
+    start = time.perf_counter()
+    if cfg.prepare.reuse and counts_path.exists():
+        counts = json.loads(counts_path.read_text())
+        print(f"raypack prepare: reusing tokenized data {tok_dir}", flush=True)
+    else:
+        counts = tokenize_to_cache(cfg, tok_dir)
+    tokenize_seconds = time.perf_counter() - start
+    files = _sorted_parquet_files(tok_dir / "tokenized")
+    holdout = _holdout_keys(files, cfg)
+    split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
+    jobs = {"val": ("val", "padding", "isolated", 0, split_hash)}
+    for arm in cfg.pack.arms:
+        strategy, attention = parse_arm(arm)
+        arm_hash = _config_hash(split_hash, strategy, attention, cfg.pack.window, cfg.pack.micro_batch_size,
+                                cfg.prepare.rows_per_shard)
+        jobs[arm] = ("train", strategy, attention or "isolated", cfg.pack.window, arm_hash)
+    holdout_ref = ray.put(holdout)
+    folders, pending = {}, {}
+    for name, (select, strategy, attention, window, job_hash) in jobs.items():
+        final = tok_dir / f"{name}-{job_hash}"
+        folders[name] = final
+        if cfg.prepare.reuse and (final / "manifest.json").exists():
+            continue
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        pending[name] = (partial, job_hash, strategy, attention, window, pack_split.options(
+            num_cpus=cfg.prepare.pack_num_cpus).remote(
+            files, holdout_ref, select, strategy, attention, window, cfg.data.max_seq_len,
+            cfg.pack.micro_batch_size, cfg.prepare.rows_per_shard, str(partial)))
+    for name, (partial, job_hash, strategy, attention, window, ref) in pending.items():
+        stats = ray.get(ref)
+        manifest = _manifest(counts, stats, cfg, strategy, attention, window, job_hash, tokenize_seconds)
+        manifest.update(split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
+        _finish(partial, folders[name], manifest)
+    return {name: str(path) for name, path in folders.items()}
+
+
+def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: str | None, window: int,
+              job_hash: str, tokenize_seconds: float) -> dict:
+    """manifest.json: the tokenization pass's counts (whole input) and this split's row counts."""
+    manifest = {key: counts[key] for key in ("num_input_rows", "num_rejected_rows", "rejected_reasons",
+                                             "num_truncated", "num_split", "num_dropped_too_long",
+                                             "num_dropped_no_supervised")}
+    manifest.update({key: stats[key] for key in ("num_samples", "num_rows", "num_tokens", "num_supervised_tokens",
+                                                 "num_capacity_tokens", "padding_fraction", "efficiency",
+                                                 "lower_bound_rows")})
+    manifest.update(max_seq_len=cfg.data.max_seq_len, strategy=strategy,
+                    attention=None if strategy == "padding" else attention, pack_window=window,
+                    config_hash=job_hash, seconds=stats["seconds"])
+    manifest.update(num_conversations=counts["num_conversations"], num_split_samples=stats["num_split_samples"],
+                    num_batch_tokens=stats["num_batch_tokens"], rows_over_lower_bound=stats["rows_over_lower_bound"],
+                    micro_batch_size=cfg.pack.micro_batch_size, tokenize_seconds=tokenize_seconds)
+    assert all(key in manifest for key in MANIFEST_FIELDS)
+    return manifest
+
+
+# ---------------------------------------------------------------- feeding training
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "manifest.json").read_text())
+
+
+def steps_per_epoch(num_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch, from the manifest's row count (never 'until the iterator runs out')."""
+    rows_per_step = world_size * micro_batch_size * grad_accum
+    steps = num_rows // rows_per_step
+    if steps == 0:
+        raise ValueError(f"{num_rows} rows cannot fill one optimizer step of {rows_per_step} rows "
+                         f"({world_size} workers x {micro_batch_size} micro-batch x {grad_accum} accumulation); "
+                         "lower the global batch size or add data")
+    return steps
+
+
+def load_split(folder: str | Path, world_size: int, micro_batch_size: int, grad_accum: int
+               ) -> tuple[ray.data.Dataset, int]:
+    """The prepared rows as a Ray Dataset ready for `streaming_split(world_size, equal=True)`.
+
+    Trimmed to whole optimizer steps, so every rank gets the same number of rows and
+    takes the same number of steps (no hang at the end of an epoch). Returns the
+    dataset and the number of optimizer steps per epoch.
+    """
+    manifest = read_manifest(folder)
+    steps = steps_per_epoch(manifest["num_rows"], world_size, micro_batch_size, grad_accum)
+    ds = ray.data.read_parquet(_sorted_parquet_files(Path(folder)))
+    return ds.limit(steps * world_size * micro_batch_size * grad_accum), steps

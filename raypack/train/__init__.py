@@ -1,0 +1,1 @@
+"""How a step is taken: loss, engine, loop, launch."""

@@ -1,0 +1,214 @@
+"""DeepSpeed for raypack: the config it is given, the LR schedule, and the engine it builds.
+
+The only module that imports deepspeed, and only inside `initialize`, so building
+and testing a config stays cheap. The optimizer is a plain `torch.optim.AdamW`
+built here (no DeepSpeed "optimizer" or "scheduler" block: DeepSpeed's own Adam
+would JIT-build a fused op on CPU) and the learning rate comes from `lr_at`,
+counted in the arm's own optimizer steps; the loop sets it on
+`optimizer.param_groups` before each `engine.step()`.
+
+`deepspeed_config(train, world_size=2, device="cpu")` with the defaults
+(micro_batch_size 2, global_batch_size 128, ZeRO 2, precision auto):
+
+    {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 32,
+     "train_batch_size": 128, "gradient_clipping": 1.0,
+     "zero_optimization": {"stage": 2}, "bf16": {"enabled": False},
+     "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+On "cuda" with precision auto or bf16, "bf16" is {"enabled": True}. Offloading
+adds "offload_optimizer"/"offload_param": {"device": "cpu", "pin_memory": <cuda>}
+under "zero_optimization", and "zero_force_ds_cpu_optimizer": False so that
+ZeRO-Offload accepts torch's AdamW. `train.deepspeed_json` is then deep-merged
+over the result; it may not change the batch sizes (set them in the train
+section) nor add optimizer/scheduler blocks.
+
+The loss is already normalised over the whole step (raypack.train.loss), so the
+loop must call `engine.backward(loss, scale_wrt_gas=False)`; the default
+(True) would divide by gradient_accumulation_steps once more.
+
+DeepSpeed on CPU (checked with deepspeed 0.19.8, torch 2.13 CPU, 2 cores):
+- `initialize(..., device="cpu")` sets DS_ACCELERATOR=cpu unless already set
+  (without it DeepSpeed falls back to cpu, with a warning, only when it finds no
+  GPU) and checks the accelerator matches the device.
+- torch.distributed must be up with gloo. Under Ray Train it already is. In a
+  bare process set MASTER_ADDR=127.0.0.1, MASTER_PORT=<free port>, RANK=0,
+  WORLD_SIZE=1, LOCAL_RANK=0; `initialize` then calls
+  `deepspeed.init_distributed(dist_backend="gloo")`.
+- The first `init_distributed` on a machine JIT-builds DeepSpeed's
+  `deepspeed_shm_comm` op (about 40 s here), cached under
+  ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR); later starts take ~2 s.
+"""
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from raypack.config import OptimConfig, TrainConfig
+
+DEVICES = ("cpu", "cuda")
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'bf16' or 'fp32': auto is bf16 on cuda and fp32 on cpu; bf16 on cpu is refused."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision {precision!r} is not one of auto, bf16, fp32")
+    if precision == "bf16" and device == "cpu":
+        raise ValueError("train.precision=bf16 needs a GPU; use auto or fp32 on CPU")
+    return precision
+
+
+def gradient_accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    """global_batch_size / (micro_batch_size * world_size), which must be a whole number >= 1."""
+    rows_per_pass = train.micro_batch_size * world_size
+    if world_size < 1 or train.micro_batch_size < 1 or train.global_batch_size % rows_per_pass \
+            or train.global_batch_size < rows_per_pass:
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} must be a positive multiple of "
+            f"train.micro_batch_size * workers = {train.micro_batch_size} * {world_size} = {rows_per_pass}; "
+            "change train.global_batch_size, train.micro_batch_size or train.num_workers")
+    return train.global_batch_size // rows_per_pass
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, device: str) -> dict:
+    """The DeepSpeed config dict for this section (module docstring), user JSON merged over it."""
+    if train.offload_params and train.zero_stage != 3:
+        raise ValueError(f"train.offload_params needs train.zero_stage=3, got {train.zero_stage}")
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+    if train.global_batch_tokens != 0:
+        raise ValueError("train.global_batch_tokens is not supported yet; set it to 0")
+    precision = resolve_precision(train.precision, device)
+    offload = {"device": "cpu", "pin_memory": device == "cuda"}
+    zero: dict = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = dict(offload)
+    if train.offload_params:
+        zero["offload_param"] = dict(offload)
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(train, world_size),
+        "train_batch_size": train.global_batch_size,
+        "gradient_clipping": train.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # raypack logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if train.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False
+    if train.deepspeed_json:
+        merged = _merge(config, _read_json(train.deepspeed_json))
+        _check_merged(merged, config, device)
+        config = merged
+    return config
+
+
+def _read_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"train.deepspeed_json: cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"train.deepspeed_json: {path} must hold a JSON object")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Deep merge: nested dicts merge key by key, everything else in `override` wins."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _check_merged(config: dict, built: dict, device: str) -> None:
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise ValueError(f"train.deepspeed_json: remove the {key!r} block; raypack builds torch AdamW and "
+                             "its LR schedule from the optim section")
+    changed = {k: config.get(k) for k in _BATCH_KEYS if config.get(k) != built[k]}
+    if changed:
+        raise ValueError(f"train.deepspeed_json sets {changed}, which disagrees with the train section "
+                         f"({ {k: built[k] for k in changed} }); leave batch sizes out of the JSON and set "
+                         "train.micro_batch_size / train.global_batch_size")
+    zero = config.get("zero_optimization", {})
+    if "offload_param" in zero and zero.get("stage") != 3:
+        raise ValueError("train.deepspeed_json: offload_param needs zero_optimization.stage 3")
+    if device == "cpu" and config.get("bf16", {}).get("enabled"):
+        raise ValueError("train.deepspeed_json: bf16 is enabled but training runs on CPU")
+
+
+def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based) out of the arm's `total_steps`.
+
+    As transformers' get_cosine_with_min_lr_schedule_with_warmup /
+    get_constant_schedule_with_warmup (what the paper's LLaMA-Factory ran): with
+    W = ceil(warmup_ratio * total_steps), the LR rises linearly as lr * step / W
+    (so step 0 runs at 0 when W > 0), then decays by a half cosine from lr at step
+    W to min_lr_ratio * lr at step total_steps (or stays at lr for constant).
+    lr=1e-5, 10 steps, warmup 0.2: steps 0, 1, 2 -> 0, 5e-6, 1e-5; step 9 -> 3.8e-7.
+    """
+    if total_steps < 1 or not 0 <= step <= total_steps:
+        raise ValueError(f"need 0 <= step <= total_steps and total_steps >= 1, got step={step}, "
+                         f"total_steps={total_steps}")
+    warmup = math.ceil(optim.warmup_ratio * total_steps)
+    if step < warmup:
+        return optim.lr * step / warmup
+    if optim.schedule == "constant":
+        return optim.lr
+    if optim.schedule != "cosine":
+        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of cosine, constant")
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW; weight decay on matrices only, not on 1-D tensors (norm weights, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def _import_deepspeed(device: str):
+    """Import deepspeed with the accelerator matching `device` (see the module docstring)."""
+    os.environ.setdefault("DS_ACCELERATOR", device)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if not name.startswith(device):
+        raise ValueError(f"DeepSpeed's accelerator is {name!r} but training runs on {device!r}; "
+                         f"unset or fix DS_ACCELERATOR (now {os.environ.get('DS_ACCELERATOR')!r})")
+    return deepspeed
+
+
+def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, world_size: int,
+               device: str):
+    """(engine, optimizer): DeepSpeed around `model` with raypack's AdamW; set LRs on optimizer.param_groups."""
+    config = deepspeed_config(train, world_size, device)
+    deepspeed = _import_deepspeed(device)
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    else:
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    if torch.distributed.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size} but torch.distributed has {torch.distributed.get_world_size()} "
+                         "ranks; the loss scaling needs the real data-parallel size")
+    optimizer = build_optimizer(model, optim)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, optimizer

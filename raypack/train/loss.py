@@ -1,0 +1,195 @@
+"""The loss of one micro-batch, normalised over the whole optimizer step (pure torch).
+
+An optimizer step runs `gradient_accumulation_steps` (G) micro-batches on each of
+W data-parallel ranks. Before the step each rank fetches its G micro-batches,
+counts their denominator with `step_denominator`, and sums the counts over ranks
+once with `all_reduce_sum`; the result D is the same on every rank. Each
+micro-batch then backwards
+
+    loss_mb = numerator_mb * W / D
+
+The factor W undoes the gradient AVERAGING over ranks done by DDP/DeepSpeed, and
+nothing else may divide by G: call `engine.backward(loss, scale_wrt_gas=False)`.
+Summed over the step, the gradient is that of  sum(numerator_mb) / D  over all
+micro-batches of all ranks, however the step's rows are split across ranks and
+micro-batches (tests/test_loss.py shows it). Per `reduction`:
+
+    token   numerator_mb = sum of the micro-batch's token losses
+            D            = supervised targets of the step
+            -> the exact mean over every supervised token of the step.
+    sample  numerator_mb = sum over its samples of (mean token loss of the sample)
+            D            = samples with >= 1 target in the step
+            -> every sample weighs the same, whatever its length.
+    paper   numerator_mb = mean token loss of the micro-batch (0 if it has no target)
+            D            = micro-batches of the step (G * W)
+            -> the mean of micro-batch means, as the paper's code (HF Trainer +
+               DeepSpeed) did: tokens of short samples weigh more when padded.
+
+Targets are shifted as in transformers: logits[:, t] predicts labels[:, t + 1];
+positions whose label is IGNORE_INDEX carry no loss. If a step has no target at
+all, D = 0 is replaced by 1 so the loss is 0 (every rank still backwards, so the
+ranks stay in step).
+
+Samples (for `sample`) are found per row, in this order:
+1. `batch["segment_ids"]` if present: int64 [B, T], one id per sample within its
+   row (pads may share an id with no targets). Build it with
+   `segment_ids_from_seq_lens` from the packed rows' `seq_lens`. REQUIRED for
+   `cross` batches: their position_ids run 0..T-1 over the whole row, so the
+   samples cannot be read from them and the row would count as one sample.
+2. else `batch["position_ids"]`: a new sample wherever the position does not go
+   up by exactly 1 (as transformers' find_packed_sequence_indices); right for
+   `isolated` batches.
+3. else one sample per row (`padding` batches).
+In `random` packing a sample cut across rows counts as one sample per piece.
+
+`segment_ids` is for the loss only: pass the model only input_ids,
+attention_mask and position_ids.
+
+Example (one row, two packed samples, isolated positions; targets 12, 13 in
+sample a and 22 in sample b; token losses l12, l13, l22):
+
+    labels        [[-100, 12, 13, -100, 22]]
+    position_ids  [[0, 1, 2, 0, 1]]
+    token:   numerator = l12 + l13 + l22,          D = 3
+    sample:  numerator = (l12 + l13) / 2 + l22,    D = 2
+    paper:   numerator = (l12 + l13 + l22) / 3,    D = 1
+
+For metrics, `MicroBatchLoss.token_loss_sum` and `.num_tokens` give the same
+per-token mean in every arm and reduction: sum both over the step's micro-batches
+and ranks and divide.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raypack.data.tokenize import IGNORE_INDEX
+
+LOSS_REDUCTIONS = ("token", "sample", "paper")
+
+
+class MicroBatchLoss(NamedTuple):
+    """What one micro-batch contributes to the step."""
+
+    loss: torch.Tensor  # scalar to backward (already normalised over the step)
+    token_loss_sum: float  # sum of its token losses, for the reduction-independent metric
+    num_tokens: int  # its supervised targets
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target cross-entropy in fp32, shifted: ([B, T-1] losses, [B, T-1] bool mask).
+
+    losses[b, t] is the loss of predicting labels[b, t+1] from logits[b, t]; it is 0
+    where mask is False (label IGNORE_INDEX).
+    """
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, T, vocab] with labels {tuple(labels.shape)} [B, T]")
+    targets = labels[:, 1:].to(logits.device)
+    shifted = logits[:, :-1].float()
+    losses = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return losses, targets != IGNORE_INDEX
+
+
+def segment_ids(batch: dict) -> torch.Tensor:
+    """Per-token sample ids within each row, [B, T] int64 (see the module docstring for the rules)."""
+    labels = batch["labels"]
+    if "segment_ids" in batch:
+        ids = batch["segment_ids"]
+        if ids.shape != labels.shape or ids.dtype.is_floating_point or (ids.numel() and int(ids.min()) < 0):
+            raise ValueError(f"segment_ids must be non-negative integers shaped like labels {tuple(labels.shape)}")
+        return ids.long()
+    if "position_ids" in batch:
+        positions = batch["position_ids"]
+        first = positions[:, :1] - 1
+        return (torch.diff(positions, prepend=first, dim=-1) != 1).long().cumsum(-1)
+    return torch.zeros_like(labels, dtype=torch.long)
+
+
+def segment_ids_from_seq_lens(seq_lens: list, length: int) -> torch.Tensor:
+    """Segment ids for rows with the given per-row sample lengths, right-padded to `length`.
+
+    >>> segment_ids_from_seq_lens([[3, 2], [4]], 5).tolist()
+    [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]
+
+    The pad run of a row gets the next id; it has no targets, so it never counts.
+    """
+    out = torch.empty(len(seq_lens), length, dtype=torch.long)
+    for i, lens in enumerate(seq_lens):
+        lens = [int(n) for n in lens]
+        if sum(lens) > length:
+            raise ValueError(f"row {i}: seq_lens {lens} add up to more than the batch length {length}")
+        ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long))
+        out[i, : len(ids)] = ids
+        out[i, len(ids):] = len(lens)
+    return out
+
+
+def _sample_sums(losses: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor):
+    """Sum of target losses and number of targets per (row, sample), flattened."""
+    targets_segment = segments[:, 1:].to(losses.device)
+    per_row = int(targets_segment.max()) + 1 if targets_segment.numel() else 1
+    rows = torch.arange(losses.shape[0], device=losses.device).unsqueeze(1)
+    key = (rows * per_row + targets_segment)[mask]
+    sums = losses.new_zeros(losses.shape[0] * per_row).index_add(0, key, losses[mask])
+    counts = torch.bincount(key, minlength=losses.shape[0] * per_row)
+    return sums, counts
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss reduction {reduction!r} is not one of {', '.join(LOSS_REDUCTIONS)}")
+
+
+def step_denominator(micro_batches: list[dict], reduction: str) -> float:
+    """This rank's share of D for the step: targets (token), samples with a target (sample)
+    or micro-batches (paper). Sum it over ranks with `all_reduce_sum`."""
+    _check_reduction(reduction)
+    if reduction == "paper":
+        return float(len(micro_batches))
+    total = 0
+    for batch in micro_batches:
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        if reduction == "token":
+            total += int(mask.sum())
+        else:
+            _, counts = _sample_sums(torch.zeros(mask.shape, device=mask.device), mask, segment_ids(batch))
+            total += int((counts > 0).sum())
+    return float(total)
+
+
+def all_reduce_sum(value: float, group=None) -> float:
+    """Sum a number over the ranks of `group`; the value itself when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return float(tensor.item())
+
+
+def micro_batch_loss(logits: torch.Tensor, batch: dict, reduction: str, denominator: float,
+                     world_size: int) -> MicroBatchLoss:
+    """The micro-batch's loss to backward: numerator * world_size / denominator (module docstring).
+
+    `denominator` is the step's D summed over ranks; `world_size` the number of
+    data-parallel ranks whose gradients are averaged.
+    """
+    _check_reduction(reduction)
+    if world_size < 1 or denominator < 0:
+        raise ValueError(f"world_size must be >= 1 and denominator >= 0, got {world_size} and {denominator}")
+    losses, mask = token_losses(logits, batch["labels"])
+    token_sum = losses[mask].sum()
+    num_tokens = int(mask.sum())
+    if reduction == "token":
+        numerator = token_sum
+    elif reduction == "paper":
+        numerator = token_sum / max(num_tokens, 1)
+    else:
+        sums, counts = _sample_sums(losses, mask, segment_ids(batch))
+        present = counts > 0
+        numerator = (sums[present] / counts[present]).sum()
+    loss = numerator * (world_size / (denominator if denominator > 0 else 1.0))
+    return MicroBatchLoss(loss, float(token_sum.detach()), num_tokens)
