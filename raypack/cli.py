@@ -4,6 +4,7 @@
     raypack prepare jobs/quickstart.yaml [key=value ...]   # the same on Ray Data, into Parquet shards
     raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
+    raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
     raypack config --fields                                 # every config key, documented
 """
@@ -121,6 +122,19 @@ def cmd_bench_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from raypack.bench_pipeline import bench_pipeline, format_pipeline_result
+
+    result = bench_pipeline(args.preset, args.num_samples, args.seed, args.work_dir, arm=args.arm,
+                            window=args.window, max_seq_len=args.max_seq_len, overrides=args.overrides)
+    print(format_pipeline_result(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.fields:
         print("\n".join(describe_fields()))
@@ -163,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-trl", action="store_true", help="skip TRL's pack_dataset reference run")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_pack)
+
+    p = bench.add_parser("pipeline", help="raypack prepare end to end vs the bare tokenizer, rows, memory")
+    p.add_argument("--preset", default="opensource-1.2m", choices=list(PRESETS))
+    p.add_argument("--num-samples", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arm", default="bfd-isolated")
+    p.add_argument("--window", type=int, default=100_000)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--work-dir", default="out/bench_pipeline", help="synthetic shards and prepared output go here")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. prepare.num_tokenizer_actors=2")
+    p.set_defaults(func=cmd_bench_pipeline)
 
     p = sub.add_parser("config", help="print the resolved config, or document every key")
     p.add_argument("config", nargs="?")

@@ -74,7 +74,6 @@ class PackConfig:
                              f"{'/'.join(s for s in STRATEGIES if s != 'padding')}, "
                              f"attention in {'/'.join(ATTENTIONS)}")
     window: int = _field(0, "samples packed together (the paper: 1000); 0 packs the whole dataset at once")
-    micro_batch_size: int = _field(2, "rows per micro-batch, used to count padding at collation")
 
 
 @dataclass
@@ -85,7 +84,11 @@ class PrepareConfig:
     num_tokenizer_actors: int = _field(2, "tokenizer actors (each loads the tokenizer once)")
     actor_num_cpus: float = _field(0.5, "CPUs reserved per tokenizer actor; keep the pool below the "
                                    "cluster's CPUs so read tasks are never starved")
+    read_num_cpus: float = _field(0.25, "CPUs reserved per read task; differing from actor_num_cpus keeps "
+                                  "Ray Data from fusing reading into the tokenizer actors")
     tokenize_batch_size: int = _field(256, "conversations per tokenizer call")
+    block_mb: int = _field(8, "target Ray Data block size in MiB while tokenizing (smaller blocks spread "
+                           "one large file over more actors)")
     pack_num_cpus: float = _field(0.5, "CPUs reserved per arm's packing task")
     rows_per_shard: int = _field(20000, "packed rows per Parquet shard")
     reuse: bool = _field(True, "reuse tokenized and packed outputs whose config hash matches")
@@ -256,8 +259,7 @@ def validate(cfg: Config) -> Config:
         parse_arm(arm)
     if len(set(cfg.pack.arms)) != len(cfg.pack.arms):
         raise ConfigError(f"pack.arms: duplicate arm in {cfg.pack.arms}")
-    for key, value in (("data.max_seq_len", cfg.data.max_seq_len), ("pack.micro_batch_size",
-                       cfg.pack.micro_batch_size), ("synth.num_samples", cfg.synth.num_samples)):
+    for key, value in (("data.max_seq_len", cfg.data.max_seq_len), ("synth.num_samples", cfg.synth.num_samples)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

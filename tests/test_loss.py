@@ -4,13 +4,16 @@
 
 The arrangement test runs one optimizer step of the tiny Llama (fp32, CPU) on the
 same 4 rows arranged three ways: 1 worker x 1 micro-batch of 4 rows, 1 worker x
-2 micro-batches of 2 rows, and 2 workers (real torch.distributed, gloo, two
-spawned processes, gradients averaged as DDP/DeepSpeed do) x 1 micro-batch of 2
-rows. With `token` and `sample` the step loss and every gradient agree; with
-`paper` (mean of micro-batch means) the 4-row micro-batch differs clearly from
-the two 2-row ones, because the rows hold different numbers of targets.
+2 micro-batches of 2 rows, and 2 workers x 1 micro-batch of 2 rows (real
+torch.distributed, gloo: the pytest process is rank 0, a spawned process rank 1;
+gradients averaged as DDP/DeepSpeed do). With `token` and `sample` the step loss
+and every gradient agree; with `paper` (mean of micro-batch means) the 4-row
+micro-batch differs clearly from the two 2-row ones, because the rows hold
+different numbers of targets.
 """
 
+import datetime
+import itertools
 import os
 import socket
 import subprocess
@@ -107,11 +110,10 @@ def tiny_model():
     return build_tiny_model(seed=0, initializer_range=0.2).eval()
 
 
-def _two_worker_step(rank: int, port: int, out_path: str) -> None:
-    """Worker of the 2 x 1 arrangement: rank r runs rows 2r, 2r+1 as its one micro-batch."""
-    torch.set_num_threads(1)
+def two_worker_step(rank: int, port: int) -> dict:
+    """Rank r of the 2 x 1 arrangement runs rows 2r, 2r+1 as its one micro-batch."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     try:
         model = tiny_model()
         results = {}
@@ -119,10 +121,14 @@ def _two_worker_step(rank: int, port: int, out_path: str) -> None:
             rows = rows_for(mode)[2 * rank: 2 * rank + 2]
             for reduction in LOSS_REDUCTIONS:
                 results[mode, reduction] = run_step(model, [micro_batch(rows, mode)], reduction, world_size=2)
-        if rank == 0:
-            torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
+    return results
+
+
+def _second_worker(index: int, port: int) -> None:
+    torch.set_num_threads(1)
+    two_worker_step(1, port)
 
 
 def free_port() -> int:
@@ -132,11 +138,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def arrangements(tmp_path_factory):
+def arrangements():
     """{(mode, reduction): {arrangement: step result}} for the three arrangements."""
-    out_path = tmp_path_factory.mktemp("loss") / "two_workers.pt"
-    mp.spawn(_two_worker_step, args=(free_port(), str(out_path)), nprocs=2, join=True)
-    two_workers = torch.load(out_path)
+    # this process is rank 0, a spawned one rank 1 (one interpreter start instead of two)
+    port = free_port()
+    second = mp.spawn(_second_worker, args=(port,), nprocs=1, join=False)
+    two_workers = two_worker_step(0, port)
+    second.join()
     model = tiny_model()
     results = {}
     for mode in MODES:
@@ -201,7 +209,7 @@ def test_sample_step_loss_is_the_mean_of_each_sample_alone(arrangements, mode):
     with torch.no_grad():
         for r in rows_for(mode):
             starts = np.concatenate([[0], np.cumsum(r["seq_lens"])])
-            for start, end in zip(starts[:-1], starts[1:]):
+            for start, end in itertools.pairwise(starts):
                 ids = torch.tensor(r["input_ids"][start:end], dtype=torch.long)[None]
                 labels = torch.tensor(r["labels"][start:end], dtype=torch.long)[None]
                 alone.append(float(model(input_ids=ids, labels=labels, use_cache=False).loss))

@@ -4,6 +4,7 @@
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 from pathlib import Path
 
@@ -147,5 +148,7 @@ def test_load_split_gives_every_rank_the_same_rows(ray_local, prepared_real):
     ds, steps = load_split(folders["bfd-isolated"], world_size=2, micro_batch_size=1, grad_accum=2)
     assert steps == manifest["num_rows"] // 4
     shards = ds.streaming_split(2, equal=True)
-    counts = [sum(len(b["row_index"]) for b in it.iter_batches(batch_size=8)) for it in shards]
+    # The splits must be consumed concurrently, as the training workers do.
+    with ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(lambda it: sum(len(b["row_index"]) for b in it.iter_batches(batch_size=8)), shards))
     assert counts == [steps * 2, steps * 2]

@@ -302,14 +302,32 @@ def test_bad_arguments_raise(tokenizer):
 
 def test_one_batched_tokenizer_call(tokenizer, monkeypatch):
     calls = []
-    original = type(tokenizer).__call__
+    backend = tokenizer.backend_tokenizer
 
-    def counting_call(self, text, *args, **kwargs):
-        calls.append(text)
-        return original(self, text, *args, **kwargs)
+    class CountingBackend:
+        def encode_batch(self, texts, *args, **kwargs):
+            calls.append(texts)
+            return backend.encode_batch(texts, *args, **kwargs)
 
-    monkeypatch.setattr(type(tokenizer), "__call__", counting_call)
+    monkeypatch.setattr(type(tokenizer), "backend_tokenizer", property(lambda self: CountingBackend()))
     conversations = [conversation(("user", f"Question {i}"), ("assistant", f"Answer {i}")) for i in range(50)]
     result = tokenize_conversations(conversations, tokenizer, max_seq_len=64)
     assert len(result.samples) == 50
     assert len(calls) == 1 and isinstance(calls[0], list) and len(calls[0]) == 50
+
+
+def test_fast_labels_equal_the_offsets_reference(tokenizer):
+    """The Encoding lookups give exactly the labels of the offsets-based rule, ids identical too."""
+    from raypack.data import synth
+    from raypack.data.tokenize import encode_with_labels, render_conversation
+
+    convs = [{"messages": r["messages"], "tools": None, "source": str(i)}
+             for i, r in enumerate(synth.synth_conversations("wildchat-gpt4-69k", 40, seed=2))]
+    convs += [conversation(("user", "  lead space"), ("assistant", " x\n\n y "), ("user", "é"), ("assistant", "ü\t"))]
+    rendered = [render_conversation(c, tokenizer) for c in convs]
+    texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
+    fast = encode_with_labels(tokenizer, texts, spans)
+    ref = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for (ids, labels), ref_ids, offsets, sp in zip(fast, ref["input_ids"], ref["offset_mapping"], spans):
+        assert ids.tolist() == ref_ids
+        assert np.array_equal(labels, labels_from_spans(np.asarray(ref_ids, dtype=np.int32), offsets, sp))

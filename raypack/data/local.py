@@ -77,7 +77,7 @@ def prepare_local(cfg: Config) -> LocalPrep:
         start = time.perf_counter()
         plan = plan_pack(lengths, cfg.data.max_seq_len, strategy, window=cfg.pack.window)
         rows = pack_rows(plan, tok.samples, attention or "isolated")
-        stats = row_stats(rows, cfg.data.max_seq_len, micro_batch_size=cfg.pack.micro_batch_size, plan=plan)
+        stats = row_stats(rows, cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, plan=plan)
         stats["seconds"] = time.perf_counter() - start
         arms.append(ArmResult(arm, rows, stats))
     return LocalPrep(load=load, token_counts=tok.counts, arms=arms)

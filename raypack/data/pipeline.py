@@ -120,26 +120,41 @@ def _local_copy(path: str, tmp: str) -> str:
     return local
 
 
-def _read_file(item: dict, fmt: str) -> list[dict]:
-    """All records of one file, in order, as JSON text with their key; bad rows keep their reason."""
-    path, index = item["path"], int(item["file_index"])
-    rows, file_fmt = [], None if fmt == "auto" else fmt
-    with tempfile.TemporaryDirectory() as tmp:
-        for row_num, value in formats.iter_raw_rows(_local_copy(path, tmp)):
-            if file_fmt is None and isinstance(value, dict):
-                try:
-                    file_fmt = formats.detect_format(value)
-                except formats.FormatError as err:
-                    raise formats.FormatError(f"{path}:{row_num}: {err}; or set data.format") from err
-            rows.append(_raw_row((index << KEY_ROW_BITS) | row_num, f"{path}:{row_num}", value, file_fmt or ""))
-    return rows
+READ_CHUNK_ROWS = 1024
+RAW_SCHEMA = pa.schema([("key", pa.int64()), ("source", pa.string()), ("raw", pa.string()), ("fmt", pa.string()),
+                        ("reason", pa.string()), ("detail", pa.string())])
 
 
-def _synth_rows(item: dict, preset: str, seed: int, num_samples: int) -> list[dict]:
-    block = int(item["id"])
-    n = min(synth.BLOCK_SIZE, num_samples - block * synth.BLOCK_SIZE)
-    return [_raw_row(block * synth.BLOCK_SIZE + i + 1, f"synth:{preset}:{block * synth.BLOCK_SIZE + i + 1}", row,
-                     "messages") for i, row in enumerate(synth.synth_block(preset, seed, block, n))]
+def _read_files(batch: dict, fmt: str):
+    """Stream every record of each file, in order, as JSON text with its key; bad rows keep their reason.
+
+    A generator, so a large file leaves in chunks of READ_CHUNK_ROWS rows instead of
+    being held whole in one worker.
+    """
+    for path, index in zip(batch["path"], batch["file_index"]):
+        rows, file_fmt = [], None if fmt == "auto" else fmt
+        with tempfile.TemporaryDirectory() as tmp:
+            for row_num, value in formats.iter_raw_rows(_local_copy(str(path), tmp)):
+                if file_fmt is None and isinstance(value, dict):
+                    try:
+                        file_fmt = formats.detect_format(value)
+                    except formats.FormatError as err:
+                        raise formats.FormatError(f"{path}:{row_num}: {err}; or set data.format") from err
+                rows.append(_raw_row((int(index) << KEY_ROW_BITS) | row_num, f"{path}:{row_num}", value,
+                                     file_fmt or ""))
+                if len(rows) == READ_CHUNK_ROWS:
+                    yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                    rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+
+def _synth_rows(batch: dict, preset: str, seed: int, num_samples: int):
+    for block in batch["id"]:
+        first = int(block) * synth.BLOCK_SIZE
+        rows = synth.synth_block(preset, seed, int(block), min(synth.BLOCK_SIZE, num_samples - first))
+        yield pa.Table.from_pylist([_raw_row(first + i + 1, f"synth:{preset}:{first + i + 1}", row, "messages")
+                                    for i, row in enumerate(rows)], schema=RAW_SCHEMA)
 
 
 def _hf_rows(batch: pa.Table, dataset_id: str) -> pa.Table:
@@ -155,9 +170,9 @@ def read_sources(cfg: Config) -> ray.data.Dataset:
     if not data.sources:
         n = cfg.synth.num_samples
         num_blocks = -(-n // synth.BLOCK_SIZE)
-        return ray.data.range(num_blocks, override_num_blocks=num_blocks).flat_map(
-            _synth_rows, fn_kwargs={"preset": cfg.synth.preset, "seed": cfg.synth.seed, "num_samples": n},
-            num_cpus=cfg.prepare.actor_num_cpus)
+        return ray.data.range(num_blocks, override_num_blocks=num_blocks).map_batches(
+            _synth_rows, batch_size=1, fn_kwargs={"preset": cfg.synth.preset, "seed": cfg.synth.seed,
+                                                  "num_samples": n}, num_cpus=cfg.prepare.read_num_cpus)
     hub = [s for s in data.sources if s.startswith("hf:")]
     files = [s for s in data.sources if not s.startswith("hf:")]
     if hub and (files or len(hub) > 1):
@@ -166,8 +181,8 @@ def read_sources(cfg: Config) -> ray.data.Dataset:
         return _read_hf(hub[0][3:], data.hf_split, data.format)
     paths = [p for src in files for p in ([src] if "://" in src else expand_sources([src]))]
     items = [{"file_index": i, "path": p} for i, p in enumerate(paths)]
-    return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-        _read_file, fn_kwargs={"fmt": data.format}, num_cpus=cfg.prepare.actor_num_cpus)
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_files, batch_size=1, fn_kwargs={"fmt": data.format}, num_cpus=cfg.prepare.read_num_cpus)
 
 
 def _read_hf(dataset_id: str, split: str, fmt: str) -> ray.data.Dataset:
@@ -272,9 +287,11 @@ def _sorted_parquet_files(folder: Path) -> list[str]:
 
 def tokenize_to_cache(cfg: Config, tok_dir: Path) -> dict:
     """Run read -> tokenize on Ray Data into tok_dir/tokenized; returns the pass's counts."""
+    prep: PrepareConfig = cfg.prepare
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the cache must be in input order
-    prep: PrepareConfig = cfg.prepare
+    # Small blocks, so every tokenizer actor gets work even when the input is one big file.
+    ctx.target_max_block_size = prep.block_mb * 2**20
     ds = read_sources(cfg).map_batches(
         TokenizeBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
         compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
@@ -483,7 +500,7 @@ def prepare(cfg: Config) -> dict:
     jobs = {"val": ("val", "padding", "isolated", 0, split_hash)}
     for arm in cfg.pack.arms:
         strategy, attention = parse_arm(arm)
-        arm_hash = _config_hash(split_hash, strategy, attention, cfg.pack.window, cfg.pack.micro_batch_size,
+        arm_hash = _config_hash(split_hash, strategy, attention, cfg.pack.window, cfg.train.micro_batch_size,
                                 cfg.prepare.rows_per_shard)
         jobs[arm] = ("train", strategy, attention or "isolated", cfg.pack.window, arm_hash)
     holdout_ref = ray.put(holdout)
@@ -499,7 +516,7 @@ def prepare(cfg: Config) -> dict:
         pending[name] = (partial, job_hash, strategy, attention, window, pack_split.options(
             num_cpus=cfg.prepare.pack_num_cpus).remote(
             files, holdout_ref, select, strategy, attention, window, cfg.data.max_seq_len,
-            cfg.pack.micro_batch_size, cfg.prepare.rows_per_shard, str(partial)))
+            cfg.train.micro_batch_size, cfg.prepare.rows_per_shard, str(partial)))
     for name, (partial, job_hash, strategy, attention, window, ref) in pending.items():
         stats = ray.get(ref)
         manifest = _manifest(counts, stats, cfg, strategy, attention, window, job_hash, tokenize_seconds)
@@ -522,7 +539,7 @@ def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: 
                     config_hash=job_hash, seconds=stats["seconds"])
     manifest.update(num_conversations=counts["num_conversations"], num_split_samples=stats["num_split_samples"],
                     num_batch_tokens=stats["num_batch_tokens"], rows_over_lower_bound=stats["rows_over_lower_bound"],
-                    micro_batch_size=cfg.pack.micro_batch_size, tokenize_seconds=tokenize_seconds)
+                    micro_batch_size=cfg.train.micro_batch_size, tokenize_seconds=tokenize_seconds)
     assert all(key in manifest for key in MANIFEST_FIELDS)
     return manifest
 

@@ -50,8 +50,10 @@ Accounting (tested)
     where num_kept counts conversations that gave at least one sample (whole,
     truncated or split); num_truncated and num_split are subsets of num_kept.
 
-The whole batch of rendered texts goes through the fast tokenizer in one call,
-and character spans become labels with one `np.searchsorted` per sample.
+The whole batch of rendered texts goes through the fast (Rust) tokenizer in one
+call; each span's first and last token are looked up on the Encoding, so no
+per-token Python work is done (`labels_from_spans` is the offsets-based reference,
+used for tokenizers without a Rust backend and checked equal in the tests).
 """
 
 import json
@@ -216,12 +218,8 @@ def tokenize_conversations(
     if not conversations:
         return result
     rendered = [render_conversation(c, tokenizer, template) for c in conversations]
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    for conversation, (_, spans), ids, offsets in zip(
-        conversations, rendered, encoded["input_ids"], encoded["offset_mapping"]
-    ):
-        input_ids = np.asarray(ids, dtype=np.int32)
-        labels = labels_from_spans(input_ids, offsets, spans)
+    encoded = encode_with_labels(tokenizer, [text for text, _ in rendered], [spans for _, spans in rendered])
+    for conversation, (input_ids, labels) in zip(conversations, encoded):
         source = conversation.get("source", "")
         pieces, outcome = _apply_overlength(input_ids, labels, max_seq_len, overlength, result.counts)
         result.outcomes.append(outcome)
@@ -242,6 +240,46 @@ def _check_arguments(max_seq_len: int, overlength: str, template: str) -> None:
     # Two tokens is the least that can hold a target (labels[0] never is one).
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2")
+
+
+def encode_with_labels(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple]:
+    """(input_ids, labels) per text, from ONE batched call of the fast tokenizer.
+
+    The Rust tokenizer (`backend_tokenizer`) is called directly and each span's
+    first and last token are looked up on its Encoding (a few calls per assistant
+    turn): converting every token's offsets to Python and NumPy would cost as much
+    as tokenizing. Tokenizers without a backend go through `labels_from_spans`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [(ids := np.asarray(i, dtype=np.int32), labels_from_spans(ids, o, sp))
+                for i, o, sp in zip(encoded["input_ids"], encoded["offset_mapping"], spans)]
+    out = []
+    for encoding, text_spans in zip(backend.encode_batch(texts, add_special_tokens=False), spans):
+        ids = np.array(encoding.ids, dtype=np.int32)
+        labels = _labels_from_encoding(encoding, ids, text_spans)
+        if labels is None:  # a span boundary that maps to no token: take the exact, slower route
+            labels = labels_from_spans(ids, encoding.offsets, text_spans)
+        out.append((ids, labels))
+    return out
+
+
+def _labels_from_encoding(encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray | None:
+    """Same rule as labels_from_spans (a token is supervised when its first character is in a span)."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    for start, end in spans:
+        if end <= start:
+            continue
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None or last is None:
+            return None
+        if encoding.token_to_chars(first)[0] < start:  # the token straddles the span's start
+            first += 1
+        labels[first:last + 1] = ids[first:last + 1]
+    if labels.size:
+        labels[0] = IGNORE_INDEX
+    return labels
 
 
 def labels_from_spans(input_ids: np.ndarray, offsets, spans: list[tuple[int, int]]) -> np.ndarray:

@@ -22,18 +22,34 @@ ZeRO-Offload accepts torch's AdamW. `train.deepspeed_json` is then deep-merged
 over the result; it may not change the batch sizes (set them in the train
 section) nor add optimizer/scheduler blocks.
 
-The loss is already normalised over the whole step (raypack.train.loss), so the
-loop must call `engine.backward(loss, scale_wrt_gas=False)`; the default
-(True) would divide by gradient_accumulation_steps once more.
+The loop's contract with the engine, per micro-batch (tests/test_engine.py):
+
+    loss = micro_batch_loss(engine(**inputs).logits, batch, ...).loss
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+- `scale_wrt_gas=False`: the loss is already normalised over the whole step
+  (raypack.train.loss); the default would divide by gradient_accumulation_steps
+  once more (the test shows the gradient halve with G = 2).
+- `engine.step()` after EVERY micro-batch, not once per optimizer step:
+  DeepSpeed counts micro-batches in step() and only reduces gradients and
+  updates at every G-th call; calling it once per step leaves the engine off the
+  accumulation boundary. Set the LR (`lr_at`) on `optimizer.param_groups`
+  before the boundary call; `engine.global_steps` counts optimizer steps.
+- ZeRO 1/2 gradients are readable with `deepspeed.utils.safe_get_full_grad`
+  only after the boundary micro-batch's backward, before its step().
 
 DeepSpeed on CPU (checked with deepspeed 0.19.8, torch 2.13 CPU, 2 cores):
 - `initialize(..., device="cpu")` sets DS_ACCELERATOR=cpu unless already set
   (without it DeepSpeed falls back to cpu, with a warning, only when it finds no
   GPU) and checks the accelerator matches the device.
-- torch.distributed must be up with gloo. Under Ray Train it already is. In a
-  bare process set MASTER_ADDR=127.0.0.1, MASTER_PORT=<free port>, RANK=0,
-  WORLD_SIZE=1, LOCAL_RANK=0; `initialize` then calls
-  `deepspeed.init_distributed(dist_backend="gloo")`.
+- torch.distributed must be up with gloo. Under Ray Train it already is (and
+  LOCAL_RANK, which DeepSpeed insists on, is set); `initialize` hands the group
+  to DeepSpeed. In a bare process set MASTER_ADDR=127.0.0.1,
+  MASTER_PORT=<free port>, RANK=0, WORLD_SIZE=1, LOCAL_RANK=0; `initialize`
+  then calls `deepspeed.init_distributed(dist_backend="gloo")`.
+- ZeRO stages 0-3 (3 with parameter and optimizer offload) initialise and step
+  on CPU with torch's AdamW; stage 0 hands back the AdamW itself.
 - The first `init_distributed` on a machine JIT-builds DeepSpeed's
   `deepspeed_shm_comm` op (about 40 s here), cached under
   ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR); later starts take ~2 s.
@@ -201,6 +217,9 @@ def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, w
                device: str):
     """(engine, optimizer): DeepSpeed around `model` with raypack's AdamW; set LRs on optimizer.param_groups."""
     config = deepspeed_config(train, world_size, device)
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError("DeepSpeed needs the LOCAL_RANK environment variable (Ray Train and torchrun set it; "
+                         "in a bare process set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK)")
     deepspeed = _import_deepspeed(device)
     if torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())

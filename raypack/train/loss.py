@@ -9,7 +9,8 @@ micro-batch then backwards
     loss_mb = numerator_mb * W / D
 
 The factor W undoes the gradient AVERAGING over ranks done by DDP/DeepSpeed, and
-nothing else may divide by G: call `engine.backward(loss, scale_wrt_gas=False)`.
+nothing else may divide by G: call `engine.backward(loss, scale_wrt_gas=False)`
+(the rest of the engine contract is in raypack.train.engine).
 Summed over the step, the gradient is that of  sum(numerator_mb) / D  over all
 micro-batches of all ranks, however the step's rows are split across ranks and
 micro-batches (tests/test_loss.py shows it). Per `reduction`:

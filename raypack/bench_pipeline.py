@@ -1,0 +1,144 @@
+"""Benchmark of `raypack prepare`: pipeline throughput against the bare tokenizer, rows, memory.
+
+On the same synthetic text and the same cores, in one run:
+
+1. write the preset's conversations as JSONL shards (Ray tasks; not timed);
+2. the limit: the fast tokenizer alone over the same rendered texts, in batches,
+   with its own Rust threads on every core (rendering is not timed);
+3. the pipeline: `prepare` end to end (read, normalise, render, tokenize, mask,
+   over-length policy, cache, hold-out, pack, write) with one packed arm, timed
+   from a started Ray instance to the last manifest;
+4. peak resident memory summed over the driver and every Ray process (sampled
+   every 0.2 s; shared object-store pages count once per process that maps them).
+
+    raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+
+from raypack.config import load_config
+from raypack.data import formats, synth
+from raypack.data.pipeline import ensure_ray, prepare, read_manifest
+from raypack.data.tokenize import render_conversation
+from raypack.model import load_tokenizer
+
+SHARD_SAMPLES = 20_000
+
+
+@ray.remote(num_cpus=1)
+def _write_shard(preset: str, seed: int, first_block: int, num: int, out: str) -> int:
+    rows = (row for b in range(first_block, first_block + -(-num // synth.BLOCK_SIZE))
+            for row in synth.synth_block(preset, seed, b, min(synth.BLOCK_SIZE, num - (b - first_block) * synth.BLOCK_SIZE)))
+    return synth.write_jsonl(rows, out)
+
+
+def write_synth_shards(preset: str, num_samples: int, seed: int, folder: Path) -> list[str]:
+    """The first num_samples conversations of the preset as JSONL shards (reused when present)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, refs = [], []
+    for i, start in enumerate(range(0, num_samples, SHARD_SAMPLES)):
+        num = min(SHARD_SAMPLES, num_samples - start)
+        path = folder / f"{preset}-{seed}-{i:04d}.jsonl"
+        paths.append(str(path))
+        if not path.exists():
+            refs.append(_write_shard.remote(preset, seed, start // synth.BLOCK_SIZE, num, str(path)))
+    ray.get(refs)
+    return paths
+
+
+def bare_tokenizer(paths: list[str], tokenizer_name: str, batch_size: int = 256) -> dict:
+    """Tokens per second of the fast tokenizer alone over the rendered texts of these files."""
+    tokenizer = load_tokenizer(tokenizer_name)
+    num_tokens, seconds = 0, 0.0
+    for path in paths:
+        convs = [formats.normalise_row(row, "messages", f"{path}:{n}") for n, row in formats.iter_raw_rows(path)]
+        texts = [render_conversation(c, tokenizer)[0] for c in convs]
+        for lo in range(0, len(texts), batch_size):
+            start = time.perf_counter()
+            encoded = tokenizer(texts[lo:lo + batch_size], add_special_tokens=False)
+            seconds += time.perf_counter() - start
+            num_tokens += sum(len(ids) for ids in encoded["input_ids"])
+    return {"num_tokens": num_tokens, "seconds": seconds, "tokens_per_sec": num_tokens / seconds}
+
+
+class _PeakRss:
+    """Samples the summed RSS of this process and all its descendants (the local Ray processes)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me] + me.children(recursive=True):
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm: str = "bfd-isolated",
+                   window: int = 100_000, max_seq_len: int = 4096, overrides: list[str] | None = None) -> dict:
+    """Measure the pipeline and the bare tokenizer on the same shards; returns JSON-ready figures."""
+    ensure_ray()
+    work = Path(work_dir)
+    paths = write_synth_shards(preset, num_samples, seed, work / "text")
+    cfg = load_config(None, [f"data.sources=[{', '.join(paths)}]", "data.format=messages",
+                             f"data.max_seq_len={max_seq_len}", f"pack.arms=[{arm}]", f"pack.window={window}",
+                             f"prepare.output_dir={work / 'prepared'}", "prepare.reuse=false",
+                             "data.val_fraction=0.0", *(overrides or [])])
+    with _PeakRss() as rss:
+        start = time.perf_counter()
+        folders = prepare(cfg)
+        seconds = time.perf_counter() - start
+    manifest = read_manifest(folders[arm])
+    tokenized = json.loads((Path(folders[arm]).parent / "tokenized.json").read_text())
+    bare = bare_tokenizer(paths, cfg.data.tokenizer)
+    pipeline_tps = tokenized["num_tokens"] / seconds
+    return {
+        "preset": preset, "num_samples": num_samples, "seed": seed, "arm": arm, "pack_window": window,
+        "cpus": os.cpu_count(), "num_tokenizer_actors": cfg.prepare.num_tokenizer_actors,
+        "pipeline_seconds": seconds, "tokenize_seconds": manifest["tokenize_seconds"],
+        "pack_seconds": manifest["seconds"], "num_tokens": tokenized["num_tokens"],
+        "pipeline_tokens_per_sec": pipeline_tps, "bare_tokenizer_tokens_per_sec": bare["tokens_per_sec"],
+        "bare_tokenizer_tokens": bare["num_tokens"], "ratio_to_bare": pipeline_tps / bare["tokens_per_sec"],
+        "num_rows": manifest["num_rows"], "lower_bound_rows": manifest["lower_bound_rows"],
+        "rows_over_lower_bound": manifest["rows_over_lower_bound"],
+        "num_truncated": manifest["num_truncated"], "peak_rss_sum_mb": rss.peak / 2**20,
+    }
+
+
+def format_pipeline_result(r: dict) -> str:
+    return "\n".join([
+        f"{r['preset']} x {r['num_samples']:,} samples, {r['num_tokens']:,} tokens, arm {r['arm']}, "
+        f"window {r['pack_window'] or 'all'}, {r['cpus']} CPUs, {r['num_tokenizer_actors']} tokenizer actors",
+        f"pipeline end to end:  {r['pipeline_seconds']:.1f} s ({r['tokenize_seconds']:.1f} s tokenize pass, "
+        f"{r['pack_seconds']:.1f} s pack), {r['pipeline_tokens_per_sec']:,.0f} tokens/s",
+        f"bare tokenizer:       {r['bare_tokenizer_tokens_per_sec']:,.0f} tokens/s "
+        f"(same texts, {r['bare_tokenizer_tokens']:,} tokens: the template adds none it does not see)",
+        f"ratio pipeline/bare:  {r['ratio_to_bare']:.3f}",
+        f"rows {r['num_rows']:,} vs lower bound {r['lower_bound_rows']:,}: {r['rows_over_lower_bound']:.5f}x "
+        f"({r['num_truncated']:,} samples truncated to max_seq_len)",
+        f"peak RSS summed over driver + Ray processes: {r['peak_rss_sum_mb']:,.0f} MiB",
+    ])

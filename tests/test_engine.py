@@ -1,0 +1,331 @@
+"""DeepSpeed config, LR schedule, optimizer groups, and one real DeepSpeed engine on CPU.
+
+    .venv/bin/pytest tests/test_engine.py -q
+
+Everything but `test_deepspeed_zero2_step_matches_a_plain_torch_step` is pure
+Python. That one starts a single-process DeepSpeed engine (ZeRO-2, fp32, gloo)
+in a spawned process; the first run on a machine JIT-builds DeepSpeed's shm comm
+op (about 40 s on 2 cores, cached under ~/.cache/torch_extensions), later runs
+take ~15 s.
+"""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+from raypack.config import ConfigError, OptimConfig, TrainConfig, load_config
+from raypack.data.collate import collate
+from raypack.data.tokenize import IGNORE_INDEX
+from raypack.model import TINY_PAD_ID, build_tiny_model
+from raypack.train.engine import (
+    build_optimizer,
+    deepspeed_config,
+    gradient_accumulation_steps,
+    initialize,
+    lr_at,
+    resolve_precision,
+)
+from raypack.train.loss import micro_batch_loss, step_denominator
+
+
+def test_engine_module_imports_deepspeed_only_when_initialising():
+    code = ("import sys, raypack.train.engine; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed', 'lm_eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------ batch arithmetic
+
+
+@pytest.mark.parametrize("global_batch, micro, world, expected", [(128, 2, 32, 2), (128, 2, 1, 64), (4, 2, 2, 1)])
+def test_gradient_accumulation_steps(global_batch, micro, world, expected):
+    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro)
+    assert gradient_accumulation_steps(train, world) == expected
+    config = deepspeed_config(train, world, "cpu")
+    assert config["gradient_accumulation_steps"] == expected
+    assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * expected * world
+
+
+@pytest.mark.parametrize("global_batch, micro, world", [(128, 3, 2), (2, 2, 2), (128, 2, 0)])
+def test_gradient_accumulation_steps_must_divide(global_batch, micro, world):
+    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro)
+    with pytest.raises(ValueError, match="train.global_batch_size.*train.micro_batch_size or train.num_workers"):
+        gradient_accumulation_steps(train, world)
+
+
+def test_config_section_checks():
+    assert load_config(None).train.global_batch_size == 128
+    bad = {"train.global_batch_size=130": "multiple of", "train.offload_params=true": "zero_stage=3",
+           "train.global_batch_tokens=4096": "not supported yet", "train.precision=bf16": "use_gpu",
+           "train.zero_stage=4": "not one of", "optim.betas=[0.9]": "two floats", "optim.warmup_ratio=1.5": "[0, 1]",
+           "optim.schedule=linear": "not one of", "train.offload_optimizer=true": None}
+    for override, message in bad.items():
+        if message is None:  # allowed: ZeRO-2 with optimizer offload
+            load_config(None, [override])
+            continue
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_config(None, [override])
+    cfg = load_config(None, ["train.zero_stage=3", "train.offload_params=true", "train.use_gpu=true",
+                             "train.precision=bf16", "optim.betas=[0.9, 0.95]"])
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.train.offload_params
+
+
+# ------------------------------------------------------------- deepspeed config
+
+
+def test_default_config_on_cpu_is_the_documented_one():
+    assert deepspeed_config(TrainConfig(), 2, "cpu") == {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 32, "train_batch_size": 128,
+        "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "bf16": {"enabled": False},
+        "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+@pytest.mark.parametrize("precision, device, bf16", [("auto", "cpu", False), ("auto", "cuda", True),
+                                                      ("fp32", "cuda", False), ("bf16", "cuda", True),
+                                                      ("fp32", "cpu", False)])
+def test_precision(precision, device, bf16):
+    assert deepspeed_config(TrainConfig(precision=precision), 2, device)["bf16"] == {"enabled": bf16}
+    assert resolve_precision(precision, device) == ("bf16" if bf16 else "fp32")
+
+
+def test_bf16_on_cpu_and_unknown_devices_are_refused():
+    with pytest.raises(ValueError, match="bf16 needs a GPU"):
+        deepspeed_config(TrainConfig(precision="bf16"), 2, "cpu")
+    with pytest.raises(ValueError, match="device"):
+        deepspeed_config(TrainConfig(), 2, "tpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_stage3_offload(device):
+    train = TrainConfig(zero_stage=3, offload_params=True, offload_optimizer=True)
+    config = deepspeed_config(train, 2, device)
+    offload = {"device": "cpu", "pin_memory": device == "cuda"}
+    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": offload, "offload_param": offload}
+    assert config["zero_force_ds_cpu_optimizer"] is False  # lets ZeRO-Offload take torch's AdamW
+
+
+def test_offload_needs_the_right_stage():
+    with pytest.raises(ValueError, match="offload_params needs train.zero_stage=3"):
+        deepspeed_config(TrainConfig(zero_stage=2, offload_params=True), 2, "cpu")
+    with pytest.raises(ValueError, match="offload_optimizer needs"):
+        deepspeed_config(TrainConfig(zero_stage=0, offload_optimizer=True), 2, "cpu")
+    assert "offload_param" not in deepspeed_config(TrainConfig(zero_stage=3), 2, "cpu")["zero_optimization"]
+
+
+def test_global_batch_tokens_is_not_supported_yet():
+    with pytest.raises(ValueError, match="global_batch_tokens"):
+        deepspeed_config(TrainConfig(global_batch_tokens=4096), 2, "cpu")
+
+
+def write_json(tmp_path, data) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_user_json_is_deep_merged(tmp_path):
+    user = {"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 1000}, "gradient_clipping": 0.5,
+            "train_batch_size": 128, "communication_data_type": "fp32"}
+    config = deepspeed_config(TrainConfig(deepspeed_json=write_json(tmp_path, user)), 2, "cpu")
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 1000}
+    assert config["gradient_clipping"] == 0.5 and config["communication_data_type"] == "fp32"
+    assert config["gradient_accumulation_steps"] == 32
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"train_micro_batch_size_per_gpu": 4}, "disagrees with the train section"),
+    ({"gradient_accumulation_steps": 8}, "disagrees with the train section"),
+    ({"optimizer": {"type": "AdamW"}}, "remove the 'optimizer' block"),
+    ({"scheduler": {"type": "WarmupLR"}}, "remove the 'scheduler' block"),
+    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "offload_param needs"),
+    ({"bf16": {"enabled": True}}, "bf16 is enabled but training runs on CPU"),
+    ([1, 2], "JSON object"),
+])
+def test_user_json_cannot_break_consistency(tmp_path, user, message):
+    with pytest.raises(ValueError, match=message):
+        deepspeed_config(TrainConfig(deepspeed_json=write_json(tmp_path, user)), 2, "cpu")
+
+
+def test_missing_user_json_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match="cannot read .*nope.json"):
+        deepspeed_config(TrainConfig(deepspeed_json=str(tmp_path / "nope.json")), 2, "cpu")
+
+
+# ------------------------------------------------------------------ LR schedule
+
+
+def test_cosine_schedule_values():
+    optim = OptimConfig(lr=1e-5, warmup_ratio=0.2, min_lr_ratio=0.0)
+    assert lr_at(0, 10, optim) == 0.0  # warmup starts at 0, as in transformers
+    assert lr_at(1, 10, optim) == pytest.approx(5e-6)
+    assert lr_at(2, 10, optim) == pytest.approx(1e-5)  # end of warmup: the peak
+    assert lr_at(6, 10, optim) == pytest.approx(5e-6)  # half way through the decay
+    assert lr_at(9, 10, optim) == pytest.approx(1e-5 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))  # the last step
+    assert lr_at(10, 10, optim) == pytest.approx(0.0, abs=1e-20)
+    assert lr_at(10, 10, OptimConfig(lr=1e-5, min_lr_ratio=0.1)) == pytest.approx(1e-6)
+
+
+def test_schedule_follows_the_arms_own_step_count():
+    """Pitfall 5: a packed arm with fewer steps still warms up and decays fully."""
+    optim = OptimConfig(lr=1e-5, warmup_ratio=0.2)
+    for total in (7, 1000):
+        lrs = [lr_at(s, total, optim) for s in range(total + 1)]
+        assert max(lrs) == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.0, abs=1e-20)
+
+
+def test_constant_schedule_values():
+    optim = OptimConfig(lr=2e-5, schedule="constant", warmup_ratio=0.25)
+    assert [lr_at(s, 8, optim) for s in range(9)] == pytest.approx([0, 1e-5] + [2e-5] * 7)
+    assert lr_at(0, 8, OptimConfig(schedule="constant", warmup_ratio=0.0)) == 1e-5
+
+
+@pytest.mark.parametrize("total, warmup_ratio", [(10, 0.2), (37, 0.2), (5, 0.0), (3, 1.0)])
+def test_schedules_match_transformers(total, warmup_ratio):
+    lr = 1e-5
+    warmup = int(np.ceil(warmup_ratio * total))
+    for schedule, make in [
+        ("cosine", lambda opt: get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1)),
+        ("constant", lambda opt: get_constant_schedule_with_warmup(opt, warmup)),
+    ]:
+        scheduler = make(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr))
+        optim = OptimConfig(lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
+        expected = [lr * scheduler.lr_lambdas[0](s) for s in range(total + 1)]
+        assert [lr_at(s, total, optim) for s in range(total + 1)] == pytest.approx(expected, rel=1e-12, abs=1e-20)
+
+
+def test_lr_at_refuses_steps_out_of_range():
+    for step, total in ((-1, 10), (11, 10), (0, 0)):
+        with pytest.raises(ValueError, match="step"):
+            lr_at(step, total, OptimConfig())
+
+
+def test_optimizer_decays_matrices_only():
+    model = build_tiny_model(seed=0)
+    optimizer = build_optimizer(model, OptimConfig(lr=3e-5, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-6))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert decayed["lr"] == 3e-5 and decayed["betas"] == (0.9, 0.95) and decayed["eps"] == 1e-6
+
+
+# ------------------------------------------------------- a real DeepSpeed engine
+
+
+def rows() -> list[dict]:
+    """Four padded rows with 3, 9, 2 and 6 targets (sample i is made of tokens 100 * (i + 1) + k)."""
+    out = []
+    for i, (length, prompt) in enumerate([(5, 2), (12, 3), (4, 2), (9, 3)]):
+        ids = (100 * (i + 1) + np.arange(length)).astype(np.int32)
+        labels = ids.copy()
+        labels[:prompt] = IGNORE_INDEX
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def step_gradients(forward, backward, micro_step, micro_batches, names):
+    """One step's micro-batches with the `token` loss: (sum of micro-batch losses, grads by name).
+
+    `micro_step` runs after every backward but the last; the grads are read after
+    the last backward, and the caller then takes the final (boundary) step.
+    """
+    denominator = step_denominator(micro_batches, "token")
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        out = micro_batch_loss(logits, batch, "token", denominator, world_size=1)
+        backward(out.loss)
+        total += out.loss.item()
+        if i < len(micro_batches) - 1:
+            micro_step()
+    return total, names()
+
+
+def _deepspeed_two_steps(rank: int, port: int, out_path: str) -> None:
+    """In a fresh process: a ZeRO-2 engine and a plain torch twin take the same two steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    train = TrainConfig(num_workers=1, micro_batch_size=2, global_batch_size=4, zero_stage=2, gradient_clipping=1.0)
+    optim = OptimConfig(lr=1e-3, weight_decay=0.1, warmup_ratio=0.0)
+    model = build_tiny_model(seed=0)
+    twin = copy.deepcopy(model)
+    engine, optimizer = initialize(model, train, optim, world_size=1, device="cpu")
+    # imported after initialize, which picks DeepSpeed's accelerator
+    from deepspeed.utils import safe_get_full_grad
+
+    twin_optimizer = build_optimizer(twin, optim)
+    data = rows()
+    micro_batches = [collate(data[:2], "padding", TINY_PAD_ID), collate(data[2:], "padding", TINY_PAD_ID)]
+
+    def engine_grads():
+        return {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+
+    def twin_grads():
+        return {n: p.grad.clone() for n, p in twin.named_parameters()}
+
+    results = {"accumulation": engine.gradient_accumulation_steps(), "optimizer": type(optimizer).__name__}
+    for step, scale_wrt_gas in enumerate((False, True)):
+        # step 1 uses DeepSpeed's default scale_wrt_gas=True: the negative control
+        lr = lr_at(step, 2, optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # engine.step() after EVERY micro-batch: DeepSpeed counts micro-batches there
+        def engine_backward(loss, scale_wrt_gas=scale_wrt_gas):
+            engine.backward(loss, scale_wrt_gas=scale_wrt_gas)
+
+        loss, grads = step_gradients(engine, engine_backward, engine.step, micro_batches, engine_grads)
+        assert engine.is_gradient_accumulation_boundary()
+        engine.step()
+        twin.zero_grad(set_to_none=True)
+        twin_loss, twin_step_grads = step_gradients(twin, lambda l: l.backward(), lambda: None, micro_batches,
+                                                    twin_grads)
+        # DeepSpeed sums squares in fp64; torch's fp32 clip_grad_norm_ is off by ~3e-5 here
+        twin_norm = float(torch.stack([p.grad.double().norm() for p in twin.parameters()]).norm())
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+        for group in twin_optimizer.param_groups:
+            group["lr"] = lr
+        twin_optimizer.step()
+        results[step] = {"global_steps": engine.global_steps, "loss": loss, "twin_loss": twin_loss, "grads": grads, "twin_grads": twin_step_grads,
+                         "norm": float(engine.get_global_grad_norm()), "twin_norm": twin_norm,
+                         "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+                         "twin_params": {n: p.detach().clone() for n, p in twin.named_parameters()}}
+    torch.save(results, out_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deepspeed_zero2_step_matches_a_plain_torch_step(tmp_path):
+    out_path = tmp_path / "steps.pt"
+    mp.spawn(_deepspeed_two_steps, args=(free_port(), str(out_path)), nprocs=1, join=True)
+    results = torch.load(out_path)
+    assert results["accumulation"] == 2 and results["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert results[0]["global_steps"] == 1 and results[1]["global_steps"] == 2
+    first, second = results[0], results[1]
+    # step 0, scale_wrt_gas=False: DeepSpeed's gradient is exactly the token-mean gradient of the step
+    assert np.isfinite(first["loss"]) and first["loss"] == pytest.approx(first["twin_loss"], rel=1e-6)
+    for name, grad in first["grads"].items():
+        torch.testing.assert_close(grad, first["twin_grads"][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert first["norm"] == pytest.approx(first["twin_norm"], rel=1e-5)
+    for name, param in first["params"].items():  # clipping + AdamW + LR set on param_groups agree too
+        torch.testing.assert_close(param, first["twin_params"][name], atol=1e-6, rtol=1e-5, msg=name)
+    # the update helped, and the default scale_wrt_gas=True would halve the gradient (G = 2)
+    assert second["loss"] < first["loss"] and second["loss"] == pytest.approx(second["twin_loss"], rel=1e-6)
+    for name, grad in second["grads"].items():
+        torch.testing.assert_close(grad, second["twin_grads"][name] / 2, atol=1e-6, rtol=1e-5, msg=name)
+    assert second["norm"] == pytest.approx(second["twin_norm"] / 2, rel=1e-5)
