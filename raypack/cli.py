@@ -126,7 +126,8 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from raypack.bench_pipeline import bench_pipeline, format_pipeline_result
 
     result = bench_pipeline(args.preset, args.num_samples, args.seed, args.work_dir, arm=args.arm,
-                            window=args.window, max_seq_len=args.max_seq_len, overrides=args.overrides)
+                            window=args.window, max_seq_len=args.max_seq_len, overrides=args.overrides,
+                            bare=not args.skip_bare)
     print(format_pipeline_result(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=100_000)
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--work-dir", default="out/bench_pipeline", help="synthetic shards and prepared output go here")
+    p.add_argument("--skip-bare", action="store_true", help="skip the bare-tokenizer reference (long runs)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. prepare.num_tokenizer_actors=2")
     p.set_defaults(func=cmd_bench_pipeline)

@@ -152,3 +152,31 @@ def test_load_split_gives_every_rank_the_same_rows(ray_local, prepared_real):
     with ThreadPoolExecutor(2) as pool:
         counts = list(pool.map(lambda it: sum(len(b["row_index"]) for b in it.iter_batches(batch_size=8)), shards))
     assert counts == [steps * 2, steps * 2]
+
+
+def test_uri_and_hub_style_sources(ray_local, real_files, tmp_path):
+    """A pyarrow URI (file://, as s3:// or gs:// on a cluster) and a datasets-loadable id read the same rows."""
+    shutil.copy(FIXTURES / "sharegpt_small.json", tmp_path / "rows.json")
+    local = config(tmp_path / "a", f"data.sources=[{tmp_path / 'rows.json'}]", "pack.arms=[padding]")
+    uri = config(tmp_path / "b", f"data.sources=['file://{tmp_path / 'rows.json'}']", "pack.arms=[padding]")
+    hub_dir = tmp_path / "hub"
+    hub_dir.mkdir()
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    (hub_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hub = config(tmp_path / "c", f"data.sources=['hf:{hub_dir}']", "pack.arms=[padding]")
+    results = [prepare(cfg) for cfg in (local, uri, hub)]
+    manifests = [read_manifest(r["padding"]) for r in results]
+    assert {m["num_input_rows"] for m in manifests} == {20}
+    assert len({m["num_supervised_tokens"] for m in manifests}) == 1
+    tokens = [[r["input_ids"] for r in shard_rows(res["padding"])] for res in results]
+    assert tokens[0] == tokens[1] == tokens[2]
+
+
+def test_prepare_command_prints_the_manifest_table(ray_local, tmp_path, capsys):
+    from raypack.cli import main
+
+    rc = main(["prepare", "jobs/quickstart.yaml", f"prepare.output_dir={tmp_path}", "synth.num_samples=120",
+               "data.max_seq_len=512", "pack.arms=[padding, bfd-isolated]"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "held out for validation" in out and "bfd-isolated" in out and "val" in out

@@ -389,44 +389,37 @@ def pack_rows(plan: PackPlan, samples: list[dict], attention: str) -> list[dict]
     """Gather the planned pieces into rows of int32 arrays.
 
     Each row is ``{"input_ids", "labels", "position_ids", "seq_lens"}``; see the
-    module docstring for an example. Rows are disjoint views of one buffer per key.
+    module docstring for an example. Rows are built one at a time from slices of
+    the samples (a loop per row and per piece, never per token): gathering a whole
+    window through token-level index arrays costs several times more memory traffic.
     """
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; use one of {ATTENTIONS}")
     if plan.num_rows == 0:
         return []
-    ids, labels, sample_starts = _flatten_samples(plan, samples)
-    piece_lens = plan.piece_end - plan.piece_start
-    piece_out = np.concatenate(([0], np.cumsum(piece_lens)))
-    num_tokens = int(piece_out[-1])
-    piece_out = piece_out[:-1]
-    # Output token t of piece p comes from flat token (sample start + piece start) + (t - piece_out[p]).
-    shift = np.repeat(sample_starts[plan.piece_sample] + plan.piece_start - piece_out, piece_lens)
-    source = np.arange(num_tokens, dtype=np.int64) + shift
-    out_ids = ids[source].astype(np.int32, copy=False)
-    out_labels = labels[source].astype(np.int32, copy=False)
-    # A piece's first token would be predicted from another sample (or the row before): never a target.
-    out_labels[piece_out] = IGNORE_INDEX
-    row_out = np.append(piece_out, num_tokens)[plan.row_offsets]
-    if attention == "isolated":
-        starts, lens = piece_out, piece_lens
-    else:
-        starts, lens = row_out[:-1], np.diff(row_out)
-    out_pos = (np.arange(num_tokens, dtype=np.int64) - np.repeat(starts, lens)).astype(np.int32)
-    out_seq_lens = piece_lens.astype(np.int32)
-    return [
-        {
-            "input_ids": out_ids[row_out[r]: row_out[r + 1]],
-            "labels": out_labels[row_out[r]: row_out[r + 1]],
-            "position_ids": out_pos[row_out[r]: row_out[r + 1]],
-            "seq_lens": out_seq_lens[plan.row_offsets[r]: plan.row_offsets[r + 1]],
-        }
-        for r in range(plan.num_rows)
-    ]
+    ids, labels = _check_samples(plan, samples)
+    piece_sample, piece_start = plan.piece_sample.tolist(), plan.piece_start.tolist()
+    piece_end, row_offsets = plan.piece_end.tolist(), plan.row_offsets.tolist()
+    rows = []
+    for r in range(plan.num_rows):
+        pieces = range(row_offsets[r], row_offsets[r + 1])
+        row_ids = np.concatenate([ids[piece_sample[p]][piece_start[p]:piece_end[p]] for p in pieces])
+        row_labels = np.concatenate([labels[piece_sample[p]][piece_start[p]:piece_end[p]] for p in pieces])
+        seq_lens = np.array([piece_end[p] - piece_start[p] for p in pieces], dtype=np.int32)
+        starts = np.cumsum(seq_lens) - seq_lens
+        row_labels = row_labels.astype(np.int32, copy=False)  # concatenate made a fresh copy
+        # A piece's first token would be predicted from another sample (or the row before): never a target.
+        row_labels[starts] = IGNORE_INDEX
+        positions = np.arange(len(row_ids), dtype=np.int32)
+        if attention == "isolated":
+            positions -= np.repeat(starts, seq_lens)
+        rows.append({"input_ids": row_ids.astype(np.int32, copy=False), "labels": row_labels,
+                     "position_ids": positions, "seq_lens": seq_lens})
+    return rows
 
 
-def _flatten_samples(plan: PackPlan, samples: list[dict]):
-    """Concatenate all samples' tokens and labels, checking they match the plan."""
+def _check_samples(plan: PackPlan, samples: list[dict]) -> tuple[list, list]:
+    """The samples' token and label arrays, checked against the plan and the first-token rule."""
     ids = [np.asarray(s["input_ids"]) for s in samples]
     labels = [np.asarray(s["labels"]) for s in samples]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
@@ -439,15 +432,13 @@ def _flatten_samples(plan: PackPlan, samples: list[dict]):
                                    or np.any(plan.piece_start >= plan.piece_end)):
         raise ValueError(f"plan does not match these {len(samples)} samples; plan them with "
                          "plan_pack(lengths of these samples, ...)")
-    flat_ids = np.concatenate(ids)
-    flat_labels = np.concatenate(labels)
-    sample_starts = np.cumsum(lengths) - lengths
-    targets_at_start = np.flatnonzero(flat_labels[sample_starts[lengths > 0]] != IGNORE_INDEX)
-    if targets_at_start.size:
-        raise ValueError(f"{targets_at_start.size} samples have a target at position 0; the tokenizer "
+    first_labels = np.array([lab[0] for lab in labels if len(lab)], dtype=np.int64)
+    targets_at_start = int(np.count_nonzero(first_labels != IGNORE_INDEX))
+    if targets_at_start:
+        raise ValueError(f"{targets_at_start} samples have a target at position 0; the tokenizer "
                          f"must set labels[0] = IGNORE_INDEX ({IGNORE_INDEX}) since a first token has "
                          "no predecessor")
-    return flat_ids, flat_labels, sample_starts
+    return ids, labels
 
 
 # ---------------------------------------------------------------- statistics

@@ -207,7 +207,7 @@ def _set_format(batch: pa.Table, fmt: str) -> pa.Table:
 def _list_column(arrays: list[np.ndarray]) -> pa.ListArray:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
