@@ -120,6 +120,33 @@ class TrainConfig:
     offload_params: bool = _field(False, "keep parameters in CPU memory (stage 3 only; the paper's 70B)")
     deepspeed_json: str = _field("", "DeepSpeed JSON whose fields override the config raypack builds "
                                  "(deep merge); batch sizes stay set by this section; '' for none")
+    arm: str = _field("", "train only this arm of pack.arms (raypack train ... train.arm=bfd-isolated); "
+                      "'' trains every arm in turn")
+    storage_path: str = _field("", "Ray Train storage (checkpoints, per-step logs, exported model) as a path "
+                               "every worker can reach; '' is <output_dir>/train. A run is <name>-<arm> in "
+                               "it; running again with the same name resumes from its latest checkpoint")
+    checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
+    max_failures: int = _field(0, "worker-group restarts from the latest checkpoint before giving up")
+    log_every: int = _field(1, "rank 0 prints a progress line every N steps (every step is logged to "
+                            "metrics.jsonl)")
+    max_steps: int = _field(0, "stop after this many optimizer steps (0: every epoch); the LR schedule "
+                            "still spans the arm's full step count")
+    worker_cpus: float = _field(0.5, "CPUs reserved per Ray Train worker when use_gpu is false")
+    export: bool = _field(True, "save the final model as Hugging Face safetensors + tokenizer")
+    fail_at_step: int = _field(0, "TESTING AID: the last rank exits (os._exit) once at the start of this "
+                               "0-based step (> 0), to test restarts; 0 is off")
+
+
+@dataclass
+class ModelConfig:
+    """Which model is fine-tuned and how attention runs."""
+
+    name_or_path: str = _field("tiny", "'tiny' (random-init 2-layer Llama for the tiny tokenizer), or a local "
+                               "path / hub id for AutoModelForCausalLM")
+    attn_implementation: str = _field("auto", "auto: flash_attention_2 when flash_attn is importable and "
+                                      "training runs on GPU, else sdpa",
+                                      ("auto", "sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = _field(False, "allow model code from the hub (only for models that need it)")
 
 
 @dataclass
@@ -148,6 +175,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -238,6 +266,13 @@ def _validate_train(train: TrainConfig) -> None:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
     if train.precision == "bf16" and not train.use_gpu:
         raise ConfigError("train.precision=bf16 needs train.use_gpu=true; use auto or fp32 on CPU")
+    for key in ("checkpoint_every_steps", "max_failures", "max_steps", "fail_at_step"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(train, key)}")
+    if train.log_every < 1:
+        raise ConfigError(f"train.log_every: must be >= 1, got {train.log_every}")
+    if not train.use_gpu and train.worker_cpus <= 0:
+        raise ConfigError(f"train.worker_cpus: must be > 0 on CPU, got {train.worker_cpus}")
     if train.gradient_clipping < 0:
         raise ConfigError(f"train.gradient_clipping: must be >= 0 (0 is off), got {train.gradient_clipping}")
 
@@ -275,6 +310,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"pack.window: must be >= 0 (0 packs everything at once), got {cfg.pack.window}")
     _validate_train(cfg.train)
     _validate_optim(cfg.optim)
+    if cfg.train.arm and cfg.train.arm not in cfg.pack.arms:
+        raise ConfigError(f"train.arm: {cfg.train.arm!r} is not in pack.arms {cfg.pack.arms}")
+    if cfg.model.name_or_path == "tiny" and cfg.data.tokenizer != "tiny":
+        raise ConfigError("model.name_or_path=tiny needs data.tokenizer=tiny (its vocabulary is sized for it)")
     return cfg
 
 

@@ -74,3 +74,30 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(torch.float32)
+
+
+def resolve_attn_implementation(name: str, device: str) -> str:
+    """'auto' -> flash_attention_2 when flash_attn imports and training runs on cuda, else sdpa."""
+    if name != "auto":
+        return name
+    if device == "cuda":
+        try:
+            import flash_attn  # noqa: F401  (optional; only GPU images have it)
+        except ImportError:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_remote_code: bool = False,
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model to fine-tune: the tiny preset (random init from `seed`) or AutoModelForCausalLM weights.
+
+    `attn_implementation` must already be resolved (see resolve_attn_implementation).
+    """
+    if name_or_path == TINY:
+        return build_tiny_model(seed, attn_implementation).to(dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
+                                                dtype=dtype, trust_remote_code=trust_remote_code)

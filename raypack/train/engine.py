@@ -231,3 +231,14 @@ def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, w
     optimizer = build_optimizer(model, optim)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer
+
+
+def full_state_dict(engine) -> dict:
+    """The whole model's state dict on every rank (collective under ZeRO-3: call it on all ranks).
+
+    ZeRO 0-2 keep full parameters on each rank; ZeRO-3 gathers its partitions
+    (in the training dtype).
+    """
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
