@@ -2,9 +2,12 @@
 
     raypack compare jobs/quickstart.yaml [key=value ...]   # every arm's packing counts side by side
     raypack prepare jobs/quickstart.yaml [key=value ...]   # the same on Ray Data, into Parquet shards
+    raypack train jobs/quickstart.yaml [key=value ...]     # prepare (cached), then train every arm
+    raypack train jobs/quickstart.yaml train.arm=bfd-isolated   # one arm only
     raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
+    raypack bench train [--json F] jobs/quickstart.yaml [key=value ...]   # padding vs bfd-isolated, one epoch, tiny model
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
     raypack config --fields                                 # every config key, documented
 """
@@ -97,6 +100,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raypack.train.launch import train
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    summaries = train(cfg)
+    rows = [[s["arm"], s["num_steps"], round(s["last"].get("loss", float("nan")), 4),
+             round(s["last"].get("tokens_per_sec", 0.0)), round(s["last"].get("padding_fraction", 0.0), 4)]
+            for s in summaries]
+    print(format_table(["arm", "steps", "last loss", "tokens/s", "pad frac"], rows))
+    for s in summaries:
+        print(f"  {s['arm']}: logs {s['run_dir']}" + (f", model {s['model_dir']}" if s["model_dir"] else ""))
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from raypack.data.synth import synth_conversations, write_jsonl
 
@@ -136,6 +155,18 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from raypack.bench_train import bench_train, format_train_result
+
+    result = bench_train(args.config, args.overrides, args.work_dir, dense_steps=args.dense_steps)
+    print(format_train_result(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.fields:
         print("\n".join(describe_fields()))
@@ -160,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="prepare (cached) and train every arm, or train.arm=<arm>, on Ray Train")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
@@ -191,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. prepare.num_tokenizer_actors=2")
     p.set_defaults(func=cmd_bench_pipeline)
+
+    p = bench.add_parser("train", help="one epoch of padding vs bfd-isolated on the same samples (tiny model)")
+    p.add_argument("config")
+    p.add_argument("--work-dir", default="out/bench_train", help="runs go here (a fresh name each time)")
+    p.add_argument("--dense-steps", type=int, default=4, help="steps of rank 0's micro-batches timed in-process")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. synth.num_samples=2000")
+    p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("config", help="print the resolved config, or document every key")
     p.add_argument("config", nargs="?")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
-        "raypack.data.pack", "raypack.data.collate", "raypack.data.synth", "raypack.data.local",
+        "raypack.data.pack", "raypack.data.order", "raypack.data.collate", "raypack.data.synth", "raypack.data.local",
         "raypack.bench"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 

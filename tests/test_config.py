@@ -103,3 +103,15 @@ def test_describe_fields_documents_every_key():
     text = "\n".join(describe_fields())
     for key in ("data.max_seq_len", "pack.window", "pack.arms", "synth.preset", "data.overlength"):
         assert key in text
+
+
+def test_training_fields_are_checked():
+    with pytest.raises(ConfigError, match="train.arm"):
+        load_config(None, ["train.arm=bfd-cross", "pack.arms=[padding]"])
+    with pytest.raises(ConfigError, match="train.checkpoint_every_steps"):
+        load_config(None, ["train.checkpoint_every_steps=-1"])
+    with pytest.raises(ConfigError, match="data.tokenizer=tiny"):
+        load_config(None, ["data.tokenizer=gpt2"])
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        load_config(None, ["model.attn_implementation=flash"])
+    assert load_config(None, ["train.arm=padding"]).train.arm == "padding"

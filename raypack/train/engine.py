@@ -234,10 +234,10 @@ def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, w
 
 
 def full_state_dict(engine) -> dict:
-    """The whole model's state dict on every rank (collective under ZeRO-3: call it on all ranks).
+    """The whole model's state dict, for rank 0 to save; call it on every rank (collective under ZeRO-3).
 
-    ZeRO 0-2 keep full parameters on each rank; ZeRO-3 gathers its partitions
-    (in the training dtype).
+    ZeRO 0-2 keep full parameters on each rank; ZeRO-3 gathers its partitions to
+    rank 0 in the training dtype (other ranks get an empty dict).
     """
     if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()

@@ -1,0 +1,73 @@
+"""Launch the training loop of each arm on Ray Train (`raypack train`); the one module building a trainer.
+
+    raypack train jobs/quickstart.yaml [key=value ...]            every arm of pack.arms in turn
+    raypack train jobs/quickstart.yaml train.arm=bfd-isolated     one arm
+
+`train(cfg)` prepares the data (reused when already prepared), then runs one V2
+`TorchTrainer` per arm with `raypack.train.loop.train_loop_per_worker`. A run
+is named <cfg.name>-<arm> under train.storage_path; launching it again resumes
+from its latest checkpoint (Ray Train V2 behaviour), so use a new name or
+storage path for a fresh run. On CPU each worker reserves train.worker_cpus
+(0.5 lets two workers share two cores); a failed worker group is restarted from
+the latest checkpoint up to train.max_failures times.
+
+The loop's own logs (metrics.jsonl, rows-rank<r>.jsonl, events.jsonl) and the
+exported model are written under <storage_path>/<name>/raypack/: Ray Train V2
+keeps only checkpointed metrics in its Result, so the per-step log is ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raypack.config import Config, to_dict
+from raypack.data.pipeline import prepare
+from raypack.train.loop import train_loop_per_worker
+
+
+def storage_path(cfg: Config) -> Path:
+    """Absolute storage path of the runs (Ray Train needs it absolute)."""
+    return Path(cfg.train.storage_path or Path(cfg.output_dir) / "train").resolve()
+
+
+def run_name(cfg: Config, arm: str) -> str:
+    return f"{cfg.name}-{arm}"
+
+
+def run_dir(cfg: Config, arm: str) -> Path:
+    """Where the loop writes its logs and the exported model for this arm."""
+    return storage_path(cfg) / run_name(cfg, arm) / "raypack"
+
+
+def build_trainer(cfg: Config, arm: str, folder: str) -> TorchTrainer:
+    """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm."""
+    train = cfg.train
+    scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                            resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
+    run = RunConfig(name=run_name(cfg, arm), storage_path=str(storage_path(cfg)),
+                    failure_config=FailureConfig(max_failures=train.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2))
+    loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm))}
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                        run_config=run)
+
+
+def train_arm(cfg: Config, arm: str, folder: str) -> dict:
+    """Train one arm; returns a summary (steps, last metrics, paths) read back from the loop's logs."""
+    out = run_dir(cfg, arm)
+    result = build_trainer(cfg, arm, folder).fit()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics), "last": metrics[-1] if metrics else {},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "model_dir": str(out / "model") if cfg.train.export else None}
+
+
+def train(cfg: Config) -> list[dict]:
+    """Prepare (cached) and train every arm of cfg.pack.arms, or only cfg.train.arm."""
+    folders = prepare(cfg)
+    arms = [cfg.train.arm] if cfg.train.arm else list(cfg.pack.arms)
+    return [train_arm(cfg, arm, folders[arm]) for arm in arms]

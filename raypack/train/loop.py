@@ -1,0 +1,287 @@
+"""The training loop of one arm, run by every Ray Train worker (`raypack train`).
+
+`train_loop_per_worker(config)` reads top to bottom: rows, model, engine, resume,
+then one optimizer step after another. Launched by raypack.train.launch; the
+config it gets is {"config": <resolved Config as a dict>, "arm": name,
+"folder": prepared rows of the arm, "run_dir": where logs and the model go}.
+
+How rows reach each worker: every worker reads the arm's Parquet rows itself
+(`pipeline.read_rows`, a path all workers can reach) and takes its share of each
+step from `raypack.data.order`: a permutation of the rows drawn from
+(train.seed, epoch), cut into whole steps, each rank a disjoint equal slice.
+Every rank therefore takes epochs x steps_per_epoch steps (computed from the
+manifest, never from an iterator running dry), and a step's rows follow from
+its number alone, which makes a resume exact.
+
+Per step, on each rank:
+    fetch and collate its gradient_accumulation micro-batches
+    D = all_reduce_sum(step_denominator(micro_batches))       (raypack.train.loss)
+    set the LR to lr_at(step, total_steps) on every param group
+    for each micro-batch: forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False)
+                          -> engine.step()   (DeepSpeed updates at the last one)
+
+Outputs under run_dir (rank 0 unless noted):
+    metrics.jsonl            one line per step: loss (per-token mean, the same definition in every
+                             arm), lr, grad_norm, step_time_s, tokens_per_sec (real tokens),
+                             row_tokens_per_sec (padding included), supervised tokens, samples,
+                             padding_fraction, peak_memory_mb
+    rows-rank<r>.jsonl       every rank: {"step", "epoch", "row_index": [...]} per step
+    events.jsonl             start / resume / checkpoint / done
+    tensorboard/             the same scalars, when tensorboard is installed
+    model/                   the final model (safetensors + tokenizer), when train.export
+On a resume the logs are cut back to the steps the restored state has trained,
+so they always describe the model's real history.
+
+Checkpoints (every train.checkpoint_every_steps and at each epoch end) hold the
+DeepSpeed state (every rank's shards, under tag "ds"), position.json
+({"step", "epoch", "step_in_epoch"}) and config.json, handed to
+`ray.train.report(..., checkpoint=...)`; Ray restores the latest one after a
+worker failure (train.max_failures) or when the same run is launched again.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raypack.config import Config, from_dict, to_dict
+from raypack.data.collate import collate
+from raypack.data.order import epoch_order, step_rows
+from raypack.data.pipeline import read_manifest, read_rows, steps_per_epoch
+from raypack.model import build_model, load_tokenizer, resolve_attn_implementation
+from raypack.train.engine import full_state_dict, gradient_accumulation_steps, initialize, lr_at
+from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+
+CHECKPOINT_TAG = "ds"
+FAIL_PAUSE_S = 6.0
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train one arm on this rank (the module docstring describes `config`, the data order and outputs)."""
+    cfg: Config = from_dict(Config, config["config"])
+    train, arm, run_dir = cfg.train, config["arm"], Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cuda" if train.use_gpu else "cpu"
+    torch.manual_seed(train.seed)
+
+    # Rows: the manifest fixes the step count; the mode follows the arm's packing.
+    manifest = read_manifest(config["folder"])
+    mode = "padding" if manifest["strategy"] == "padding" else manifest["attention"]
+    grad_accum = gradient_accumulation_steps(train, world_size)
+    num_steps_per_epoch = steps_per_epoch(manifest["num_rows"], world_size, train.micro_batch_size, grad_accum)
+    total_steps = train.epochs * num_steps_per_epoch
+    stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
+    rows = read_rows(config["folder"])
+    pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
+
+    # Model and engine.
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
+    model = build_model(cfg.model.name_or_path, attn, train.seed, cfg.model.trust_remote_code)
+    if device == "cuda":
+        model = model.to(ray.train.torch.get_device())
+    engine, optimizer = initialize(model, train, cfg.optim, world_size, device)
+
+    # Resume: the latest checkpoint gives the DeepSpeed state and the data position.
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+            start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
+    logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
+    logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
+                "total_steps": total_steps, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
+                "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode})
+
+    order, order_epoch = None, -1
+    run_start = time.perf_counter()
+    for step in range(start_step, stop_step):
+        epoch, step_in_epoch = divmod(step, num_steps_per_epoch)
+        if train.fail_at_step and step == train.fail_at_step and rank == world_size - 1:
+            _fail_once(run_dir)
+        step_start = time.perf_counter()
+
+        # This step's micro-batches, fetched up front for the step's loss denominator.
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(manifest["num_rows"], train.seed, epoch), epoch
+        indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
+        picked = [rows.take(idx).to_pylist() for idx in indices]
+        micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction) for mb_rows in picked]
+        denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
+        lr = lr_at(step, total_steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        token_loss_sum = num_supervised = 0.0
+        for batch in micro_batches:
+            inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
+            logits = engine(**inputs, use_cache=False).logits
+            out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
+            engine.backward(out.loss, scale_wrt_gas=False)
+            engine.step()
+            token_loss_sum += out.token_loss_sum
+            num_supervised += out.num_tokens
+
+        # Metrics: sums over ranks, then rates.
+        real_tokens = sum(r["num_tokens"] for mb in picked for r in mb)
+        row_tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        num_samples = sum(len(r["seq_lens"]) for mb in picked for r in mb)
+        totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples])
+        step_time_s = time.perf_counter() - step_start
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "step": step + 1, "epoch": epoch, "loss": totals[0] / max(totals[1], 1.0), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_time_s": step_time_s, "tokens_per_sec": totals[2] / step_time_s,
+            "row_tokens_per_sec": totals[3] / step_time_s, "num_supervised_tokens": int(totals[1]),
+            "num_samples": int(totals[4]), "num_tokens": int(totals[2]), "num_row_tokens": int(totals[3]),
+            "padding_fraction": 1.0 - totals[2] / max(totals[3], 1.0), "peak_memory_mb": _peak_memory_mb(device),
+        }
+        logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
+        if rank == 0 and ((step + 1) % train.log_every == 0 or step + 1 == stop_step):
+            _progress(arm, step + 1 - start_step, step + 1, stop_step, metrics, time.perf_counter() - run_start)
+
+        done = step + 1
+        if (train.checkpoint_every_steps and done % train.checkpoint_every_steps == 0) \
+                or done % num_steps_per_epoch == 0 or done == stop_step:
+            _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank)
+            logs.event({"event": "checkpoint", "step": done})
+
+    if train.export:
+        _export(engine, cfg, run_dir / "model", rank)
+    logs.event({"event": "done", "step": stop_step, "seconds": time.perf_counter() - run_start})
+    logs.close()
+
+
+def _micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str) -> dict:
+    """Collate rows; cross rows under `sample` weighting also carry segment_ids (for the loss only)."""
+    batch = collate(rows, mode, pad_token_id)
+    if mode == "cross" and reduction == "sample":
+        batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
+    return batch
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
+
+
+def _progress(arm: str, steps_run: int, step: int, total: int, metrics: dict, elapsed_s: float) -> None:
+    eta_s = elapsed_s / max(steps_run, 1) * (total - step)
+    print(f"[{arm}] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+          f"tokens/s {metrics['tokens_per_sec']:.0f} (rows {metrics['row_tokens_per_sec']:.0f}) "
+          f"pad {metrics['padding_fraction']:.1%} ETA {eta_s:.0f} s", flush=True)
+
+
+def _fail_once(run_dir: Path) -> None:
+    """train.fail_at_step (testing aid): die like a crashed worker, the first time only.
+
+    Ray Train V2 registers a checkpoint only once its controller has polled every
+    rank's report (every ~2 s), and a worker that dies first takes its queued report
+    with it; the pause lets the last checkpoint land, as it would before a real
+    crash long after it.
+    """
+    marker = run_dir / "fail_at_step.done"
+    if not marker.exists():
+        marker.write_text("1")
+        time.sleep(FAIL_PAUSE_S)
+        os._exit(1)
+
+
+def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, metrics: dict, rank: int) -> None:
+    """Every rank saves its DeepSpeed shards; Ray merges the ranks' folders into one checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="raypack-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        if rank == 0:
+            epoch, step_in_epoch = divmod(done, num_steps_per_epoch)
+            position = {"step": done, "epoch": epoch, "step_in_epoch": step_in_epoch}
+            (Path(tmp) / "position.json").write_text(json.dumps(position))
+            (Path(tmp) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _export(engine, cfg: Config, out: Path, rank: int) -> None:
+    """The final weights as a Hugging Face folder (safetensors + tokenizer), written by rank 0."""
+    state = full_state_dict(engine)
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        load_tokenizer(cfg.data.tokenizer).save_pretrained(out)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _Logs:
+    """metrics.jsonl, events.jsonl (rank 0) and rows-rank<r>.jsonl, cut back to `start_step` on resume."""
+
+    def __init__(self, run_dir: Path, rank: int, start_step: int, resumed: bool):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.rows = _open_log(run_dir / f"rows-rank{rank}.jsonl", start_step, resumed)
+        self.metrics = self.events = self.tensorboard = None
+        if rank == 0:
+            self.metrics = _open_log(run_dir / "metrics.jsonl", start_step, resumed)
+            self.events = (run_dir / "events.jsonl").open("a" if resumed else "w")
+            self.tensorboard = _tensorboard(run_dir / "tensorboard")
+
+    def step(self, metrics: dict, epoch: int, row_index: list[int]) -> None:
+        self.rows.write(json.dumps({"step": metrics["step"], "epoch": epoch, "row_index": row_index}) + "\n")
+        self.rows.flush()
+        if self.metrics:
+            self.metrics.write(json.dumps(metrics) + "\n")
+            self.metrics.flush()
+        if self.tensorboard:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, float) and math.isfinite(value):
+                    self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
+
+    def event(self, event: dict) -> None:
+        if self.events:
+            self.events.write(json.dumps({"time": time.time(), **event}) + "\n")
+            self.events.flush()
+
+    def close(self) -> None:
+        for f in (self.rows, self.metrics, self.events, self.tensorboard):
+            if f:
+                f.close()
+
+
+def _open_log(path: Path, start_step: int, resumed: bool):
+    """Append to a per-step log, first dropping the lines of steps after `start_step` (redone on resume)."""
+    kept = []
+    if resumed and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    f = path.open("w")
+    f.writelines(line + "\n" for line in kept)
+    f.flush()
+    return f
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
+
