@@ -124,6 +124,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(text: str, result: dict, json_path: str | None) -> int:
+    """Print a benchmark's table and, when asked, write its figures as JSON."""
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2, default=float))
+        print(f"wrote {json_path}")
+    return 0
+
+
 def cmd_bench_pack(args: argparse.Namespace) -> int:
     from raypack.bench import bench_pack, format_pack_table
     from raypack.data.synth import sample_lengths
@@ -133,12 +143,7 @@ def cmd_bench_pack(args: argparse.Namespace) -> int:
           f"{int((lengths > args.max_seq_len).sum())} over {args.max_seq_len}", flush=True)
     result = bench_pack(lengths, args.max_seq_len, window=args.window, trl=not args.no_trl)
     result["preset"], result["seed"] = args.preset, args.seed
-    print(format_pack_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
-        print(f"wrote {args.json}")
-    return 0
+    return _report(format_pack_table(result), result, args.json)
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
@@ -147,24 +152,14 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     result = bench_pipeline(args.preset, args.num_samples, args.seed, args.work_dir, arm=args.arm,
                             window=args.window, max_seq_len=args.max_seq_len, overrides=args.overrides,
                             bare=not args.skip_bare)
-    print(format_pipeline_result(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return _report(format_pipeline_result(result), result, args.json)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from raypack.bench_train import bench_train, format_train_result
 
     result = bench_train(args.config, args.overrides, args.work_dir, dense_steps=args.dense_steps)
-    print(format_train_result(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return _report(format_train_result(result), result, args.json)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

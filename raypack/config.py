@@ -80,7 +80,7 @@ class PackConfig:
 class PrepareConfig:
     """How `raypack prepare` runs on Ray Data and where it writes."""
 
-    output_dir: str = _field("prepared", "root of prepared datasets (local path or s3://, gs://)")
+    output_dir: str = _field("prepared", "root of prepared datasets: a local path, or a shared filesystem path on a cluster")
     num_tokenizer_actors: int = _field(2, "tokenizer actors (each loads the tokenizer once)")
     actor_num_cpus: float = _field(0.5, "CPUs reserved per tokenizer actor; keep the pool below the "
                                    "cluster's CPUs so read tasks are never starved")
