@@ -180,3 +180,13 @@ def test_prepare_command_prints_the_manifest_table(ray_local, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "held out for validation" in out and "bfd-isolated" in out and "val" in out
+
+
+def test_prepared_folders_are_absolute(ray_local, tmp_path, monkeypatch):
+    """A relative prepare.output_dir still gives folders that workers in another directory can open."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(Path(__file__).parent.parent / "jobs" / "quickstart.yaml"),
+                      ["prepare.output_dir=relative-prepared", "synth.num_samples=60", "data.max_seq_len=256",
+                       "pack.arms=[padding]"])
+    folders = prepare(cfg)
+    assert all(Path(f).is_absolute() and (Path(f) / "manifest.json").exists() for f in folders.values())

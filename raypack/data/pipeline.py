@@ -479,7 +479,8 @@ def prepare(cfg: Config) -> dict:
     never re-tokenize. The returned dict has "val" plus one entry per arm.
     """
     ensure_ray()
-    root = Path(cfg.prepare.output_dir)
+    # Absolute, so that workers started in another directory (Ray Train's) find the folders.
+    root = Path(cfg.prepare.output_dir).resolve()
     tok_hash = _tok_hash(cfg)
     tok_dir = root / f"tok-{tok_hash}"
     tok_dir.mkdir(parents=True, exist_ok=True)
