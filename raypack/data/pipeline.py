@@ -371,7 +371,7 @@ def _iter_kept_samples(files: list[str], holdout_keys: np.ndarray, select: str):
                 yield int(keys[i]), int(pieces[i]), ids_values[lo:hi], lab_values[lo:hi]
 
 
-def _rows_table(rows: list[dict], sample_keys: np.ndarray, sample_pieces: np.ndarray,
+def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarray, sample_pieces: np.ndarray,
                 row_offsets: np.ndarray, first_row: int) -> pa.Table:
     n = len(rows)
     offsets = pa.array(row_offsets.astype(np.int32))
@@ -384,8 +384,7 @@ def _rows_table(rows: list[dict], sample_keys: np.ndarray, sample_pieces: np.nda
         "sample_keys": pa.ListArray.from_arrays(offsets, pa.array(sample_keys.astype(np.int64))),
         "sample_pieces": pa.ListArray.from_arrays(offsets, pa.array(sample_pieces.astype(np.int32))),
         "num_tokens": pa.array([len(r["input_ids"]) for r in rows], pa.int32()),
-        "num_supervised_tokens": pa.array([int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows],
-                                          pa.int32()),
+        "num_supervised_tokens": pa.array(supervised.astype(np.int32)),
     })
 
 
@@ -407,16 +406,18 @@ class _ArmWriter:
         tokens = [{"input_ids": s[2], "labels": s[3]} for s in samples]
         plan = plan_pack(np.array([len(s[2]) for s in samples]), self.max_seq_len, self.strategy)
         rows = pack_rows(plan, tokens, self.attention)
+        supervised = np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
         counts = np.bincount(plan.piece_sample, minlength=len(samples))
         self.num_samples += len(samples)
         self.num_split_samples += int((counts > 1).sum())
         for c, lo in enumerate(range(0, len(rows), self.rows_per_shard)):
             hi = min(lo + self.rows_per_shard, len(rows))
             p_lo, p_hi = plan.row_offsets[lo], plan.row_offsets[hi]
-            table = _rows_table(rows[lo:hi], keys[plan.piece_sample[p_lo:p_hi]], pieces[plan.piece_sample[p_lo:p_hi]],
+            table = _rows_table(rows[lo:hi], supervised[lo:hi], keys[plan.piece_sample[p_lo:p_hi]],
+                                pieces[plan.piece_sample[p_lo:p_hi]],
                                 plan.row_offsets[lo:hi + 1] - p_lo, self.num_rows + lo)
             pq.write_table(table, self.out / f"part-{self.window_index:05d}-{c:03d}.parquet")
-        self.num_supervised += sum(int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows)
+        self.num_supervised += int(supervised.sum())
         self.row_lens.append(plan.row_lengths())
         self.num_rows += len(rows)
         self.window_index += 1
