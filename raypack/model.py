@@ -8,10 +8,19 @@ gives a random-init 2-layer Llama sized for that tokenizer, deterministic by see
 Nothing here touches the network.
 """
 
-from pathlib import Path
+from __future__ import annotations
 
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# torch and the model classes load only when a model is built: data workers that
+# just tokenize (every Ray Data actor and task) would otherwise spend seconds of
+# CPU importing torch.
+from transformers import PreTrainedTokenizerFast  # AutoTokenizer would import torch
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 TINY = "tiny"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -29,6 +38,8 @@ def load_tokenizer(name_or_path: str = TINY) -> PreTrainedTokenizerFast:
                 "reinstall raypack or run scripts/build_tiny_tokenizer.py"
             )
         return PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
@@ -38,20 +49,22 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     4096 positions match the paper's max length, so packed rows of that size fit.
     Untied embeddings, as in Llama-3-8B/70B.
     """
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=TINY_BOS_ID,
-        eos_token_id=TINY_EOT_ID,
-        pad_token_id=TINY_PAD_ID,
-    )
+    fields = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "bos_token_id": TINY_BOS_ID,
+        "eos_token_id": TINY_EOT_ID,
+        "pad_token_id": TINY_PAD_ID,
+    }
     fields.update(overrides)
+    from transformers import LlamaConfig
+
     return LlamaConfig(**fields)
 
 
@@ -70,6 +83,9 @@ def build_tiny_model(
         vocab_size = len(load_tokenizer(TINY))
     config = tiny_llama_config(vocab_size, **overrides)
     config._attn_implementation = attn_implementation
+    import torch
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -90,11 +106,15 @@ def resolve_attn_implementation(name: str, device: str) -> str:
 
 
 def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_remote_code: bool = False,
-                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model to fine-tune: the tiny preset (random init from `seed`) or AutoModelForCausalLM weights.
 
-    `attn_implementation` must already be resolved (see resolve_attn_implementation).
+    `attn_implementation` must already be resolved (see resolve_attn_implementation);
+    `dtype` defaults to float32.
     """
+    import torch
+
+    dtype = dtype or torch.float32
     if name_or_path == TINY:
         return build_tiny_model(seed, attn_implementation).to(dtype)
     from transformers import AutoModelForCausalLM

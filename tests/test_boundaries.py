@@ -22,3 +22,15 @@ def test_core_module_imports_no_engine(module):
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
+
+
+# What every Ray Data actor and task imports: torch must not be among it (seconds of CPU per worker).
+DATA_WORKER = ["raypack.data.pipeline", "raypack.data.tokenize", "raypack.model"]
+
+
+@pytest.mark.parametrize("module", DATA_WORKER)
+def test_data_worker_modules_do_not_import_torch(module):
+    code = (f"import sys, {module}; from raypack.model import load_tokenizer; load_tokenizer('tiny'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", f"{module} imports torch"
