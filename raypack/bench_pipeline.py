@@ -8,8 +8,10 @@ On the same synthetic text and the same cores, in one run:
 3. the pipeline: `prepare` end to end (read, normalise, render, tokenize, mask,
    over-length policy, cache, hold-out, pack, write) with one packed arm, timed
    from a started Ray instance to the last manifest;
-4. peak resident memory summed over the driver and every Ray process (sampled
-   every 0.2 s; shared object-store pages count once per process that maps them).
+4. peak memory summed over the driver and every Ray process, sampled every 0.5 s,
+   two ways: RSS (shared object-store pages count once per process that maps
+   them, so it over-counts) and PSS (each shared page split between the
+   processes that map it: the sum is the memory really in use).
 
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
 """
@@ -71,22 +73,23 @@ def bare_tokenizer(paths: list[str], tokenizer_name: str, batch_size: int = 256)
 
 
 class _PeakRss:
-    """Samples the summed RSS of this process and all its descendants (the local Ray processes)."""
+    """Samples the summed RSS and PSS of this process and all its descendants (the local Ray processes)."""
 
-    def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peak, self.peak_pss, self._stop = interval_s, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for proc in [me] + me.children(recursive=True):
+            rss = pss = 0
+            for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    info = proc.memory_full_info()
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -130,6 +133,7 @@ def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm:
         "num_rows": manifest["num_rows"], "lower_bound_rows": manifest["lower_bound_rows"],
         "rows_over_lower_bound": manifest["rows_over_lower_bound"],
         "num_truncated": manifest["num_truncated"], "peak_rss_sum_mb": rss.peak / 2**20,
+        "peak_pss_sum_mb": rss.peak_pss / 2**20,
     }
 
 
@@ -145,5 +149,6 @@ def format_pipeline_result(r: dict) -> str:
         else "bare tokenizer:       not measured (--skip-bare); pipeline tokens/s counts tokens after truncation",
         f"rows {r['num_rows']:,} vs lower bound {r['lower_bound_rows']:,}: {r['rows_over_lower_bound']:.5f}x "
         f"({r['num_truncated']:,} samples truncated to max_seq_len)",
-        f"peak RSS summed over driver + Ray processes: {r['peak_rss_sum_mb']:,.0f} MiB",
+        f"peak memory summed over driver + Ray processes: PSS {r['peak_pss_sum_mb']:,.0f} MiB "
+        f"(RSS {r['peak_rss_sum_mb']:,.0f} MiB, counting shared pages once per process)",
     ])

@@ -158,7 +158,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from raypack.bench_train import bench_train, format_train_result
 
-    result = bench_train(args.config, args.overrides, args.work_dir, dense_steps=args.dense_steps)
+    result = bench_train(args.config, args.overrides, args.work_dir)
     return _report(format_train_result(result), result, args.json)
 
 
@@ -226,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("train", help="one epoch of padding vs bfd-isolated on the same samples (tiny model)")
     p.add_argument("config")
     p.add_argument("--work-dir", default="out/bench_train", help="runs go here (a fresh name each time)")
-    p.add_argument("--dense-steps", type=int, default=4, help="steps of rank 0's micro-batches timed in-process")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. synth.num_samples=2000")
     p.set_defaults(func=cmd_bench_train)

@@ -106,8 +106,10 @@ class TrainConfig:
     global_batch_size: int = _field(128, "rows per optimizer step over all workers (the paper: 128 for 8B); "
                                     "must be a multiple of micro_batch_size * num_workers, the quotient "
                                     "being the gradient accumulation steps")
-    global_batch_tokens: int = _field(0, "reserved: a step defined in tokens instead of rows; only 0 (off) "
-                                      "is supported for now")
+    global_batch_tokens: int = _field(0, "a step defined in tokens instead of rows (0: off): each arm's "
+                                      "global_batch_size becomes this divided by the arm's mean real tokens "
+                                      "per row, rounded to a multiple of micro_batch_size * num_workers, so "
+                                      "every arm's step holds about this many tokens")
     loss_reduction: str = _field("token", "token: mean over every supervised token of the step; sample: "
                                  "every sample weighs the same; paper: mean of micro-batch means, as the "
                                  "paper's code (over-weights tokens of short samples when padding)",
@@ -133,6 +135,12 @@ class TrainConfig:
                             "still spans the arm's full step count")
     worker_cpus: float = _field(0.5, "CPUs reserved per Ray Train worker when use_gpu is false")
     export: bool = _field(True, "save the final model as Hugging Face safetensors + tokenizer")
+    peak_tflops: float = _field(0.0, "peak dense TFLOPS of one accelerator at the training precision, for "
+                                "the MFU metric; 0 looks the GPU up (H100/H200/A100/L40S/L4) and leaves "
+                                "MFU out on CPU or an unknown card")
+    bench_replay: bool = _field(False, "BENCHMARK AID: after the last step, run the arm's steps again from "
+                                "micro-batches kept in memory (no data loading or collation) and write "
+                                "replay.json; used by `raypack bench train`")
     fail_at_step: int = _field(0, "TESTING AID: the last rank exits (os._exit) once at the start of this "
                                "0-based step (> 0), to test restarts; 0 is off")
 
@@ -257,9 +265,10 @@ def _validate_train(train: TrainConfig) -> None:
     if train.global_batch_size % rows_per_pass:
         raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size * train.num_workers = {rows_per_pass}; change one of them")
-    if train.global_batch_tokens != 0:
-        raise ConfigError("train.global_batch_tokens: token-defined steps are not supported yet; set it to 0 "
-                          "and size the step with train.global_batch_size")
+    if train.global_batch_tokens < 0:
+        raise ConfigError(f"train.global_batch_tokens: must be >= 0, got {train.global_batch_tokens}")
+    if train.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops: must be >= 0, got {train.peak_tflops}")
     if train.offload_params and train.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got {train.zero_stage}")
     if train.offload_optimizer and train.zero_stage == 0:

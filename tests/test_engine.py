@@ -30,6 +30,7 @@ from raypack.data.collate import collate
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import TINY_PAD_ID, build_tiny_model
 from raypack.train.engine import (
+    rows_for_token_batch,
     build_optimizer,
     deepspeed_config,
     gradient_accumulation_steps,
@@ -69,7 +70,7 @@ def test_gradient_accumulation_steps_must_divide(global_batch, micro, world):
 def test_config_section_checks():
     assert load_config(None).train.global_batch_size == 128
     bad = {"train.global_batch_size=130": "multiple of", "train.offload_params=true": "zero_stage=3",
-           "train.global_batch_tokens=4096": "not supported yet", "train.precision=bf16": "use_gpu",
+           "train.global_batch_tokens=-1": ">= 0", "train.peak_tflops=-1": ">= 0", "train.precision=bf16": "use_gpu",
            "train.zero_stage=4": "not one of", "optim.betas=[0.9]": "two floats", "optim.warmup_ratio=1.5": "[0, 1]",
            "optim.schedule=linear": "not one of", "train.offload_optimizer=true": None}
     for override, message in bad.items():
@@ -125,9 +126,15 @@ def test_offload_needs_the_right_stage():
     assert "offload_param" not in deepspeed_config(TrainConfig(zero_stage=3), 2, "cpu")["zero_optimization"]
 
 
-def test_global_batch_tokens_is_not_supported_yet():
-    with pytest.raises(ValueError, match="global_batch_tokens"):
-        deepspeed_config(TrainConfig(global_batch_tokens=4096), 2, "cpu")
+def test_token_defined_batch_gives_each_arm_rows_holding_about_the_same_tokens():
+    # 4 rows per pass (2 workers x micro-batch 2). Packed rows hold ~4000 tokens, padded rows ~600.
+    packed = rows_for_token_batch(65536, num_tokens=4000 * 100, num_rows=100, rows_per_pass=4)
+    padded = rows_for_token_batch(65536, num_tokens=600 * 700, num_rows=700, rows_per_pass=4)
+    assert (packed, padded) == (16, 108)
+    assert packed * 4000 == pytest.approx(65536, rel=0.05) and padded * 600 == pytest.approx(65536, rel=0.05)
+    assert rows_for_token_batch(10, num_tokens=4000, num_rows=1, rows_per_pass=4) == 4  # at least one pass
+    with pytest.raises(ValueError):
+        rows_for_token_batch(0, 10, 1, 4)
 
 
 def write_json(tmp_path, data) -> str:
@@ -329,3 +336,20 @@ def test_deepspeed_zero2_step_matches_a_plain_torch_step(tmp_path):
     for name, grad in second["grads"].items():
         torch.testing.assert_close(grad, second["twin_grads"][name] / 2, atol=1e-6, rtol=1e-5, msg=name)
     assert second["norm"] == pytest.approx(second["twin_norm"] / 2, rel=1e-5)
+
+
+def test_step_flops_and_mfu():
+    from raypack.train.flops import mfu, peak_tflops, step_flops
+
+    # 6 N T for the matmuls plus 12 L H sum(s^2) for attention: one 4-token and one 2-token segment.
+    assert step_flops(1000, num_layers=2, hidden_size=8, real_tokens=6, segment_lengths=[4, 2]) == \
+        6 * 1000 * 6 + 12 * 2 * 8 * (16 + 4)
+    # The same tokens in one cross-attention segment cost more attention.
+    assert step_flops(1000, 2, 8, 6, [6]) > step_flops(1000, 2, 8, 6, [4, 2])
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert peak_tflops("cpu", "fp32") is None and peak_tflops("NVIDIA H100", "fp32") is None
+    assert peak_tflops("cpu", "fp32", configured=2.5) == 2.5
+    assert mfu(989e12 * 0.5 * 8, step_time_s=1.0, world_size=8, peak=989.0) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, 1, None) is None

@@ -143,3 +143,33 @@ def test_cross_arm_with_sample_weighting_trains(ray_local, tmp_path):
     (summary,) = train(cfg)
     metrics = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def read_tensorboard_scalars(folder: Path) -> dict:
+    """tag -> {step: value} from the TensorBoard event files in folder (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_metrics_reach_tensorboard_and_carry_model_flops(trained):
+    _, run_dirs = trained
+    for arm in ARMS:
+        metrics = read_jsonl(run_dirs[arm] / "metrics.jsonl")
+        scalars = read_tensorboard_scalars(run_dirs[arm] / "tensorboard")
+        assert scalars["train/loss"] == pytest.approx({m["step"]: m["loss"] for m in metrics}, rel=1e-6)
+        assert set(scalars["train/tokens_per_sec"]) == {1, 2, 3}
+        # On CPU there is no peak to divide by: MFU is left out, the achieved model FLOPs are not.
+        assert all(m["mfu"] is None and m["model_tflops_per_sec"] > 0 for m in metrics)

@@ -94,14 +94,27 @@ def gradient_accumulation_steps(train: TrainConfig, world_size: int) -> int:
     return train.global_batch_size // rows_per_pass
 
 
+def rows_for_token_batch(global_batch_tokens: int, num_tokens: int, num_rows: int, rows_per_pass: int) -> int:
+    """The global batch in rows that holds about `global_batch_tokens` real tokens for an arm whose
+    `num_rows` rows hold `num_tokens` tokens: a multiple of rows_per_pass (micro-batch x workers), >= 1 pass.
+
+    A packed arm (rows near max_seq_len) gets few rows per step, padding many, so
+    arms compared at equal tokens per step take the same optimizer steps per epoch.
+    """
+    if global_batch_tokens < 1 or num_rows < 1 or rows_per_pass < 1:
+        raise ValueError(f"global_batch_tokens={global_batch_tokens}, num_rows={num_rows} and "
+                         f"rows_per_pass={rows_per_pass} must all be >= 1")
+    mean_tokens = num_tokens / num_rows
+    passes = max(1, round(global_batch_tokens / (mean_tokens * rows_per_pass)))
+    return passes * rows_per_pass
+
+
 def deepspeed_config(train: TrainConfig, world_size: int, device: str) -> dict:
     """The DeepSpeed config dict for this section (module docstring), user JSON merged over it."""
     if train.offload_params and train.zero_stage != 3:
         raise ValueError(f"train.offload_params needs train.zero_stage=3, got {train.zero_stage}")
     if train.offload_optimizer and train.zero_stage == 0:
         raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
-    if train.global_batch_tokens != 0:
-        raise ValueError("train.global_batch_tokens is not supported yet; set it to 0")
     precision = resolve_precision(train.precision, device)
     offload = {"device": "cpu", "pin_memory": device == "cuda"}
     zero: dict = {"stage": train.zero_stage}

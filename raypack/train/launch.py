@@ -19,13 +19,15 @@ keeps only checkpointed metrics in its Result, so the per-step log is ours.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypack.config import Config, to_dict
-from raypack.data.pipeline import prepare
+from raypack.data.pipeline import prepare, read_manifest
+from raypack.train.engine import rows_for_token_batch
 from raypack.train.loop import train_loop_per_worker
 
 
@@ -56,12 +58,29 @@ def build_trainer(cfg: Config, arm: str, folder: str) -> TorchTrainer:
                         run_config=run)
 
 
+def arm_config(cfg: Config, folder: str) -> Config:
+    """cfg for one arm: with train.global_batch_tokens set, the arm's global_batch_size in rows follows
+    from its manifest (about that many real tokens per step)."""
+    train = cfg.train
+    if not train.global_batch_tokens:
+        return cfg
+    manifest = read_manifest(folder)
+    rows = rows_for_token_batch(train.global_batch_tokens, manifest["num_tokens"], manifest["num_rows"],
+                                train.micro_batch_size * train.num_workers)
+    return replace(cfg, train=replace(train, global_batch_size=rows))
+
+
 def train_arm(cfg: Config, arm: str, folder: str) -> dict:
     """Train one arm; returns a summary (steps, last metrics, paths) read back from the loop's logs."""
+    cfg = arm_config(cfg, folder)
+    if cfg.train.global_batch_tokens:
+        print(f"[{arm}] train.global_batch_tokens={cfg.train.global_batch_tokens}: "
+              f"{cfg.train.global_batch_size} rows per optimizer step", flush=True)
     out = run_dir(cfg, arm)
     result = build_trainer(cfg, arm, folder).fit()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics), "last": metrics[-1] if metrics else {},
+    return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics),
+            "global_batch_size": cfg.train.global_batch_size, "last": metrics[-1] if metrics else {},
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "model_dir": str(out / "model") if cfg.train.export else None}
 

@@ -24,10 +24,12 @@ Outputs under run_dir (rank 0 unless noted):
     metrics.jsonl            one line per step: loss (per-token mean, the same definition in every
                              arm), lr, grad_norm, step_time_s, tokens_per_sec (real tokens),
                              row_tokens_per_sec (padding included), supervised tokens, samples,
-                             padding_fraction, peak_memory_mb
+                             padding_fraction, peak_memory_mb, model_tflops_per_sec (real tokens'
+                             FLOPs, raypack.train.flops), mfu (null on CPU or an unknown accelerator)
     rows-rank<r>.jsonl       every rank: {"step", "epoch", "row_index": [...]} per step
     events.jsonl             start / resume / checkpoint / done
-    tensorboard/             the same scalars, when tensorboard is installed
+    tensorboard/             the same scalars as TensorBoard event files (`tensorboard --logdir`)
+    replay.json              with train.bench_replay: the steps re-run with no data loading
     model/                   the final model (safetensors + tokenizer), when train.export
 On a resume the logs are cut back to the steps the restored state has trained,
 so they always describe the model's real history.
@@ -58,7 +60,8 @@ from raypack.data.collate import collate
 from raypack.data.order import epoch_order, step_rows
 from raypack.data.pipeline import read_manifest, read_rows, steps_per_epoch
 from raypack.model import build_model, load_tokenizer, resolve_attn_implementation
-from raypack.train.engine import full_state_dict, gradient_accumulation_steps, initialize, lr_at
+from raypack.train.engine import full_state_dict, gradient_accumulation_steps, initialize, lr_at, resolve_precision
+from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
 
 CHECKPOINT_TAG = "ds"
@@ -88,6 +91,9 @@ def train_loop_per_worker(config: dict) -> None:
     # Model and engine.
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
     model = build_model(cfg.model.name_or_path, attn, train.seed, cfg.model.trust_remote_code)
+    shape = _model_shape(model)
+    peak = peak_tflops(torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                       resolve_precision(train.precision, device), train.peak_tflops)
     if device == "cuda":
         model = model.to(ray.train.torch.get_device())
     engine, optimizer = initialize(model, train, cfg.optim, world_size, device)
@@ -105,6 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode})
 
     order, order_epoch = None, -1
+    replay = [] if train.bench_replay else None
     run_start = time.perf_counter()
     for step in range(start_step, stop_step):
         epoch, step_in_epoch = divmod(step, num_steps_per_epoch)
@@ -137,7 +144,10 @@ def train_loop_per_worker(config: dict) -> None:
         real_tokens = sum(r["num_tokens"] for mb in picked for r in mb)
         row_tokens = sum(b["input_ids"].numel() for b in micro_batches)
         num_samples = sum(len(r["seq_lens"]) for mb in picked for r in mb)
-        totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples])
+        segments = [r["num_tokens"] for mb in picked for r in mb] if mode == "cross" else \
+            [s for mb in picked for r in mb for s in r["seq_lens"]]
+        flops = step_flops(shape["matmul_params"], shape["num_layers"], shape["hidden_size"], real_tokens, segments)
+        totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples, flops])
         step_time_s = time.perf_counter() - step_start
         grad_norm = engine.get_global_grad_norm()
         metrics = {
@@ -147,7 +157,11 @@ def train_loop_per_worker(config: dict) -> None:
             "row_tokens_per_sec": totals[3] / step_time_s, "num_supervised_tokens": int(totals[1]),
             "num_samples": int(totals[4]), "num_tokens": int(totals[2]), "num_row_tokens": int(totals[3]),
             "padding_fraction": 1.0 - totals[2] / max(totals[3], 1.0), "peak_memory_mb": _peak_memory_mb(device),
+            "model_tflops_per_sec": totals[5] / step_time_s / 1e12,
+            "mfu": mfu(totals[5], step_time_s, world_size, peak),
         }
+        if replay is not None:
+            replay.append((micro_batches, denominator, lr, int(totals[2]), int(totals[3])))
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
         if rank == 0 and ((step + 1) % train.log_every == 0 or step + 1 == stop_step):
             _progress(arm, step + 1 - start_step, step + 1, stop_step, metrics, time.perf_counter() - run_start)
@@ -158,10 +172,49 @@ def train_loop_per_worker(config: dict) -> None:
             _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank)
             logs.event({"event": "checkpoint", "step": done})
 
+    if replay:
+        _replay(engine, optimizer, replay, train, world_size, rank, run_dir)
     if train.export:
         _export(engine, cfg, run_dir / "model", rank)
     logs.event({"event": "done", "step": stop_step, "seconds": time.perf_counter() - run_start})
     logs.close()
+
+
+def _model_shape(model) -> dict:
+    """What the FLOPs estimate needs: matmul parameters (raypack.train.flops), layers, hidden size."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return {"matmul_params": total - (0 if tied else getattr(embedding, "ds_numel", embedding.numel())),
+            "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
+
+
+def _replay(engine, optimizer, steps: list, train, world_size: int, rank: int, run_dir: Path) -> None:
+    """train.bench_replay: the same steps again from the kept micro-batches, with no data loading,
+    collation or metric bookkeeping; the first step is left out (warm-up), as in `raypack bench train`."""
+    _barrier()
+    start = time.perf_counter()
+    for micro_batches, denominator, lr, _, _ in steps[1:]:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for batch in micro_batches:
+            inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
+            logits = engine(**inputs, use_cache=False).logits
+            out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
+            engine.backward(out.loss, scale_wrt_gas=False)
+            engine.step()
+    _barrier()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        tokens, row_tokens = sum(s[3] for s in steps[1:]), sum(s[4] for s in steps[1:])
+        (run_dir / "replay.json").write_text(json.dumps({
+            "steps": len(steps) - 1, "seconds": seconds, "tokens": tokens, "row_tokens": row_tokens,
+            "tokens_per_sec": tokens / seconds, "row_tokens_per_sec": row_tokens / seconds}, indent=2))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str) -> dict:
@@ -253,7 +306,7 @@ class _Logs:
             self.metrics.flush()
         if self.tensorboard:
             for key, value in metrics.items():
-                if key != "step" and isinstance(value, float) and math.isfinite(value):
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
 
     def event(self, event: dict) -> None:
@@ -279,9 +332,7 @@ def _open_log(path: Path, start_step: int, resumed: bool):
 
 
 def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder))
+    from tensorboardX import SummaryWriter  # event files TensorBoard reads; no TensorFlow needed
+
+    return SummaryWriter(str(folder), flush_secs=5)
 
