@@ -172,6 +172,44 @@ class OptimConfig:
     min_lr_ratio: float = _field(0.0, "final learning rate as a share of lr (cosine only)")
 
 
+EVAL_PRESETS = ("offline", "paper", "none")
+
+
+@dataclass
+class EvalConfig:
+    """lm-evaluation-harness scoring of trained models (`raypack eval`, and every study arm)."""
+
+    preset: str = _field("offline", "offline: raypack's small local tasks (no network); paper: MMLU 5-shot, "
+                         "GSM8K 4-shot, MATH 4-shot, BBH 3-shot, IFEval 0-shot, HumanEval 0-shot; none: "
+                         "validation loss only", EVAL_PRESETS)
+    tasks: list[str] = _field([], "lm-eval task names or local task YAML paths, run after the preset's; "
+                              "'task:N' sets N-shot")
+    limit: int = _field(0, "at most this many examples per task (0: all); for smoke runs only")
+    batch_size: int = _field(8, "lm-eval batch size")
+    allow_code_execution: bool = _field(False, "run model-written code (HumanEval); off unless you opt in")
+    num_gpus: float = _field(0.0, "GPUs per evaluation Ray task (1 on a GPU cluster, 0 on CPU)")
+    num_cpus: float = _field(0.5, "CPUs per evaluation Ray task")
+
+
+STUDY_MATCH = ("epochs", "steps", "tokens")
+
+
+@dataclass
+class StudyConfig:
+    """`raypack study`: every arm trained, evaluated and compared on the same data, model and seeds."""
+
+    match: str = _field("epochs", "compare arms at equal epochs (the paper), equal optimizer steps (every arm "
+                        "takes the fewest steps any arm takes, its LR schedule fitted to them) or equal tokens "
+                        "per step (each arm's rows per step hold as many real tokens as padding's)",
+                        STUDY_MATCH)
+    seeds: int = _field(1, "training seeds per arm (train.seed, train.seed + 1, ...); > 1 reports mean and "
+                        "spread")
+    eval_every_steps: int = _field(0, "validation loss every N optimizer steps during training, for the loss "
+                                   "curves (0: about 10 points per run)")
+    out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
+                      "finished arms are not rerun")
+
+
 @dataclass
 class Config:
     """A raypack run."""
@@ -186,6 +224,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
