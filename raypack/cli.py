@@ -4,6 +4,8 @@
     raypack prepare jobs/quickstart.yaml [key=value ...]   # the same on Ray Data, into Parquet shards
     raypack train jobs/quickstart.yaml [key=value ...]     # prepare (cached), then train every arm
     raypack train jobs/quickstart.yaml train.arm=bfd-isolated   # one arm only
+    raypack study jobs/quickstart.yaml [key=value ...]     # every arm prepared, trained, evaluated, compared
+    raypack eval out/model [--preset offline|paper|none] [--tasks gsm8k:4 ...] [--limit N] [--ray] [--out F.json]
     raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from raypack.config import ConfigError, describe_fields, load_config, to_dict
+from raypack.config import EVAL_PRESETS, ConfigError, EvalConfig, describe_fields, load_config, to_dict
 from raypack.data.synth import PRESETS
 
 COMPARE_COLUMNS = (
@@ -116,6 +119,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from raypack.study import run_study
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    out = run_study(cfg)
+    print((out / "report.md").read_text())
+    print(f"study folder: {out} (report.md, report.json, *.png); done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raypack.eval.tasks import refuse_code_execution, resolve_tasks
+
+    specs = resolve_tasks(args.preset, args.tasks)
+    if not specs:
+        raise ValueError("nothing to evaluate: --preset none and no --tasks")
+    refuse_code_execution(specs, args.allow_code_execution)  # before Ray or lm-eval start
+    from raypack.eval.harness import evaluate, evaluate_on_ray, format_results
+
+    options = {"limit": args.limit, "batch_size": args.batch_size, "allow_code_execution": args.allow_code_execution}
+    if args.ray:
+        from raypack.data.pipeline import ensure_ray
+
+        ensure_ray()
+        result = evaluate_on_ray(args.model_dir, specs, num_gpus=args.num_gpus, num_cpus=args.num_cpus, **options)
+    else:
+        result = evaluate(args.model_dir, specs, device=args.device, **options)
+    return _report(format_results(result), result, args.out)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from raypack.data.synth import synth_conversations, write_jsonl
 
@@ -191,6 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("study", help="prepare, train, evaluate and compare every arm; writes the study report")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=cmd_study)
+
+    ev, ev_help = EvalConfig(), {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
+    p = sub.add_parser("eval", help="score a saved checkpoint with lm-evaluation-harness; print the table")
+    p.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
+    p.add_argument("--preset", default=ev.preset, choices=EVAL_PRESETS, help=ev_help["preset"])
+    p.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="TASK[:N]", help=ev_help["tasks"])
+    p.add_argument("--limit", type=int, default=ev.limit, help=ev_help["limit"])
+    p.add_argument("--batch-size", type=int, default=ev.batch_size, help=ev_help["batch_size"])
+    p.add_argument("--allow-code-execution", action="store_true", help=ev_help["allow_code_execution"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="without --ray: auto is cuda "
+                   "when a GPU is visible")
+    p.add_argument("--ray", action="store_true", help="run as a Ray task (joins RAY_ADDRESS or starts Ray locally)")
+    p.add_argument("--num-gpus", type=float, default=ev.num_gpus, help=ev_help["num_gpus"])
+    p.add_argument("--num-cpus", type=float, default=ev.num_cpus, help=ev_help["num_cpus"])
+    p.add_argument("--out", help="also write the scores to this JSON file")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
     p.add_argument("--preset", required=True, choices=list(PRESETS))

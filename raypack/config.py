@@ -86,6 +86,9 @@ class PrepareConfig:
                                    "cluster's CPUs so read tasks are never starved")
     read_num_cpus: float = _field(0.25, "CPUs reserved per read task; differing from actor_num_cpus keeps "
                                   "Ray Data from fusing reading into the tokenizer actors")
+    write_num_cpus: float = _field(0.25, "CPUs reserved per cache-write task; a whole CPU could not be "
+                                   "scheduled beside the actors and a read task on 2 cores, and tokenized "
+                                   "blocks would pile up in the object store until reading ended")
     tokenize_batch_size: int = _field(256, "conversations per tokenizer call")
     block_mb: int = _field(8, "target Ray Data block size in MiB while tokenizing (smaller blocks spread "
                            "one large file over more actors)")
@@ -129,8 +132,13 @@ class TrainConfig:
                                "it; running again with the same name resumes from its latest checkpoint")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
     max_failures: int = _field(0, "worker-group restarts from the latest checkpoint before giving up")
-    log_every: int = _field(1, "rank 0 prints a progress line every N steps (every step is logged to "
+    log_every: int = _field(1, "the driver prints a progress line every N steps (every step is logged to "
                             "metrics.jsonl)")
+    eval_every_steps: int = _field(0, "validation loss (shared held-out split, per token) every N optimizer "
+                                   "steps and at the last step; 0: only at the last step (a study sets about "
+                                   "10 points per run)")
+    schedule_steps: int = _field(0, "length of the LR schedule in optimizer steps (0: the arm's full step "
+                                 "count); a study matching steps sets it")
     max_steps: int = _field(0, "stop after this many optimizer steps (0: every epoch); the LR schedule "
                             "still spans the arm's full step count")
     worker_cpus: float = _field(0.5, "CPUs reserved per Ray Train worker when use_gpu is false")
@@ -204,8 +212,6 @@ class StudyConfig:
                         STUDY_MATCH)
     seeds: int = _field(1, "training seeds per arm (train.seed, train.seed + 1, ...); > 1 reports mean and "
                         "spread")
-    eval_every_steps: int = _field(0, "validation loss every N optimizer steps during training, for the loss "
-                                   "curves (0: about 10 points per run)")
     out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
                       "finished arms are not rerun")
 
@@ -315,7 +321,8 @@ def _validate_train(train: TrainConfig) -> None:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
     if train.precision == "bf16" and not train.use_gpu:
         raise ConfigError("train.precision=bf16 needs train.use_gpu=true; use auto or fp32 on CPU")
-    for key in ("checkpoint_every_steps", "max_failures", "max_steps", "fail_at_step"):
+    for key in ("checkpoint_every_steps", "max_failures", "max_steps", "fail_at_step", "eval_every_steps",
+                "schedule_steps"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(train, key)}")
     if train.log_every < 1:

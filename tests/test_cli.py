@@ -13,13 +13,13 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_compare_on_synthetic_data_reconciles(tmp_path, capsys):
-    rc = main(["compare", "jobs/quickstart.yaml", f"output_dir={tmp_path}", "synth.num_samples=300",
+    rc = main(["compare", "jobs/compare.yaml", f"output_dir={tmp_path}", "synth.num_samples=300",
                "data.max_seq_len=1024"])
     assert rc == 0
     out = capsys.readouterr().out
     for arm in ("padding", "random-cross", "greedy-cross", "bfd-isolated", "bfd-cross"):
         assert arm in out
-    report = json.loads((tmp_path / "quickstart" / "compare.json").read_text())
+    report = json.loads((tmp_path / "compare" / "compare.json").read_text())
     tok = report["tokenize"]
     assert report["num_input_rows"] == 300 == tok["num_conversations"]
     arms = report["arms"]
@@ -30,17 +30,17 @@ def test_compare_on_synthetic_data_reconciles(tmp_path, capsys):
     assert arms["random-cross"]["num_supervised_tokens"] <= tok["num_supervised_tokens"]
     assert arms["padding"]["num_rows"] == tok["num_samples"]
     assert arms["bfd-isolated"]["num_rows"] <= 1.01 * arms["bfd-isolated"]["lower_bound_rows"]
-    assert (tmp_path / "quickstart" / "config.yaml").exists()
+    assert (tmp_path / "compare" / "config.yaml").exists()
 
 
 def test_compare_on_real_formats_with_bad_rows(tmp_path, capsys):
     for name in ("alpaca_small.json", "sharegpt_small.json", "glaive_toolcall_small.json", "bad_rows.jsonl"):
         shutil.copy(FIXTURES / name, tmp_path / name)
-    rc = main(["compare", "jobs/quickstart.yaml", f"output_dir={tmp_path}", f"data.sources=[{tmp_path}]",
+    rc = main(["compare", "jobs/compare.yaml", f"output_dir={tmp_path}", f"data.sources=[{tmp_path}]",
                "data.max_seq_len=512", "pack.arms=[padding, bfd-isolated]"])
     assert rc == 0
-    report = json.loads((tmp_path / "quickstart" / "compare.json").read_text())
-    rejected = [json.loads(line) for line in (tmp_path / "quickstart" / "rejected.jsonl").read_text().splitlines()]
+    report = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    rejected = [json.loads(line) for line in (tmp_path / "compare" / "rejected.jsonl").read_text().splitlines()]
     assert report["num_rejected_rows"] == len(rejected) > 0
     assert report["num_input_rows"] == report["tokenize"]["num_conversations"] + len(rejected)
     assert {r["reason"] for r in rejected} >= {"unparseable_json", "unknown_role", "empty_content"}
@@ -48,14 +48,14 @@ def test_compare_on_real_formats_with_bad_rows(tmp_path, capsys):
 
 def test_strict_mode_fails_with_file_and_row(tmp_path, capsys):
     shutil.copy(FIXTURES / "bad_rows.jsonl", tmp_path / "bad_rows.jsonl")
-    rc = main(["compare", "jobs/quickstart.yaml", f"output_dir={tmp_path}",
+    rc = main(["compare", "jobs/compare.yaml", f"output_dir={tmp_path}",
                f"data.sources=[{tmp_path / 'bad_rows.jsonl'}]", "data.strict=true"])
     assert rc == 2
     assert "bad_rows.jsonl:3" in capsys.readouterr().err
 
 
 def test_config_errors_exit_2_and_name_the_key(capsys):
-    assert main(["compare", "jobs/quickstart.yaml", "pack.windw=3"]) == 2
+    assert main(["compare", "jobs/compare.yaml", "pack.windw=3"]) == 2
     assert "pack.windw" in capsys.readouterr().err
 
 

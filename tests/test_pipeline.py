@@ -23,7 +23,7 @@ ARMS = "[padding, random-cross, greedy-cross, bfd-isolated, bfd-cross]"
 
 
 def config(tmp_path, *overrides):
-    return load_config("jobs/quickstart.yaml", [f"prepare.output_dir={tmp_path / 'prepared'}",
+    return load_config("jobs/compare.yaml", [f"prepare.output_dir={tmp_path / 'prepared'}",
                                                 "data.max_seq_len=512", f"pack.arms={ARMS}", *overrides])
 
 
@@ -175,7 +175,7 @@ def test_uri_and_hub_style_sources(ray_local, real_files, tmp_path):
 def test_prepare_command_prints_the_manifest_table(ray_local, tmp_path, capsys):
     from raypack.cli import main
 
-    rc = main(["prepare", "jobs/quickstart.yaml", f"prepare.output_dir={tmp_path}", "synth.num_samples=120",
+    rc = main(["prepare", "jobs/compare.yaml", f"prepare.output_dir={tmp_path}", "synth.num_samples=120",
                "data.max_seq_len=512", "pack.arms=[padding, bfd-isolated]"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -185,7 +185,7 @@ def test_prepare_command_prints_the_manifest_table(ray_local, tmp_path, capsys):
 def test_prepared_folders_are_absolute(ray_local, tmp_path, monkeypatch):
     """A relative prepare.output_dir still gives folders that workers in another directory can open."""
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(str(Path(__file__).parent.parent / "jobs" / "quickstart.yaml"),
+    cfg = load_config(str(Path(__file__).parent.parent / "jobs" / "compare.yaml"),
                       ["prepare.output_dir=relative-prepared", "synth.num_samples=60", "data.max_seq_len=256",
                        "pack.arms=[padding]"])
     folders = prepare(cfg)

@@ -43,7 +43,7 @@ def train_overrides(tmp_path, *overrides):
 
 
 def train_config(tmp_path, *overrides):
-    return load_config("jobs/quickstart.yaml", train_overrides(tmp_path, *overrides))
+    return load_config("jobs/compare.yaml", train_overrides(tmp_path, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def trained(ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("train")
     overrides = train_overrides(tmp, "train.max_steps=3", "train.checkpoint_every_steps=2")
-    assert main(["train", "jobs/quickstart.yaml", *overrides]) == 0
-    cfg = load_config("jobs/quickstart.yaml", overrides)
+    assert main(["train", "jobs/compare.yaml", *overrides]) == 0
+    cfg = load_config("jobs/compare.yaml", overrides)
     return cfg, {arm: run_dir(cfg, arm) for arm in ARMS}
 
 

@@ -296,7 +296,7 @@ def tokenize_to_cache(cfg: Config, tok_dir: Path) -> dict:
     staging = tok_dir / "tokenized.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        ds.write_parquet(str(staging))
+        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": prep.write_num_cpus})
     except Exception as err:  # Ray wraps a worker's exception; surface ours as itself
         raise _user_error(err) or err
     counts = summarise_tokenized(_sorted_parquet_files(staging))

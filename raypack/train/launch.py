@@ -19,6 +19,9 @@ keeps only checkpointed metrics in its Result, so the per-step log is ours.
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,7 +48,7 @@ def run_dir(cfg: Config, arm: str) -> Path:
     return storage_path(cfg) / run_name(cfg, arm) / "raypack"
 
 
-def build_trainer(cfg: Config, arm: str, folder: str) -> TorchTrainer:
+def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm."""
     train = cfg.train
     scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
@@ -53,7 +56,8 @@ def build_trainer(cfg: Config, arm: str, folder: str) -> TorchTrainer:
     run = RunConfig(name=run_name(cfg, arm), storage_path=str(storage_path(cfg)),
                     failure_config=FailureConfig(max_failures=train.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2))
-    loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm))}
+    loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
+                   "val_folder": str(val_folder) if val_folder else None}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                         run_config=run)
 
@@ -70,14 +74,15 @@ def arm_config(cfg: Config, folder: str) -> Config:
     return replace(cfg, train=replace(train, global_batch_size=rows))
 
 
-def train_arm(cfg: Config, arm: str, folder: str) -> dict:
+def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None) -> dict:
     """Train one arm; returns a summary (steps, last metrics, paths) read back from the loop's logs."""
     cfg = arm_config(cfg, folder)
     if cfg.train.global_batch_tokens:
         print(f"[{arm}] train.global_batch_tokens={cfg.train.global_batch_tokens}: "
               f"{cfg.train.global_batch_size} rows per optimizer step", flush=True)
     out = run_dir(cfg, arm)
-    result = build_trainer(cfg, arm, folder).fit()
+    with _Progress(out, arm, cfg.train.log_every):
+        result = build_trainer(cfg, arm, folder, val_folder).fit()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics),
             "global_batch_size": cfg.train.global_batch_size, "last": metrics[-1] if metrics else {},
@@ -85,8 +90,76 @@ def train_arm(cfg: Config, arm: str, folder: str) -> dict:
             "model_dir": str(out / "model") if cfg.train.export else None}
 
 
+class _Progress:
+    """The driver's live progress line: follows rank 0's metrics.jsonl while fit() runs.
+
+    One line every train.log_every steps: step / total, loss, tokens/s, padding,
+    validation loss when computed, ETA. Printed by the driver, so it shows once
+    (worker output reaches the driver through Ray's log streaming, which may
+    repeat lines) and also when the workers run on other nodes.
+    """
+
+    def __init__(self, run_dir: Path, arm: str, every: int, interval_s: float = 1.0):
+        self.metrics, self.events, self.arm = run_dir / "metrics.jsonl", run_dir / "events.jsonl", arm
+        self.every, self.interval_s = max(1, every), interval_s
+        self.offset = self.metrics.stat().st_size if self.metrics.exists() else 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.start_time = time.perf_counter()
+        self.steps_seen = 0
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _total(self) -> int | None:
+        try:
+            starts = [json.loads(x) for x in self.events.read_text().splitlines() if x]
+        except (OSError, ValueError):
+            return None
+        starts = [e for e in starts if e.get("event") in ("start", "resume")]
+        return starts[-1].get("stop_step") or starts[-1].get("total_steps") if starts else None
+
+    def _run(self) -> None:
+        while True:
+            stopping = self.stop.wait(self.interval_s)
+            self._poll()
+            if stopping:
+                return
+
+    def _poll(self) -> None:
+        try:
+            with self.metrics.open() as f:
+                if self.offset > os.path.getsize(self.metrics):  # cut back after a resume
+                    self.offset = 0
+                f.seek(self.offset)
+                text = f.read()
+        except OSError:
+            return
+        lines = text.split("\n")
+        self.offset += len(text) - len(lines[-1])
+        total = self._total()
+        for line in lines[:-1]:
+            if not line:
+                continue
+            m = json.loads(line)
+            self.steps_seen += 1
+            if m["step"] % self.every and m["step"] != total:
+                continue
+            elapsed = time.perf_counter() - self.start_time
+            eta = f" ETA {elapsed / self.steps_seen * (total - m['step']):.0f} s" if total else ""
+            val = f" val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+            print(f"[{self.arm}] step {m['step']}/{total or '?'} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                  f"tokens/s {m['tokens_per_sec']:.0f} (rows {m['row_tokens_per_sec']:.0f}) "
+                  f"pad {m['padding_fraction']:.1%}{val}{eta}", flush=True)
+
+
 def train(cfg: Config) -> list[dict]:
     """Prepare (cached) and train every arm of cfg.pack.arms, or only cfg.train.arm."""
     folders = prepare(cfg)
     arms = [cfg.train.arm] if cfg.train.arm else list(cfg.pack.arms)
-    return [train_arm(cfg, arm, folders[arm]) for arm in arms]
+    return [train_arm(cfg, arm, folders[arm], folders.get("val")) for arm in arms]

@@ -24,7 +24,8 @@ Outputs under run_dir (rank 0 unless noted):
     metrics.jsonl            one line per step: loss (per-token mean, the same definition in every
                              arm), lr, grad_norm, step_time_s, tokens_per_sec (real tokens),
                              row_tokens_per_sec (padding included), supervised tokens, samples,
-                             padding_fraction, peak_memory_mb, model_tflops_per_sec (real tokens'
+                             padding_fraction, peak_memory_mb, val_loss (at evaluation steps:
+                             train.eval_every_steps and the last), model_tflops_per_sec (real tokens'
                              FLOPs, raypack.train.flops), mfu (null on CPU or an unknown accelerator)
     rows-rank<r>.jsonl       every rank: {"step", "epoch", "row_index": [...]} per step
     events.jsonl             start / resume / checkpoint / done
@@ -62,6 +63,7 @@ from raypack.data.pipeline import read_manifest, read_rows, steps_per_epoch
 from raypack.model import build_model, load_tokenizer, resolve_attn_implementation
 from raypack.train.engine import full_state_dict, gradient_accumulation_steps, initialize, lr_at, resolve_precision
 from raypack.train.flops import mfu, peak_tflops, step_flops
+from raypack.train.validate import validation_groups, validation_sums
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
 
 CHECKPOINT_TAG = "ds"
@@ -85,8 +87,13 @@ def train_loop_per_worker(config: dict) -> None:
     num_steps_per_epoch = steps_per_epoch(manifest["num_rows"], world_size, train.micro_batch_size, grad_accum)
     total_steps = train.epochs * num_steps_per_epoch
     stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
+    schedule_steps = train.schedule_steps or total_steps
     rows = read_rows(config["folder"])
     pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
+    val = None
+    if config.get("val_folder") and read_manifest(config["val_folder"])["num_rows"] > 0:
+        val_rows = read_rows(config["val_folder"])
+        val = (val_rows, *validation_groups(val_rows, train.micro_batch_size, rank, world_size))
 
     # Model and engine.
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
@@ -107,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
-                "total_steps": total_steps, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
+                "total_steps": total_steps, "stop_step": stop_step, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
                 "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode})
 
     order, order_epoch = None, -1
@@ -126,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
         picked = [rows.take(idx).to_pylist() for idx in indices]
         micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction) for mb_rows in picked]
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
-        lr = lr_at(step, total_steps, cfg.optim)
+        lr = lr_at(step, schedule_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -160,13 +167,13 @@ def train_loop_per_worker(config: dict) -> None:
             "model_tflops_per_sec": totals[5] / step_time_s / 1e12,
             "mfu": mfu(totals[5], step_time_s, world_size, peak),
         }
+        done = step + 1
+        if val and ((train.eval_every_steps and done % train.eval_every_steps == 0) or done == stop_step):
+            metrics["val_loss"] = _validation_loss(engine, val, pad_token_id)
         if replay is not None:
             replay.append((micro_batches, denominator, lr, int(totals[2]), int(totals[3])))
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
-        if rank == 0 and ((step + 1) % train.log_every == 0 or step + 1 == stop_step):
-            _progress(arm, step + 1 - start_step, step + 1, stop_step, metrics, time.perf_counter() - run_start)
 
-        done = step + 1
         if (train.checkpoint_every_steps and done % train.checkpoint_every_steps == 0) \
                 or done % num_steps_per_epoch == 0 or done == stop_step:
             _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank)
@@ -187,6 +194,21 @@ def _model_shape(model) -> dict:
     tied = getattr(model.config, "tie_word_embeddings", False)
     return {"matmul_params": total - (0 if tied else getattr(embedding, "ds_numel", embedding.numel())),
             "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
+
+
+def _validation_loss(engine, val: tuple, pad_token_id: int) -> float:
+    """Per-token loss on the shared validation split, summed over ranks (raypack.train.validate)."""
+    rows, groups, num_forwards = val
+
+    def forward(batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "attention_mask")}
+        return engine(**inputs, use_cache=False).logits
+
+    engine.eval()
+    loss_sum, num_tokens = validation_sums(forward, rows, groups, num_forwards, pad_token_id)
+    engine.train()
+    loss_sum, num_tokens = _sum_over_ranks([loss_sum, num_tokens])
+    return loss_sum / num_tokens if num_tokens else float("nan")
 
 
 def _replay(engine, optimizer, steps: list, train, world_size: int, rank: int, run_dir: Path) -> None:
@@ -238,13 +260,6 @@ def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
-
-
-def _progress(arm: str, steps_run: int, step: int, total: int, metrics: dict, elapsed_s: float) -> None:
-    eta_s = elapsed_s / max(steps_run, 1) * (total - step)
-    print(f"[{arm}] step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-          f"tokens/s {metrics['tokens_per_sec']:.0f} (rows {metrics['row_tokens_per_sec']:.0f}) "
-          f"pad {metrics['padding_fraction']:.1%} ETA {eta_s:.0f} s", flush=True)
 
 
 def _fail_once(run_dir: Path) -> None:

@@ -1,0 +1,1 @@
+"""What comes out: lm-evaluation-harness scores of trained checkpoints (`raypack eval`)."""

@@ -1,0 +1,255 @@
+"""lm-evaluation-harness scores of a local checkpoint, in this process or as a Ray task.
+
+    from raypack.eval.tasks import resolve_tasks
+    result = evaluate("out/quickstart/model", resolve_tasks("offline"), limit=20)
+    print(format_results(result))
+    result = evaluate_on_ray("out/quickstart/model", resolve_tasks("paper"), num_gpus=1,
+                             allow_code_execution=True)
+
+`model_dir` is a Hugging Face checkpoint folder (config.json, safetensors, tokenizer
+files), scored with lm-eval's `hf` backend. The result is JSON-ready:
+
+    {"model": "out/quickstart/model", "seconds": 6.1, "limit": 20,
+     "results": [{"task": "raypack_arithmetic", "metric": "acc", "value": 0.25, "stderr": 0.099,
+                  "num_fewshot": 0}, ...],
+     "num_samples": {"raypack_arithmetic": 20, "raypack_copy": 20}, ...}
+
+The only module that imports lm_eval (STYLE.md); it imports it inside functions, after
+setting the hub-offline variables that `datasets` and `huggingface_hub` read at import.
+raypack's offline tasks are rendered with absolute `data_files` paths, because lm-eval
+resolves a task's local files against the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from raypack.eval.tasks import TaskSpec, refuse_code_execution
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+
+ASSET_DIR = Path(__file__).parents[1] / "assets" / "eval_tasks"
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def evaluate(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: int = 8, device: str = "cpu",
+             allow_code_execution: bool = False, log_samples: bool = False) -> dict:
+    """Score the checkpoint in `model_dir` on `specs`; one result row per task (and group) and metric.
+
+    `limit` > 0 scores at most that many examples per task (smoke runs). With
+    `log_samples`, the result also holds lm-eval's per-example records under "samples".
+    Unknown task names, missing checkpoint files and refused code execution are
+    ValueErrors raised before the model is loaded.
+    """
+    start = time.perf_counter()
+    specs = list(specs)
+    if not specs:
+        raise ValueError("no tasks to evaluate: choose a preset other than 'none' or name tasks")
+    refuse_code_execution(specs, allow_code_execution)
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json); give the folder "
+                         "a trained model was saved to")
+    if all(s.is_offline for s in specs):
+        for key, value in OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
+    manager = task_manager(include_defaults=not all(s.is_offline for s in specs))
+    check_known(specs, manager)
+    objects, leaves = [], []
+    for spec in specs:
+        top, tasks = _load(manager, spec)
+        objects += top
+        leaves += tasks
+    unsafe = tuple(t.task_name for t in leaves if getattr(t, "UNSAFE_CODE", False))
+    refuse_code_execution(specs, allow_code_execution, unsafe)
+    if unsafe:
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # Hugging Face `code_eval` refuses to run without it
+
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(Path(model_dir).resolve())}, tasks=objects,
+        limit=limit or None, batch_size=batch_size, device=_device(device), task_manager=manager,
+        log_samples=log_samples, confirm_run_unsafe_code=allow_code_execution)
+    result = {
+        "model": model_dir,
+        "tasks": [{"name": s.name, "num_fewshot": s.num_fewshot} for s in specs],
+        "limit": limit,
+        "results": result_rows(out),
+        "num_samples": {task: n["effective"] for task, n in out.get("n-samples", {}).items()},
+        "lm_eval_version": lm_eval.__version__,
+        "device": _device(device),
+    }
+    if log_samples:
+        result["samples"] = json.loads(json.dumps(out["samples"], default=_to_json))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: int = 8,
+                    allow_code_execution: bool = False, num_gpus: float = 0.0, num_cpus: float = 0.5,
+                    log_samples: bool = False) -> dict:
+    """`evaluate` as one Ray task holding `num_gpus` GPUs (device cuda when > 0) and `num_cpus` CPUs.
+
+    Ray must already be initialized (the CLI calls `raypack.data.pipeline.ensure_ray`).
+    Local paths are made absolute here, so they must be visible from the worker's node.
+    """
+    import ray
+
+    refuse_code_execution(list(specs), allow_code_execution)
+    specs = [TaskSpec(str(Path(s.name).resolve()), s.num_fewshot) if s.is_path else s for s in specs]
+    remote = ray.remote(evaluate).options(num_gpus=num_gpus, num_cpus=num_cpus, max_retries=0)
+    result = ray.get(remote.remote(str(Path(model_dir).resolve()), specs, limit=limit, batch_size=batch_size,
+                                   device="cuda" if num_gpus > 0 else "cpu",
+                                   allow_code_execution=allow_code_execution, log_samples=log_samples))
+    result["model"] = model_dir
+    return result
+
+
+@functools.cache
+def offline_task_dir() -> Path:
+    """raypack's task YAMLs with absolute `data_files`, in a folder named after their content.
+
+    Every process renders (or finds) the same files, so nothing is left to clean up;
+    files are written under a temporary name and renamed, so concurrent writers are safe.
+    """
+    rendered = {}
+    for path in sorted(ASSET_DIR.glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        files = cfg.get("dataset_kwargs", {}).get("data_files")
+        if files:
+            cfg["dataset_kwargs"]["data_files"] = {split: str(ASSET_DIR / name) for split, name in files.items()}
+        rendered[path.name] = yaml.safe_dump(cfg, sort_keys=False)
+    digest = hashlib.sha256(json.dumps(rendered, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"raypack-eval-tasks-{os.getuid()}-{digest}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        if not (out / name).is_file() or (out / name).read_text() != text:
+            tmp = out / f".{name}.{os.getpid()}"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
+    return out
+
+
+@functools.cache
+def task_manager(include_defaults: bool = True) -> TaskManager:
+    """lm-eval's task registry plus raypack's offline tasks, built once per process.
+
+    Indexing lm-eval's ~15k built-in task names takes seconds, so runs of only raypack's
+    offline tasks skip it (`include_defaults=False`).
+    """
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(offline_task_dir()), include_defaults=include_defaults)
+
+
+def check_known(specs: list[TaskSpec], manager: TaskManager) -> None:
+    """Raise a ValueError naming every spec that is neither a registered name nor an existing YAML."""
+    problems = []
+    for spec in specs:
+        if spec.is_path and not Path(spec.name).is_file():
+            problems.append(f"{spec.name} (no such task YAML)")
+        elif not spec.is_path and spec.name not in manager.task_index:
+            close = difflib.get_close_matches(spec.name, manager.all_tasks, n=3)
+            problems.append(spec.name + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if problems:
+        raise ValueError(f"unknown lm-eval task(s): {'; '.join(problems)}. Names are lm-eval's task, group or "
+                         "tag names (`lm-eval ls tasks`), raypack_offline's tasks, or paths to task YAMLs")
+
+
+def _load(manager: TaskManager, spec: TaskSpec) -> tuple[list, list]:
+    """The spec's top-level lm-eval objects (a group, a task or a tag's tasks) and its leaf tasks.
+
+    A set `num_fewshot` goes on every leaf task, 0 included (lm-eval's own num_fewshot
+    argument leaves tasks whose YAML says 0 at 0).
+    """
+    try:
+        loaded = manager.load([spec.name])
+    except ModuleNotFoundError as err:
+        raise ValueError(f"task {spec.name} needs the Python package {err.name!r}; install lm-eval's extras for "
+                         "it (pip install 'lm-eval[ifeval,math]' covers the paper preset)") from err
+    children = {name for kids in loaded.get("group_map", {}).values() for name in kids}
+    top = [g for name, g in loaded.get("groups", {}).items() if name not in children]
+    top += [t for name, t in loaded["tasks"].items() if name not in children]
+    if spec.num_fewshot is not None:
+        for task in loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    return top, list(loaded["tasks"].values())
+
+
+def result_rows(out: dict) -> list[dict]:
+    """One row per task (or group) and metric of lm-eval's results; stderr None where lm-eval has none.
+
+    A metric under a filter other than "none" is named "metric,filter" (gsm8k's
+    "exact_match,strict-match"). A group's num_fewshot is its tasks' when they agree.
+    """
+    shots = _num_fewshot(out)
+    rows = []
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            metric, sep, filter_name = key.partition(",")
+            if not sep or metric.endswith("_stderr"):
+                continue
+            rows.append({"task": task, "metric": metric if filter_name == "none" else key,
+                         "value": _number(value), "stderr": _number(metrics.get(f"{metric}_stderr,{filter_name}")),
+                         "num_fewshot": shots.get(task)})
+    return rows
+
+
+def _num_fewshot(out: dict) -> dict:
+    leaves = {task: n for task, n in out.get("n-shot", {}).items() if task not in out.get("group_subtasks", {})}
+
+    def shots(name: str):
+        if name not in out.get("group_subtasks", {}):
+            return leaves.get(name)
+        values = {shots(child) for child in out["group_subtasks"][name]}
+        return values.pop() if len(values) == 1 else None
+
+    return {name: shots(name) for name in out["results"]}
+
+
+def _number(value) -> float | None:
+    """lm-eval's number, or None for its "N/A" and missing values."""
+    return None if value is None or isinstance(value, str) else float(value)
+
+
+def _to_json(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)  # numpy values, then anything else
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def format_results(result: dict) -> str:
+    """The result as a text table: task, metric, shots, value, stderr ("-" where there is none)."""
+    header = ["task", "metric", "n-shot", "value", "stderr"]
+    cells = [[r["task"], r["metric"], _cell(r["num_fewshot"]), _cell(r["value"]), _cell(r["stderr"])]
+             for r in result["results"]]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(header)]
+
+    def line(row: list[str]) -> str:  # names left-aligned, numbers right-aligned
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+    title = f"{result['model']}: {len(cells)} scores in {result['seconds']:.1f} s"
+    if result.get("limit"):
+        title += f", at most {result['limit']} examples per task"
+    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

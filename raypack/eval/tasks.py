@@ -1,0 +1,117 @@
+"""Which lm-eval tasks a run scores: presets, 'task:N' specs and the code-execution guard.
+
+Pure: imports neither lm_eval nor ray, so configs and the CLI can resolve and refuse
+tasks before anything heavy loads.
+
+    >>> resolve_tasks("paper", ["gsm8k:8", "arc_easy"])[:2]
+    [TaskSpec(name='mmlu', num_fewshot=5), TaskSpec(name='gsm8k', num_fewshot=8)]
+    >>> resolve_tasks("offline", [])
+    [TaskSpec(name='raypack_offline', num_fewshot=None)]
+
+The paper preset uses the task and group names of lm-eval 0.4.13 (tests check each
+exists in the installed registry):
+
+    MMLU 5-shot       mmlu              the 57-subject group, 5 dev-split shots
+    GSM8K 4-shot      gsm8k             train-split shots with worked answers
+    MATH 4-shot       minerva_math      the 4 Minerva prompts (Lewkowycz et al.)
+    BBH 3-shot        bbh_cot_fewshot   the 3 chain-of-thought shots of Suzgun et al.
+                                        (lm-eval's `bbh` group is the same tasks)
+    IFEval 0-shot     ifeval
+    HumanEval 0-shot  humaneval         pass@1; runs model-written code
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OFFLINE_GROUP = "raypack_offline"
+# The tasks shipped in raypack/assets/eval_tasks (scripts/build_eval_tasks.py writes them).
+OFFLINE_TASK_NAMES = (OFFLINE_GROUP, "raypack_arithmetic", "raypack_copy")
+
+# lm-eval task families that execute model-written code (their YAMLs say `unsafe_code: true`).
+CODE_EXECUTION_PREFIXES = ("humaneval", "mbpp", "cruxeval", "longproc")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One thing to score: an lm-eval task, group or tag name, or a task YAML path.
+
+    `num_fewshot` None keeps the task's own default; an int sets it on every task
+    of a group, 0 included.
+    """
+
+    name: str
+    num_fewshot: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TaskSpec:
+        """'gsm8k:4' -> TaskSpec('gsm8k', 4); 'gsm8k' and 'my/task.yaml' keep the default."""
+        name, sep, shots = text.strip().rpartition(":")
+        if not sep:
+            return cls(shots)
+        if not name or not shots.isdigit():
+            raise ValueError(f"eval.tasks: {text!r} is not 'task' or 'task:N' with N a whole number of shots")
+        return cls(name, int(shots))
+
+    @property
+    def is_path(self) -> bool:
+        """A local task YAML rather than a registered name."""
+        return self.name.endswith((".yaml", ".yml"))
+
+    @property
+    def is_offline(self) -> bool:
+        """One of raypack's own offline tasks (no network, shipped with the package)."""
+        return self.name in OFFLINE_TASK_NAMES
+
+
+PRESETS: dict[str, tuple[TaskSpec, ...]] = {
+    "offline": (TaskSpec(OFFLINE_GROUP),),
+    "paper": (TaskSpec("mmlu", 5), TaskSpec("gsm8k", 4), TaskSpec("minerva_math", 4),
+              TaskSpec("bbh_cot_fewshot", 3), TaskSpec("ifeval", 0), TaskSpec("humaneval", 0)),
+    "none": (),
+}
+
+
+def resolve_tasks(preset: str, tasks: list[str] | tuple[str, ...] = ()) -> list[TaskSpec]:
+    """The preset's tasks, then `tasks` ('name' or 'name:N').
+
+    A task also in the preset replaces the preset's entry in place, so
+    `resolve_tasks("paper", ["gsm8k:8"])` runs GSM8K 8-shot; naming a task twice in
+    `tasks` is an error.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"eval.preset: unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    specs = list(PRESETS[preset])
+    seen: set[str] = set()
+    for text in tasks:
+        spec = TaskSpec.parse(text)
+        if spec.name in seen:
+            raise ValueError(f"eval.tasks: {spec.name!r} is given twice")
+        seen.add(spec.name)
+        same = [i for i, s in enumerate(specs) if s.name == spec.name]
+        if same:
+            specs[same[0]] = spec
+        else:
+            specs.append(spec)
+    return specs
+
+
+def needs_code_execution(name: str) -> bool:
+    """Whether the registered lm-eval task `name` runs model-written code."""
+    return name.startswith(CODE_EXECUTION_PREFIXES)
+
+
+def refuse_code_execution(specs: list[TaskSpec], allow_code_execution: bool, unsafe_tasks: tuple[str, ...] = ()) -> None:
+    """Raise if a task would execute model-written code and that is not allowed.
+
+    Named tasks are checked here, before anything loads; the harness adds
+    `unsafe_tasks`, the tasks lm-eval marks `unsafe_code` once it has parsed them
+    (task YAML paths, groups), before the model is loaded.
+    """
+    risky = [s.name for s in specs if not s.is_path and needs_code_execution(s.name)]
+    risky += [name for name in unsafe_tasks if name not in risky]
+    if risky and not allow_code_execution:
+        raise ValueError(
+            f"{', '.join(risky)} would run code written by the model being evaluated; set "
+            "eval.allow_code_execution=true (raypack eval --allow-code-execution) to allow it, "
+            "preferably in a sandboxed container, or drop the task")

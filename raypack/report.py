@@ -1,0 +1,173 @@
+"""The study report: the arms side by side, as report.json, report.md and PNG plots (pure: no ray).
+
+Input: one record per (arm, seed) run, as `raypack.study` writes them to
+`<study>/runs/<arm>/seed<k>/result.json`:
+
+    {"arm", "seed", "steps", "fit_seconds", "train_seconds", "samples", "tokens", "row_tokens",
+     "final_train_loss", "val_loss", "scores": {"task/metric": value}, "manifest": {...},
+     "curve": [{"step", "loss", "val_loss"?, "time_s"}]}
+
+Per arm the report gives the mean over seeds (and the spread, sample standard
+deviation, when there are several) of: optimizer steps, training time,
+samples/s, real tokens/s, padding fraction, rows, truncated/split/dropped
+counts, final train loss, validation loss, every benchmark score, their average
+and the delta of that average vs padding. The plots: train and validation loss
+vs step and vs training time, one line per arm; training time and average
+score per arm as bars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+MANIFEST_COUNTS = ("num_rows", "num_truncated", "num_split", "num_dropped_too_long", "num_dropped_no_supervised")
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float | None]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(records: list[dict]) -> dict:
+    """report.json's content: per arm means and spreads over seeds, in the order arms first appear."""
+    arms: dict[str, list[dict]] = {}
+    for record in records:
+        arms.setdefault(record["arm"], []).append(record)
+    tasks = sorted({t for r in records for t in r.get("scores", {})})
+    out = {"arms": {}, "tasks": tasks, "seeds": sorted({r["seed"] for r in records})}
+    for arm, runs in arms.items():
+        row: dict = {"seeds": [r["seed"] for r in runs]}
+        per_run = {
+            "steps": [r["steps"] for r in runs],
+            "train_seconds": [r["train_seconds"] for r in runs],
+            "fit_seconds": [r["fit_seconds"] for r in runs],
+            "samples_per_sec": [r["samples"] / r["train_seconds"] for r in runs],
+            "tokens_per_sec": [r["tokens"] / r["train_seconds"] for r in runs],
+            "padding_fraction": [1 - r["tokens"] / r["row_tokens"] for r in runs],
+            "final_train_loss": [r["final_train_loss"] for r in runs],
+            "val_loss": [r["val_loss"] for r in runs],
+        }
+        for task in tasks:
+            per_run[f"score:{task}"] = [r.get("scores", {}).get(task) for r in runs]
+        if tasks:
+            per_run["average"] = [statistics.fmean(r["scores"][t] for t in tasks) if all(
+                t in r.get("scores", {}) for t in tasks) else None for r in runs]
+        for key, values in per_run.items():
+            row[key], row[f"{key}_spread"] = _mean_spread(values)
+        for key in MANIFEST_COUNTS:
+            row[key] = runs[0]["manifest"].get(key)
+        out["arms"][arm] = row
+    base = out["arms"].get("padding")
+    for row in out["arms"].values():
+        row["average_delta_vs_padding"] = (row["average"] - base["average"]
+                                           if base and tasks and not math.isnan(base["average"]) else None)
+    return out
+
+
+def _fmt(value, spread=None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    else:
+        text = f"{value:,}"
+    return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def markdown(summary: dict, title: str, notes: list[str]) -> str:
+    arms = summary["arms"]
+    cols = [("steps", "optimizer steps", 0), ("train_seconds", "train time (s)", 1),
+            ("samples_per_sec", "samples/s", 1), ("tokens_per_sec", "real tokens/s", 0),
+            ("padding_fraction", "padding", 3), ("num_rows", "rows", 0), ("num_truncated", "truncated", 0),
+            ("num_split", "split", 0), ("num_dropped_too_long", "dropped (long)", 0),
+            ("final_train_loss", "final train loss", 4), ("val_loss", "val loss", 4)]
+    lines = [f"# {title}", "", *notes, "", "## Cost and loss (the paper's Table 3)", "",
+             "| arm | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for arm, row in arms.items():
+        cells = [_fmt(row[k], row.get(f"{k}_spread"), d) for k, _, d in cols]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    tasks = summary["tasks"]
+    if tasks:
+        lines += ["", "## Benchmarks (the paper's Table 1)", "",
+                  "| arm | " + " | ".join(tasks) + " | average | Δ vs padding |", "|---" * (len(tasks) + 3) + "|"]
+        for arm, row in arms.items():
+            cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_spread")) for t in tasks]
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row['average'], row.get('average_spread'))}"
+                         f" | {_fmt(row['average_delta_vs_padding'])} |")
+    if len(summary["seeds"]) > 1:
+        lines += ["", f"Mean ± sample standard deviation over seeds {summary['seeds']}."]
+    lines += ["", "Plots: loss_vs_step.png, loss_vs_time.png, time_per_arm.png, score_per_arm.png.", ""]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], summary: dict, out: Path) -> list[str]:
+    """The report's PNGs; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    arms = list(summary["arms"])
+    colours = {arm: plt.cm.tab10(i % 10) for i, arm in enumerate(arms)}
+    for x_key, name, label in (("step", "loss_vs_step.png", "optimizer step"),
+                               ("time_s", "loss_vs_time.png", "training time (s)")):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for record in records:
+            curve, colour = record["curve"], colours[record["arm"]]
+            tag = f"{record['arm']} (seed {record['seed']})" if len(summary["seeds"]) > 1 else record["arm"]
+            axes[0].plot([c[x_key] for c in curve], [c["loss"] for c in curve], color=colour, lw=1, label=tag)
+            val = [c for c in curve if c.get("val_loss") is not None]
+            axes[1].plot([c[x_key] for c in val], [c["val_loss"] for c in val], "o-", color=colour, label=tag)
+        for ax, what in zip(axes, ("train loss (per token)", "validation loss (per token)")):
+            ax.set_xlabel(label)
+            ax.set_ylabel(what)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    for key, name, label in (("train_seconds", "time_per_arm.png", "training time (s)"),
+                             ("average", "score_per_arm.png", "average benchmark score")):
+        values = [summary["arms"][a].get(key) for a in arms]
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            continue
+        spreads = [summary["arms"][a].get(f"{key}_spread") or 0.0 for a in arms]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(arms, values, yerr=spreads, color=[colours[a] for a in arms], capsize=4)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(records: list[dict], out: Path, title: str, notes: list[str]) -> dict:
+    """report.json, report.md and the plots into `out`; returns the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(records)
+    summary["title"], summary["notes"] = title, notes
+    summary["plots"] = plot(records, summary, out)
+    (out / "report.json").write_text(json.dumps(_no_nan(summary), indent=2))
+    (out / "report.md").write_text(markdown(summary, title, notes))
+    return summary
+
+
+def _no_nan(value):
+    """NaN (a metric with no value) as null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value

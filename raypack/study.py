@@ -1,0 +1,158 @@
+"""`raypack study`: every arm prepared, trained, evaluated and compared on the same data, model and seeds.
+
+    raypack study jobs/quickstart.yaml [key=value ...]
+
+1. prepare every arm of pack.arms from one tokenization pass, with one shared
+   validation split (raypack.data.pipeline; reused when already prepared);
+2. fit the arms to the comparison asked for (study.match):
+     epochs  every arm trains train.epochs epochs (the paper);
+     steps   every arm takes the fewest optimizer steps any arm takes, its LR
+             schedule spanning exactly those steps;
+     tokens  every arm's optimizer step holds about as many real tokens as a
+             padding step (train.global_batch_tokens, see raypack.train.engine);
+3. per seed (train.seed, train.seed + 1, ...) and arm: train on Ray Train
+   (validation loss every train.eval_every_steps, about 10 points by default),
+   export the model, score it with lm-eval (eval.*) as a Ray task, and write
+   <study>/runs/<arm>/seed<k>/result.json;
+4. report.md, report.json and PNG plots in <study> (raypack.report).
+
+A study that stops resumes where it was: an arm with a result.json is not run
+again, and a half-trained arm resumes from its latest checkpoint (Ray Train).
+With RAY_ADDRESS set it runs on that cluster, else on a local Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from raypack.config import Config, to_dict
+from raypack.data.pipeline import ensure_ray, prepare, read_manifest, steps_per_epoch
+from raypack.eval.tasks import resolve_tasks
+from raypack.report import write_report
+from raypack.train.engine import gradient_accumulation_steps, rows_for_token_batch
+from raypack.train.launch import train_arm
+
+EVAL_POINTS = 10
+
+
+def study_dir(cfg: Config) -> Path:
+    return Path(cfg.study.out or Path(cfg.output_dir) / "study" / cfg.name).resolve()
+
+
+def arm_plan(cfg: Config, folders: dict) -> tuple[dict[str, Config], list[str]]:
+    """Each arm's config under study.match, and notes saying what was matched."""
+    train = cfg.train
+    manifests = {arm: read_manifest(folders[arm]) for arm in cfg.pack.arms}
+    rows_per_pass = train.micro_batch_size * train.num_workers
+    notes = []
+    if cfg.study.match == "tokens" and not train.global_batch_tokens:
+        # Padding's tokens per step, else a full row's worth per global-batch row.
+        ref = manifests.get("padding")
+        tokens = round(train.global_batch_size * (ref["num_tokens"] / ref["num_rows"] if ref else cfg.data.max_seq_len))
+        train = replace(train, global_batch_tokens=tokens)
+        notes.append(f"match tokens: every optimizer step holds about {tokens:,} real tokens "
+                     "(padding's step of train.global_batch_size rows).")
+    plans = {}
+    for arm, manifest in manifests.items():
+        arm_train = train
+        if train.global_batch_tokens:
+            arm_train = replace(arm_train, global_batch_size=rows_for_token_batch(
+                train.global_batch_tokens, manifest["num_tokens"], manifest["num_rows"], rows_per_pass))
+        plans[arm] = replace(cfg, train=arm_train)
+    total = {arm: c.train.epochs * steps_per_epoch(
+        manifests[arm]["num_rows"], c.train.num_workers, c.train.micro_batch_size,
+        gradient_accumulation_steps(c.train, c.train.num_workers)) for arm, c in plans.items()}
+    if cfg.study.match == "steps":
+        fewest = min(total.values())
+        plans = {arm: replace(c, train=replace(c.train, max_steps=fewest, schedule_steps=fewest))
+                 for arm, c in plans.items()}
+        total = dict.fromkeys(total, fewest)
+        notes.append(f"match steps: every arm takes {fewest} optimizer steps (the fewest of any arm at "
+                     f"{cfg.train.epochs} epochs), its LR schedule spanning them.")
+    elif cfg.study.match == "epochs":
+        notes.append(f"match epochs: every arm trains {cfg.train.epochs} epochs, so packed arms take fewer, "
+                     "larger steps (the paper's setting).")
+    if cfg.train.max_steps and cfg.study.match != "steps":
+        total = {arm: min(t, cfg.train.max_steps) for arm, t in total.items()}
+    for arm, c in plans.items():
+        every = c.train.eval_every_steps or max(1, math.ceil(total[arm] / EVAL_POINTS))
+        plans[arm] = replace(c, train=replace(c.train, eval_every_steps=every, export=True))
+    return plans, notes
+
+
+def run_study(cfg: Config) -> Path:
+    """Run (or resume) the study; returns its folder."""
+    out = study_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)  # bad task names fail before any training
+    ensure_ray()
+    folders = prepare(cfg)
+    plans, notes = arm_plan(cfg, folders)
+    records = []
+    for k in range(cfg.study.seeds):
+        seed = cfg.train.seed + k
+        for arm, arm_cfg in plans.items():
+            records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out))
+    title = f"raypack study {cfg.name}: padding or packing?"
+    notes = [f"Data: {_describe_data(cfg)}; model {cfg.model.name_or_path}; max_seq_len {cfg.data.max_seq_len}; "
+             f"loss_reduction {cfg.train.loss_reduction}; {cfg.train.num_workers} workers; "
+             f"validation: {read_manifest(folders['val'])['num_rows']} held-out samples, the same for every arm.",
+             *notes]
+    write_report(records, out, title, notes)
+    print(f"study report: {out / 'report.md'}", flush=True)
+    return out
+
+
+def _describe_data(cfg: Config) -> str:
+    if cfg.data.sources:
+        return ", ".join(cfg.data.sources)
+    return f"synthetic {cfg.synth.preset} x {cfg.synth.num_samples:,} (seed {cfg.synth.seed})"
+
+
+def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) -> dict:
+    """Train, evaluate and record one (arm, seed); reuses a finished result.json."""
+    result_path = out / "runs" / arm / f"seed{seed}" / "result.json"
+    if result_path.exists():
+        print(f"[{arm} seed {seed}] done before: {result_path}", flush=True)
+        return json.loads(result_path.read_text())
+    run_cfg = replace(cfg, name=f"{cfg.name}-seed{seed}",
+                      train=replace(cfg.train, seed=seed, storage_path=cfg.train.storage_path or str(out / "train")))
+    start = time.perf_counter()
+    summary = train_arm(run_cfg, arm, folders[arm], folders["val"])
+    fit_seconds = time.perf_counter() - start
+    metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+               if line]
+    scores = _evaluate(run_cfg, summary["model_dir"], specs) if specs else {}
+    elapsed, curve = 0.0, []
+    for m in metrics:
+        elapsed += m["step_time_s"]
+        curve.append({"step": m["step"], "loss": m["loss"], "time_s": elapsed,
+                      **({"val_loss": m["val_loss"]} if "val_loss" in m else {})})
+    record = {
+        "arm": arm, "seed": seed, "steps": len(metrics), "fit_seconds": fit_seconds,
+        "train_seconds": sum(m["step_time_s"] for m in metrics),
+        "samples": sum(m["num_samples"] for m in metrics), "tokens": sum(m["num_tokens"] for m in metrics),
+        "row_tokens": sum(m["num_row_tokens"] for m in metrics), "final_train_loss": metrics[-1]["loss"],
+        "val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), float("nan")),
+        "global_batch_size": summary["global_batch_size"], "scores": scores,
+        "manifest": read_manifest(folders[arm]), "curve": curve, "model_dir": summary["model_dir"],
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _evaluate(cfg: Config, model_dir: str, specs) -> dict:
+    """lm-eval scores of the exported model as {"task/metric": value} (a Ray task; eval.num_gpus each)."""
+    from raypack.eval.harness import evaluate_on_ray
+
+    ev = cfg.eval
+    result = evaluate_on_ray(model_dir, specs, limit=ev.limit, batch_size=ev.batch_size,
+                             allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
+                             num_cpus=ev.num_cpus)
+    return {f"{r['task']}/{r['metric']}": r["value"] for r in result["results"]}

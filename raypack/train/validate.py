@@ -1,0 +1,80 @@
+"""Validation loss on the shared held-out split: one number, computed the same way for every arm.
+
+The validation split (prepared once, the same conversations for every arm) holds
+one sample per row. Its loss is the mean over every supervised token of the
+split (the `token` rule), each sample attending only to itself, whatever the arm
+trained on: rows are collated in `padding` mode, longest first so a micro-batch
+holds rows of similar length. With several ranks each takes every world_size-th
+micro-batch; every rank runs the same number of forwards (ZeRO-3 gathers
+parameters collectively), a rank with none left repeats its first one with zero
+weight. The sums are all-reduced.
+
+    groups, n = validation_groups(rows, micro_batch_size, rank, world_size)
+    loss_sum, num_tokens = validation_sums(forward, rows, groups, n, pad_token_id)   # in the training loop
+    validation_loss_of_model(model_dir, val_folder)                # `raypack eval --val FOLDER`
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raypack.data.collate import collate
+from raypack.train.loss import token_losses
+
+VAL_COLUMNS = ("input_ids", "labels")
+
+
+def validation_groups(rows: pa.Table, micro_batch_size: int, rank: int,
+                      world_size: int) -> tuple[list[np.ndarray], int]:
+    """This rank's micro-batches as row indices, and how many forwards every rank runs."""
+    lengths = rows.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    order = np.argsort(-lengths, kind="stable")
+    groups = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    return groups[rank::world_size], math.ceil(len(groups) / world_size)
+
+
+@torch.no_grad()
+def validation_sums(forward, rows: pa.Table, groups: list[np.ndarray], num_forwards: int,
+                    pad_token_id: int) -> tuple[float, int]:
+    """(sum of token losses, number of supervised tokens) over this rank's groups of rows.
+
+    `forward(batch) -> logits`. A rank with fewer groups repeats its first with
+    zero weight, so every rank calls forward num_forwards times (a rank with no
+    group at all can only occur when the split has fewer micro-batches than
+    ranks; it then repeats row 0).
+    """
+    table = rows.select(list(VAL_COLUMNS))
+    loss_sum, num_tokens = 0.0, 0
+    for i in range(num_forwards):
+        idx = groups[i] if i < len(groups) else (groups[0] if groups else np.zeros(1, dtype=np.int64))
+        batch = collate(table.take(idx).to_pylist(), "padding", pad_token_id)
+        losses, mask = token_losses(forward(batch), batch["labels"])
+        if i < len(groups):
+            loss_sum += float(losses[mask].sum())
+            num_tokens += int(mask.sum())
+    return loss_sum, num_tokens
+
+
+def validation_loss_of_model(model_dir: str, val_folder: str, micro_batch_size: int = 4,
+                             device: str = "cpu") -> dict:
+    """Validation loss of a saved Hugging Face model on a prepared validation split (one process)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raypack.data.pipeline import read_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    rows = read_rows(val_folder)
+    groups, num_forwards = validation_groups(rows, micro_batch_size, 0, 1)
+
+    def forward(batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        return model(**inputs, use_cache=False).logits
+
+    loss_sum, num_tokens = validation_sums(forward, rows, groups, num_forwards, tokenizer.pad_token_id)
+    return {"val_loss": loss_sum / num_tokens if num_tokens else float("nan"), "val_tokens": num_tokens,
+            "val_rows": rows.num_rows}

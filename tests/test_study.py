@@ -1,0 +1,83 @@
+"""`raypack study` on a local Ray cluster: arms matched as asked, report written, resume skips finished arms.
+
+    .venv/bin/pytest tests/test_study.py -q
+"""
+
+import json
+import math
+
+import pytest
+
+from raypack.config import load_config
+
+ARMS = ["padding", "bfd-isolated"]
+
+
+def study_config(tmp_path, *overrides):
+    return load_config("jobs/quickstart.yaml", [
+        f"study.out={tmp_path / 'study'}", f"prepare.output_dir={tmp_path / 'prepared'}", "synth.num_samples=120",
+        "data.max_seq_len=256", f"pack.arms={json.dumps(ARMS)}", "prepare.num_tokenizer_actors=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    from raypack.data.pipeline import prepare
+
+    tmp = tmp_path_factory.mktemp("study-prep")
+    cfg = study_config(tmp)
+    return tmp, prepare(cfg)
+
+
+def test_match_steps_gives_every_arm_the_fewest_steps_and_a_fitted_schedule(prepared):
+    from raypack.study import arm_plan
+
+    tmp, folders = prepared
+    plans, notes = arm_plan(study_config(tmp, "study.match=steps", "train.epochs=2"), folders)
+    epochs_plans, _ = arm_plan(study_config(tmp, "study.match=epochs", "train.epochs=2"), folders)
+    assert {p.train.max_steps for p in epochs_plans.values()} == {0}
+    fewest = plans["padding"].train.max_steps
+    assert fewest == plans["bfd-isolated"].train.max_steps == plans["bfd-isolated"].train.schedule_steps > 0
+    assert "match steps" in notes[0]
+
+
+def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
+    from raypack.data.pipeline import read_manifest
+    from raypack.study import arm_plan
+
+    tmp, folders = prepared
+    plans, _ = arm_plan(study_config(tmp, "study.match=tokens", "train.global_batch_size=8"), folders)
+    pad, bfd = (read_manifest(folders[a]) for a in ARMS)
+    assert plans["padding"].train.global_batch_size == 8
+    tokens_per_step = 8 * pad["num_tokens"] / pad["num_rows"]
+    bfd_rows = plans["bfd-isolated"].train.global_batch_size
+    assert bfd_rows < 8 and bfd_rows % 4 == 0
+    # The packed step is the multiple of 4 rows (one pass) closest to padding's tokens per step.
+    bfd_row_tokens = bfd["num_tokens"] / bfd["num_rows"]
+    assert abs(bfd_rows * bfd_row_tokens - tokens_per_step) <= 2 * bfd_row_tokens + 1
+
+
+def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, capsys):
+    from raypack.study import run_study
+
+    cfg = study_config(tmp_path, "train.max_steps=3", "eval.limit=4")
+    out = run_study(cfg)
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["arms"]) == ARMS
+    assert report["tasks"], "offline lm-eval scores missing"
+    for arm in ARMS:
+        row = report["arms"][arm]
+        assert row["steps"] == 3 and math.isfinite(row["val_loss"]) and math.isfinite(row["final_train_loss"])
+        assert math.isfinite(row["average"])
+        record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
+        assert [c["step"] for c in record["curve"]] == [1, 2, 3]
+        assert record["curve"][-1]["val_loss"] == pytest.approx(record["val_loss"])
+    assert report["arms"]["padding"]["average_delta_vs_padding"] == 0.0
+    for name in ("report.md", "loss_vs_step.png", "loss_vs_time.png", "time_per_arm.png", "score_per_arm.png"):
+        assert (out / name).exists(), name
+    # Resume: both arms are done, so nothing is trained or evaluated again.
+    capsys.readouterr()
+    before = {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}
+    run_study(cfg)
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == 2
+    assert before == {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}
