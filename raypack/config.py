@@ -128,8 +128,10 @@ class TrainConfig:
     arm: str = _field("", "train only this arm of pack.arms (raypack train ... train.arm=bfd-isolated); "
                       "'' trains every arm in turn")
     storage_path: str = _field("", "Ray Train storage (checkpoints, per-step logs, exported model) as a path "
-                               "every worker can reach; '' is <output_dir>/train. A run is <name>-<arm> in "
-                               "it; running again with the same name resumes from its latest checkpoint")
+                               "every worker can reach, or a URI (s3://bucket/dir, gs://...) for checkpoints "
+                               "only, the logs and model then going to <output_dir>/runs; '' is "
+                               "<output_dir>/train. A run is <name>-<arm> in it; running again with the same "
+                               "name resumes from its latest checkpoint")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
     max_failures: int = _field(0, "worker-group restarts from the latest checkpoint before giving up")
     log_every: int = _field(1, "the driver prints a progress line every N steps (every step is logged to "

@@ -12,8 +12,11 @@ storage path for a fresh run. On CPU each worker reserves train.worker_cpus
 the latest checkpoint up to train.max_failures times.
 
 The loop's own logs (metrics.jsonl, rows-rank<r>.jsonl, events.jsonl) and the
-exported model are written under <storage_path>/<name>/raypack/: Ray Train V2
-keeps only checkpointed metrics in its Result, so the per-step log is ours.
+exported model are written under <storage_path>/<name>/raypack/ (Ray Train V2
+keeps only checkpointed metrics in its Result, so the per-step log is ours).
+train.storage_path may be a URI (s3://bucket/runs, gs://...): Ray Train then
+uploads the checkpoints there and restores from there, and the logs and model
+go to <output_dir>/runs/<name>/raypack/.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from raypack.train.engine import rows_for_token_batch
 from raypack.train.loop import train_loop_per_worker
 
 
-def storage_path(cfg: Config) -> Path:
-    """Absolute storage path of the runs (Ray Train needs it absolute)."""
-    return Path(cfg.train.storage_path or Path(cfg.output_dir) / "train").resolve()
+def storage_path(cfg: Config) -> str:
+    """Ray Train storage for checkpoints: a URI (s3://, gs://, ...) as given, else an absolute path."""
+    path = cfg.train.storage_path or str(Path(cfg.output_dir) / "train")
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def run_name(cfg: Config, arm: str) -> str:
@@ -44,8 +48,13 @@ def run_name(cfg: Config, arm: str) -> str:
 
 
 def run_dir(cfg: Config, arm: str) -> Path:
-    """Where the loop writes its logs and the exported model for this arm."""
-    return storage_path(cfg) / run_name(cfg, arm) / "raypack"
+    """Where the loop writes its logs and the exported model: beside the checkpoints when they are on a
+    filesystem path, else (checkpoints in object storage) under <output_dir>/runs, a path every worker
+    must reach (one node, or a shared filesystem on a cluster)."""
+    storage = storage_path(cfg)
+    if "://" in storage:
+        return Path(cfg.output_dir).resolve() / "runs" / run_name(cfg, arm) / "raypack"
+    return Path(storage) / run_name(cfg, arm) / "raypack"
 
 
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None) -> TorchTrainer:
@@ -53,7 +62,7 @@ def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = N
     train = cfg.train
     scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                             resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
-    run = RunConfig(name=run_name(cfg, arm), storage_path=str(storage_path(cfg)),
+    run = RunConfig(name=run_name(cfg, arm), storage_path=storage_path(cfg),
                     failure_config=FailureConfig(max_failures=train.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2))
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
@@ -105,7 +114,7 @@ class _Progress:
         self.offset = self.metrics.stat().st_size if self.metrics.exists() else 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.start_time = time.perf_counter()
+        self.first_time = time.perf_counter()
         self.steps_seen = 0
 
     def __enter__(self):
@@ -150,8 +159,12 @@ class _Progress:
             self.steps_seen += 1
             if m["step"] % self.every and m["step"] != total:
                 continue
-            elapsed = time.perf_counter() - self.start_time
-            eta = f" ETA {elapsed / self.steps_seen * (total - m['step']):.0f} s" if total else ""
+            # The rate of the steps seen so far (start-up excluded), else this step's own time.
+            now = time.perf_counter()
+            if self.steps_seen == 1:
+                self.first_time = now
+            per_step = (now - self.first_time) / (self.steps_seen - 1) if self.steps_seen > 1 else m["step_time_s"]
+            eta = f" ETA {per_step * (total - m['step']):.0f} s" if total else ""
             val = f" val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
             print(f"[{self.arm}] step {m['step']}/{total or '?'} loss {m['loss']:.4f} lr {m['lr']:.2e} "
                   f"tokens/s {m['tokens_per_sec']:.0f} (rows {m['row_tokens_per_sec']:.0f}) "
