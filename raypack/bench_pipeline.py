@@ -8,7 +8,7 @@ On the same synthetic text and the same cores, in one run:
 3. the pipeline: `prepare` end to end (read, normalise, render, tokenize, mask,
    over-length policy, cache, hold-out, pack, write) with one packed arm, timed
    from a started Ray instance to the last manifest;
-4. peak memory summed over the driver and every Ray process, sampled every 0.5 s,
+4. peak memory summed over the driver and every Ray process, sampled every 1 s,
    two ways: RSS (shared object-store pages count once per process that maps
    them, so it over-counts) and PSS (each shared page split between the
    processes that map it: the sum is the memory really in use).
@@ -75,7 +75,7 @@ def bare_tokenizer(paths: list[str], tokenizer_name: str, batch_size: int = 256)
 class _PeakRss:
     """Samples the summed RSS and PSS of this process and all its descendants (the local Ray processes)."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 1.0):
         self.interval_s, self.peak, self.peak_pss, self._stop = interval_s, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

@@ -136,6 +136,9 @@ class TrainConfig:
     max_failures: int = _field(0, "worker-group restarts from the latest checkpoint before giving up")
     log_every: int = _field(1, "the driver prints a progress line every N steps (every step is logged to "
                             "metrics.jsonl)")
+    balance_tokens: bool = _field(False, "deal each step's rows so every rank gets about the same number of "
+                                  "tokens, rows of similar length sharing a micro-batch (the same rows per "
+                                  "step either way; see raypack.data.order.balanced_step_rows)")
     eval_every_steps: int = _field(0, "validation loss (shared held-out split, per token) every N optimizer "
                                    "steps and at the last step; 0: only at the last step (a study sets about "
                                    "10 points per run)")

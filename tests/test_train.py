@@ -134,15 +134,22 @@ def test_a_killed_worker_resumes_at_the_exact_row(ray_local, tmp_path):
     assert set(trained_rows) <= set(row_index.tolist())
 
 
-def test_cross_arm_with_sample_weighting_trains(ray_local, tmp_path):
-    """cross rows carry segment_ids for the `sample` loss only; the model must not receive them."""
+def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_local, tmp_path):
+    """cross rows carry segment_ids for the `sample` loss only; the model must not receive them.
+    train.storage_path is a URI (file:// here, s3:// on a cluster): the checkpoints go there through
+    Ray Train's storage layer, the logs under output_dir/runs."""
     from raypack.train.launch import train
 
     cfg = train_config(tmp_path, "pack.arms=[bfd-cross]", "train.loss_reduction=sample", "train.max_steps=2",
-                       "train.export=false")
+                       "train.export=false", "train.balance_tokens=true",
+                       f"train.storage_path=file://{tmp_path / 'bucket'}",
+                       f"output_dir={tmp_path / 'out'}")
     (summary,) = train(cfg)
+    assert Path(summary["run_dir"]).is_relative_to(tmp_path / "out" / "runs")
     metrics = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    (checkpoint,) = (tmp_path / "bucket").glob("*/checkpoint_*")
+    assert json.loads((checkpoint / "position.json").read_text())["step"] == 2
 
 
 def read_tensorboard_scalars(folder: Path) -> dict:
@@ -173,3 +180,22 @@ def test_metrics_reach_tensorboard_and_carry_model_flops(trained):
         assert set(scalars["train/tokens_per_sec"]) == {1, 2, 3}
         # On CPU there is no peak to divide by: MFU is left out, the achieved model FLOPs are not.
         assert all(m["mfu"] is None and m["model_tflops_per_sec"] > 0 for m in metrics)
+
+
+def test_balanced_steps_keep_the_step_rows_and_even_out_tokens():
+    from raypack.data.order import balanced_step_rows
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(10, 4000, 200)
+    order = epoch_order(200, seed=1, epoch=0)
+    spreads_plain, spreads_balanced = [], []
+    for step in range(200 // 32):
+        plain = [step_rows(order, step, r, 4, 2, 4) for r in range(4)]
+        balanced = [balanced_step_rows(order, step, r, 4, 2, 4, tokens) for r in range(4)]
+        assert sorted(i for mbs in balanced for mb in mbs for i in mb) == \
+            sorted(i for mbs in plain for mb in mbs for i in mb)
+        assert all(len(mbs) == 4 and all(len(mb) == 2 for mb in mbs) for mbs in balanced)
+        per_rank = [[sum(tokens[i] for mb in mbs for i in mb) for mbs in ranks] for ranks in (plain, balanced)]
+        spreads_plain.append(max(per_rank[0]) - min(per_rank[0]))
+        spreads_balanced.append(max(per_rank[1]) - min(per_rank[1]))
+    assert np.mean(spreads_balanced) < 0.5 * np.mean(spreads_plain)

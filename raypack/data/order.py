@@ -44,3 +44,24 @@ def step_rows(order: np.ndarray, step_in_epoch: int, rank: int, world_size: int,
         start = base + (m * world_size + rank) * micro_batch_size
         out.append(order[start:start + micro_batch_size])
     return out
+
+
+def balanced_step_rows(order: np.ndarray, step_in_epoch: int, rank: int, world_size: int,
+                       micro_batch_size: int, grad_accum: int, row_tokens: np.ndarray) -> list[np.ndarray]:
+    """step_rows with the step's rows dealt so every rank gets about the same number of tokens.
+
+    The same rows as step_rows for the step as a whole (so the epoch, resume and
+    row accounting are unchanged), re-dealt: sorted longest first (ties by row
+    index), dealt snake-wise over the ranks (0, 1, .., W-1, W-1, .., 0) so each
+    rank gets the same number of rows and close token totals, and each rank's rows,
+    still longest first, cut into its micro-batches, so rows of similar length
+    share a micro-batch (less padding in the padding arm). `row_tokens[i]` is row
+    i's real token count (the manifest's `num_tokens` column).
+    """
+    rows = np.concatenate([m for r in range(world_size)
+                           for m in step_rows(order, step_in_epoch, r, world_size, micro_batch_size, grad_accum)])
+    rows = rows[np.lexsort((rows, -np.asarray(row_tokens)[rows]))]
+    lap = np.arange(len(rows)) % (2 * world_size)
+    owner = np.where(lap < world_size, lap, 2 * world_size - 1 - lap)
+    mine = rows[owner == rank]
+    return [mine[m * micro_batch_size:(m + 1) * micro_batch_size] for m in range(grad_accum)]

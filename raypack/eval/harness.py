@@ -60,20 +60,7 @@ def evaluate(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: 
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json); give the folder "
                          "a trained model was saved to")
-    if all(s.is_offline for s in specs):
-        for key, value in OFFLINE_ENV.items():
-            os.environ.setdefault(key, value)
-    manager = task_manager(include_defaults=not all(s.is_offline for s in specs))
-    check_known(specs, manager)
-    objects, leaves = [], []
-    for spec in specs:
-        top, tasks = _load(manager, spec)
-        objects += top
-        leaves += tasks
-    unsafe = tuple(t.task_name for t in leaves if getattr(t, "UNSAFE_CODE", False))
-    refuse_code_execution(specs, allow_code_execution, unsafe)
-    if unsafe:
-        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # Hugging Face `code_eval` refuses to run without it
+    manager, objects = load_tasks(specs, allow_code_execution)
 
     import lm_eval
 
@@ -108,12 +95,37 @@ def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch
 
     refuse_code_execution(list(specs), allow_code_execution)
     specs = [TaskSpec(str(Path(s.name).resolve()), s.num_fewshot) if s.is_path else s for s in specs]
-    remote = ray.remote(evaluate).options(num_gpus=num_gpus, num_cpus=num_cpus, max_retries=0)
+    remote = ray.remote(evaluate).options(num_gpus=num_gpus, num_cpus=num_cpus)
     result = ray.get(remote.remote(str(Path(model_dir).resolve()), specs, limit=limit, batch_size=batch_size,
                                    device="cuda" if num_gpus > 0 else "cpu",
                                    allow_code_execution=allow_code_execution, log_samples=log_samples))
     result["model"] = model_dir
     return result
+
+
+def load_tasks(specs: list[TaskSpec], allow_code_execution: bool) -> tuple[TaskManager, list]:
+    """lm-eval's task registry and the specs' top-level task and group objects, ready to run.
+
+    When every spec is one of raypack's offline tasks, the hub-offline variables are set
+    (they count only before the process first imports lm_eval) and lm-eval's built-in
+    registry is not indexed.
+    """
+    offline = all(s.is_offline for s in specs)
+    if offline:
+        for key, value in OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
+    manager = task_manager(include_defaults=not offline)
+    check_known(specs, manager)
+    objects, leaves = [], []
+    for spec in specs:
+        top, tasks = _load(manager, spec)
+        objects += top
+        leaves += tasks
+    unsafe = tuple(t.task_name for t in leaves if getattr(t, "UNSAFE_CODE", False))
+    refuse_code_execution(specs, allow_code_execution, unsafe)
+    if unsafe:
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # Hugging Face `code_eval` refuses to run without it
+    return manager, objects
 
 
 @functools.cache
@@ -175,9 +187,9 @@ def _load(manager: TaskManager, spec: TaskSpec) -> tuple[list, list]:
     """
     try:
         loaded = manager.load([spec.name])
-    except ModuleNotFoundError as err:
-        raise ValueError(f"task {spec.name} needs the Python package {err.name!r}; install lm-eval's extras for "
-                         "it (pip install 'lm-eval[ifeval,math]' covers the paper preset)") from err
+    except ImportError as err:  # a task's utils.py imports its own dependencies
+        raise ValueError(f"task {spec.name} cannot load: {err}. Install lm-eval's extras for it (pip install "
+                         "'lm-eval[ifeval,math]' covers the paper preset)") from err
     children = {name for kids in loaded.get("group_map", {}).values() for name in kids}
     top = [g for name, g in loaded.get("groups", {}).items() if name not in children]
     top += [t for name, t in loaded["tasks"].items() if name not in children]

@@ -58,7 +58,7 @@ import torch.distributed as dist
 
 from raypack.config import Config, from_dict, to_dict
 from raypack.data.collate import collate
-from raypack.data.order import epoch_order, step_rows
+from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.pipeline import read_manifest, read_rows, steps_per_epoch
 from raypack.model import build_model, load_tokenizer, resolve_attn_implementation
 from raypack.train.engine import full_state_dict, gradient_accumulation_steps, initialize, lr_at, resolve_precision
@@ -89,6 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
     schedule_steps = train.schedule_steps or total_steps
     rows = read_rows(config["folder"])
+    row_tokens = rows.column("num_tokens").to_numpy()
     pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
     val = None
     if config.get("val_folder") and read_manifest(config["val_folder"])["num_rows"] > 0:
@@ -129,7 +130,11 @@ def train_loop_per_worker(config: dict) -> None:
         # This step's micro-batches, fetched up front for the step's loss denominator.
         if epoch != order_epoch:
             order, order_epoch = epoch_order(manifest["num_rows"], train.seed, epoch), epoch
-        indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
+        if train.balance_tokens:
+            indices = balanced_step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size,
+                                         grad_accum, row_tokens)
+        else:
+            indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
         picked = [rows.take(idx).to_pylist() for idx in indices]
         micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction) for mb_rows in picked]
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
