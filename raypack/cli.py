@@ -5,6 +5,8 @@
     raypack train jobs/quickstart.yaml [key=value ...]     # prepare (cached), then train every arm
     raypack train jobs/quickstart.yaml train.arm=bfd-isolated   # one arm only
     raypack study jobs/quickstart.yaml [key=value ...]     # every arm prepared, trained, evaluated, compared
+    raypack sweep jobs/sweep-quick.yaml [key=value ...] [--resume DIR]   # Ray Tune: lr x batch size per arm
+    raypack analyze out/sweep/sweep-quick                  # the sweep's table, plots and lr* ∝ batch^alpha
     raypack eval out/model [--preset offline|paper|none] [--tasks gsm8k:4 ...] [--limit N] [--ray] [--out F.json]
     raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
@@ -130,15 +132,57 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raypack.analyze import load_trials
+    from raypack.sweep import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    out = run_sweep(cfg, resume=args.resume)
+    statuses = [t["status"] for t in load_trials(out)]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    print(f"sweep folder: {out} ({counts}); done in {time.perf_counter() - start:.1f} s; "
+          f"next: raypack analyze {out}")
+    if "error" in statuses or "incomplete" in statuses:
+        print(f"raypack sweep: some trials did not finish; run them with --resume {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from raypack.analyze import analyze
+
+    result = analyze(args.sweep_dir)
+    print((Path(args.sweep_dir) / "analysis.md").read_text())
+    for arm, a in result["alpha"].items():
+        print(f"alpha {arm}: {a['alpha']:.3f} (grid lr*: {a['alpha_grid']:.3f}; {a['num_batch_sizes']} batch sizes"
+              + (f"; bootstrap 95% {a['bootstrap_95'][0]:.3f}..{a['bootstrap_95'][1]:.3f}" if a["bootstrap_95"]
+                 else "") + ")")
+    print(f"wrote trials.csv, trials.parquet, analysis.md, {', '.join(result['plots'])} in {args.sweep_dir}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raypack.eval.tasks import refuse_code_execution, resolve_tasks
 
     specs = resolve_tasks(args.preset, args.tasks)
-    if not specs:
-        raise ValueError("nothing to evaluate: --preset none and no --tasks")
+    if not specs and not args.val:
+        raise ValueError("nothing to evaluate: --preset none, no --tasks and no --val")
     refuse_code_execution(specs, args.allow_code_execution)  # before Ray or lm-eval start
     from raypack.eval.harness import evaluate, evaluate_on_ray, format_results
 
+    result: dict = {"model": args.model_dir, "results": []}
+    if args.val:  # the held-out loss every arm is compared on (raypack.train.validate)
+        from raypack.train.validate import validation_loss_of_model
+
+        import torch
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        val = validation_loss_of_model(args.model_dir, args.val, device=device)
+        print(f"validation loss {val['val_loss']:.4f} over {val['val_tokens']:,} supervised tokens "
+              f"({val['val_rows']:,} held-out samples in {args.val})")
+        if not specs:
+            return _report("", {**result, **val}, args.out)
     options = {"limit": args.limit, "batch_size": args.batch_size, "allow_code_execution": args.allow_code_execution}
     if args.ray:
         from raypack.data.pipeline import ensure_ray
@@ -147,6 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_on_ray(args.model_dir, specs, num_gpus=args.num_gpus, num_cpus=args.num_cpus, **options)
     else:
         result = evaluate(args.model_dir, specs, device=args.device, **options)
+    if args.val:
+        result.update(val)
     return _report(format_results(result), result, args.out)
 
 
@@ -231,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_study)
 
+    p = sub.add_parser("sweep", help="Ray Tune over learning rate x global batch size (x seed) for each arm")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--resume", metavar="DIR", help="finish the sweep in DIR (its folder, sweep.out): finished "
+                   "trials are kept, unfinished and errored ones run again")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("analyze", help="a sweep's trials as trials.csv, analysis.md and plots (lr* per batch size)")
+    p.add_argument("sweep_dir", help="the sweep folder (sweep.out, default <output_dir>/sweep/<name>)")
+    p.set_defaults(func=cmd_analyze)
+
     ev, ev_help = EvalConfig(), {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
     p = sub.add_parser("eval", help="score a saved checkpoint with lm-evaluation-harness; print the table")
     p.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
@@ -244,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run as a Ray task (joins RAY_ADDRESS or starts Ray locally)")
     p.add_argument("--num-gpus", type=float, default=ev.num_gpus, help=ev_help["num_gpus"])
     p.add_argument("--num-cpus", type=float, default=ev.num_cpus, help=ev_help["num_cpus"])
+    p.add_argument("--val", metavar="FOLDER", help="also the per-token loss on a prepared validation split "
+                   "(the val-<hash> folder `raypack prepare` writes), computed as for every study arm")
     p.add_argument("--out", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_eval)
 

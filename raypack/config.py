@@ -221,6 +221,38 @@ class StudyConfig:
                       "finished arms are not rerun")
 
 
+SWEEP_METRICS = ("val_loss", "loss")
+
+
+@dataclass
+class SweepConfig:
+    """`raypack sweep`: a Ray Tune search over learning rate x global batch size (x seed) for each arm; every
+    trial is the base config plus dotted overrides (optim.lr, train.global_batch_size, train.seed)."""
+
+    arms: list[str] = _field([], "arms to sweep, from pack.arms; [] sweeps every arm of pack.arms")
+    lr: list[float] | dict = _field([], "optim.lr values: a list is a grid; {loguniform: [lo, hi], samples: n} "
+                                    "draws n values per (arm, batch size, seed); [] keeps optim.lr. Write "
+                                    "floats as 1.0e-4 (YAML reads 1e-4 as a string)")
+    global_batch_size: list[int] = _field([], "train.global_batch_size grid (rows per optimizer step, each a "
+                                          "multiple of micro_batch_size * num_workers); [] keeps it")
+    seeds: int = _field(1, "training seeds per point (train.seed, train.seed + 1, ...), for error bars")
+    asha: bool = _field(False, "stop poor trials early (ASHA on `metric`, reported at every evaluation step; "
+                        "train.eval_every_steps 0 means about 10 evaluations per trial)")
+    grace_period: int = _field(4, "ASHA: optimizer steps every trial runs before it may be stopped")
+    metric: str = _field("val_loss", "what the sweep minimises: validation loss (shared held-out split, per "
+                         "token) or training loss", SWEEP_METRICS)
+    max_concurrent_trials: int = _field(1, "trials run at once; each holds trial_cpus/trial_gpus for its driver "
+                                        "plus its Ray Train workers, so keep max_concurrent_trials * trial_cpus "
+                                        "+ one trial's workers within the cluster or trials wait forever")
+    trial_cpus: float = _field(0.1, "CPUs reserved by each trial's driver (it only launches the trial's "
+                               "TorchTrainer; the workers reserve train.worker_cpus or a GPU each besides)")
+    trial_gpus: float = _field(0.0, "GPUs reserved by each trial's driver (0: the workers hold the GPUs)")
+    out: str = _field("", "sweep folder (the Ray Tune experiment, and the trials' runs under runs/); '' is "
+                      "<output_dir>/sweep/<name>. `raypack sweep ... --resume <folder>` finishes it")
+    eval_best: bool = _field(False, "score each arm's best trial with lm-eval (eval.*) after the sweep; trials "
+                             "then export their model (otherwise they do not)")
+
+
 @dataclass
 class Config:
     """A raypack run."""
@@ -237,6 +269,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
@@ -250,6 +283,10 @@ def parse_arm(arm: str) -> tuple[str, str | None]:
     return strategy, attention
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)) if typing.get_origin(tp) is None else str(tp)
+
+
 def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin is list:
@@ -260,7 +297,16 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
-        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) > 1:  # the first type that fits (sweep.lr: a list or a mapping)
+            for option in options:
+                try:
+                    return _check_value(key, value, option, meta)
+                except ConfigError:
+                    if isinstance(value, typing.get_origin(option) or option):
+                        raise  # the right kind of value, a wrong item: say which
+            raise ConfigError(f"{key}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
+        (tp,) = options
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -375,7 +421,39 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.arm: {cfg.train.arm!r} is not in pack.arms {cfg.pack.arms}")
     if cfg.model.name_or_path == "tiny" and cfg.data.tokenizer != "tiny":
         raise ConfigError("model.name_or_path=tiny needs data.tokenizer=tiny (its vocabulary is sized for it)")
+    _validate_sweep(cfg)
     return cfg
+
+
+def _validate_sweep(cfg: Config) -> None:
+    sweep = cfg.sweep
+    unknown = [arm for arm in sweep.arms if arm not in cfg.pack.arms]
+    if unknown:
+        raise ConfigError(f"sweep.arms: {unknown} not in pack.arms {cfg.pack.arms}; add them there or drop them")
+    if isinstance(sweep.lr, dict):
+        bounds, samples = sweep.lr.get("loguniform"), sweep.lr.get("samples")
+        if set(sweep.lr) != {"loguniform", "samples"} or not isinstance(samples, int) or samples < 1 \
+                or not isinstance(bounds, list) or len(bounds) != 2 \
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds) \
+                or not 0 < bounds[0] < bounds[1]:
+            raise ConfigError(f"sweep.lr: a mapping must be {{loguniform: [lo, hi], samples: n}} with "
+                              f"0 < lo < hi and n >= 1, got {sweep.lr!r}")
+    elif any(lr <= 0 for lr in sweep.lr):
+        raise ConfigError(f"sweep.lr: every learning rate must be > 0, got {sweep.lr}")
+    rows_per_pass = cfg.train.micro_batch_size * cfg.train.num_workers
+    bad = [b for b in sweep.global_batch_size if b < rows_per_pass or b % rows_per_pass]
+    if bad:
+        raise ConfigError(f"sweep.global_batch_size: {bad} not a positive multiple of train.micro_batch_size * "
+                          f"train.num_workers = {rows_per_pass}")
+    if sweep.global_batch_size and cfg.train.global_batch_tokens:
+        raise ConfigError("sweep.global_batch_size needs train.global_batch_tokens=0 (a token-defined step "
+                          "would replace the swept row counts)")
+    for key in ("seeds", "grace_period", "max_concurrent_trials"):
+        if getattr(sweep, key) < 1:
+            raise ConfigError(f"sweep.{key}: must be >= 1, got {getattr(sweep, key)}")
+    if sweep.trial_cpus < 0 or sweep.trial_gpus < 0 or sweep.trial_cpus + sweep.trial_gpus <= 0:
+        raise ConfigError(f"sweep.trial_cpus / trial_gpus: must be >= 0 and not both 0 (a trial's driver needs a "
+                          f"little, e.g. trial_cpus=0.1), got {sweep.trial_cpus} / {sweep.trial_gpus}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

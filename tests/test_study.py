@@ -5,6 +5,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ ARMS = ["padding", "bfd-isolated"]
 def study_config(tmp_path, *overrides):
     return load_config("jobs/quickstart.yaml", [
         f"study.out={tmp_path / 'study'}", f"prepare.output_dir={tmp_path / 'prepared'}", "synth.num_samples=120",
+        f"output_dir={tmp_path / 'out'}",
         "data.max_seq_len=256", f"pack.arms={json.dumps(ARMS)}", "prepare.num_tokenizer_actors=1", *overrides])
 
 
@@ -45,12 +47,12 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
     from raypack.study import arm_plan
 
     tmp, folders = prepared
-    plans, _ = arm_plan(study_config(tmp, "study.match=tokens", "train.global_batch_size=8"), folders)
+    plans, _ = arm_plan(study_config(tmp, "study.match=tokens", "train.global_batch_size=32"), folders)
     pad, bfd = (read_manifest(folders[a]) for a in ARMS)
-    assert plans["padding"].train.global_batch_size == 8
-    tokens_per_step = 8 * pad["num_tokens"] / pad["num_rows"]
+    assert plans["padding"].train.global_batch_size == 32
+    tokens_per_step = 32 * pad["num_tokens"] / pad["num_rows"]
     bfd_rows = plans["bfd-isolated"].train.global_batch_size
-    assert bfd_rows < 8 and bfd_rows % 4 == 0
+    assert bfd_rows < 32 and bfd_rows % 4 == 0
     # The packed step is the multiple of 4 rows (one pass) closest to padding's tokens per step.
     bfd_row_tokens = bfd["num_tokens"] / bfd["num_rows"]
     assert abs(bfd_rows * bfd_row_tokens - tokens_per_step) <= 2 * bfd_row_tokens + 1
@@ -81,3 +83,18 @@ def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, 
     printed = capsys.readouterr().out
     assert printed.count("done before") == 2
     assert before == {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}
+
+
+def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(ray_local, tmp_path):
+    """`raypack eval MODEL --val FOLDER` (one process, from the saved model) gives the number the training
+    loop computed on the same split with the DeepSpeed engine at the last step."""
+    from raypack.cli import main
+    from raypack.train.launch import train
+
+    cfg = study_config(tmp_path, "pack.arms=[bfd-isolated]", "train.max_steps=2")
+    (summary,) = train(cfg)
+    metrics = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
+    out = tmp_path / "eval.json"
+    assert main(["eval", summary["model_dir"], "--preset", "none", "--val", str(val_folder), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)

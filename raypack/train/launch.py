@@ -57,14 +57,16 @@ def run_dir(cfg: Config, arm: str) -> Path:
     return Path(storage) / run_name(cfg, arm) / "raypack"
 
 
-def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None) -> TorchTrainer:
-    """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm."""
+def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
+    RunConfig (raypack.sweep passes Ray Tune's TuneReportCallback)."""
     train = cfg.train
     scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                             resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
     run = RunConfig(name=run_name(cfg, arm), storage_path=storage_path(cfg),
                     failure_config=FailureConfig(max_failures=train.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=2))
+                    checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
                    "val_folder": str(val_folder) if val_folder else None}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,

@@ -40,6 +40,8 @@ DeepSpeed state (every rank's shards, under tag "ds"), position.json
 ({"step", "epoch", "step_in_epoch"}) and config.json, handed to
 `ray.train.report(..., checkpoint=...)`; Ray restores the latest one after a
 worker failure (train.max_failures) or when the same run is launched again.
+An evaluation step without a checkpoint is reported without one, so that a Ray
+Tune trial (`raypack sweep`) sees every validation loss.
 """
 
 import json
@@ -183,6 +185,10 @@ def train_loop_per_worker(config: dict) -> None:
                 or done % num_steps_per_epoch == 0 or done == stop_step:
             _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank)
             logs.event({"event": "checkpoint", "step": done})
+        elif "val_loss" in metrics:
+            # Without a checkpoint the report misses Result.metrics but reaches the run's callbacks, so Ray
+            # Tune (TuneReportCallback) sees every validation point (raypack.sweep). Collective: every rank.
+            ray.train.report(dict(metrics))
 
     if replay:
         _replay(engine, optimizer, replay, train, world_size, rank, run_dir)

@@ -1,0 +1,434 @@
+"""`raypack analyze SWEEP_DIR`: a sweep's trials as one table, plots, and the learning rate that suits each
+arm at each batch size (pure: reads files, imports no ray).
+
+    raypack analyze out/sweep/sweep-quick
+
+Reads the folder `raypack sweep` writes (raypack.sweep): Tune's trial folders <trial_id>/params.json (the
+trial's overrides) and result.json (what reached Tune), Tune's experiment_state-*.json (trial status; read
+as JSON, nothing unpickled), the base config.yaml, and each trial's own logs under
+runs/<trial_id>-<arm>/raypack/ (metrics.jsonl, events.jsonl). Writes into the same folder:
+
+    trials.csv, trials.parquet  one row per trial: trial_id, arm, lr, global_batch_size, seed, status
+                                (finished, stopped early (ASHA), error, incomplete), steps, planned_steps,
+                                tokens, supervised_tokens, train_seconds (sum of step times), wall_seconds
+                                (Tune's time_total_s), final_train_loss, best_val_loss, best_val_step,
+                                final_val_loss, objective (the final val_loss, or train loss: sweep.metric)
+    analysis.md                 best config per arm; lr* per batch size; the exponent alpha in
+                                lr* ∝ batch^alpha; what each arm loses with the other arm's lr*
+    heatmaps.png, loss_vs_lr.png, best_curves.png, lr_star_vs_batch.png
+
+How lr* and alpha are found, per arm: the objective of finished and early-stopped trials is averaged over
+seeds at each (batch size, lr); lr*(B) is the lr with the lowest mean ("grid lr*"), and the vertex of a
+parabola in log lr through it and its two neighbours ("interpolated lr*"; the grid point itself when it is
+at the edge of the grid, which the notes flag). alpha is the least-squares slope of log lr* against log B
+(interpolated lr*; the grid-lr* slope is shown beside it). With several seeds the same fit is made per
+seed (spread of alpha over seeds) and on 1000 bootstrap resamples of the seeds (95% interval).
+
+    >>> round(fit_alpha([8, 16, 32], [1e-3, 2e-3, 4e-3]), 6)
+    1.0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+DONE = ("finished", "stopped early")
+BOOTSTRAP_RESAMPLES = 1000
+COLUMNS = ["trial_id", "arm", "lr", "global_batch_size", "seed", "status", "steps", "planned_steps", "tokens",
+           "supervised_tokens", "samples", "train_seconds", "wall_seconds", "final_train_loss", "best_val_loss",
+           "best_val_step", "final_val_loss", "objective", "run_dir"]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass  # empty, or cut short by a killed writer
+    return rows
+
+
+def run_summary(metrics: list[dict]) -> dict:
+    """What a run's per-step log (metrics.jsonl) says: last step, final and best losses, totals.
+
+    The keys step, loss and val_loss are those of the loop's own reports, so a trial's last Tune result
+    reads like the others."""
+    val = [(m["step"], m["val_loss"]) for m in metrics
+           if isinstance(m.get("val_loss"), (int, float)) and math.isfinite(m["val_loss"])]
+    best_step, best = min(val, key=lambda v: v[1]) if val else (None, math.nan)
+    return {"step": metrics[-1]["step"] if metrics else 0, "loss": metrics[-1]["loss"] if metrics else math.nan,
+            "val_loss": val[-1][1] if val else math.nan, "best_val_loss": best, "best_val_step": best_step,
+            "num_tokens": sum(m["num_tokens"] for m in metrics),
+            "num_supervised_tokens": sum(m["num_supervised_tokens"] for m in metrics),
+            "num_samples": sum(m["num_samples"] for m in metrics),
+            "train_seconds": sum(m["step_time_s"] for m in metrics)}
+
+
+def _tune_status(sweep: Path) -> dict[str, str]:
+    """trial_id -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) from the newest experiment state."""
+    states = sorted(sweep.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+        return {t["trial_id"]: t["status"] for t in (json.loads(state) for state, _ in trials)}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _status(tune_status: str | None, steps: int, planned: int | None) -> str:
+    if tune_status == "ERROR":
+        return "error"
+    if tune_status == "TERMINATED":
+        return "finished" if planned is None or steps >= planned else "stopped early"
+    return "incomplete"
+
+
+def load_trials(sweep_dir: str | Path) -> list[dict]:
+    """One record per trial of the sweep in `sweep_dir` (the columns of trials.csv)."""
+    sweep = Path(sweep_dir)
+    base = yaml.safe_load((sweep / "config.yaml").read_text()) if (sweep / "config.yaml").exists() else {}
+    defaults = {"optim.lr": base.get("optim", {}).get("lr"),
+                "train.global_batch_size": base.get("train", {}).get("global_batch_size"),
+                "train.seed": base.get("train", {}).get("seed", 0)}
+    objective = "loss" if base.get("sweep", {}).get("metric") == "loss" else "val_loss"
+    statuses = _tune_status(sweep)
+    records = []
+    for params_path in sorted(sweep.glob("*/params.json")):
+        params = {**defaults, **json.loads(params_path.read_text())}
+        results = _read_jsonl(params_path.parent / "result.json")
+        trial_id = results[-1].get("trial_id", params_path.parent.name) if results else params_path.parent.name
+        run = sweep / "runs" / f"{trial_id}-{params['arm']}" / "raypack"
+        summary = run_summary(_read_jsonl(run / "metrics.jsonl"))
+        starts = [e for e in _read_jsonl(run / "events.jsonl") if e.get("event") in ("start", "resume")]
+        planned = starts[-1].get("stop_step") if starts else None
+        tune_status = statuses.get(trial_id) or ("TERMINATED" if results and results[-1].get("done") else None)
+        records.append({
+            "trial_id": trial_id, "arm": params["arm"], "lr": float(params["optim.lr"]),
+            "global_batch_size": int(params["train.global_batch_size"]), "seed": int(params["train.seed"]),
+            "status": _status(tune_status, summary["step"], planned), "steps": summary["step"],
+            "planned_steps": planned, "tokens": summary["num_tokens"],
+            "supervised_tokens": summary["num_supervised_tokens"], "samples": summary["num_samples"],
+            "train_seconds": summary["train_seconds"],
+            "wall_seconds": results[-1].get("time_total_s", math.nan) if results else math.nan,
+            "final_train_loss": summary["loss"], "best_val_loss": summary["best_val_loss"],
+            "best_val_step": summary["best_val_step"], "final_val_loss": summary["val_loss"],
+            "objective": summary[objective], "run_dir": str(run.parent)})
+    return records
+
+
+def fit_alpha(batches, lrs) -> float:
+    """Least-squares slope of log lr against log batch (lr ∝ batch^alpha); nan with < 2 batch sizes."""
+    x, y = np.log(np.asarray(batches, float)), np.log(np.asarray(lrs, float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if len(np.unique(x[ok])) < 2:
+        return math.nan
+    return float(np.polyfit(x[ok], y[ok], 1)[0])
+
+
+def lr_star(lrs, losses) -> tuple[float, float, bool]:
+    """(grid lr*, interpolated lr*, at the grid's edge) at one batch size, lrs ascending."""
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    i = int(np.nanargmin(losses))
+    if i == 0 or i == len(lrs) - 1 or not np.isfinite(losses[i - 1:i + 2]).all():
+        return float(lrs[i]), float(lrs[i]), len(lrs) < 3 or i in (0, len(lrs) - 1)
+    x = np.log(lrs[i - 1:i + 2])
+    a, b, _ = np.polyfit(x, losses[i - 1:i + 2], 2)
+    vertex = -b / (2 * a) if a > 0 else x[1]
+    return float(lrs[i]), float(np.exp(np.clip(vertex, x[0], x[2]))), False
+
+
+def _points(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread of the objective over seeds at each (arm, batch size, lr) of usable trials."""
+    usable = df[df["status"].isin(DONE) & np.isfinite(df["objective"].astype(float))]
+    grouped = usable.groupby(["arm", "global_batch_size", "lr"])["objective"]
+    return grouped.agg(mean="mean", std="std", seeds="count").reset_index()
+
+
+def _lr_star_table(points: pd.DataFrame) -> pd.DataFrame:
+    """Per batch size of one arm: lr* (grid and interpolated), its objective, lrs tried, edge flag."""
+    rows = []
+    for batch, group in points.sort_values("lr").groupby("global_batch_size"):
+        grid, interp, edge = lr_star(group["lr"], group["mean"])
+        rows.append({"global_batch_size": batch, "lr_star": grid, "lr_star_interp": interp, "at_edge": edge,
+                     "objective": float(group["mean"].min()), "num_lrs": len(group)})
+    return pd.DataFrame(rows, columns=["global_batch_size", "lr_star", "lr_star_interp", "at_edge", "objective",
+                                       "num_lrs"])
+
+
+def alpha_estimate(arm_trials: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """alpha for one arm's usable trials: from the seed means, per seed, and bootstrapped over seeds."""
+    table = _lr_star_table(_points(arm_trials))
+    out = {"alpha": fit_alpha(table["global_batch_size"], table["lr_star_interp"]),
+           "alpha_grid": fit_alpha(table["global_batch_size"], table["lr_star"]),
+           "num_batch_sizes": len(table), "table": table, "seed_alphas": [], "bootstrap_95": None}
+    seeds = sorted(arm_trials["seed"].unique())
+    if len(seeds) < 2:
+        return out
+    by_seed = {s: arm_trials[arm_trials["seed"] == s] for s in seeds}
+    for s in seeds:
+        t = _lr_star_table(_points(by_seed[s]))
+        out["seed_alphas"].append(fit_alpha(t["global_batch_size"], t["lr_star_interp"]))
+    rng = np.random.default_rng(0)
+    boots = []
+    for _ in range(resamples):
+        pick = pd.concat([by_seed[s] for s in rng.choice(seeds, size=len(seeds))])
+        t = _lr_star_table(_points(pick))
+        boots.append(fit_alpha(t["global_batch_size"], t["lr_star_interp"]))
+    boots = np.asarray(boots)
+    if np.isfinite(boots).any():
+        out["bootstrap_95"] = tuple(float(v) for v in np.nanpercentile(boots, [2.5, 97.5]))
+    return out
+
+
+def _alpha_notes(arm: str, est: dict) -> list[str]:
+    notes, n = [], est["num_batch_sizes"]
+    if n < 2:
+        notes.append(f"{arm}: {n} batch size with usable trials: alpha needs at least 2 (too few points).")
+    elif n == 2:
+        notes.append(f"{arm}: 2 batch sizes: the line passes through both points exactly, so alpha has no "
+                     "goodness of fit; add batch sizes to test the power law.")
+    edges = [int(b) for b, e in zip(est["table"]["global_batch_size"], est["table"]["at_edge"]) if e]
+    if edges:
+        notes.append(f"{arm}: lr* is at the edge of the lr grid at batch size {edges}: the optimum may lie "
+                     "outside the grid; widen sweep.lr.")
+    if not est["seed_alphas"]:
+        notes.append(f"{arm}: one seed: no uncertainty for alpha (set sweep.seeds >= 2).")
+    elif len(est["seed_alphas"]) < 5:
+        notes.append(f"{arm}: {len(est['seed_alphas'])} seeds: the spread and bootstrap interval are rough.")
+    return notes
+
+
+def best_trials(records: list[dict]) -> dict[str, dict]:
+    """Per arm, the trial with the lowest objective at the arm's best (batch size, lr) point."""
+    df = pd.DataFrame(records, columns=COLUMNS)
+    points = _points(df)
+    best = {}
+    for arm, group in points.groupby("arm", sort=False):
+        top = group.loc[group["mean"].idxmin()]
+        trials = df[(df["arm"] == arm) & (df["global_batch_size"] == top["global_batch_size"])
+                    & np.isclose(df["lr"], top["lr"], rtol=1e-9) & df["status"].isin(DONE)]
+        row = trials.loc[trials["objective"].astype(float).idxmin()].to_dict()
+        best[arm] = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+    return best
+
+
+def transfer(points: pd.DataFrame, stars: dict[str, pd.DataFrame]) -> list[dict]:
+    """How much worse each arm is at another arm's grid lr* (same batch size), when that lr was run."""
+    rows = []
+    for arm, own in stars.items():
+        for other, theirs in stars.items():
+            if other == arm:
+                continue
+            for _, mine in own.iterrows():
+                batch = mine["global_batch_size"]
+                match = theirs[theirs["global_batch_size"] == batch]
+                if match.empty:
+                    continue
+                their_lr = float(match["lr_star"].iloc[0])
+                at = points[(points["arm"] == arm) & (points["global_batch_size"] == batch)
+                            & np.isclose(points["lr"], their_lr, rtol=1e-9)]
+                value = float(at["mean"].iloc[0]) if len(at) else math.nan
+                rows.append({"arm": arm, "global_batch_size": int(batch), "lr_star": mine["lr_star"],
+                             "other_arm": other, "other_lr_star": their_lr, "objective": mine["objective"],
+                             "objective_at_other": value, "worse_by": value - mine["objective"]})
+    return rows
+
+
+def analyze(sweep_dir: str | Path) -> dict:
+    """trials.csv/.parquet, analysis.md and the plots into the sweep folder; returns the key numbers."""
+    sweep = Path(sweep_dir)
+    records = load_trials(sweep)
+    if not records:
+        raise ValueError(f"{sweep}: no trials found (<trial_id>/params.json); is it a `raypack sweep` folder?")
+    df = pd.DataFrame(records, columns=COLUMNS)
+    df.to_csv(sweep / "trials.csv", index=False)
+    df.to_parquet(sweep / "trials.parquet", index=False)
+    points = _points(df)
+    arms = list(dict.fromkeys(df["arm"]))
+    estimates = {arm: alpha_estimate(df[df["arm"] == arm]) for arm in arms}
+    stars = {arm: est["table"] for arm, est in estimates.items()}
+    result = {"num_trials": len(df), "status": df["status"].value_counts().to_dict(),
+              "best": best_trials(records), "transfer": transfer(points, stars),
+              "alpha": {arm: {k: v for k, v in est.items() if k != "table"} for arm, est in estimates.items()},
+              "lr_star": {arm: t.to_dict("records") for arm, t in stars.items()}}
+    result["plots"] = plot(df, points, estimates, result["best"], sweep)
+    best_eval = json.loads((sweep / "best_eval.json").read_text()) if (sweep / "best_eval.json").exists() else {}
+    (sweep / "analysis.md").write_text(markdown(sweep, df, result, estimates, best_eval))
+    return result
+
+
+def _g(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_eval: dict) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in result["status"].items())
+    base = yaml.safe_load((sweep / "config.yaml").read_text()) if (sweep / "config.yaml").exists() else {}
+    metric = base.get("sweep", {}).get("metric", "val_loss")
+    what = "final training loss" if metric == "loss" else "final validation loss (per token, shared held-out split)"
+    lines = [f"# Sweep analysis: {sweep.name}", "", (f"{len(df)} trials: {counts}. Objective: {what}; mean over "
+                                                      "seeds of finished and early-stopped trials."),
+             "", "## Best config per arm", "",
+             "| arm | lr | global batch | objective | seeds | best trial | steps | tokens | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, t in result["best"].items():
+        point = estimates[arm]["table"]
+        mean = point.loc[point["global_batch_size"] == t["global_batch_size"], "objective"]
+        seeds = int(((df["arm"] == arm) & (df["global_batch_size"] == t["global_batch_size"])
+                     & np.isclose(df["lr"], t["lr"]) & df["status"].isin(DONE)).sum())
+        lines.append(f"| {arm} | {_g(t['lr'], 3)} | {t['global_batch_size']} | {_g(float(mean.iloc[0]))} | {seeds} "
+                     f"| {t['trial_id']} | {t['steps']} | {t['tokens']:,} | {_g(t['train_seconds'], 3)} | "
+                     f"{_g(t['wall_seconds'], 3)} |")
+    lines += ["", "## Best learning rate per batch size", "",
+              "| arm | global batch | lr* (grid) | lr* (interpolated) | objective at lr* | lrs tried | edge |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, est in estimates.items():
+        for _, r in est["table"].iterrows():
+            lines.append(f"| {arm} | {int(r['global_batch_size'])} | {_g(r['lr_star'], 3)} | "
+                         f"{_g(r['lr_star_interp'], 3)} | {_g(r['objective'])} | {int(r['num_lrs'])} | "
+                         f"{'yes' if r['at_edge'] else ''} |")
+    lines += ["", "## lr* ∝ batch^alpha", "",
+              "| arm | alpha | alpha (grid lr*) | alpha per seed | spread (sd over seeds) | bootstrap 95% | batch sizes |",
+              "|---|---|---|---|---|---|---|"]
+    notes = []
+    for arm, est in estimates.items():
+        seed_alphas = [a for a in est["seed_alphas"] if math.isfinite(a)]
+        spread = _g(float(np.std(seed_alphas, ddof=1)), 3) if len(seed_alphas) > 1 else "-"
+        boot = "[{}, {}]".format(*(_g(v, 3) for v in est["bootstrap_95"])) if est["bootstrap_95"] else "-"
+        per_seed = ", ".join(_g(a, 3) for a in est["seed_alphas"]) or "-"
+        lines.append(f"| {arm} | {_g(est['alpha'], 3)} | {_g(est['alpha_grid'], 3)} | {per_seed} | {spread} | "
+                     f"{boot} | {est['num_batch_sizes']} |")
+        notes += _alpha_notes(arm, est)
+    lines += [""] + [f"- {n}" for n in notes]
+    if result["transfer"]:
+        lines += ["", "## With the other arm's lr* (same batch size)", "",
+                  "| arm | global batch | own lr* | objective | other arm | its lr* | objective there | worse by |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["transfer"]:
+            lines.append(f"| {r['arm']} | {r['global_batch_size']} | {_g(r['lr_star'], 3)} | {_g(r['objective'])} "
+                         f"| {r['other_arm']} | {_g(r['other_lr_star'], 3)} | {_g(r['objective_at_other'])} | "
+                         f"{_g(r['worse_by'], 3)} |")
+        lines.append("\n'-': that lr was not run for this arm at this batch size.")
+    if best_eval:
+        tasks = sorted({t for e in best_eval.values() for t in e["scores"]})
+        lines += ["", "## lm-eval of each arm's best trial", "", "| arm | trial | " + " | ".join(tasks) + " |",
+                  "|---" * (len(tasks) + 2) + "|"]
+        for arm, e in best_eval.items():
+            lines.append(f"| {arm} | {e['trial_id']} | " + " | ".join(_g(e["scores"].get(t)) for t in tasks) + " |")
+    lines += ["", "Table: trials.csv / trials.parquet. Plots: " + ", ".join(result["plots"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(df: pd.DataFrame, points: pd.DataFrame, estimates: dict, best: dict, out: Path) -> list[str]:
+    """The analysis PNGs; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(estimates)
+    written = []
+    if not points.empty:
+        _heatmaps(plt, points, arms, out / "heatmaps.png")
+        _loss_vs_lr(plt, points, arms, out / "loss_vs_lr.png")
+        _lr_star_vs_batch(plt, estimates, out / "lr_star_vs_batch.png")
+        written += ["heatmaps.png", "loss_vs_lr.png", "lr_star_vs_batch.png"]
+    if best:
+        _best_curves(plt, best, out / "best_curves.png")
+        written.append("best_curves.png")
+    return written
+
+
+def _heatmaps(plt, points: pd.DataFrame, arms: list[str], path: Path) -> None:
+    vmin, vmax = points["mean"].min(), points["mean"].max()
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms) + 1, 4), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        grid = points[points["arm"] == arm].pivot_table(index="lr", columns="global_batch_size", values="mean")
+        image = ax.imshow(np.ma.masked_invalid(grid.to_numpy()), origin="lower", aspect="auto", vmin=vmin,
+                          vmax=vmax, cmap="viridis_r")
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8, color="w")
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{lr:.2g}" for lr in grid.index])
+        ax.set_xlabel("global batch size (rows)")
+        ax.set_ylabel("learning rate")
+        ax.set_title(arm)
+    fig.colorbar(image, ax=axes[0].tolist(), label="objective (mean over seeds)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _loss_vs_lr(plt, points: pd.DataFrame, arms: list[str], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4), squeeze=False, sharey=True)
+    for ax, arm in zip(axes[0], arms):
+        for batch, group in points[points["arm"] == arm].sort_values("lr").groupby("global_batch_size"):
+            ax.errorbar(group["lr"], group["mean"], yerr=group["std"].fillna(0.0), marker="o", capsize=3,
+                        label=f"batch {batch}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(arm)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("objective (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _lr_star_vs_batch(plt, estimates: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, (arm, est) in enumerate(estimates.items()):
+        t, colour = est["table"], plt.cm.tab10(i % 10)
+        if t.empty:
+            continue
+        ax.plot(t["global_batch_size"], t["lr_star_interp"], "o", color=colour,
+                label=f"{arm}: alpha {_g(est['alpha'], 3)}")
+        ax.plot(t["global_batch_size"], t["lr_star"], "x", color=colour, alpha=0.5)
+        if math.isfinite(est["alpha"]):
+            b = np.asarray(t["global_batch_size"], float)
+            c = np.mean(np.log(t["lr_star_interp"]) - est["alpha"] * np.log(b))
+            ax.plot(b, np.exp(c) * b ** est["alpha"], "-", color=colour)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch size (rows)")
+    ax.set_ylabel("best learning rate (o interpolated, x grid)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _best_curves(plt, best: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (arm, trial) in enumerate(best.items()):
+        metrics, colour = _read_jsonl(Path(trial["run_dir"]) / "raypack" / "metrics.jsonl"), plt.cm.tab10(i % 10)
+        tag = f"{arm} (lr {trial['lr']:.2g}, batch {trial['global_batch_size']})"
+        tokens = np.cumsum([m["num_tokens"] for m in metrics])
+        val = [(m["step"], t, m["val_loss"]) for m, t in zip(metrics, tokens) if m.get("val_loss") is not None]
+        axes[0].plot([m["step"] for m in metrics], [m["loss"] for m in metrics], color=colour, lw=1, alpha=0.5)
+        axes[0].plot([v[0] for v in val], [v[2] for v in val], "o-", color=colour, label=tag)
+        axes[1].plot([v[1] for v in val], [v[2] for v in val], "o-", color=colour, label=tag)
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("loss per token (line: train, o: validation)")
+    axes[1].set_xlabel("real tokens trained")
+    axes[1].set_ylabel("validation loss per token")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

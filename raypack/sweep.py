@@ -1,0 +1,250 @@
+"""`raypack sweep`: Ray Tune over learning rate x global batch size (x seed) for each arm; the one module
+touching Ray Tune. `raypack analyze` (raypack.analyze) reads what it leaves.
+
+    raypack sweep jobs/sweep-quick.yaml [key=value ...]
+    raypack sweep jobs/sweep-quick.yaml --resume out/sweep/sweep-quick    # finish an interrupted sweep
+    raypack analyze out/sweep/sweep-quick
+
+1. Every swept arm is prepared once, with the shared validation split (raypack.data.pipeline; reused).
+2. A Tune grid over sweep.arms x sweep.lr x sweep.global_batch_size x seeds (sweep.lr may instead draw
+   log-uniform values). A trial is the base config plus dotted overrides, the same ones the CLI takes:
+       {"arm": "bfd-isolated", "optim.lr": 0.0003, "train.global_batch_size": 16, "train.seed": 0}
+   is `raypack train CONFIG train.arm=bfd-isolated optim.lr=3.0e-4 train.global_batch_size=16 train.seed=0`.
+   The trial's function builds the arm's TorchTrainer (raypack.train.launch.build_trainer) with Tune's
+   TuneReportCallback and calls fit(). The loop reports every evaluation step (step, loss, val_loss, ...)
+   to Ray Train, with or without a checkpoint, and the callback hands every report to Tune while the run
+   trains, so ASHA (sweep.asha) can stop poor trials at rungs counted in optimizer steps. When fit()
+   returns, the trial reports the run's summary (raypack.analyze.run_summary) once more.
+3. The sweep folder (sweep.out):
+       config.yaml                    the resolved base config
+       <trial_id>/                    Tune's trial folder: params.json (the overrides), result.json
+       runs/<trial_id>-<arm>/         the trial's Ray Train run: checkpoints, raypack/metrics.jsonl, events
+       experiment_state-*.json, ...   Tune's experiment state, what --resume restores
+       best_eval.json                 with sweep.eval_best: lm-eval scores of each arm's best trial
+
+Resources: a trial's driver reserves sweep.trial_cpus / trial_gpus; the Ray Train workers it starts reserve
+their own (train.worker_cpus each on CPU, one GPU each on GPU). At most sweep.max_concurrent_trials run at
+once (default 1: on 2 cores a trial holds 0.1 + 2 x 0.5 CPU).
+
+Resume: `Tuner.restore(..., resume_unfinished=True, restart_errored=True)`: finished trials are kept, the
+others run again under their trial id, so their Ray Train run resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from raypack.analyze import best_trials, load_trials, run_summary
+from raypack.config import Config, ConfigError, apply_overrides, from_dict, to_dict, validate
+from raypack.data.pipeline import ensure_ray, prepare, read_manifest, steps_per_epoch
+from raypack.train.engine import gradient_accumulation_steps
+from raypack.train.launch import build_trainer, run_dir
+
+EVAL_POINTS = 10  # validation points per trial when train.eval_every_steps is 0
+# Keys that may differ between a sweep and its --resume: where things run, not what is trained.
+RESUME_MAY_CHANGE = ("sweep.trial_cpus", "sweep.trial_gpus", "sweep.eval_best", "sweep.out", "prepare.",
+                     "eval.", "output_dir")
+
+
+def sweep_dir(cfg: Config) -> Path:
+    return Path(cfg.sweep.out or Path(cfg.output_dir) / "sweep" / cfg.name).resolve()
+
+
+def sweep_arms(cfg: Config) -> list[str]:
+    return list(cfg.sweep.arms or cfg.pack.arms)
+
+
+def _yaml_scalar(value) -> str:
+    """A value as the CLI would write it; floats keep a '.' before any exponent (YAML reads 1e-05 as text)."""
+    if isinstance(value, float):
+        text = repr(float(value))
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+    return json.dumps(value)
+
+
+def trial_overrides(params: dict) -> list[str]:
+    """A trial's parameters as CLI overrides: {"arm": "padding", "optim.lr": 1e-05} -> ["optim.lr=1.0e-05"]."""
+    return [f"{key}={_yaml_scalar(value)}" for key, value in sorted(params.items()) if key != "arm"]
+
+
+def trial_config(base: Config, params: dict) -> Config:
+    """The base config with a trial's overrides, validated like any config."""
+    return validate(from_dict(Config, apply_overrides(to_dict(base), trial_overrides(params))))
+
+
+def planned_steps(cfg: Config, folder: str) -> int:
+    """Optimizer steps a run of this config takes on this arm's rows (as the loop counts them)."""
+    t = cfg.train
+    rows = read_manifest(folder)["num_rows"]
+    total = t.epochs * steps_per_epoch(rows, t.num_workers, t.micro_batch_size,
+                                       gradient_accumulation_steps(t, t.num_workers))
+    return min(total, t.max_steps) if t.max_steps else total
+
+
+def search_space(cfg: Config) -> tuple[dict, int]:
+    """Tune's param_space and num_samples (how many draws of sweep.lr when it is log-uniform)."""
+    from ray import tune
+
+    sweep = cfg.sweep
+    space: dict = {"arm": tune.grid_search(sweep_arms(cfg))}
+    num_samples = 1
+    if isinstance(sweep.lr, dict):
+        space["optim.lr"] = tune.loguniform(*sweep.lr["loguniform"])
+        num_samples = sweep.lr["samples"]
+    elif sweep.lr:
+        space["optim.lr"] = tune.grid_search(list(sweep.lr))
+    if sweep.global_batch_size:
+        space["train.global_batch_size"] = tune.grid_search(list(sweep.global_batch_size))
+    space["train.seed"] = tune.grid_search([cfg.train.seed + k for k in range(sweep.seeds)])
+    return space, num_samples
+
+
+def run_trial(params: dict, base: dict, folders: dict, out: str) -> None:
+    """One trial, run by Tune: the arm's TorchTrainer under the trial's overrides, its own run folder."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    arm, trial_id = params["arm"], tune.get_context().get_trial_id()
+    cfg = trial_config(from_dict(Config, base), params)
+    steps = planned_steps(cfg, folders[arm])
+    cfg = replace(cfg, name=trial_id, train=replace(
+        cfg.train, storage_path=str(Path(out) / "runs"), export=cfg.sweep.eval_best,
+        eval_every_steps=cfg.train.eval_every_steps or max(1, math.ceil(steps / EVAL_POINTS))))
+    start = time.perf_counter()
+    build_trainer(cfg, arm, folders[arm], folders["val"], callbacks=[TuneReportCallback()]).fit()
+    metrics = [json.loads(x) for x in (run_dir(cfg, arm) / "metrics.jsonl").read_text().splitlines() if x]
+    tune.report({**run_summary(metrics), "fit_seconds": time.perf_counter() - start})
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _trial_name(trial) -> str:
+    """arm_lr<lr>_b<batch>_s<seed>, as Tune's progress table shows the trial."""
+    c = trial.config
+    tags = (("lr", "optim.lr"), ("b", "train.global_batch_size"), ("s", "train.seed"))
+    return "_".join([c["arm"]] + [f"{tag}{c[key]:.3g}" if isinstance(c[key], float) else f"{tag}{c[key]}"
+                                  for tag, key in tags if key in c])
+
+
+def _check_resume(cfg: Config, out: Path) -> None:
+    """--resume must train what the sweep started with; only where things run may change."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(out)):
+        raise ValueError(f"--resume {out}: no Ray Tune experiment there (experiment_state-*.json)")
+    saved = _flat(yaml.safe_load((out / "config.yaml").read_text()))
+    given = _flat(to_dict(cfg))
+    changed = sorted(k for k in saved.keys() | given.keys() if saved.get(k) != given.get(k)
+                     and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        raise ConfigError(f"--resume {out}: the config differs from the sweep's ({out / 'config.yaml'}) in "
+                          f"{', '.join(changed)}; resume with that config")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _warn_if_trials_cannot_fit(cfg: Config) -> None:
+    """Trials' drivers holding what one trial's workers need would wait forever; say so up front."""
+    import ray
+
+    s, t = cfg.sweep, cfg.train
+    kind, per_worker, per_trial = ("GPU", 1.0, s.trial_gpus) if t.use_gpu else ("CPU", t.worker_cpus, s.trial_cpus)
+    need = s.max_concurrent_trials * per_trial + t.num_workers * per_worker
+    have = ray.cluster_resources().get(kind, 0.0)
+    if need > have:
+        print(f"warning: {s.max_concurrent_trials} trial drivers x {per_trial} {kind} + one trial's "
+              f"{t.num_workers} workers x {per_worker} {kind} = {need} > the cluster's {have} {kind}: trials may "
+              "wait forever unless the cluster scales up; lower sweep.max_concurrent_trials or "
+              "sweep.trial_cpus/trial_gpus", flush=True)
+
+
+def run_sweep(cfg: Config, resume: str | None = None) -> Path:
+    """Run the sweep (or finish the one in `resume`); returns its folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    out = Path(resume).resolve() if resume else sweep_dir(cfg)
+    if resume:
+        _check_resume(cfg, out)
+    elif tune.Tuner.can_restore(str(out)):
+        raise ValueError(f"a sweep already exists in {out}: finish it with --resume {out}, or set sweep.out "
+                         "or name for a new one")
+    specs = _eval_specs(cfg)  # bad task names fail before any training
+    ensure_ray()
+    arms = sweep_arms(cfg)
+    folders = prepare(replace(cfg, pack=replace(cfg.pack, arms=arms)))
+    folders = {name: str(Path(folder).resolve()) for name, folder in folders.items()}  # trials chdir
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    _warn_if_trials_cannot_fit(cfg)
+    # Checkpoint reports at epoch ends may carry no val_loss; Tune would reject them as incomplete results.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=to_dict(cfg), folders=folders, out=str(out)),
+        {"CPU": cfg.sweep.trial_cpus, "GPU": cfg.sweep.trial_gpus})
+    if resume:
+        tuner = tune.Tuner.restore(str(out), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        space, num_samples = search_space(cfg)
+        batches = cfg.sweep.global_batch_size or [cfg.train.global_batch_size]
+        max_t = max(planned_steps(trial_config(cfg, {"train.global_batch_size": b}), folders[arm])
+                    for arm in arms for b in batches)
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
+                                  reduction_factor=3) if cfg.sweep.asha else None
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode="min", scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent)))
+    tuner.fit()
+    if specs:
+        _evaluate_best(cfg, out, specs)
+    return out
+
+
+def _eval_specs(cfg: Config) -> list:
+    if not cfg.sweep.eval_best:
+        return []
+    from raypack.eval.tasks import resolve_tasks
+
+    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)
+    if not specs:
+        raise ConfigError("sweep.eval_best needs lm-eval tasks: eval.preset is none and eval.tasks is empty")
+    return specs
+
+
+def _evaluate_best(cfg: Config, out: Path, specs) -> None:
+    """lm-eval scores of each arm's best trial (its exported model) into best_eval.json."""
+    from raypack.eval.harness import evaluate_on_ray
+
+    ev, scores = cfg.eval, {}
+    for arm, trial in best_trials(load_trials(out)).items():
+        model_dir = Path(trial["run_dir"]) / "model"
+        print(f"[{arm}] lm-eval on the best trial {trial['trial_id']}: {model_dir}", flush=True)
+        result = evaluate_on_ray(str(model_dir), specs, limit=ev.limit, batch_size=ev.batch_size,
+                                 allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
+                                 num_cpus=ev.num_cpus)
+        scores[arm] = {"trial_id": trial["trial_id"], "lr": trial["lr"], "global_batch_size": trial["global_batch_size"],
+                       "seed": trial["seed"], "scores": {f"{r['task']}/{r['metric']}": r["value"]
+                                                         for r in result["results"]}}
+    (out / "best_eval.json").write_text(json.dumps(scores, indent=2))
