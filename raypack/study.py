@@ -155,4 +155,32 @@ def _evaluate(cfg: Config, model_dir: str, specs) -> dict:
     result = evaluate_on_ray(model_dir, specs, limit=ev.limit, batch_size=ev.batch_size,
                              allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
                              num_cpus=ev.num_cpus)
-    return {f"{r['task']}/{r['metric']}": r["value"] for r in result["results"]}
+    return benchmark_scores(result, specs)
+
+
+def benchmark_scores(result: dict, specs) -> dict:
+    """One score per benchmark, as the paper's table: {"task/metric": value}.
+
+    For each requested task or group: its own first metric when lm-eval reports
+    one (a group with an aggregate, e.g. mmlu's acc), else the first metric of each
+    leaf task under it (a group without an aggregate, e.g. raypack_offline).
+    """
+    first: dict[str, tuple[str, float | None]] = {}
+    for row in result["results"]:
+        first.setdefault(row["task"], (row["metric"], row["value"]))
+    groups = result.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        return [leaf for kid in groups[name] for leaf in leaves(kid)] if name in groups else [name]
+
+    scores = {}
+    for spec in specs:
+        name = Path(spec.name).stem if spec.is_path else spec.name
+        chosen = [name] if name in first else leaves(name)
+        if spec.is_path and name not in first and name not in groups:  # a YAML's task name differs from its file
+            chosen = [t for t in first if not any(t in kids for kids in groups.values()) and t not in groups]
+        for task in chosen:
+            if task in first:
+                metric, value = first[task]
+                scores[f"{task}/{metric}"] = value
+    return scores

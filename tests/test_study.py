@@ -98,3 +98,23 @@ def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(r
     out = tmp_path / "eval.json"
     assert main(["eval", summary["model_dir"], "--preset", "none", "--val", str(val_folder), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
+
+
+def test_one_score_per_benchmark_group_aggregate_or_leaf_tasks():
+    from raypack.eval.tasks import TaskSpec
+    from raypack.study import benchmark_scores
+
+    offline = {"results": [{"task": "raypack_arithmetic", "metric": "acc", "value": 0.2},
+                           {"task": "raypack_arithmetic", "metric": "acc_norm", "value": 0.3},
+                           {"task": "raypack_copy", "metric": "exact_match", "value": 0.0}],
+               "group_subtasks": {"raypack_offline": ["raypack_arithmetic", "raypack_copy"]}}
+    assert benchmark_scores(offline, [TaskSpec("raypack_offline")]) == {
+        "raypack_arithmetic/acc": 0.2, "raypack_copy/exact_match": 0.0}
+    paper = {"results": [{"task": "mmlu", "metric": "acc", "value": 0.6},
+                         {"task": "mmlu_humanities", "metric": "acc", "value": 0.5},
+                         {"task": "mmlu_law", "metric": "acc", "value": 0.4},
+                         {"task": "gsm8k", "metric": "exact_match,strict-match", "value": 0.3},
+                         {"task": "gsm8k", "metric": "exact_match,flexible-extract", "value": 0.35}],
+             "group_subtasks": {"mmlu": ["mmlu_humanities"], "mmlu_humanities": ["mmlu_law"]}}
+    assert benchmark_scores(paper, [TaskSpec("mmlu", 5), TaskSpec("gsm8k", 4)]) == {
+        "mmlu/acc": 0.6, "gsm8k/exact_match,strict-match": 0.3}

@@ -73,6 +73,7 @@ def evaluate(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: 
         "tasks": [{"name": s.name, "num_fewshot": s.num_fewshot} for s in specs],
         "limit": limit,
         "results": result_rows(out),
+        "group_subtasks": {g: list(kids) for g, kids in out.get("group_subtasks", {}).items()},
         "num_samples": {task: n["effective"] for task, n in out.get("n-samples", {}).items()},
         "lm_eval_version": lm_eval.__version__,
         "device": _device(device),
