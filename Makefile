@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up from this repo's own files.
-#   make quickstart   # the main job
+#   make quickstart   # the main job: the quickstart study (every arm trained, evaluated, compared)
 #   make test         # the test suite (what CI runs)
 .PHONY: setup test quickstart
 
@@ -10,4 +10,4 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 quickstart: setup
-	.venv/bin/raypack compare jobs/quickstart.yaml
+	.venv/bin/raypack study jobs/quickstart.yaml
