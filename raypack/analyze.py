@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,11 @@ def run_summary(metrics: list[dict]) -> dict:
             "train_seconds": sum(m["step_time_s"] for m in metrics)}
 
 
-def _tune_status(sweep: Path) -> dict[str, str]:
-    """trial_id -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) from the newest experiment state."""
-    states = sorted(sweep.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+def tune_statuses(sweep: Path) -> dict[str, str]:
+    """trial_id -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) from the latest session's experiment state
+    (a resumed sweep leaves one file per session, named by its start time; mtimes say nothing, as every file
+    is copied to storage again at the end)."""
+    states = sorted(sweep.glob("experiment_state-*.json"))
     if not states:
         return {}
     try:
@@ -101,7 +104,7 @@ def load_trials(sweep_dir: str | Path) -> list[dict]:
                 "train.global_batch_size": base.get("train", {}).get("global_batch_size"),
                 "train.seed": base.get("train", {}).get("seed", 0)}
     objective = "loss" if base.get("sweep", {}).get("metric") == "loss" else "val_loss"
-    statuses = _tune_status(sweep)
+    statuses = tune_statuses(sweep)
     records = []
     for params_path in sorted(sweep.glob("*/params.json")):
         params = {**defaults, **json.loads(params_path.read_text())}
@@ -132,7 +135,7 @@ def fit_alpha(batches, lrs) -> float:
     ok = np.isfinite(x) & np.isfinite(y)
     if len(np.unique(x[ok])) < 2:
         return math.nan
-    return float(np.polyfit(x[ok], y[ok], 1)[0])
+    return float(np.round(np.polyfit(x[ok], y[ok], 1)[0], 9)) + 0.0  # no -1e-16 for a flat lr*
 
 
 def lr_star(lrs, losses) -> tuple[float, float, bool]:
@@ -147,10 +150,14 @@ def lr_star(lrs, losses) -> tuple[float, float, bool]:
     return float(lrs[i]), float(np.exp(np.clip(vertex, x[0], x[2]))), False
 
 
+def _usable(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished and early-stopped trials with a finite objective."""
+    return df[df["status"].isin(DONE) & np.isfinite(df["objective"].astype(float))]
+
+
 def _points(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread of the objective over seeds at each (arm, batch size, lr) of usable trials."""
-    usable = df[df["status"].isin(DONE) & np.isfinite(df["objective"].astype(float))]
-    grouped = usable.groupby(["arm", "global_batch_size", "lr"])["objective"]
+    grouped = _usable(df).groupby(["arm", "global_batch_size", "lr"])["objective"]
     return grouped.agg(mean="mean", std="std", seeds="count").reset_index()
 
 
@@ -166,28 +173,40 @@ def _lr_star_table(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def alpha_estimate(arm_trials: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
-    """alpha for one arm's usable trials: from the seed means, per seed, and bootstrapped over seeds."""
+    """alpha for one arm's trials: from the seed means, per seed, and bootstrapped over seeds."""
     table = _lr_star_table(_points(arm_trials))
     out = {"alpha": fit_alpha(table["global_batch_size"], table["lr_star_interp"]),
            "alpha_grid": fit_alpha(table["global_batch_size"], table["lr_star"]),
            "num_batch_sizes": len(table), "table": table, "seed_alphas": [], "bootstrap_95": None}
-    seeds = sorted(arm_trials["seed"].unique())
-    if len(seeds) < 2:
+    seeds = sorted(_usable(arm_trials)["seed"].unique())
+    if len(seeds) < 2 or table.empty:
         return out
-    by_seed = {s: arm_trials[arm_trials["seed"] == s] for s in seeds}
-    for s in seeds:
-        t = _lr_star_table(_points(by_seed[s]))
-        out["seed_alphas"].append(fit_alpha(t["global_batch_size"], t["lr_star_interp"]))
+    # (batch size, lr) x seed matrix of the objective; a resample of seeds averages some of its columns.
+    matrix = _usable(arm_trials).pivot_table(index=["global_batch_size", "lr"], columns="seed",
+                                             values="objective", aggfunc="mean")
+    keys = matrix.index.to_frame(index=False).sort_values(["global_batch_size", "lr"])
+    groups = [(batch, rows.index.to_numpy(), rows["lr"].to_numpy()) for batch, rows in keys.groupby("global_batch_size")]
+    values = matrix.to_numpy()
+    out["seed_alphas"] = [_alpha_of(groups, values[:, j]) for j in range(values.shape[1])]
     rng = np.random.default_rng(0)
-    boots = []
-    for _ in range(resamples):
-        pick = pd.concat([by_seed[s] for s in rng.choice(seeds, size=len(seeds))])
-        t = _lr_star_table(_points(pick))
-        boots.append(fit_alpha(t["global_batch_size"], t["lr_star_interp"]))
-    boots = np.asarray(boots)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a (batch, lr) that no resampled seed ran
+        boots = np.array([_alpha_of(groups, np.nanmean(values[:, rng.integers(0, len(seeds), len(seeds))], axis=1))
+                          for _ in range(resamples)])
     if np.isfinite(boots).any():
         out["bootstrap_95"] = tuple(float(v) for v in np.nanpercentile(boots, [2.5, 97.5]))
     return out
+
+
+def _alpha_of(groups: list, means: np.ndarray) -> float:
+    """alpha (interpolated lr*) from mean objectives; groups: (batch size, its rows, their lrs ascending)."""
+    batches, stars = [], []
+    for batch, rows, lrs in groups:
+        ok = np.isfinite(means[rows])
+        if ok.any():
+            batches.append(batch)
+            stars.append(lr_star(lrs[ok], means[rows][ok])[1])
+    return fit_alpha(batches, stars)
 
 
 def _alpha_notes(arm: str, est: dict) -> list[str]:
@@ -213,7 +232,10 @@ def best_trials(records: list[dict]) -> dict[str, dict]:
     df = pd.DataFrame(records, columns=COLUMNS)
     points = _points(df)
     best = {}
-    for arm, group in points.groupby("arm", sort=False):
+    for arm in dict.fromkeys(df["arm"]):
+        group = points[points["arm"] == arm]
+        if group.empty:
+            continue
         top = group.loc[group["mean"].idxmin()]
         trials = df[(df["arm"] == arm) & (df["global_batch_size"] == top["global_batch_size"])
                     & np.isclose(df["lr"], top["lr"], rtol=1e-9) & df["status"].isin(DONE)]

@@ -237,7 +237,8 @@ class SweepConfig:
                                           "multiple of micro_batch_size * num_workers); [] keeps it")
     seeds: int = _field(1, "training seeds per point (train.seed, train.seed + 1, ...), for error bars")
     asha: bool = _field(False, "stop poor trials early (ASHA on `metric`, reported at every evaluation step; "
-                        "train.eval_every_steps 0 means about 10 evaluations per trial)")
+                        "train.eval_every_steps 0 means about 10 evaluations per trial). Rungs count optimizer "
+                        "steps, where a larger batch has seen more tokens: use it with one batch size")
     grace_period: int = _field(4, "ASHA: optimizer steps every trial runs before it may be stopped")
     metric: str = _field("val_loss", "what the sweep minimises: validation loss (shared held-out split, per "
                          "token) or training loss", SWEEP_METRICS)

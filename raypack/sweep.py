@@ -45,7 +45,7 @@ from raypack.analyze import best_trials, load_trials, run_summary
 from raypack.config import Config, ConfigError, apply_overrides, from_dict, to_dict, validate
 from raypack.data.pipeline import ensure_ray, prepare, read_manifest, steps_per_epoch
 from raypack.train.engine import gradient_accumulation_steps
-from raypack.train.launch import build_trainer, run_dir
+from raypack.train.launch import arm_config, build_trainer, run_dir
 
 EVAL_POINTS = 10  # validation points per trial when train.eval_every_steps is 0
 # Keys that may differ between a sweep and its --resume: where things run, not what is trained.
@@ -113,7 +113,7 @@ def run_trial(params: dict, base: dict, folders: dict, out: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     arm, trial_id = params["arm"], tune.get_context().get_trial_id()
-    cfg = trial_config(from_dict(Config, base), params)
+    cfg = arm_config(trial_config(from_dict(Config, base), params), folders[arm])  # train.global_batch_tokens
     steps = planned_steps(cfg, folders[arm])
     cfg = replace(cfg, name=trial_id, train=replace(
         cfg.train, storage_path=str(Path(out) / "runs"), export=cfg.sweep.eval_best,
@@ -206,8 +206,8 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     else:
         space, num_samples = search_space(cfg)
         batches = cfg.sweep.global_batch_size or [cfg.train.global_batch_size]
-        max_t = max(planned_steps(trial_config(cfg, {"train.global_batch_size": b}), folders[arm])
-                    for arm in arms for b in batches)
+        max_t = max(planned_steps(arm_config(trial_config(cfg, {"train.global_batch_size": b}), folders[arm]),
+                                  folders[arm]) for arm in arms for b in batches)
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
                                   reduction_factor=3) if cfg.sweep.asha else None
         tuner = tune.Tuner(

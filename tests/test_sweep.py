@@ -1,0 +1,270 @@
+"""`raypack sweep` and `raypack analyze`: trials as overrides, a killed sweep resumed on a local Ray cluster,
+and the analysis of a sweep recorded by hand in Tune's layout (lr* ∝ batch^alpha recovered exactly).
+
+    .venv/bin/pytest tests/test_sweep.py -q
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raypack.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+# --- trials are overrides ------------------------------------------------------------------------------
+
+
+def test_a_trial_is_the_base_config_plus_cli_overrides():
+    from raypack.sweep import search_space, trial_config, trial_overrides
+
+    base = load_config("jobs/sweep-quick.yaml")
+    params = {"arm": "bfd-isolated", "optim.lr": 1e-05, "train.global_batch_size": 16, "train.seed": 2}
+    assert trial_overrides(params) == ["optim.lr=1.0e-05", "train.global_batch_size=16", "train.seed=2"]
+    cfg = trial_config(base, params)
+    assert (cfg.optim.lr, cfg.train.global_batch_size, cfg.train.seed) == (1e-05, 16, 2)
+    assert cfg.data == base.data and cfg.pack == base.pack
+    assert load_config("jobs/sweep-quick.yaml", trial_overrides(params)) == cfg  # the same as on the CLI
+
+    space, num_samples = search_space(load_config("jobs/sweep-quick.yaml", [
+        "sweep.lr={loguniform: [1.0e-5, 1.0e-3], samples: 4}", "sweep.seeds=2"]))
+    assert num_samples == 4 and space["train.seed"] == {"grid_search": [0, 1]}
+    assert space["arm"] == {"grid_search": ["padding", "bfd-isolated"]}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sweep.arms=[bfd-cross]", "sweep.arms"),
+    ("sweep.global_batch_size=[6]", "sweep.global_batch_size"),
+    ("sweep.lr={loguniform: [1.0e-3, 1.0e-5], samples: 2}", "sweep.lr"),
+    ("sweep.lr=[1e-4]", "sweep.lr[0]"),  # YAML reads 1e-4 as a string: the message names the item
+    ("sweep.trial_cpus=0", "sweep.trial_cpus"),
+])
+def test_bad_sweep_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config("jobs/sweep-quick.yaml", [override])
+
+
+def test_sweep_presets_load():
+    quick, big = load_config("jobs/sweep-quick.yaml"), load_config("jobs/sweep-8b.yaml")
+    assert len(quick.sweep.arms) * len(quick.sweep.lr) * len(quick.sweep.global_batch_size) == 12
+    assert big.model.name_or_path == "meta-llama/Meta-Llama-3-8B" and big.train.use_gpu
+
+
+# --- analysis of a sweep recorded by hand ---------------------------------------------------------------
+
+LRS = [1e-4 * 2.0**k for k in range(-2, 7)]  # 2.5e-5 ... 6.4e-3, a factor 2 apart
+BATCHES = [8, 16, 32]
+LR_STAR = {"padding": lambda b: 1e-4 * (b / 8), "bfd-isolated": lambda b: 4e-4 * (b / 8) ** 0.5}
+
+
+def constructed_loss(arm, batch, lr, seed):
+    """A parabola in log lr with its minimum at LR_STAR[arm](batch); seeds shift it by a constant."""
+    return 2.0 + math.log(lr / LR_STAR[arm](batch)) ** 2 + 0.01 * seed
+
+
+def write_trial(sweep, trial_id, params, losses, status="TERMINATED", stop_step=None):
+    """One trial in Tune's layout (<id>/params.json, result.json) plus its raypack run logs."""
+    (sweep / trial_id).mkdir(parents=True)
+    (sweep / trial_id / "params.json").write_text(json.dumps(params))
+    run = sweep / "runs" / f"{trial_id}-{params['arm']}" / "raypack"
+    run.mkdir(parents=True)
+    metrics = [{"step": i + 1, "loss": v + 0.1, "val_loss": v, "num_tokens": 1000, "num_supervised_tokens": 600,
+                "num_samples": 4, "step_time_s": 0.5} for i, v in enumerate(losses)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run / "events.jsonl").write_text(json.dumps({"event": "start", "step": 0,
+                                                  "stop_step": stop_step or len(losses)}) + "\n")
+    results = [{"step": m["step"], "val_loss": m["val_loss"], "trial_id": trial_id, "time_total_s": 10.0 + m["step"],
+                "done": False} for m in metrics]
+    results[-1]["done"] = status == "TERMINATED"
+    (sweep / trial_id / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
+    return {"trial_id": trial_id, "status": status}
+
+
+@pytest.fixture(scope="module")
+def recorded_sweep(tmp_path_factory):
+    """2 arms x 9 LRs x 3 batch sizes, losses from constructed_loss; padding with seeds 0-2, bfd with seed 0
+    only; plus an errored trial and an unfinished one (both with losses that would move lr* if counted) and
+    one stopped early by ASHA (counted, with its last, poor loss)."""
+    sweep = tmp_path_factory.mktemp("recorded") / "sweep-fixture"
+    sweep.mkdir()
+    (sweep / "config.yaml").write_text(yaml.safe_dump({"name": "fixture", "optim": {"lr": 1e-3},
+                                                       "train": {"global_batch_size": 8, "seed": 0},
+                                                       "sweep": {"metric": "val_loss"}}))
+    states, n = [], 0
+    for arm, seeds in (("padding", [0, 1, 2]), ("bfd-isolated", [0])):
+        for seed in seeds:
+            for batch in BATCHES:
+                for lr in LRS:
+                    params = {"arm": arm, "optim.lr": lr, "train.global_batch_size": batch, "train.seed": seed}
+                    final = constructed_loss(arm, batch, lr, seed)
+                    states.append(write_trial(sweep, f"t_{n:05d}", params, [final + 1.0, final + 0.5, final]))
+                    n += 1
+    bad = {"arm": "padding", "optim.lr": LRS[-1], "train.global_batch_size": 8, "train.seed": 0}
+    states.append(write_trial(sweep, "t_error", bad, [0.1, 0.1], status="ERROR", stop_step=3))
+    states.append(write_trial(sweep, "t_running", bad, [0.1], status="RUNNING", stop_step=3))
+    states.append(write_trial(sweep, "t_stopped", {**bad, "optim.lr": LRS[0]}, [30.0], stop_step=3))
+    trial_data = [[json.dumps(s), json.dumps({})] for s in states]
+    (sweep / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    from raypack.analyze import analyze
+
+    return sweep, analyze(sweep)
+
+
+def test_analyze_writes_the_table_with_every_trial(recorded_sweep):
+    import pandas as pd
+
+    sweep, result = recorded_sweep
+    table = pd.read_csv(sweep / "trials.csv")
+    assert len(table) == 3 * 27 + 27 + 3 == result["num_trials"]
+    assert pd.read_parquet(sweep / "trials.parquet").shape == table.shape
+    status = dict(zip(table["trial_id"], table["status"]))
+    assert (status["t_error"], status["t_running"], status["t_stopped"]) == ("error", "incomplete", "stopped early")
+    assert (table["status"] == "finished").sum() == 108
+    row = table[table["trial_id"] == "t_00000"].iloc[0]
+    assert (row["arm"], row["lr"], row["global_batch_size"], row["seed"]) == ("padding", LRS[0], 8, 0)
+    assert row["steps"] == row["planned_steps"] == 3 and row["tokens"] == 3000 and row["train_seconds"] == 1.5
+    assert row["final_val_loss"] == pytest.approx(constructed_loss("padding", 8, LRS[0], 0))
+    assert row["best_val_loss"] == row["final_val_loss"] == row["objective"] and row["wall_seconds"] == 13.0
+
+
+def test_analyze_recovers_lr_star_and_alpha(recorded_sweep):
+    _, result = recorded_sweep
+    padding, bfd = result["alpha"]["padding"], result["alpha"]["bfd-isolated"]
+    # lr* on the grid, exactly proportional to the batch size: alpha 1 from the grid and the parabola alike.
+    assert padding["alpha"] == pytest.approx(1.0, abs=1e-9) and padding["alpha_grid"] == pytest.approx(1.0, abs=1e-9)
+    assert [r["lr_star"] for r in result["lr_star"]["padding"]] == pytest.approx([1e-4, 2e-4, 4e-4])
+    # Seeds shift the loss, not lr*: every seed-wise fit and every bootstrap resample gives 1.
+    assert padding["seed_alphas"] == pytest.approx([1.0, 1.0, 1.0]) and padding["bootstrap_95"] == pytest.approx((1, 1))
+    # lr* ∝ batch^0.5 falls between grid points at batch 16; the parabola in log lr finds it, the grid cannot.
+    assert bfd["alpha"] == pytest.approx(0.5, abs=1e-9)
+    assert [r["lr_star_interp"] for r in result["lr_star"]["bfd-isolated"]] == pytest.approx(
+        [4e-4, 4e-4 * 2**0.5, 8e-4])
+    assert bfd["seed_alphas"] == [] and bfd["bootstrap_95"] is None  # one seed: no uncertainty
+
+
+def test_analyze_reports_best_configs_and_the_cost_of_the_other_arms_lr(recorded_sweep):
+    sweep, result = recorded_sweep
+    best = result["best"]
+    assert (best["padding"]["lr"], best["padding"]["seed"]) == pytest.approx((1e-4, 0)) and \
+        best["padding"]["global_batch_size"] == 8  # ties between batch sizes go to the first
+    transfer = {(r["arm"], r["global_batch_size"]): r for r in result["transfer"]}
+    # padding at bfd's lr* (4e-4 at batch 8: two grid steps away) loses (2 ln 2)^2.
+    assert transfer[("padding", 8)]["worse_by"] == pytest.approx((2 * math.log(2)) ** 2)
+    assert transfer[("padding", 32)]["worse_by"] == pytest.approx((math.log(2)) ** 2)
+    text = (sweep / "analysis.md").read_text()
+    assert "lr* ∝ batch^alpha" in text and "one seed: no uncertainty" in text
+    for name in ("heatmaps.png", "loss_vs_lr.png", "best_curves.png", "lr_star_vs_batch.png"):
+        assert (sweep / name).stat().st_size > 10_000, name
+
+
+def test_analyze_says_when_there_are_too_few_points(tmp_path):
+    from raypack.analyze import analyze
+
+    sweep = tmp_path / "two"
+    sweep.mkdir()
+    for i, lr in enumerate(LRS[1:4]):  # lr* = 1e-4 inside the grid
+        write_trial(sweep, f"t{i}", {"arm": "padding", "optim.lr": lr, "train.global_batch_size": 8,
+                                     "train.seed": 0}, [constructed_loss("padding", 8, lr, 0)])
+    result = analyze(sweep)
+    assert math.isnan(result["alpha"]["padding"]["alpha"])
+    text = (sweep / "analysis.md").read_text()
+    assert "alpha needs at least 2 (too few points)" in text and "edge of the lr grid" not in text
+
+
+# --- a sweep on a local Ray cluster, killed and resumed -------------------------------------------------
+
+
+def sweep_overrides(tmp):
+    return [f"output_dir={tmp / 'out'}", f"prepare.output_dir={tmp / 'prepared'}", "synth.num_samples=80",
+            "data.max_seq_len=256", "train.max_steps=2", "sweep.lr=[1.0e-3, 3.0e-3]", "sweep.global_batch_size=[8]"]
+
+
+def trial_statuses(sweep: Path) -> dict:
+    from raypack.analyze import tune_statuses
+
+    return tune_statuses(sweep) if sweep.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_local, tmp_path_factory):
+    """2 arms x 2 LRs, 2 steps each, two trials at a time (jobs/sweep-quick.yaml). The driver runs in a
+    subprocess and is killed (with the Ray instance it started) once Tune's saved state has a finished trial;
+    `raypack sweep --resume` then finishes the rest on the test's Ray instance."""
+    from raypack.cli import main
+    from raypack.data.pipeline import prepare
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    overrides = sweep_overrides(tmp)
+    cfg = load_config("jobs/sweep-quick.yaml", overrides)
+    prepare(cfg)  # once, here: the killed driver and the resumed one reuse it
+    sweep = tmp / "out" / "sweep" / "sweep-quick"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with (tmp / "driver.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "raypack.cli", "sweep", "jobs/sweep-quick.yaml", *overrides],
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while "TERMINATED" not in trial_statuses(sweep).values():
+        assert driver.poll() is None, f"the sweep ended before it could be killed: {(tmp / 'driver.log').read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(1.0)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial process
+    driver.wait()
+    before = trial_statuses(sweep)
+    done_before = {t for t, s in before.items() if s == "TERMINATED"}
+    logs_before = {t: next((sweep / "runs").glob(f"{t}-*/raypack/metrics.jsonl")).read_text() for t in done_before}
+    assert main(["sweep", "jobs/sweep-quick.yaml", *overrides, "--resume", str(sweep)]) == 0
+    return sweep, before, logs_before
+
+
+def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
+    from raypack.analyze import load_trials
+
+    sweep, before, logs_before = resumed_sweep
+    # Tune creates trials as it starts them (two at a time here): the killed driver had made 2 to 4 and
+    # finished 1 to 3 of them.
+    assert 1 <= len(logs_before) < 4 and len(before) <= 4
+    trials = load_trials(sweep)
+    assert len(trials) == 4 and set(before) <= {t["trial_id"] for t in trials}  # the same trials, none twice
+    assert {(t["arm"], t["lr"]) for t in trials} == {(a, lr) for a in ("padding", "bfd-isolated")
+                                                      for lr in (1e-3, 3e-3)}
+    assert all(t["status"] == "finished" and t["steps"] == 2 and math.isfinite(t["final_val_loss"]) for t in trials)
+    for trial_id, text in logs_before.items():  # finished before the kill: not run again
+        run = next((sweep / "runs").glob(f"{trial_id}-*")) / "raypack"
+        assert (run / "metrics.jsonl").read_text() == text
+        assert [e["event"] for e in read_jsonl(run / "events.jsonl")] == ["start", "checkpoint", "done"]
+
+
+def test_validation_loss_reaches_tune_at_every_evaluation_step(resumed_sweep):
+    """Step 1 of 2 has a validation loss and no checkpoint: its metrics-only report reaches Tune."""
+    sweep, _, _ = resumed_sweep
+    for result_file in sweep.glob("*/result.json"):
+        results = read_jsonl(result_file)
+        steps_with_val = [r["step"] for r in results if "val_loss" in r and "fit_seconds" not in r]
+        assert 1 in steps_with_val and 2 in steps_with_val, result_file
+        assert results[-1]["fit_seconds"] > 0 and results[-1]["num_tokens"] > 0  # the trial's summary, last
+
+
+def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
+    import pandas as pd
+
+    from raypack.cli import main
+
+    sweep, _, _ = resumed_sweep
+    assert main(["analyze", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "alpha padding:" in out and "1 batch size with usable trials" in out
+    table = pd.read_csv(sweep / "trials.csv")
+    assert len(table) == 4 and set(table["status"]) == {"finished"} and (table["tokens"] > 0).all()
