@@ -386,8 +386,8 @@ def _heatmaps(plt, points: pd.DataFrame, arms: list[str], path: Path) -> None:
         ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [f"{lr:.2g}" for lr in grid.index])
         ax.set_xlabel("global batch size (rows)")
-        ax.set_ylabel("learning rate")
         ax.set_title(arm)
+    axes[0][0].set_ylabel("learning rate")
     fig.colorbar(image, ax=axes[0].tolist(), label="objective (mean over seeds)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -400,6 +400,7 @@ def _loss_vs_lr(plt, points: pd.DataFrame, arms: list[str], path: Path) -> None:
             ax.errorbar(group["lr"], group["mean"], yerr=group["std"].fillna(0.0), marker="o", capsize=3,
                         label=f"batch {batch}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("learning rate")
         ax.set_title(arm)
         ax.grid(alpha=0.3)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,34 +199,54 @@ def trial_statuses(sweep: Path) -> dict:
     return tune_statuses(sweep) if sweep.exists() else {}
 
 
-@pytest.fixture(scope="module")
-def resumed_sweep(ray_local, tmp_path_factory):
-    """2 arms x 2 LRs, 2 steps each, two trials at a time (jobs/sweep-quick.yaml). The driver runs in a
-    subprocess and is killed (with the Ray instance it started) once Tune's saved state has a finished trial;
-    `raypack sweep --resume` then finishes the rest on the test's Ray instance."""
-    from raypack.cli import main
-    from raypack.data.pipeline import prepare
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    tmp = tmp_path_factory.mktemp("sweep")
-    overrides = sweep_overrides(tmp)
-    cfg = load_config("jobs/sweep-quick.yaml", overrides)
-    prepare(cfg)  # once, here: the killed driver and the resumed one reuse it
-    sweep = tmp / "out" / "sweep" / "sweep-quick"
+
+def start_driver(args: list[str], tmp: Path, log_name: str) -> subprocess.Popen:
+    """`raypack sweep ...` in its own process group, starting its own local Ray instance.
+
+    Its state API points at a closed port. Ray 2.60's placement-group cleaner (one per Train run) finds the
+    state API by auto-detection, which on a machine running several Ray instances can reach another one,
+    not find the run's controller there and remove the live run's placement group (ray-project/ray#65447);
+    a query that fails is taken as "unknown, keep watching" instead."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with (tmp / "driver.log").open("w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "raypack.cli", "sweep", "jobs/sweep-quick.yaml", *overrides],
-                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 400
-    while "TERMINATED" not in trial_statuses(sweep).values():
-        assert driver.poll() is None, f"the sweep ended before it could be killed: {(tmp / 'driver.log').read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(1.0)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial process
-    driver.wait()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
+    with (tmp / log_name).open("w") as log:
+        return subprocess.Popen([sys.executable, "-m", "raypack.cli", "sweep", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(tmp_path_factory):
+    """2 arms x 2 LRs, 2 steps each, two trials at a time (jobs/sweep-quick.yaml). The driver is killed (with
+    the Ray instance it started) once Tune's saved state has a finished trial; `raypack sweep --resume`, in
+    a new process and Ray instance, finishes the rest."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    args = ["jobs/sweep-quick.yaml", *sweep_overrides(tmp)]
+    sweep = tmp / "out" / "sweep" / "sweep-quick"
+    driver = start_driver(args, tmp, "driver.log")
+    try:
+        deadline = time.monotonic() + 600
+        while "TERMINATED" not in trial_statuses(sweep).values():
+            assert driver.poll() is None, f"the sweep ended unkilled: {(tmp / 'driver.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1.0)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial process
+        driver.wait()
     before = trial_statuses(sweep)
     done_before = {t for t, s in before.items() if s == "TERMINATED"}
     logs_before = {t: next((sweep / "runs").glob(f"{t}-*/raypack/metrics.jsonl")).read_text() for t in done_before}
-    assert main(["sweep", "jobs/sweep-quick.yaml", *overrides, "--resume", str(sweep)]) == 0
+    resumed = start_driver([*args, "--resume", str(sweep)], tmp, "resume.log")
+    try:
+        assert resumed.wait(timeout=600) == 0, (tmp / "resume.log").read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+            resumed.wait()
     return sweep, before, logs_before
 
 
