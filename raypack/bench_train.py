@@ -6,13 +6,14 @@ In one run, on the same prepared samples and the same cores:
    and read the loop's metrics.jsonl back: steps, epoch time (sum of step times,
    without worker start-up), real tokens/s, row tokens/s, padding fraction, and
    the wall time of the whole `fit()` (start-up included);
-2. the limit (`train.bench_replay`): right after the epoch, the same workers and
-   DeepSpeed engine run the epoch's steps again from micro-batches kept in
-   memory: forward, backward and optimizer step on rows of exactly the same
-   shapes, with no data loading, collation, metric all-reduce or logging. The
-   arm's row-token throughput over the same steps (step 1, the warm-up, left out
-   of both) divided by the replay's is the share data handling leaves (target
-   >= 0.9).
+2. the limit (`train.bench_replay`): right after each step, the same workers and
+   DeepSpeed engine run that step again from its collated micro-batches:
+   forward, backward and optimizer step on rows of exactly the same shapes, with
+   no data loading, collation, metric all-reduce or logging. Interleaved, so a
+   change in the machine's load hits both alike. The arm's row-token throughput
+   over the same steps (step 1, the warm-up, left out of both) divided by the
+   replay's is the share data handling leaves (target >= 0.9). The replayed
+   updates change the model, so a bench run's losses are not a normal run's.
 
     raypack bench train jobs/quickstart.yaml synth.num_samples=2000 data.max_seq_len=1024
 """
@@ -47,8 +48,7 @@ def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
         metrics = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
         epoch_s = sum(m["step_time_s"] for m in metrics)
         replay = json.loads((Path(summary["run_dir"]) / "replay.json").read_text())
-        timed = metrics[1:]  # the replay's steps: all but the first
-        timed_row_tps = sum(m["num_row_tokens"] for m in timed) / sum(m["step_time_s"] for m in timed)
+        timed_row_tps = replay["real_row_tokens_per_sec"]  # the replayed steps as they ran: all but the first
         out["arms"][arm] = {
             "steps": len(metrics), "epoch_s": epoch_s, "fit_s": fit_s,
             "tokens_per_sec": sum(m["num_tokens"] for m in metrics) / epoch_s,

@@ -289,3 +289,10 @@ def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
     assert "alpha padding:" in out and "1 batch size with usable trials" in out
     table = pd.read_csv(sweep / "trials.csv")
     assert len(table) == 4 and set(table["status"]) == {"finished"} and (table["tokens"] > 0).all()
+
+
+def test_analyze_imports_no_ray():
+    """The analysis reads files only: it runs wherever the sweep folder is, without Ray (STYLE.md)."""
+    code = "import sys, raypack.analyze; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -141,13 +141,16 @@ def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_lo
     from raypack.train.launch import train
 
     cfg = train_config(tmp_path, "pack.arms=[bfd-cross]", "train.loss_reduction=sample", "train.max_steps=2",
-                       "train.export=false", "train.balance_tokens=true",
+                       "train.export=false", "train.balance_tokens=true", "train.bench_replay=true",
                        f"train.storage_path=file://{tmp_path / 'bucket'}",
                        f"output_dir={tmp_path / 'out'}")
     (summary,) = train(cfg)
     assert Path(summary["run_dir"]).is_relative_to(tmp_path / "out" / "runs")
     metrics = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    replay = json.loads((Path(summary["run_dir"]) / "replay.json").read_text())  # step 2 replayed, not step 1
+    assert replay["steps"] == 1 and replay["row_tokens"] == metrics[1]["num_row_tokens"]
+    assert replay["real_seconds"] == pytest.approx(metrics[1]["step_time_s"]) and replay["seconds"] > 0
     (checkpoint,) = (tmp_path / "bucket").glob("*/checkpoint_*")
     assert json.loads((checkpoint / "position.json").read_text())["step"] == 2
 

@@ -30,7 +30,8 @@ Outputs under run_dir (rank 0 unless noted):
     rows-rank<r>.jsonl       every rank: {"step", "epoch", "row_index": [...]} per step
     events.jsonl             start / resume / checkpoint / done
     tensorboard/             the same scalars as TensorBoard event files (`tensorboard --logdir`)
-    replay.json              with train.bench_replay: the steps re-run with no data loading
+    replay.json              with train.bench_replay: each step (but the first) run again right after
+                             itself from its collated micro-batches: the no-data-loading limit
     model/                   the final model (safetensors + tokenizer), when train.export
 On a resume the logs are cut back to the steps the restored state has trained,
 so they always describe the model's real history.
@@ -177,8 +178,9 @@ def train_loop_per_worker(config: dict) -> None:
         done = step + 1
         if val and ((train.eval_every_steps and done % train.eval_every_steps == 0) or done == stop_step):
             metrics["val_loss"] = _validation_loss(engine, val, pad_token_id)
-        if replay is not None:
-            replay.append((micro_batches, denominator, lr, int(totals[2]), int(totals[3])))
+        if replay is not None and step > start_step:
+            replay.append((_replay_step(engine, optimizer, micro_batches, denominator, lr, train, world_size),
+                           step_time_s, int(totals[2]), int(totals[3])))
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
 
         if (train.checkpoint_every_steps and done % train.checkpoint_every_steps == 0) \
@@ -190,8 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
             # Tune (TuneReportCallback) sees every validation point (raypack.sweep). Collective: every rank.
             ray.train.report(dict(metrics))
 
-    if replay:
-        _replay(engine, optimizer, replay, train, world_size, rank, run_dir)
+    if replay and rank == 0:
+        _write_replay(replay, run_dir)
     if train.export:
         _export(engine, cfg, run_dir / "model", rank)
     logs.event({"event": "done", "step": stop_step, "seconds": time.perf_counter() - run_start})
@@ -222,27 +224,32 @@ def _validation_loss(engine, val: tuple, pad_token_id: int) -> float:
     return loss_sum / num_tokens if num_tokens else float("nan")
 
 
-def _replay(engine, optimizer, steps: list, train, world_size: int, rank: int, run_dir: Path) -> None:
-    """train.bench_replay: the same steps again from the kept micro-batches, with no data loading,
-    collation or metric bookkeeping; the first step is left out (warm-up), as in `raypack bench train`."""
+def _replay_step(engine, optimizer, micro_batches: list, denominator: float, lr: float, train,
+                 world_size: int) -> float:
+    """train.bench_replay: run a step again from its collated micro-batches (no data loading, collation
+    or metric bookkeeping) right after it ran, so both see the same machine load; returns its seconds."""
     _barrier()
     start = time.perf_counter()
-    for micro_batches, denominator, lr, _, _ in steps[1:]:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for batch in micro_batches:
-            inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
-            logits = engine(**inputs, use_cache=False).logits
-            out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
-            engine.backward(out.loss, scale_wrt_gas=False)
-            engine.step()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for batch in micro_batches:
+        inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
+        logits = engine(**inputs, use_cache=False).logits
+        out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
+        engine.backward(out.loss, scale_wrt_gas=False)
+        engine.step()
     _barrier()
-    seconds = time.perf_counter() - start
-    if rank == 0:
-        tokens, row_tokens = sum(s[3] for s in steps[1:]), sum(s[4] for s in steps[1:])
-        (run_dir / "replay.json").write_text(json.dumps({
-            "steps": len(steps) - 1, "seconds": seconds, "tokens": tokens, "row_tokens": row_tokens,
-            "tokens_per_sec": tokens / seconds, "row_tokens_per_sec": row_tokens / seconds}, indent=2))
+    return time.perf_counter() - start
+
+
+def _write_replay(replay: list, run_dir: Path) -> None:
+    """replay.json: the replayed steps (all but the first, the warm-up) against the same steps as run."""
+    seconds, real_seconds = sum(r[0] for r in replay), sum(r[1] for r in replay)
+    tokens, row_tokens = sum(r[2] for r in replay), sum(r[3] for r in replay)
+    (run_dir / "replay.json").write_text(json.dumps({
+        "steps": len(replay), "seconds": seconds, "real_seconds": real_seconds, "tokens": tokens,
+        "row_tokens": row_tokens, "tokens_per_sec": tokens / seconds, "row_tokens_per_sec": row_tokens / seconds,
+        "real_row_tokens_per_sec": row_tokens / real_seconds}, indent=2))
 
 
 def _barrier() -> None:
