@@ -142,18 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
         micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction) for mb_rows in picked]
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, schedule_steps, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        token_loss_sum = num_supervised = 0.0
-        for batch in micro_batches:
-            inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
-            logits = engine(**inputs, use_cache=False).logits
-            out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
-            engine.backward(out.loss, scale_wrt_gas=False)
-            engine.step()
-            token_loss_sum += out.token_loss_sum
-            num_supervised += out.num_tokens
+        token_loss_sum, num_supervised = _optimizer_step(engine, optimizer, micro_batches, denominator, lr, train,
+                                                         world_size)
 
         # Metrics: sums over ranks, then rates.
         real_tokens = sum(r["num_tokens"] for mb in picked for r in mb)
@@ -230,16 +220,27 @@ def _replay_step(engine, optimizer, micro_batches: list, denominator: float, lr:
     or metric bookkeeping) right after it ran, so both see the same machine load; returns its seconds."""
     _barrier()
     start = time.perf_counter()
+    _optimizer_step(engine, optimizer, micro_batches, denominator, lr, train, world_size)
+    _barrier()
+    return time.perf_counter() - start
+
+
+def _optimizer_step(engine, optimizer, micro_batches: list, denominator: float, lr: float, train,
+                    world_size: int) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches (module docstring); returns the sum of their
+    token losses and their number of supervised tokens."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    token_loss_sum = num_supervised = 0.0
     for batch in micro_batches:
         inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
         logits = engine(**inputs, use_cache=False).logits
         out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
         engine.backward(out.loss, scale_wrt_gas=False)
         engine.step()
-    _barrier()
-    return time.perf_counter() - start
+        token_loss_sum += out.token_loss_sum
+        num_supervised += out.num_tokens
+    return token_loss_sum, num_supervised
 
 
 def _write_replay(replay: list, run_dir: Path) -> None:
