@@ -185,7 +185,8 @@ def alpha_estimate(arm_trials: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLE
     matrix = _usable(arm_trials).pivot_table(index=["global_batch_size", "lr"], columns="seed",
                                              values="objective", aggfunc="mean")
     keys = matrix.index.to_frame(index=False).sort_values(["global_batch_size", "lr"])
-    groups = [(batch, rows.index.to_numpy(), rows["lr"].to_numpy()) for batch, rows in keys.groupby("global_batch_size")]
+    groups = [(batch, rows.index.to_numpy(), rows["lr"].to_numpy())
+              for batch, rows in keys.groupby("global_batch_size")]
     values = matrix.to_numpy()
     out["seed_alphas"] = [_alpha_of(groups, values[:, j]) for j in range(values.shape[1])]
     rng = np.random.default_rng(0)
@@ -322,7 +323,7 @@ def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_
                          f"{_g(r['lr_star_interp'], 3)} | {_g(r['objective'])} | {int(r['num_lrs'])} | "
                          f"{'yes' if r['at_edge'] else ''} |")
     lines += ["", "## lr* ∝ batch^alpha", "",
-              "| arm | alpha | alpha (grid lr*) | alpha per seed | spread (sd over seeds) | bootstrap 95% | batch sizes |",
+              "| arm | alpha | alpha (grid lr*) | alpha per seed | sd over seeds | bootstrap 95% | batch sizes |",
               "|---|---|---|---|---|---|---|"]
     notes = []
     for arm, est in estimates.items():

@@ -28,6 +28,11 @@ once (default 1: on 2 cores a trial holds 0.1 + 2 x 0.5 CPU).
 
 Resume: `Tuner.restore(..., resume_unfinished=True, restart_errored=True)`: finished trials are kept, the
 others run again under their trial id, so their Ray Train run resumes from its latest checkpoint.
+
+A Ray 2.60 caveat: a trial that Tune stops (ASHA) leaves its Ray Train placement group to Ray Train's
+placement-group cleaner, which finds the State API by auto-detection; on a machine running several Ray
+instances it may query the wrong one, and either never clean up or remove a live run's placement group.
+One Ray instance per machine (or a real cluster) avoids it.
 """
 
 from __future__ import annotations
@@ -179,7 +184,6 @@ def _warn_if_trials_cannot_fit(cfg: Config) -> None:
 def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     """Run the sweep (or finish the one in `resume`); returns its folder."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     out = Path(resume).resolve() if resume else sweep_dir(cfg)
     if resume:
@@ -189,8 +193,7 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
                          "or name for a new one")
     specs = _eval_specs(cfg)  # bad task names fail before any training
     ensure_ray()
-    arms = sweep_arms(cfg)
-    folders = prepare(replace(cfg, pack=replace(cfg.pack, arms=arms)))
+    folders = prepare(replace(cfg, pack=replace(cfg.pack, arms=sweep_arms(cfg))))
     folders = {name: str(Path(folder).resolve()) for name, folder in folders.items()}  # trials chdir
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -204,22 +207,32 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        space, num_samples = search_space(cfg)
-        batches = cfg.sweep.global_batch_size or [cfg.train.global_batch_size]
-        max_t = max(planned_steps(arm_config(trial_config(cfg, {"train.global_batch_size": b}), folders[arm]),
-                                  folders[arm]) for arm in arms for b in batches)
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
-                                  reduction_factor=3) if cfg.sweep.asha else None
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode="min", scheduler=scheduler,
-                                        num_samples=num_samples, max_concurrent_trials=cfg.sweep.max_concurrent_trials,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent)))
+        tuner = _new_tuner(cfg, trainable, folders, out)
     tuner.fit()
     if specs:
         _evaluate_best(cfg, out, specs)
     return out
+
+
+def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
+    """The Tuner of a new sweep: the grid, ASHA (its rungs in optimizer steps) when asked, Tune's storage."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    space, num_samples = search_space(cfg)
+    scheduler = None
+    if cfg.sweep.asha:
+        max_t = max(planned_steps(arm_config(trial_config(cfg, {"train.global_batch_size": b}), folders[arm]),
+                                  folders[arm])
+                    for arm in sweep_arms(cfg) for b in cfg.sweep.global_batch_size or [cfg.train.global_batch_size])
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
+                                  reduction_factor=3)
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode="min", scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent)))
 
 
 def _eval_specs(cfg: Config) -> list:
@@ -239,12 +252,11 @@ def _evaluate_best(cfg: Config, out: Path, specs) -> None:
 
     ev, scores = cfg.eval, {}
     for arm, trial in best_trials(load_trials(out)).items():
-        model_dir = Path(trial["run_dir"]) / "model"
+        model_dir = Path(trial["run_dir"]) / "raypack" / "model"
         print(f"[{arm}] lm-eval on the best trial {trial['trial_id']}: {model_dir}", flush=True)
         result = evaluate_on_ray(str(model_dir), specs, limit=ev.limit, batch_size=ev.batch_size,
                                  allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
                                  num_cpus=ev.num_cpus)
-        scores[arm] = {"trial_id": trial["trial_id"], "lr": trial["lr"], "global_batch_size": trial["global_batch_size"],
-                       "seed": trial["seed"], "scores": {f"{r['task']}/{r['metric']}": r["value"]
-                                                         for r in result["results"]}}
+        scores[arm] = {**{k: trial[k] for k in ("trial_id", "lr", "global_batch_size", "seed")},
+                       "scores": {f"{r['task']}/{r['metric']}": r["value"] for r in result["results"]}}
     (out / "best_eval.json").write_text(json.dumps(scores, indent=2))
