@@ -73,11 +73,15 @@ def test_study_submitted_with_ray_job_submit_succeeds(ray_head, tmp_path):
     overrides = [f"study.out={study}", f"prepare.output_dir={tmp_path / 'prepared'}", "synth.num_samples=80",
                  "data.max_seq_len=256", "pack.arms=[padding, bfd-isolated]", "train.max_steps=2",
                  "train.worker_cpus=0.25", "eval.limit=4", "eval.num_cpus=0.25", "prepare.num_tokenizer_actors=1"]
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
-         "--", "raypack", "study", "jobs/quickstart.yaml", *overrides],
-        env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(24):  # the dashboard answers before its job agent is up: "try again later"
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+             "--", "raypack", "study", "jobs/quickstart.yaml", *overrides],
+            env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
     assert "succeeded" in submit.stdout + submit.stderr
     status = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,

@@ -92,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
     stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
     schedule_steps = train.schedule_steps or total_steps
     rows = read_rows(config["folder"])
-    row_tokens = rows.column("num_tokens").to_numpy()
+    tokens_of_row = rows.column("num_tokens").to_numpy()
     pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
     val = None
     if config.get("val_folder") and read_manifest(config["val_folder"])["num_rows"] > 0:
@@ -135,7 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
             order, order_epoch = epoch_order(manifest["num_rows"], train.seed, epoch), epoch
         if train.balance_tokens:
             indices = balanced_step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size,
-                                         grad_accum, row_tokens)
+                                         grad_accum, tokens_of_row)
         else:
             indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
         picked = [rows.take(idx).to_pylist() for idx in indices]
