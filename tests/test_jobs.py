@@ -41,11 +41,20 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(tmp / "token"), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    dashboard, gcs, client, low = free_port(), free_port(), free_port(), 24000 + os.getpid() % 2000 * 4
+    # Every fixed default port gets a free one: the test session's own Ray instance holds the defaults
+    # (a second dashboard agent on 52365 fails to start, and job submission waits for it forever).
+    ports: set[int] = set()
+    while len(ports) < 7:
+        ports.add(free_port())
+    dashboard, gcs, client, agent_http, agent_grpc, metrics, runtime_env = sorted(ports)
+    # Worker ports below the kernel's ephemeral range, where the free ports above come from.
+    low = 20000 + os.getpid() % 40 * 250
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-         f"--min-worker-port={low + 10000}", f"--max-worker-port={low + 10200}", "--num-cpus=2",
+         f"--min-worker-port={low}", f"--max-worker-port={low + 200}", "--num-cpus=2",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          f"--temp-dir={tmp / 'r'}", "--disable-usage-stats"],
         env=env, stdout=(tmp / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
