@@ -33,8 +33,8 @@ from raypack.config import Config, to_dict
 from raypack.data.pipeline import ensure_ray, prepare, read_manifest, steps_per_epoch
 from raypack.eval.tasks import resolve_tasks
 from raypack.report import write_report
-from raypack.train.engine import gradient_accumulation_steps, rows_for_token_batch
-from raypack.train.launch import train_arm
+from raypack.train.engine import gradient_accumulation_steps
+from raypack.train.launch import arm_config, train_arm
 
 EVAL_POINTS = 10
 
@@ -47,7 +47,6 @@ def arm_plan(cfg: Config, folders: dict) -> tuple[dict[str, Config], list[str]]:
     """Each arm's config under study.match, and notes saying what was matched."""
     train = cfg.train
     manifests = {arm: read_manifest(folders[arm]) for arm in cfg.pack.arms}
-    rows_per_pass = train.micro_batch_size * train.num_workers
     notes = []
     if cfg.study.match == "tokens" and not train.global_batch_tokens:
         # Padding's tokens per step, else a full row's worth per global-batch row.
@@ -56,13 +55,8 @@ def arm_plan(cfg: Config, folders: dict) -> tuple[dict[str, Config], list[str]]:
         train = replace(train, global_batch_tokens=tokens)
         notes.append(f"match tokens: every optimizer step holds about {tokens:,} real tokens "
                      "(padding's step of train.global_batch_size rows).")
-    plans = {}
-    for arm, manifest in manifests.items():
-        arm_train = train
-        if train.global_batch_tokens:
-            arm_train = replace(arm_train, global_batch_size=rows_for_token_batch(
-                train.global_batch_tokens, manifest["num_tokens"], manifest["num_rows"], rows_per_pass))
-        plans[arm] = replace(cfg, train=arm_train)
+    # Each arm's rows per step under train.global_batch_tokens: the rule train_arm itself applies.
+    plans = {arm: arm_config(replace(cfg, train=train), folders[arm]) for arm in manifests}
     total = {arm: c.train.epochs * steps_per_epoch(
         manifests[arm]["num_rows"], c.train.num_workers, c.train.micro_batch_size,
         gradient_accumulation_steps(c.train, c.train.num_workers)) for arm, c in plans.items()}
