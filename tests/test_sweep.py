@@ -269,13 +269,22 @@ def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
 
 
 def test_validation_loss_reaches_tune_at_every_evaluation_step(resumed_sweep):
-    """Step 1 of 2 has a validation loss and no checkpoint: its metrics-only report reaches Tune."""
-    sweep, _, _ = resumed_sweep
+    """Step 1 of 2 has a validation loss and no checkpoint: its metrics-only report reaches Tune.
+
+    A trial running when the driver was killed may have lost its buffered results (Tune's JSON logger
+    writes them from the killed driver) and resumes from its step-2 checkpoint: it is held only to end
+    with its summary. Every other trial (finished before the kill, or started after it) has both steps."""
+    sweep, before, _ = resumed_sweep
+    checked = 0
     for result_file in sweep.glob("*/result.json"):
         results = read_jsonl(result_file)
+        assert results[-1]["fit_seconds"] > 0 and results[-1]["num_tokens"] > 0  # the trial's summary, last
+        if before.get(result_file.parent.name) == "RUNNING":
+            continue
         steps_with_val = [r["step"] for r in results if "val_loss" in r and "fit_seconds" not in r]
         assert 1 in steps_with_val and 2 in steps_with_val, result_file
-        assert results[-1]["fit_seconds"] > 0 and results[-1]["num_tokens"] > 0  # the trial's summary, last
+        checked += 1
+    assert checked >= 1
 
 
 def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):

@@ -155,9 +155,10 @@ class _Progress:
         self.offset += len(text) - len(lines[-1])
         total = self._total()
         for line in lines[:-1]:
-            if not line:
+            try:  # a resumed rank cuts the file back and rewrites it: a read may start mid-line
+                m = json.loads(line)
+            except ValueError:
                 continue
-            m = json.loads(line)
             self.steps_seen += 1
             if m["step"] % self.every and m["step"] != total:
                 continue
