@@ -196,6 +196,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _report(format_results(result), result, args.out)
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from raypack.eval.probe import format_probe, probe_model
+
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    result = probe_model(args.model_dir, args.val, num_samples=args.num_samples, num_clusters=args.num_clusters,
+                         seed=args.seed, max_seq_len=args.max_seq_len, device=device,
+                         micro_batch_size=args.micro_batch_size, log=lambda line: print(line, flush=True))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return _report(format_probe(result), result, args.out)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from raypack.data.synth import synth_conversations, write_jsonl
 
@@ -305,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the val-<hash> folder `raypack prepare` writes), computed as for every study arm")
     p.add_argument("--out", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("probe", help="does the model use its context? a held-out sample's loss alone vs after "
+                       "an unrelated or a related sample in the same row")
+    p.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
+    p.add_argument("--val", metavar="FOLDER", required=True, help="a prepared validation split (the val-<hash> "
+                   "folder `raypack prepare` writes), one sample per row")
+    p.add_argument("--num-samples", type=int, default=256, help="held-out targets to probe (fewer if fewer qualify)")
+    p.add_argument("--num-clusters", type=int, default=0, help="k-means clusters that define related samples; "
+                   "0 picks k from the number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the clustering, the pairs and the bootstrap")
+    p.add_argument("--max-seq-len", type=int, help="row length (context + target); targets are at most half of "
+                   "it. Default: the longest validation row, capped at the model's max positions")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="auto is cuda when a GPU is "
+                   "visible")
+    p.add_argument("--out", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
     p.add_argument("--preset", required=True, choices=list(PRESETS))

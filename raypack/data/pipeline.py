@@ -41,11 +41,12 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raypack.config import Config, PrepareConfig, parse_arm
-from raypack.data import formats, synth
+from raypack.config import ArmSpec, Config, PrepareConfig, arm_spec
+from raypack.data import features, formats, synth
 from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
-from raypack.data.pack import pack_rows, plan_pack, row_length_stats
+from raypack.data.compose import plan_composed
+from raypack.data.pack import pack_rows, row_length_stats
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
 
@@ -61,8 +62,10 @@ MANIFEST_FIELDS = (
 TOKENIZED_SCHEMA = pa.schema([
     ("key", pa.int64()), ("piece", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("source", pa.string()), ("num_tokens", pa.int32()),
-    ("num_supervised_tokens", pa.int32()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("num_supervised_tokens", pa.int32()), ("num_turns", pa.int32()), ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
 ])
+CACHE_VERSION = 2  # 2: num_turns (assistant messages of the sample's conversation)
 RAW_COLUMNS = ("key", "source", "raw", "fmt", "reason", "detail")
 
 
@@ -238,8 +241,9 @@ class TokenizeBatch:
                                         overlength=self.data["overlength"], template=self.data["template"])
         for sample in result.samples:
             i = conv_record[sample["conversation"]]
+            turns = sum(m["role"] == "assistant" for m in conversations[sample["conversation"]]["messages"])
             rows_of[i].append(self._row(records[i], len(rows_of[i]), result.outcomes[sample["conversation"]],
-                                        "", "", sample))
+                                        "", "", sample, turns))
         for conv_index, outcome in enumerate(result.outcomes):
             i = conv_record[conv_index]
             if not rows_of[i]:  # dropped: one row records the outcome so the counts reconcile
@@ -247,18 +251,20 @@ class TokenizeBatch:
         return self._table([row for rows in rows_of for row in rows])
 
     @staticmethod
-    def _row(rec: dict, piece: int, status: str, reason: str, detail: str, sample: dict | None = None) -> dict:
+    def _row(rec: dict, piece: int, status: str, reason: str, detail: str, sample: dict | None = None,
+             num_turns: int = 0) -> dict:
         empty = np.zeros(0, dtype=np.int32)
         ids = sample["input_ids"] if sample else empty
         labels = sample["labels"] if sample else empty
         return {"key": rec["key"], "piece": piece, "status": status, "reason": reason, "detail": detail,
-                "source": rec["source"], "input_ids": ids, "labels": labels}
+                "source": rec["source"], "num_turns": num_turns, "input_ids": ids, "labels": labels}
 
     @staticmethod
     def _table(rows: list[dict]) -> pa.Table:
         ids = [r["input_ids"] for r in rows]
         labels = [r["labels"] for r in rows]
-        columns = {name: [r[name] for r in rows] for name in ("key", "piece", "status", "reason", "detail", "source")}
+        columns = {name: [r[name] for r in rows]
+                   for name in ("key", "piece", "status", "reason", "detail", "source", "num_turns")}
         columns["num_tokens"] = [len(a) for a in ids]
         columns["num_supervised_tokens"] = [int(np.count_nonzero(a != IGNORE_INDEX)) for a in labels]
         arrays = [pa.array(columns[f.name], f.type) for f in TOKENIZED_SCHEMA if f.name in columns]
@@ -351,24 +357,32 @@ def _write_rejected(files: list[str], out: Path) -> None:
 
 
 def _iter_kept_samples(files: list[str], holdout_keys: np.ndarray, select: str):
-    """Yield (key, piece, input_ids, labels) of kept samples of the train or val split, in input order."""
-    columns = ["key", "piece", "status", "input_ids", "labels"]
+    """Yield (key, piece, input_ids, labels, num_turns, kept_index) of kept samples of the train or val split.
+
+    In input order; kept_index counts every kept sample of both splits (the row of the
+    sample in the grouping stage's arrays).
+    """
+    columns = ["key", "piece", "status", "num_turns", "input_ids", "labels"]
+    kept_base = 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=2048, columns=columns):
             keys = batch.column("key").to_numpy()
             kept = np.isin(np.array(batch.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
+            kept_index = kept_base + np.cumsum(kept) - 1
+            kept_base += int(kept.sum())
             held = np.isin(keys, holdout_keys)
             chosen = kept & (held if select == "val" else ~held)
             if not chosen.any():
                 continue
-            pieces = batch.column("piece").to_numpy()
+            pieces, turns = batch.column("piece").to_numpy(), batch.column("num_turns").to_numpy()
             ids_col, lab_col = batch.column("input_ids"), batch.column("labels")
             offsets = ids_col.offsets.to_numpy()
             ids_values = ids_col.values.to_numpy(zero_copy_only=False)
             lab_values = lab_col.values.to_numpy(zero_copy_only=False)
             for i in np.flatnonzero(chosen):
                 lo, hi = offsets[i], offsets[i + 1]
-                yield int(keys[i]), int(pieces[i]), ids_values[lo:hi], lab_values[lo:hi]
+                yield (int(keys[i]), int(pieces[i]), ids_values[lo:hi], lab_values[lo:hi], int(turns[i]),
+                       int(kept_index[i]))
 
 
 def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarray, sample_pieces: np.ndarray,
@@ -389,61 +403,113 @@ def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarra
 
 
 class _ArmWriter:
-    """Packs one window at a time and writes its rows as Parquet shards; keeps only row lengths."""
+    """Packs one buffer of samples at a time and writes its rows as Parquet shards; keeps only row lengths."""
 
-    def __init__(self, out: Path, strategy: str, attention: str, max_seq_len: int, rows_per_shard: int):
-        self.out, self.strategy, self.attention = out, strategy, attention
+    def __init__(self, out: Path, spec: ArmSpec, window: int, max_seq_len: int, rows_per_shard: int,
+                 groups: dict | None):
+        self.out, self.spec, self.window, self.groups = out, spec, window, groups
         self.max_seq_len, self.rows_per_shard = max_seq_len, rows_per_shard
         self.row_lens: list[np.ndarray] = []
         self.num_rows = self.num_samples = self.num_split_samples = self.num_supervised = 0
-        self.window_index = 0
+        self.num_multi_turn = self.num_multi_turn_rows = self.num_mixed_rows = self.num_shared_rows = 0
+        self.similarity: list[dict] = []
+        self.buffer_index = 0
 
-    def write_window(self, samples: list[tuple]) -> None:
+    def write_buffer(self, samples: list[tuple]) -> None:
         if not samples:
             return
         keys = np.array([s[0] for s in samples], dtype=np.int64)
         pieces = np.array([s[1] for s in samples], dtype=np.int32)
         tokens = [{"input_ids": s[2], "labels": s[3]} for s in samples]
-        plan = plan_pack(np.array([len(s[2]) for s in samples]), self.max_seq_len, self.strategy)
-        rows = pack_rows(plan, tokens, self.attention)
+        lengths = np.array([len(s[2]) for s in samples])
+        multi_turn = np.array([s[4] > 1 for s in samples]) if self.spec.only_single_turn else None
+        clusters = vectors = None
+        if self.groups is not None:
+            kept_index = np.array([s[5] for s in samples], dtype=np.int64)
+            if not (np.array_equal(self.groups["keys"][kept_index], keys)
+                    and np.array_equal(self.groups["pieces"][kept_index], pieces)):
+                raise RuntimeError("grouping stage output is not aligned with the tokenized cache; prepare again "
+                                   "with prepare.reuse=false")
+            clusters, vectors = self.groups["clusters"][kept_index], self.groups["vectors"][kept_index]
+        plan = plan_composed(lengths, self.max_seq_len, self.spec.strategy, self.window, self.spec.grouping,
+                             clusters, multi_turn)
+        rows = pack_rows(plan, tokens, self.spec.attention or "isolated")
+        self._count(plan, len(samples), multi_turn, clusters, vectors)
         supervised = np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
-        counts = np.bincount(plan.piece_sample, minlength=len(samples))
-        self.num_samples += len(samples)
-        self.num_split_samples += int((counts > 1).sum())
         for c, lo in enumerate(range(0, len(rows), self.rows_per_shard)):
             hi = min(lo + self.rows_per_shard, len(rows))
             p_lo, p_hi = plan.row_offsets[lo], plan.row_offsets[hi]
             table = _rows_table(rows[lo:hi], supervised[lo:hi], keys[plan.piece_sample[p_lo:p_hi]],
                                 pieces[plan.piece_sample[p_lo:p_hi]],
                                 plan.row_offsets[lo:hi + 1] - p_lo, self.num_rows + lo)
-            pq.write_table(table, self.out / f"part-{self.window_index:05d}-{c:03d}.parquet")
+            pq.write_table(table, self.out / f"part-{self.buffer_index:05d}-{c:03d}.parquet")
         self.num_supervised += int(supervised.sum())
         self.row_lens.append(plan.row_lengths())
         self.num_rows += len(rows)
-        self.window_index += 1
+        self.buffer_index += 1
+
+    def _count(self, plan, num_samples: int, multi_turn, clusters, vectors) -> None:
+        counts = np.bincount(plan.piece_sample, minlength=num_samples)
+        self.num_samples += num_samples
+        self.num_split_samples += int((counts > 1).sum())
+        if multi_turn is not None:
+            self.num_multi_turn += int(multi_turn.sum())
+            self.num_multi_turn_rows += int(multi_turn.sum())  # one row each
+        if clusters is not None:
+            row_of_piece = np.repeat(np.arange(plan.num_rows), np.diff(plan.row_offsets))
+            samples_per_row = np.bincount(row_of_piece, minlength=plan.num_rows)
+            first = plan.row_offsets[:-1]
+            shared = samples_per_row > 1
+            # A row mixes clusters when any piece's cluster differs from its row's first piece's.
+            differs = clusters[plan.piece_sample] != clusters[plan.piece_sample[first]][row_of_piece]
+            mixed = np.bincount(row_of_piece, weights=differs, minlength=plan.num_rows) > 0
+            self.num_shared_rows += int(shared.sum())
+            self.num_mixed_rows += int((mixed & shared).sum())
+            self.similarity.append(features.pack_similarity(vectors.astype(np.float32), plan, seed=self.buffer_index))
+
+    def summary(self) -> dict:
+        out = {"grouping": self.spec.grouping, "only_single_turn": self.spec.only_single_turn}
+        if self.spec.only_single_turn:
+            out.update(num_single_turn_samples=self.num_samples - self.num_multi_turn,
+                       num_multi_turn_samples=self.num_multi_turn, num_multi_turn_rows=self.num_multi_turn_rows)
+        if self.groups is not None:
+            weights = np.array([m["num_pairs"] for m in self.similarity], dtype=float)
+            def mean(key):
+                values = [(m[key], w) for m, w in zip(self.similarity, weights) if m[key] is not None and w > 0]
+                return float(np.average([v for v, _ in values], weights=[w for _, w in values])) if values else None
+            out.update(num_clusters=self.groups["num_clusters"], group_backend=self.groups["backend"],
+                       within_pack_cosine=mean("within_pack_cosine"), across_pack_cosine=mean("across_pack_cosine"),
+                       num_similarity_pairs=int(weights.sum()), num_shared_rows=self.num_shared_rows,
+                       num_mixed_cluster_rows=self.num_mixed_rows)
+        return out
 
 
 @ray.remote
-def pack_split(files: list[str], holdout_keys: np.ndarray, select: str, strategy: str, attention: str,
-               window: int, max_seq_len: int, micro_batch_size: int, rows_per_shard: int, out: str) -> dict:
-    """Stream the cache window by window into packed shards under `out`; returns the arm's row stats.
+def pack_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: ArmSpec, window: int,
+               group_buffer: int, groups_dir: str | None, max_seq_len: int, micro_batch_size: int,
+               rows_per_shard: int, out: str) -> dict:
+    """Stream the cache buffer by buffer into packed shards under `out`; returns the arm's row stats.
 
-    Memory holds one window of samples (all of them when window is 0).
+    A buffer is `window` samples (all when 0); a grouped arm buffers `group_buffer`
+    samples (all when 0), orders them by cluster and packs each cluster in windows.
+    Memory holds one buffer of samples.
     """
     start = time.perf_counter()
-    out_dir = Path(out)
-    writer = _ArmWriter(out_dir, strategy, attention, max_seq_len, rows_per_shard)
+    groups = load_groups(groups_dir) if groups_dir else None
+    writer = _ArmWriter(Path(out), spec, window, max_seq_len, rows_per_shard, groups)
+    size = group_buffer if spec.grouping != "none" else window
     buffer: list[tuple] = []
     for sample in _iter_kept_samples(files, holdout_keys, select):
         buffer.append(sample)
-        if window and len(buffer) == window:
-            writer.write_window(buffer)
+        if size and len(buffer) == size:
+            writer.write_buffer(buffer)
             buffer = []
-    writer.write_window(buffer)
+    writer.write_buffer(buffer)
     row_lens = np.concatenate(writer.row_lens) if writer.row_lens else np.zeros(0, np.int64)
     stats = row_length_stats(row_lens, max_seq_len, micro_batch_size)
     stats.update(num_samples=writer.num_samples, num_split_samples=writer.num_split_samples,
                  num_supervised_tokens=writer.num_supervised, seconds=time.perf_counter() - start)
+    stats["composition"] = writer.summary() if select == "train" else {}
     return stats
 
 
@@ -453,13 +519,144 @@ def _finish(partial: Path, final: Path, manifest: dict) -> None:
     partial.rename(final)
 
 
+# ---------------------------------------------------------------- group (content clusters for pack.grouping)
+
+
+def _kept_token_lists(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Keys, pieces and token ids of the batch's kept samples (both splits), in order."""
+    kept = np.isin(np.array(batch.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
+    batch = batch.filter(pa.array(kept))
+    ids = batch.column("input_ids").combine_chunks()
+    offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy(zero_copy_only=False)
+    samples = [values[offsets[i]:offsets[i + 1]] for i in range(len(batch))]
+    return batch.column("key").to_numpy(), batch.column("piece").to_numpy(), samples
+
+
+def _vector_table(keys: np.ndarray, pieces: np.ndarray, vectors: np.ndarray) -> pa.Table:
+    flat = pa.array(vectors.astype(np.float16).reshape(-1))
+    return pa.table({"key": pa.array(keys, pa.int64()), "piece": pa.array(pieces, pa.int32()),
+                     "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+
+
+def _df_batch(batch: pa.Table, num_buckets: int) -> pa.Table:
+    _, _, samples = _kept_token_lists(batch)
+    df = features.document_frequency(samples, num_buckets).astype(np.int32)
+    return pa.table({"num_docs": pa.array([len(samples)], pa.int64()),
+                     "df": pa.FixedSizeListArray.from_arrays(pa.array(df), num_buckets)})
+
+
+def _tfidf_batch(batch: pa.Table, df: np.ndarray, num_docs: int, dim: int, seed: int) -> pa.Table:
+    keys, pieces, samples = _kept_token_lists(batch)
+    return _vector_table(keys, pieces, features.tfidf_vectors(samples, df, num_docs, dim=dim, seed=seed))
+
+
+class EmbedBatch:
+    """Ray Data actor: sentence embeddings of the samples' decoded text (pack.group_backend=embedding)."""
+
+    def __init__(self, model: str, tokenizer: str, device: str):
+        from raypack.model import load_sentence_encoder  # torch, only in these actors
+
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.encoder = load_sentence_encoder(model, device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, pieces, samples = _kept_token_lists(batch)
+        texts = self.tokenizer.batch_decode([s.tolist() for s in samples], skip_special_tokens=True)
+        vectors = self.encoder.encode(texts, normalize_embeddings=True, batch_size=64, show_progress_bar=False)
+        return _vector_table(keys, pieces, np.asarray(vectors, dtype=np.float32).reshape(len(samples), -1))
+
+
+def _assign_batch(batch: pa.Table, centroids: np.ndarray) -> pa.Table:
+    vectors = _vectors_of(batch)
+    return pa.table({"key": batch.column("key"), "piece": batch.column("piece"),
+                     "cluster": pa.array(features.assign_clusters(vectors, centroids), pa.int32())})
+
+
+def _vectors_of(table: pa.Table) -> np.ndarray:
+    column = table.column("vector").combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
+
+
+@ray.remote
+def _fit_centroids(vector_files: list[str], k: int, max_samples: int, seed: int) -> np.ndarray:
+    """k-means centroids fitted on at most max_samples evenly spaced vectors."""
+    vectors = _vectors_of(pq.read_table(vector_files, columns=["vector"])).astype(np.float32)
+    step = max(1, -(-len(vectors) // max_samples))
+    return features.fit_kmeans(vectors[::step], k, seed=seed)
+
+
+def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
+    """Content vectors and k-means clusters of every kept sample, as Ray Data stages; reused when present.
+
+    tok-<hash>/groups-<hash>/vectors/*.parquet (key, piece, vector in float16) and
+    clusters.npz (keys, pieces, clusters in kept-sample order), plus groups.json.
+    """
+    pack, prep = cfg.pack, cfg.prepare
+    model = pack.embedding_model if pack.group_backend == "embedding" else None
+    out = tok_dir / f"groups-{_config_hash(pack.group_backend, model, pack.feature_dim, pack.num_clusters, pack.kmeans_samples, cfg.seed)}"
+    if prep.reuse and (out / "groups.json").exists():
+        return out
+    start = time.perf_counter()
+    print(f"raypack prepare: grouping samples by content ({pack.group_backend})", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    columns = ["key", "piece", "status", "input_ids"]
+    ds = ray.data.read_parquet(files, columns=columns)
+    if pack.group_backend == "tfidf":
+        num_buckets = features.NUM_BUCKETS
+        df, num_docs = np.zeros(num_buckets, np.int64), 0
+        for batch in ds.map_batches(_df_batch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size * 8,
+                                    fn_kwargs={"num_buckets": num_buckets},
+                                    num_cpus=prep.read_num_cpus).iter_batches(batch_format="pyarrow"):
+            num_docs += int(pa.compute.sum(batch.column("num_docs")).as_py() or 0)
+            df += batch.column("df").combine_chunks().values.to_numpy().reshape(len(batch), -1).sum(axis=0)
+        vectors = ds.map_batches(_tfidf_batch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size * 4,
+                                 fn_kwargs={"df": df, "num_docs": num_docs, "dim": pack.feature_dim, "seed": cfg.seed},
+                                 num_cpus=prep.read_num_cpus)
+    else:
+        vectors = ds.map_batches(
+            EmbedBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
+            num_gpus=prep.embed_num_gpus,
+            fn_constructor_kwargs={"model": model, "tokenizer": cfg.data.tokenizer,
+                                   "device": "cuda" if prep.embed_num_gpus else "cpu"})
+    vectors.write_parquet(str(out / "vectors"), ray_remote_args={"num_cpus": prep.write_num_cpus})
+    vector_files = _sorted_parquet_files(out / "vectors")
+    num_samples = sum(pq.ParquetFile(f).metadata.num_rows for f in vector_files)
+    k = min(pack.num_clusters or features.auto_num_clusters(num_samples), max(num_samples, 1))
+    centroids = ray.get(_fit_centroids.options(num_cpus=prep.pack_num_cpus).remote(
+        vector_files, k, pack.kmeans_samples, cfg.seed))
+    assigned = pa.concat_tables(ray.data.read_parquet(vector_files).map_batches(
+        _assign_batch, batch_format="pyarrow", fn_kwargs={"centroids": centroids},
+        num_cpus=prep.read_num_cpus).iter_batches(batch_format="pyarrow"))
+    clusters = assigned.column("cluster").to_numpy()
+    np.savez(out / "clusters.npz", keys=assigned.column("key").to_numpy(),
+             pieces=assigned.column("piece").to_numpy(), clusters=clusters, centroids=centroids)
+    info = {"backend": pack.group_backend, "model": model, "num_samples": int(num_samples),
+            "num_clusters": int(k), "cluster_sizes": np.bincount(clusters, minlength=k).tolist(),
+            "seconds": time.perf_counter() - start}
+    (out / "groups.json").write_text(json.dumps(info, indent=2))
+    print(f"raypack prepare: {num_samples:,} samples in {k} clusters ({info['seconds']:.1f} s)", flush=True)
+    return out
+
+
+def load_groups(folder: str | Path) -> dict:
+    """What build_groups wrote: keys, pieces, clusters and float16 vectors in kept-sample order."""
+    folder = Path(folder)
+    arrays = np.load(folder / "clusters.npz")
+    info = json.loads((folder / "groups.json").read_text())
+    vectors = _vectors_of(pq.read_table(_sorted_parquet_files(folder / "vectors"), columns=["vector"]))
+    return {"keys": arrays["keys"], "pieces": arrays["pieces"], "clusters": arrays["clusters"], "vectors": vectors,
+            "num_clusters": info["num_clusters"], "backend": info["backend"]}
+
+
 # ---------------------------------------------------------------- prepare
 
 
 def _tok_hash(cfg: Config) -> str:
     d = cfg.data
     return _config_hash(_source_fingerprint(cfg), d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
-                        d.overlength, d.hf_split)
+                        d.overlength, d.hf_split, CACHE_VERSION)
 
 
 def _holdout_keys(files: list[str], cfg: Config) -> np.ndarray:
@@ -496,15 +693,19 @@ def prepare(cfg: Config) -> dict:
     files = _sorted_parquet_files(tok_dir / "tokenized")
     holdout = _holdout_keys(files, cfg)
     split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
-    jobs = {"val": ("val", "padding", "isolated", 0, split_hash)}
-    for arm in cfg.pack.arms:
-        strategy, attention = parse_arm(arm)
-        arm_hash = _config_hash(split_hash, strategy, attention, cfg.pack.window, cfg.train.micro_batch_size,
-                                cfg.prepare.rows_per_shard)
-        jobs[arm] = ("train", strategy, attention or "isolated", cfg.pack.window, arm_hash)
+    specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
+    grouped = any(spec.grouping != "none" for spec in specs.values())
+    groups_dir = build_groups(cfg, tok_dir, files) if grouped else None
+    jobs = {"val": ("val", ArmSpec("padding", None), 0, None, split_hash)}
+    for arm, spec in specs.items():
+        packed_groups = groups_dir if spec.strategy != "padding" else None
+        arm_hash = _config_hash(split_hash, spec.strategy, spec.attention, cfg.pack.window, cfg.train.micro_batch_size,
+                                cfg.prepare.rows_per_shard, spec.grouping, spec.only_single_turn,
+                                packed_groups and packed_groups.name, cfg.pack.group_buffer if spec.grouping != "none" else None)
+        jobs[arm] = ("train", spec, cfg.pack.window, packed_groups, arm_hash)
     holdout_ref = ray.put(holdout)
     folders, pending = {}, {}
-    for name, (select, strategy, attention, window, job_hash) in jobs.items():
+    for name, (select, spec, window, packed_groups, job_hash) in jobs.items():
         final = tok_dir / f"{name}-{job_hash}"
         folders[name] = final
         if cfg.prepare.reuse and (final / "manifest.json").exists():
@@ -512,14 +713,16 @@ def prepare(cfg: Config) -> dict:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        pending[name] = (partial, job_hash, strategy, attention, window, pack_split.options(
+        pending[name] = (partial, job_hash, spec, window, pack_split.options(
             num_cpus=cfg.prepare.pack_num_cpus).remote(
-            files, holdout_ref, select, strategy, attention, window, cfg.data.max_seq_len,
+            files, holdout_ref, select, spec, window, cfg.pack.group_buffer,
+            str(packed_groups) if packed_groups else None, cfg.data.max_seq_len,
             cfg.train.micro_batch_size, cfg.prepare.rows_per_shard, str(partial)))
-    for name, (partial, job_hash, strategy, attention, window, ref) in pending.items():
+    for name, (partial, job_hash, spec, window, ref) in pending.items():
         stats = ray.get(ref)
-        manifest = _manifest(counts, stats, cfg, strategy, attention, window, job_hash, tokenize_seconds)
+        manifest = _manifest(counts, stats, cfg, spec.strategy, spec.attention, window, job_hash, tokenize_seconds)
         manifest.update(split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
+        manifest.update(stats["composition"])
         _finish(partial, folders[name], manifest)
     return {name: str(path) for name, path in folders.items()}
 

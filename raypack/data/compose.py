@@ -1,0 +1,419 @@
+"""Pack composition: which samples share a row, by content cluster and by turn count (pure core).
+
+``plan_composed`` returns a ``PackPlan`` exactly like ``plan_pack`` (its
+``piece_sample`` indexes the given arrays), with two extra choices:
+
+- ``grouping`` (``GROUPINGS``), given a cluster label per sample (from
+  ``raypack.data.features``):
+
+  - ``none``: ``plan_pack`` as it is.
+  - ``related``: each cluster is planned on its own with ``plan_pack`` (its
+    samples in input order, in chunks of ``window``), so no row mixes two
+    clusters. Clusters follow each other in increasing label order.
+  - ``unrelated``: rows mix clusters on purpose. ``random`` packs the samples in
+    round-robin order (the first sample of every cluster in label order, then the
+    second of every cluster, ...). ``greedy`` and ``bfd`` keep their order
+    (longest first, stable) and put each sample in the first-fit (greedy) or
+    best-fit (bfd) row among the rows with room that hold no sample of its
+    cluster; failing that, in the first-fit or best-fit row among all rows with
+    room; failing that, in a new row. The search for a row without the cluster
+    gives up after ``MAX_SKIPS`` fitting rows that hold it (then the fallback
+    applies), which bounds the work when one cluster is in almost every row.
+
+  ``padding`` has one sample per row, so it only takes ``grouping="none"``.
+
+- ``multi_turn``, a bool per sample: multi-turn samples are not packed. Each
+  gets rows of its own (one row, or for ``random`` a sample longer than
+  ``max_seq_len`` is cut into rows of its own), after all the packed rows; only
+  the single-turn samples are planned with the rules above (the paper's
+  single-turn-only packing).
+
+Example, ``max_seq_len=8``, six samples whose clusters alternate (``bfd`` takes
+them in input order, which is already longest first):
+
+>>> import numpy as np
+>>> lengths = np.array([5, 5, 5, 2, 2, 1])
+>>> clusters = np.array([0, 1, 0, 1, 0, 1])
+>>> def rows(plan):
+...     return [plan.piece_sample[a:b].tolist() for a, b in zip(plan.row_offsets[:-1], plan.row_offsets[1:])]
+>>> rows(plan_composed(lengths, 8, "bfd"))
+[[0, 3, 5], [1, 4], [2]]
+>>> rows(plan_composed(lengths, 8, "bfd", grouping="related", clusters=clusters))
+[[0, 4], [2], [1, 3, 5]]
+>>> rows(plan_composed(lengths, 8, "bfd", grouping="unrelated", clusters=clusters))
+[[0, 3], [1, 4], [2, 5]]
+
+The plain plan puts samples 3 and 5 (both cluster 1) in one row; ``related``
+plans cluster 0 (samples 0, 2, 4), then cluster 1; ``unrelated`` sends sample 5
+past the tighter rows 0 and 1, which already hold cluster 1, to row 2. Single-turn-only
+packing with sample 3 multi-turn: it gets a row of its own, after the packed rows.
+
+>>> multi_turn = np.array([False, False, False, True, False, False])
+>>> rows(plan_composed(lengths, 8, "bfd", grouping="unrelated", clusters=clusters, multi_turn=multi_turn))
+[[0, 5], [1, 4], [2], [3]]
+"""
+
+import numba
+import numpy as np
+
+from raypack.data.pack import (
+    STRATEGIES,
+    PackPlan,
+    _check_fits,
+    _check_lengths,
+    _check_positive_int,
+    _emit_rows,
+    _next_pow2,
+    _sort_descending,
+    _tree_leftmost,
+    _tree_set,
+    plan_pack,
+)
+
+GROUPINGS = ("none", "related", "unrelated")
+# Fitting rows that hold the sample's cluster, skipped before the fallback (see the module docstring).
+MAX_SKIPS = 1000
+
+
+def plan_composed(lengths: np.ndarray, max_seq_len: int, strategy: str, window: int = 0, grouping: str = "none",
+                  clusters: np.ndarray | None = None, multi_turn: np.ndarray | None = None) -> PackPlan:
+    """Plan rows like ``plan_pack``, grouping samples by cluster and leaving multi-turn samples unpacked.
+
+    See the module docstring for the rules and an example.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; use one of {GROUPINGS}")
+    if strategy == "padding" and grouping != "none":
+        raise ValueError(f"grouping {grouping!r} needs a packing strategy: padding has one sample per row, "
+                         "so use grouping 'none' with padding, or strategy 'random', 'greedy' or 'bfd'")
+    lengths = _check_lengths(lengths)
+    max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = plan all samples at once), got {window!r}")
+    if strategy != "random":
+        _check_fits(lengths, max_seq_len, strategy)
+    clusters = _check_clusters(clusters, len(lengths), grouping)
+    multi_turn = _check_multi_turn(multi_turn, len(lengths))
+
+    single = np.flatnonzero(~multi_turn)
+    packed = _plan_grouped(lengths[single], max_seq_len, strategy, int(window), grouping,
+                           None if clusters is None else clusters[single])
+    multi = np.flatnonzero(multi_turn)
+    # window=1 plans every multi-turn sample alone: one row, or rows of its own when random splits it.
+    alone = plan_pack(lengths[multi], max_seq_len, "random" if strategy == "random" else "padding", 1)
+    return _concat_plans([packed, alone], [single, multi])
+
+
+def _check_clusters(clusters, n: int, grouping: str) -> np.ndarray | None:
+    if clusters is None:
+        if grouping != "none":
+            raise ValueError(f"grouping {grouping!r} needs clusters: one int label >= 0 per sample "
+                             "(e.g. from raypack.data.features.assign_clusters)")
+        return None
+    clusters = np.asarray(clusters)
+    if clusters.shape != (n,) or (n and not np.issubdtype(clusters.dtype, np.integer)):
+        raise ValueError(f"clusters must be a 1-D int array with one label per sample ({n}), "
+                         f"got shape {clusters.shape} dtype {clusters.dtype}")
+    clusters = clusters.astype(np.int64, copy=False)
+    if n and clusters.min() < 0:
+        raise ValueError(f"cluster labels must be >= 0, got {int(clusters.min())}")
+    return clusters
+
+
+def _check_multi_turn(multi_turn, n: int) -> np.ndarray:
+    if multi_turn is None:
+        return np.zeros(n, dtype=bool)
+    multi_turn = np.asarray(multi_turn)
+    if multi_turn.shape != (n,) or (n and multi_turn.dtype != np.bool_):
+        raise ValueError(f"multi_turn must be a 1-D bool array with one flag per sample ({n}), "
+                         f"got shape {multi_turn.shape} dtype {multi_turn.dtype}")
+    return multi_turn.astype(bool, copy=False)
+
+
+def _plan_grouped(lengths, max_seq_len, strategy, window, grouping, clusters) -> PackPlan:
+    if grouping == "none":
+        return plan_pack(lengths, max_seq_len, strategy, window)
+    if grouping == "related":
+        by_cluster = np.argsort(clusters, kind="stable")
+        bounds = np.flatnonzero(np.diff(clusters[by_cluster])) + 1
+        members = np.split(by_cluster, bounds) if len(by_cluster) else []
+        return _concat_plans([plan_pack(lengths[m], max_seq_len, strategy, window) for m in members], members)
+    if strategy == "random":
+        order = _round_robin(clusters)
+        return _concat_plans([plan_pack(lengths[order], max_seq_len, "random", window)], [order])
+    return _plan_apart(lengths, clusters, max_seq_len, window, best_fit=strategy == "bfd")
+
+
+def _round_robin(clusters: np.ndarray) -> np.ndarray:
+    """Sample order that cycles over the clusters in label order, each cluster's samples in input order."""
+    by_cluster = np.argsort(clusters, kind="stable")
+    sorted_labels = clusters[by_cluster]
+    group_start = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.empty(len(clusters), dtype=np.int64)
+    rank[by_cluster] = np.arange(len(clusters)) - group_start
+    return np.lexsort((clusters, rank))
+
+
+def _concat_plans(plans: list[PackPlan], samples: list[np.ndarray]) -> PackPlan:
+    """Rows of each plan in turn; piece_sample of plans[i] is mapped through samples[i]."""
+    if not plans:
+        empty = np.zeros(0, dtype=np.int64)
+        return PackPlan(empty, empty.copy(), empty.copy(), np.zeros(1, dtype=np.int64))
+    pieces_per_row = np.concatenate([np.diff(p.row_offsets) for p in plans])
+    return PackPlan(
+        piece_sample=np.concatenate([s[p.piece_sample] for p, s in zip(plans, samples, strict=True)]).astype(np.int64),
+        piece_start=np.concatenate([p.piece_start for p in plans]),
+        piece_end=np.concatenate([p.piece_end for p in plans]),
+        row_offsets=np.concatenate(([0], np.cumsum(pieces_per_row))).astype(np.int64),
+    )
+
+
+# ---------------------------------------------------------------- cluster-aware fit
+
+
+def _plan_apart(lengths, clusters, max_seq_len, window, best_fit) -> PackPlan:
+    """Greedy or best-fit decreasing that keeps a cluster out of rows that already hold it.
+
+    Like pack._plan_fit, every work array is allocated here with numpy.
+    """
+    n = len(lengths)
+    labels, dense = np.unique(clusters, return_inverse=True)
+    win = min(window, n) if window > 0 else max(n, 1)
+    piece_sample = np.empty(n, dtype=np.int64)
+    row_offsets = np.empty(n + 1, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    row_of = np.empty(n, dtype=np.int64)
+    counts = np.empty(max(max_seq_len + 1, win), dtype=np.int64)
+    # Which (row, cluster) pairs exist: open addressing, at most half full.
+    table = np.empty(_next_pow2(2 * win), dtype=np.int64)
+    if best_fit:
+        tree = np.empty(2 * _next_pow2(max_seq_len + 1), dtype=np.int32)
+        chains = np.empty(2 * (max_seq_len + 1) + 3 * win, dtype=np.int64)
+    else:
+        tree = np.empty(2 * _next_pow2(win), dtype=np.int32)
+        chains = np.empty(0, dtype=np.int64)
+    num_rows = _apart_kernel(lengths, dense.astype(np.int64), max(len(labels), 1), max_seq_len, win, best_fit,
+                             MAX_SKIPS, order, row_of, counts, table, tree, chains, piece_sample, row_offsets)
+    return PackPlan(
+        piece_sample=piece_sample,
+        piece_start=np.zeros(n, dtype=np.int64),
+        piece_end=lengths[piece_sample],
+        row_offsets=row_offsets[: num_rows + 1].copy(),
+    )
+
+
+@numba.njit(cache=True)
+def _apart_kernel(lengths, clusters, num_clusters, max_seq_len, window, best_fit, max_skips,
+                  order, row_of, counts, table, tree, chains, piece_sample, row_offsets):
+    """Plan each window independently; returns the total number of rows."""
+    n = len(lengths)
+    num_rows = 0
+    for lo in range(0, n, window):
+        hi = min(lo + window, n)
+        _sort_descending(lengths, lo, hi, max_seq_len, counts, order)
+        mask = _next_pow2_nb(2 * (hi - lo)) - 1
+        table[: mask + 1] = -1
+        if best_fit:
+            rows = _best_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips,
+                                   table, mask, tree, chains, row_of)
+        else:
+            rows = _first_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips,
+                                    table, mask, tree, row_of)
+        _emit_rows(order, row_of, lo, hi, rows, num_rows, counts, piece_sample, row_offsets)
+        num_rows += rows
+    row_offsets[num_rows] = n
+    return num_rows
+
+
+@numba.njit(cache=True)
+def _next_pow2_nb(x):
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+@numba.njit(cache=True)
+def _slot(table, mask, key):
+    """Slot of key in the open-addressing table: where it is, or the empty slot where it would go."""
+    h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    i = np.int64((h ^ (h >> np.uint64(29))) & np.uint64(mask))
+    while table[i] != -1 and table[i] != key:
+        i = (i + 1) & mask
+    return i
+
+
+@numba.njit(cache=True)
+def _tree_next(tree, value, start):
+    """Leftmost leaf >= start whose value is >= value, or -1 (a max segment tree as in pack.py)."""
+    size = len(tree) // 2
+    if start >= size:
+        return -1
+    i = start + size
+    while tree[i] < value:
+        while i & 1:  # a right child: climb until the next subtree to the right exists
+            i >>= 1
+        if i == 0:
+            return -1
+        i += 1
+    while i < size:
+        i = 2 * i if tree[2 * i] >= value else 2 * i + 1
+    return i - size
+
+
+@numba.njit(cache=True)
+def _first_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
+                     row_of):
+    """First fit (leaf r of the tree is row r's room, as in pack._first_fit), skipping rows with the cluster."""
+    tree[:] = max_seq_len
+    rows = 0
+    for k in range(lo, hi):
+        sample = order[k]
+        length = lengths[sample]
+        cluster = clusters[sample]
+        row = -1
+        start = 0
+        skips = 0
+        while start < rows and skips < max_skips:
+            r = _tree_next(tree, length, start)
+            if r < 0 or r >= rows:  # only unopened rows are left
+                break
+            if table[_slot(table, mask, r * num_clusters + cluster)] != r * num_clusters + cluster:
+                row = r
+                break
+            skips += 1
+            start = r + 1
+        if row < 0:
+            row = _tree_leftmost(tree, length)
+        if row == rows:
+            rows += 1
+        row_of[k] = row
+        _tree_set(tree, row, tree[len(tree) // 2 + row] - length)
+        key = row * num_clusters + cluster
+        table[_slot(table, mask, key)] = key
+    return rows
+
+
+@numba.njit(cache=True)
+def _best_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
+                    chains, row_of):
+    """Best fit (tree over room sizes, FIFO chains of rows per room, as in pack._best_fit), skipping rows with
+    the cluster. Chains are doubly linked so a row can leave from the middle and the others keep their order."""
+    size = max_seq_len + 1
+    win = hi - lo
+    head = chains[:size]
+    tail = chains[size: 2 * size]
+    nxt = chains[2 * size: 2 * size + win]
+    prv = chains[2 * size + win: 2 * size + 2 * win]
+    room_of = chains[2 * size + 2 * win: 2 * size + 3 * win]
+    tree[:] = 0
+    head[:] = -1
+    tail[:] = -1
+    rows = 0
+    for k in range(lo, hi):
+        sample = order[k]
+        length = lengths[sample]
+        cluster = clusters[sample]
+        row = -1
+        if tree[1] >= length:
+            skips = 0
+            room = _tree_next(tree, length, length)
+            while room >= 0 and skips < max_skips:
+                r = head[room]
+                while r != -1 and skips < max_skips:
+                    if table[_slot(table, mask, r * num_clusters + cluster)] != r * num_clusters + cluster:
+                        row = r
+                        break
+                    skips += 1
+                    r = nxt[r]
+                if row >= 0:
+                    break
+                room = _tree_next(tree, length, room + 1)
+            if row < 0:
+                row = head[_tree_leftmost(tree, length)]
+            room = room_of[row]
+            # Unlink the row from its chain.
+            if prv[row] == -1:
+                head[room] = nxt[row]
+            else:
+                nxt[prv[row]] = nxt[row]
+            if nxt[row] == -1:
+                tail[room] = prv[row]
+            else:
+                prv[nxt[row]] = prv[row]
+            if head[room] == -1:
+                _tree_set(tree, room, 0)
+        else:
+            row = rows
+            rows += 1
+            room = max_seq_len
+        row_of[k] = row
+        key = row * num_clusters + cluster
+        table[_slot(table, mask, key)] = key
+        room -= length
+        room_of[row] = room
+        if room > 0:  # full rows leave the tree for good
+            nxt[row] = -1
+            prv[row] = tail[room]
+            if tail[room] == -1:
+                head[room] = row
+                _tree_set(tree, room, room)
+            else:
+                nxt[tail[room]] = row
+            tail[room] = row
+    return rows
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def composition_stats(plan: PackPlan, clusters: np.ndarray | None = None,
+                      multi_turn: np.ndarray | None = None) -> dict:
+    """What the rows are made of, for a manifest: clusters per packed row and where multi-turn samples went.
+
+    A packed row holds >= 2 distinct samples. Cluster keys need ``clusters``,
+    multi-turn keys ``multi_turn`` (both indexed like the plan's samples).
+    """
+    piece_row = np.repeat(np.arange(plan.num_rows, dtype=np.int64), np.diff(plan.row_offsets))
+    num_samples = int(plan.piece_sample.max()) + 1 if len(plan.piece_sample) else 0
+    keys = np.unique(piece_row * max(num_samples, 1) + plan.piece_sample)
+    rows, samples = keys // max(num_samples, 1), keys % max(num_samples, 1)
+    samples_per_row = np.bincount(rows, minlength=plan.num_rows)
+    packed = samples_per_row >= 2
+    stats = {"num_rows": plan.num_rows, "num_packed_rows": int(packed.sum()),
+             "mean_samples_per_packed_row": float(samples_per_row[packed].mean()) if packed.any() else 0.0}
+    if clusters is not None:
+        clusters = _check_clusters(clusters, len(clusters), "related")
+        _check_covers(clusters, num_samples, "clusters")
+        labels, dense = np.unique(clusters[samples], return_inverse=True)
+        row_clusters = np.unique(rows * max(len(labels), 1) + dense) // max(len(labels), 1)
+        clusters_per_row = np.bincount(row_clusters, minlength=plan.num_rows)
+        num_packed = max(int(packed.sum()), 1)
+        stats.update({
+            "num_clusters_used": len(labels),
+            "mean_clusters_per_packed_row": float(clusters_per_row[packed].mean()) if packed.any() else 0.0,
+            "mixed_cluster_row_fraction": float((clusters_per_row[packed] >= 2).sum() / num_packed),
+            "repeated_cluster_row_fraction": float((clusters_per_row[packed] < samples_per_row[packed]).sum()
+                                                   / num_packed),
+        })
+    if multi_turn is not None:
+        multi_turn = _check_multi_turn(multi_turn, len(multi_turn))
+        _check_covers(multi_turn, num_samples, "multi_turn")
+        multi_rows = np.zeros(plan.num_rows, dtype=bool)
+        multi_rows[rows[multi_turn[samples]]] = True
+        stats.update({
+            "num_single_turn_samples": int((~multi_turn).sum()),
+            "num_multi_turn_samples": int(multi_turn.sum()),
+            "num_multi_turn_rows": int(multi_rows.sum()),
+            # 0 when multi_turn was given to plan_composed: those samples are alone in their rows.
+            "num_packed_rows_with_multi_turn": int((multi_rows & packed).sum()),
+        })
+    return stats
+
+
+def _check_covers(values: np.ndarray, num_samples: int, name: str) -> None:
+    if len(values) < num_samples:
+        raise ValueError(f"plan refers to sample {num_samples - 1} but {name} has {len(values)} entries; "
+                         "pass one entry per sample the plan was made from")
