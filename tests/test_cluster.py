@@ -124,7 +124,7 @@ def test_every_node_installs_raypack_under_the_constraints(config):
     assert config["file_mounts"]["/home/ray/raypack"] == "."
     install = [c for c in config["setup_commands"] if "pip install" in c]
     assert install == ["pip install -q --no-cache-dir -c /home/ray/raypack/constraints.txt "
-                       "-e '/home/ray/raypack[paper-eval]'"]
+                       "-e '/home/ray/raypack[paper-eval,embed]'"]
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
 
 

@@ -156,9 +156,10 @@ def test_context_is_cut_from_the_left_and_a_long_target_is_skipped():
 def test_only_targets_of_at_most_half_the_row_are_probed():
     samples, clusters = clustered_samples()
     lengths = np.array([len(s["input_ids"]) for s in samples])
-    max_seq_len = 2 * int(np.median(lengths))
+    max_seq_len = int(lengths.min() + lengths.max())  # the shortest samples fit in half, the longest do not
     result = probe(copy_forward, samples, clusters, max_seq_len=max_seq_len)
-    assert result["num_too_long"] == int((lengths > max_seq_len // 2).sum()) > 0
+    assert 0 < result["num_too_long"] == int((lengths > max_seq_len // 2).sum()) < len(samples)
+    assert result["num_samples"] == min(20, int((lengths <= max_seq_len // 2).sum()))
     assert result["max_seq_len"] == max_seq_len and result["num_val_samples"] == len(samples)
 
 

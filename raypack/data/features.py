@@ -205,9 +205,9 @@ def _check_vectors(vectors) -> np.ndarray:
 def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batch_size: int = 2048) -> np.ndarray:
     """``(k, dim)`` float32 unit centroids of spherical mini-batch k-means; k is reduced to n if n < k.
 
-    k-means++ (probability of a point proportional to ``1 - cosine`` to its nearest
-    centroid, which is half its squared distance on the unit sphere) seeds the
-    centroids from ``max(3 * batch_size, 10 * k)`` random samples; then ``iters``
+    Greedy k-means++ (probability of a point proportional to ``1 - cosine`` to its
+    nearest centroid, which is half its squared distance on the unit sphere) seeds
+    the centroids from ``max(3 * batch_size, 10 * k)`` random samples; then ``iters``
     mini-batches each move a centroid towards the mean of its batch members with
     step ``members / members seen so far`` (Sculley 2010) and renormalise it.
     """
@@ -237,20 +237,27 @@ def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batc
 
 
 def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k seeds from unit rows, each drawn with probability proportional to 1 - cosine to the nearest seed."""
+    """Greedy k-means++ seeds from unit rows (as scikit-learn's default).
+
+    Each step draws ``2 + log(k)`` candidates with probability proportional to
+    ``1 - cosine`` to the nearest seed and keeps the one that lowers the total most,
+    which avoids most of the seedings where two seeds land in one true cluster.
+    """
+    num_candidates = 2 + int(math.log(k))
     chosen = [int(rng.integers(len(points)))]
-    best = points @ points[chosen[0]]
+    best = np.minimum(1.0 - (points @ points[chosen[0]]).astype(np.float64), 1.0).clip(0.0)
     for _ in range(1, k):
-        weight = np.maximum(1.0 - best.astype(np.float64), 0.0)
-        weight[chosen] = 0.0
-        total = weight.sum()
+        total = best.sum()
         if total > 0:
-            index = int(np.searchsorted(np.cumsum(weight), rng.random() * total, side="right"))
-            index = min(index, len(points) - 1)
+            draws = rng.random(num_candidates) * total
+            candidates = np.minimum(np.searchsorted(np.cumsum(best), draws, side="right"), len(points) - 1)
         else:  # every point coincides with a seed: take any other point
-            index = int(rng.choice(np.setdiff1d(np.arange(len(points)), chosen)))
-        chosen.append(index)
-        best = np.maximum(best, points @ points[index])
+            candidates = rng.choice(np.setdiff1d(np.arange(len(points)), chosen), size=1)
+        distance = 1.0 - (points[candidates] @ points.T).astype(np.float64)
+        totals = np.minimum(best[None, :], distance.clip(0.0)).sum(axis=1)
+        pick = int(np.argmin(totals))
+        chosen.append(int(candidates[pick]))
+        best = np.minimum(best, distance[pick].clip(0.0))
     return points[chosen].copy()
 
 

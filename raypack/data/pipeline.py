@@ -601,7 +601,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     columns = ["key", "piece", "status", "input_ids"]
-    ds = ray.data.read_parquet(files, columns=columns)
+    ds = ray.data.read_parquet(files).select_columns(columns)
     if pack.group_backend == "tfidf":
         num_buckets = features.NUM_BUCKETS
         df, num_docs = np.zeros(num_buckets, np.int64), 0

