@@ -65,6 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("tokenized: " + ", ".join(f"{k} {v}" for k, v in prep.token_counts.items()))
     table = [[a.arm] + [a.stats[key] for _, key in COMPARE_COLUMNS] for a in prep.arms]
     print(format_table(["arm"] + [c for c, _ in COMPARE_COLUMNS], table))
+    _print_composition({a.arm: a.stats for a in prep.arms})
     report = {"config": to_dict(cfg), "num_input_rows": load.num_input_rows,
               "num_rejected_rows": len(load.rejected), "rejected_reasons": load.rejected_reasons,
               "tokenize": prep.token_counts, "arms": {a.arm: a.stats for a in prep.arms}}
@@ -84,6 +85,23 @@ PREPARE_COLUMNS = (
 )
 
 
+COMPOSITION_COLUMNS = (
+    ("grouping", "grouping"), ("clusters", "num_clusters"), ("within cos", "within_pack_cosine"),
+    ("across cos", "across_pack_cosine"), ("mixed packs", "num_mixed_cluster_rows"), ("shared packs", "num_shared_rows"),
+    ("single-turn", "num_single_turn_samples"), ("multi-turn", "num_multi_turn_samples"),
+    ("rows/LB", "rows_over_lower_bound"),
+)
+
+
+def _print_composition(arms: dict) -> None:
+    """The grouping / single-turn-only columns, when some arm was composed (raypack.data.compose)."""
+    composed = {name: m for name, m in arms.items() if "within_pack_cosine" in m or m.get("only_single_turn")}
+    if composed:
+        print("what goes into a pack:")
+        table = [[name] + [m.get(key, "-") for _, key in COMPOSITION_COLUMNS] for name, m in composed.items()]
+        print(format_table(["arm"] + [c for c, _ in COMPOSITION_COLUMNS], table))
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from raypack.data.pipeline import prepare, read_manifest
 
@@ -99,6 +117,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
           f"{first['num_val_conversations']} conversations held out for validation")
     table = [[name] + [m[key] for _, key in PREPARE_COLUMNS] for name, m in manifests.items()]
     print(format_table(["split/arm"] + [c for c, _ in PREPARE_COLUMNS], table))
+    _print_composition(manifests)
     for name, folder in folders.items():
         print(f"  {name}: {folder}")
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -87,8 +87,10 @@ def prepare_local(cfg: Config) -> LocalPrep:
         rows = pack_rows(plan, tok.samples, spec.attention or "isolated")
         stats = row_stats(rows, cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, plan=plan)
         stats.update(grouping=spec.grouping, only_single_turn=spec.only_single_turn)
+        if spec.only_single_turn:
+            stats.update(num_single_turn_samples=int((turns <= 1).sum()), num_multi_turn_samples=int((turns > 1).sum()))
         if vectors is not None and packed:
-            stats.update(features.pack_similarity(vectors, plan, seed=cfg.seed))
+            stats.update(features.pack_similarity(vectors, plan, seed=cfg.seed), num_clusters=int(clusters.max()) + 1)
         stats["seconds"] = time.perf_counter() - start
         arms.append(ArmResult(arm, rows, stats))
     return LocalPrep(load=load, token_counts=tok.counts, arms=arms)
