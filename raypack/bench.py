@@ -2,7 +2,9 @@
 
 `bench_pack` plans every strategy on the same lengths, and TRL's
 `pack_dataset(strategy="bfd")` on the same lengths in the same process, so the
-figures are comparable. Measure on one core:
+figures are comparable. `bench_grouping` plans bfd with each pack composition
+(``raypack.data.compose``: grouping none, related, unrelated) on random cluster
+labels, and says what grouping costs in rows and seconds. Measure on one core:
 
     taskset -c 0 env NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
         raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
@@ -32,6 +34,7 @@ import tracemalloc
 
 import numpy as np
 
+from raypack.data.compose import GROUPINGS, composition_stats, plan_composed
 from raypack.data.pack import STRATEGIES, plan_pack, plan_stats
 
 TRL_WINDOW = 1000  # TRL packs inside dataset.map batches, 1000 rows by default
@@ -186,6 +189,35 @@ def _lengths_dataset(lengths, datasets, pa):
     return datasets.Dataset(datasets.table.InMemoryTable(pa.table({"input_ids": column})))
 
 
+def bench_grouping(lengths: np.ndarray, max_seq_len: int, window: int = 0, k: int = 16, seed: int = 0) -> dict:
+    """bfd with every grouping on ``lengths`` (truncated to ``max_seq_len``) and ``k`` random cluster labels.
+
+    ``seconds`` is wall time of ``plan_composed`` alone, after a warm-up call that
+    loads or compiles the numba kernels; the cluster fractions count packed rows
+    (>= 2 samples) that mix clusters or hold one cluster twice.
+    """
+    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), max_seq_len)
+    clusters = np.random.default_rng(seed).integers(0, k, len(lengths))
+    for grouping in GROUPINGS:  # warm-up
+        plan_composed(np.array([3, 1, 2]), 4, "bfd", 2, grouping, None if grouping == "none" else np.array([0, 1, 0]))
+    groupings = {}
+    for grouping in GROUPINGS:
+        seconds, _, plan = _timed(lambda g=grouping: plan_composed(lengths, max_seq_len, "bfd", window, g,
+                                                                   None if g == "none" else clusters))
+        stats = plan_stats(plan, lengths, max_seq_len)
+        composition = composition_stats(plan, clusters)
+        groupings[grouping] = {
+            "seconds": seconds,
+            "num_rows": stats["num_rows"],
+            "lower_bound_rows": stats["lower_bound_rows"],
+            "rows_over_lower_bound": stats["rows_over_lower_bound"],
+            "mixed_cluster_row_fraction": composition["mixed_cluster_row_fraction"],
+            "repeated_cluster_row_fraction": composition["repeated_cluster_row_fraction"],
+        }
+    return {"num_samples": len(lengths), "num_tokens": int(lengths.sum()), "max_seq_len": max_seq_len,
+            "window": window, "num_clusters": k, "seed": seed, "strategy": "bfd", "groupings": groupings}
+
+
 # ---------------------------------------------------------------- printing
 
 
@@ -228,3 +260,20 @@ def _cells(name: str, entry: dict) -> tuple:
 def _format_line(cells) -> str:
     widths = (12, 9, 11, 11, 9, 10, 9, 9, 7, 10, 9)
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def format_grouping_table(result: dict) -> str:
+    """The result of `bench_grouping` as a text table, one line per grouping."""
+    head = (f"bfd, {result['num_samples']:,} samples, {result['num_tokens']:,} tokens (truncated to max_seq_len), "
+            f"max_seq_len {result['max_seq_len']}, window {result['window'] or 'all'}, "
+            f"{result['num_clusters']} random clusters (seed {result['seed']})")
+    widths = (10, 9, 11, 11, 9, 9, 9)
+    lines = [head, "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(
+        ("grouping", "seconds", "rows", "lower bound", "rows/LB", "mixed", "repeated"), widths)))]
+    for name, e in result["groupings"].items():
+        cells = (name, f"{e['seconds']:.3f}", f"{e['num_rows']:,}", f"{e['lower_bound_rows']:,}",
+                 f"{e['rows_over_lower_bound']:.5f}", f"{e['mixed_cluster_row_fraction']:.3f}",
+                 f"{e['repeated_cluster_row_fraction']:.3f}")
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+    lines.append("mixed / repeated: share of packed rows (>= 2 samples) holding >= 2 clusters / one cluster twice")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@
     raypack eval out/model [--preset offline|paper|none] [--tasks gsm8k:4 ...] [--limit N] [--ray] [--out F.json]
     raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
+    raypack bench grouping --preset tulu-326k --num-samples 100000 [--window 1000] [--clusters 16]
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
     raypack bench train [--json F] jobs/quickstart.yaml [key=value ...]   # padding vs bfd-isolated, one epoch, tiny model
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
@@ -259,6 +260,16 @@ def cmd_bench_pack(args: argparse.Namespace) -> int:
     return _report(format_pack_table(result), result, args.json)
 
 
+def cmd_bench_grouping(args: argparse.Namespace) -> int:
+    from raypack.bench import bench_grouping, format_grouping_table
+    from raypack.data.synth import sample_lengths
+
+    lengths = sample_lengths(args.preset, args.num_samples, args.seed)
+    result = bench_grouping(lengths, args.max_seq_len, window=args.window, k=args.clusters, seed=args.seed)
+    result["preset"] = args.preset
+    return _report(format_grouping_table(result), result, args.json)
+
+
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from raypack.bench_pipeline import bench_pipeline, format_pipeline_result
 
@@ -373,6 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-trl", action="store_true", help="skip TRL's pack_dataset reference run")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_pack)
+
+    p = bench.add_parser("grouping", help="bfd with pack.grouping none/related/unrelated: rows vs the lower "
+                         "bound, planning time, packs mixing or repeating clusters (random cluster labels)")
+    p.add_argument("--preset", default="tulu-326k", choices=list(PRESETS))
+    p.add_argument("--num-samples", type=int, default=100_000)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_grouping)
 
     p = bench.add_parser("pipeline", help="raypack prepare end to end vs the bare tokenizer, rows, memory")
     p.add_argument("--preset", default="opensource-1.2m", choices=list(PRESETS))

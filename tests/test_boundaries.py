@@ -11,8 +11,8 @@ import sys
 import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
-        "raypack.data.pack", "raypack.data.order", "raypack.data.collate", "raypack.data.synth", "raypack.data.local",
-        "raypack.bench"]
+        "raypack.data.pack", "raypack.data.compose", "raypack.data.features", "raypack.data.order",
+        "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.bench"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 
 
@@ -25,7 +25,8 @@ def test_core_module_imports_no_engine(module):
 
 
 # What every Ray Data actor and task imports: torch must not be among it (seconds of CPU per worker).
-DATA_WORKER = ["raypack.data.pipeline", "raypack.data.tokenize", "raypack.model"]
+DATA_WORKER = ["raypack.data.pipeline", "raypack.data.tokenize", "raypack.data.features", "raypack.data.compose",
+               "raypack.model"]
 
 
 @pytest.mark.parametrize("module", DATA_WORKER)

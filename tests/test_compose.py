@@ -8,13 +8,14 @@ row. The cluster-aware fit is also checked against a plain-Python reference.
 """
 
 import doctest
+import itertools
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import raypack.data.compose as compose
+from raypack.data import compose
 from raypack.data.compose import GROUPINGS, composition_stats, plan_composed
 from raypack.data.pack import STRATEGIES, PackPlan, plan_pack
 from raypack.data.synth import sample_lengths
@@ -69,7 +70,7 @@ def test_plans_cover_every_token_once_and_follow_the_rules(strategy, grouping, u
     for i, pieces in pieces_of.items():
         pieces.sort()
         assert pieces[0][0] == 0 and pieces[-1][1] == lengths[i]
-        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
     if strategy != "random":  # never split
         assert np.all(plan.piece_start == 0)
         assert sorted(plan.piece_sample.tolist()) == list(range(len(lengths)))
@@ -271,3 +272,14 @@ def test_bad_inputs_are_refused_with_what_to_change():
         plan_composed(lengths, 8, "bfd", window=-1)
     with pytest.raises(ValueError, match="but clusters has 1 entries"):
         composition_stats(plan_composed(lengths, 8, "bfd"), clusters=np.array([0]))
+
+
+def test_bench_grouping_runs_and_prints_every_grouping():
+    from raypack.bench import bench_grouping, format_grouping_table
+
+    lengths = sample_lengths("tulu-326k", 300, seed=0)
+    result = bench_grouping(lengths, 1024, window=100, k=4, seed=0)
+    assert set(result["groupings"]) == set(GROUPINGS)
+    assert result["groupings"]["related"]["mixed_cluster_row_fraction"] == 0.0
+    assert all(e["num_rows"] >= e["lower_bound_rows"] for e in result["groupings"].values())
+    assert all(g in format_grouping_table(result) for g in GROUPINGS)

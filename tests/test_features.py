@@ -2,9 +2,10 @@
 
 Run: .venv/bin/pytest tests/test_features.py -q
 
-Synthetic topics stand in for real text: each topic draws half its tokens from a
-vocabulary of its own and half from a pool shared by every topic (like function
-words), both Zipf-weighted, so topics are separable but not trivially so.
+Synthetic topics stand in for real text: each topic draws most of its tokens
+from a vocabulary of its own and the rest from a pool shared by every topic (like
+function words), both Zipf-weighted, and bigrams are random, so two samples of one
+topic have a tf-idf cosine of only about 0.18 (about 0.02 across topics).
 """
 
 import doctest
@@ -16,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-import raypack.data.features as features
+from raypack.data import features
 from raypack.data.compose import plan_composed
 from raypack.data.features import (
     assign_clusters,
@@ -28,7 +29,8 @@ from raypack.data.features import (
 )
 from raypack.data.pack import PackPlan, plan_pack
 
-TOPIC_VOCAB = 300
+TOPIC_VOCAB = 100
+TOPIC_SHARE = 0.8  # of a sample's tokens from its topic's own vocabulary
 COMMON_VOCAB = 500
 
 
@@ -44,7 +46,7 @@ def topic_samples(num_topics, per_topic, seed, min_len=50, max_len=200):
         n = int(rng.integers(min_len, max_len + 1))
         own = COMMON_VOCAB + t * TOPIC_VOCAB + rng.choice(TOPIC_VOCAB, n, p=topic_p)
         common = rng.choice(COMMON_VOCAB, n, p=common_p)
-        samples.append(np.where(rng.random(n) < 0.5, own, common).astype(np.int32))
+        samples.append(np.where(rng.random(n) < TOPIC_SHARE, own, common).astype(np.int32))
     return samples, topic
 
 
@@ -78,11 +80,15 @@ def test_document_frequency_counts_each_term_once_per_sample_and_sums_over_batch
 
 
 def test_hash_is_the_same_in_another_process_and_pulls_in_no_heavy_library():
-    """Buckets must agree across data workers (Python's hash() is salted per process)."""
-    code = ("import sys, hashlib, numpy as np; from raypack.data import features, compose; "
+    """Buckets must agree across data workers (Python's hash() is salted per process).
+
+    numba's first compiled call imports scipy when it is installed, so only what our modules add is checked.
+    """
+    code = ("import sys, hashlib, numpy as np, numba; numba.njit(lambda x: x)(1); before = set(sys.modules); "
+            "from raypack.data import features, compose; "
             "df = features.document_frequency([np.arange(50, dtype=np.int32), np.array([7, 7, 9], dtype=np.int32)]); "
             "print(hashlib.sha256(np.flatnonzero(df).tobytes()).hexdigest()); "
-            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "print(','.join(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
             "('torch', 'ray', 'sklearn', 'scipy'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
@@ -105,7 +111,7 @@ def test_same_topic_is_closer_than_different_topics():
     same = topic[:, None] == topic[None, :]
     off_diagonal = ~np.eye(len(samples), dtype=bool)
     same_mean, different_mean = cosine[same & off_diagonal].mean(), cosine[~same].mean()
-    assert same_mean > different_mean + 0.2
+    assert same_mean > different_mean + 0.1
     # Sample by sample too: each is closer on average to its own topic.
     own = (cosine * (same & off_diagonal)).sum(1) / (same & off_diagonal).sum(1)
     other = (cosine * ~same).sum(1) / (~same).sum(1)
@@ -225,11 +231,11 @@ def test_pack_similarity_sees_grouping_by_topic_and_not_its_absence():
     ignored = pack_similarity(vectors, plan_composed(lengths, 1024, "bfd"))  # negative control
     related_gap = related["within_pack_cosine"] - related["across_pack_cosine"]
     ignored_gap = ignored["within_pack_cosine"] - ignored["across_pack_cosine"]
-    assert related_gap > 0.2
+    assert related_gap > 0.1
     assert abs(ignored_gap) < 0.03 and abs(ignored_gap) < 0.1 * related_gap
     # Sampling: fewer pairs give the same picture, and the seed fixes the draw.
     few = pack_similarity(vectors, plan_composed(lengths, 1024, "bfd", grouping="related", clusters=topic),
                           max_pairs=500, seed=3)
-    assert few["num_pairs"] == 500 and few["within_pack_cosine"] - few["across_pack_cosine"] > 0.2
+    assert few["num_pairs"] == 500 and few["within_pack_cosine"] - few["across_pack_cosine"] > 0.1
     assert few == pack_similarity(vectors, plan_composed(lengths, 1024, "bfd", grouping="related", clusters=topic),
                                   max_pairs=500, seed=3)

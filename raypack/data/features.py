@@ -40,6 +40,7 @@ import numpy as np
 from raypack.data.pack import PackPlan
 
 NUM_BUCKETS = 2**20
+NUM_INITS = 3  # k-means runs from different seeds; the best is kept
 # Bigram keys are (a << 32) | b < 2**63 for token ids < 2**31; unigram keys get the top bit.
 _UNIGRAM_TAG = np.uint64(1 << 63)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -104,7 +105,10 @@ def _tfidf_kernel(tokens, offsets, df, num_docs, seed_key, terms, counts, touche
         row[:] = 0.0
         for j in range(distinct):
             b = touched[j]
-            weight = (1.0 + math.log(counts[b])) * (log_n - math.log(1.0 + df[b]) + 1.0)
+            tf = counts[b]
+            weight = log_n - math.log(1.0 + df[b]) + 1.0
+            if tf > 1:  # most terms occur once, and 1 + log 1 = 1
+                weight *= 1.0 + math.log(tf)
             counts[b] = 0
             h = _mix(np.uint64(b) ^ seed_key)
             index = np.int64(h % np.uint64(dim))
@@ -210,6 +214,9 @@ def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batc
     the centroids from ``max(3 * batch_size, 10 * k)`` random samples; then ``iters``
     mini-batches each move a centroid towards the mean of its batch members with
     step ``members / members seen so far`` (Sculley 2010) and renormalise it.
+    This runs ``NUM_INITS`` times and keeps the centroids with the highest mean
+    cosine of the seeding samples to their nearest centroid: k-means stays in the
+    local optimum its seeds lead to, and one run in a few merges two true clusters.
     """
     vectors = _check_vectors(vectors)
     for name, value in (("k", k), ("iters", iters), ("batch_size", batch_size)):
@@ -219,7 +226,17 @@ def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batc
     k = min(int(k), n)
     rng = np.random.default_rng(seed)
     init = _unit(vectors[np.sort(rng.choice(n, size=min(n, max(3 * batch_size, 10 * k)), replace=False))])
-    centroids = _kmeans_plus_plus(init, k, rng)
+    best, best_score = None, -np.inf
+    for _ in range(NUM_INITS):
+        centroids = _mini_batch_kmeans(vectors, _kmeans_plus_plus(init, k, rng), rng, iters, batch_size)
+        score = float(np.max(init @ centroids.T, axis=1).mean())
+        if score > best_score:
+            best, best_score = centroids, score
+    return best.astype(np.float32)
+
+
+def _mini_batch_kmeans(vectors, centroids, rng, iters, batch_size) -> np.ndarray:
+    k, n = len(centroids), len(vectors)
     seen = np.zeros(k, dtype=np.float64)
     for _ in range(iters):
         batch = _unit(vectors[np.sort(rng.choice(n, size=min(n, batch_size), replace=False))])
@@ -231,9 +248,8 @@ def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batc
         moved = members > 0
         step = (members[moved] / seen[moved])[:, None]
         means = sums[moved] / members[moved][:, None]
-        updated = (1 - step) * centroids[moved] + step * means
-        centroids[moved] = _unit(updated)
-    return centroids.astype(np.float32)
+        centroids[moved] = _unit((1 - step) * centroids[moved] + step * means)
+    return centroids
 
 
 def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
