@@ -217,9 +217,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from raypack.eval.probe import format_probe, probe_model
-
     import torch
+
+    from raypack.eval.probe import format_probe, probe_model
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()

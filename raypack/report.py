@@ -31,7 +31,7 @@ MANIFEST_COUNTS = ("num_rows", "num_truncated", "num_split", "num_dropped_too_lo
 COMPOSITION_KEYS = ("grouping", "only_single_turn", "num_clusters", "within_pack_cosine", "across_pack_cosine",
                     "num_shared_rows", "num_mixed_cluster_rows", "num_single_turn_samples", "num_multi_turn_samples",
                     "rows_over_lower_bound")
-PROBE_KEYS = ("loss_alone", "delta_unrelated", "delta_related")
+PROBE_KEYS = ("loss_alone", "delta_unrelated", "delta_related", "related_minus_unrelated")
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float | None]:
@@ -73,7 +73,7 @@ def summarise(records: list[dict]) -> dict:
         if probes:
             for key in PROBE_KEYS:
                 row[f"probe_{key}"], row[f"probe_{key}_spread"] = _mean_spread([p[key] for p in probes])
-            for key in ("delta_unrelated_ci", "delta_related_ci"):  # the first seed's interval
+            for key in ("delta_unrelated_ci", "delta_related_ci", "related_minus_unrelated_ci"):  # first seed's
                 row[f"probe_{key}"] = probes[0][key]
             row["probe_num_samples"] = probes[0]["num_samples"]
         out["arms"][arm] = row
@@ -148,13 +148,14 @@ def _probe_lines(arms: dict) -> list[str]:
              "held-out sample, minus its loss alone (`raypack probe`): about 0 means the model ignores its context; "
              "a drop with related context and a rise with unrelated context mean it leans on it. "
              "95% bootstrap intervals.", "",
-             "| arm | samples | loss alone | Δ unrelated context | Δ related context |", "|---" * 5 + "|"]
+             "| arm | samples | loss alone | Δ unrelated context | Δ related context | related − unrelated |",
+             "|---" * 6 + "|"]
     for arm, row in arms.items():
         if "probe_loss_alone" not in row:
             continue
         cells = [_fmt(row["probe_num_samples"]), _fmt(row["probe_loss_alone"], row.get("probe_loss_alone_spread"))]
-        for key in ("delta_unrelated", "delta_related"):
-            lo, hi = row[f"probe_{key}_ci"]
+        for key in ("delta_unrelated", "delta_related", "related_minus_unrelated"):
+            lo, hi = row[f"probe_{key}_ci"] or (float("nan"), float("nan"))
             cells.append(f"{_fmt(row[f'probe_{key}'], row.get(f'probe_{key}_spread'))} [{lo:+.4f}, {hi:+.4f}]")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
@@ -217,7 +218,7 @@ def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
                                              ("delta_related", "related context", ""))):
         for i, arm in enumerate(arms):
             row = summary["arms"][arm]
-            value, (lo, hi) = row[f"probe_{key}"], row[f"probe_{key}_ci"]
+            value, (lo, hi) = row[f"probe_{key}"], row[f"probe_{key}_ci"] or (float("nan"), float("nan"))
             ax.bar(i + (j - 0.5) * width, value, width, yerr=[[value - lo], [hi - value]], capsize=3,
                    color=colours[arm], hatch=hatch, edgecolor="black", label=label if i == 0 else None)
     ax.axhline(0, color="black", lw=0.8)

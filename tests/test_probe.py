@@ -18,6 +18,7 @@ import torch
 from raypack.data.collate import collate
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.eval.probe import build_probe_rows, probe_losses, probe_pairs, run_probe, summarise_probe
+from raypack.train.loss import token_losses
 
 BOS, SEP, EOT, PAD = 1, 2, 3, 0
 VOCAB = 64
@@ -98,7 +99,6 @@ def trained_copier(steps=500, seed=0):
     from transformers import LlamaForCausalLM
 
     from raypack.model import tiny_llama_config
-    from raypack.train.loss import token_losses
 
     config = tiny_llama_config(VOCAB, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=EOT,
                                pad_token_id=PAD)
@@ -108,20 +108,29 @@ def trained_copier(steps=500, seed=0):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        rows = []
-        for _ in range(32):
-            prompt = rng.choice(PROMPT_TOKENS, int(rng.integers(2, 5)), replace=False)
-            answer = rng.choice(ANSWER_TOKENS, 5, replace=False)
-            context = sample(rng, prompt, answer)["input_ids"]
-            rows.append(build_probe_rows(sample(rng, prompt, answer), context, 32))
-        batch = collate(rows, "padding", PAD)
-        losses, mask = token_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          use_cache=False).logits, batch["labels"])
-        optimizer.zero_grad()
-        losses[mask].mean().backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits, and stalls on a busy machine
+    try:
+        for _ in range(steps):
+            _train_step(model, optimizer, rng)
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
+
+
+def _train_step(model, optimizer, rng) -> None:
+    rows = []
+    for _ in range(32):
+        prompt = rng.choice(PROMPT_TOKENS, int(rng.integers(2, 5)), replace=False)
+        answer = rng.choice(ANSWER_TOKENS, 5, replace=False)
+        context = sample(rng, prompt, answer)["input_ids"]
+        rows.append(build_probe_rows(sample(rng, prompt, answer), context, 32))
+    batch = collate(rows, "padding", PAD)
+    losses, mask = token_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).logits, batch["labels"])
+    optimizer.zero_grad()
+    losses[mask].mean().backward()
+    optimizer.step()
 
 
 def test_trained_copier_shows_a_drop_with_related_context():

@@ -74,8 +74,20 @@ def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, 
         assert [c["step"] for c in record["curve"]] == [1, 2, 3]
         assert record["curve"][-1]["val_loss"] == pytest.approx(record["val_loss"])
     assert report["arms"]["padding"]["average_delta_vs_padding"] == 0.0
-    for name in ("report.md", "loss_vs_step.png", "loss_vs_time.png", "time_per_arm.png", "score_per_arm.png"):
+    for name in ("report.md", "loss_vs_step.png", "loss_vs_time.png", "time_per_arm.png", "score_per_arm.png",
+                 "probe.png"):
         assert (out / name).exists(), name
+    # The context-reliance probe ran on every arm's model as a Ray task: the same numbers as in process.
+    from raypack.eval.probe import probe_model
+
+    record = json.loads((out / "runs" / "bfd-isolated" / "seed0" / "result.json").read_text())
+    (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
+    direct = probe_model(record["model_dir"], str(val_folder), num_samples=cfg.study.probe_samples, seed=cfg.seed)
+    assert record["probe"]["num_samples"] > 0
+    for key in ("loss_alone", "delta_unrelated", "delta_related", "related_minus_unrelated"):
+        assert record["probe"][key] == pytest.approx(direct[key], rel=1e-6), key
+    assert report["arms"]["bfd-isolated"]["probe_delta_related"] == pytest.approx(direct["delta_related"])
+    assert "## Context reliance" in (out / "report.md").read_text()
     # Resume: both arms are done, so nothing is trained or evaluated again.
     capsys.readouterr()
     before = {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}

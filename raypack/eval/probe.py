@@ -49,7 +49,8 @@ The result is JSON-ready:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -237,7 +238,22 @@ def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clu
     result = run_probe(forward, samples, clusters, num_samples, seed, max_seq_len, tokenizer.pad_token_id,
                        micro_batch_size, log)
     return {"model": str(model_dir), "val": str(val_folder), "num_clusters": k,
-            "num_nonempty_clusters": int(len(np.unique(clusters))), **result}
+            "num_nonempty_clusters": len(np.unique(clusters)), **result}
+
+
+def probe_on_ray(model_dir: str, val_folder: str, num_samples: int = 256, num_clusters: int = 0, seed: int = 0,
+                 num_gpus: float = 0.0, num_cpus: float = 0.5) -> dict:
+    """`probe_model` as one Ray task holding `num_gpus` GPUs (device cuda when > 0) and `num_cpus` CPUs.
+
+    What `raypack study` runs for every arm; paths are made absolute, so they must be
+    visible from the worker's node (a shared filesystem on a cluster).
+    """
+    import ray  # only this entry point needs Ray
+
+    remote = ray.remote(probe_model).options(num_gpus=num_gpus, num_cpus=num_cpus)
+    return ray.get(remote.remote(str(Path(model_dir).resolve()), str(Path(val_folder).resolve()),
+                                 num_samples=num_samples, num_clusters=num_clusters, seed=seed,
+                                 device="cuda" if num_gpus > 0 else "cpu"))
 
 
 def format_probe(result: dict) -> str:
@@ -245,8 +261,8 @@ def format_probe(result: dict) -> str:
     def num(x, sign=""):
         return "n/a" if x is None else f"{x:{sign}.4f}"
 
-    lines = [f"context probe: {result['num_samples']} targets, {result.get('num_clusters', '?')} clusters, "
-             f"max_seq_len {result['max_seq_len']} (loss on each target's supervised tokens)",
+    lines = [(f"context probe: {result['num_samples']} targets, {result.get('num_clusters', '?')} clusters, "
+              f"max_seq_len {result['max_seq_len']} (loss on each target's supervised tokens)"),
              f"{'context':<10} {'mean loss':>10} {'vs alone':>10}  95% CI",
              f"{'alone':<10} {num(result['loss_alone']):>10}"]
     for name in ("unrelated", "related"):
