@@ -155,8 +155,9 @@ def _probe_lines(arms: dict) -> list[str]:
             continue
         cells = [_fmt(row["probe_num_samples"]), _fmt(row["probe_loss_alone"], row.get("probe_loss_alone_spread"))]
         for key in ("delta_unrelated", "delta_related", "related_minus_unrelated"):
-            lo, hi = row[f"probe_{key}_ci"] or (float("nan"), float("nan"))
-            cells.append(f"{_fmt(row[f'probe_{key}'], row.get(f'probe_{key}_spread'))} [{lo:+.4f}, {hi:+.4f}]")
+            ci = row[f"probe_{key}_ci"]
+            interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and None not in ci else ""
+            cells.append(f"{_fmt(row[f'probe_{key}'], row.get(f'probe_{key}_spread'))}{interval}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 
@@ -218,7 +219,10 @@ def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
                                              ("delta_related", "related context", ""))):
         for i, arm in enumerate(arms):
             row = summary["arms"][arm]
-            value, (lo, hi) = row[f"probe_{key}"], row[f"probe_{key}_ci"] or (float("nan"), float("nan"))
+            value, ci = row[f"probe_{key}"], row[f"probe_{key}_ci"]
+            if ci is None or None in ci or math.isnan(value):  # no probe pairs in a tiny split
+                continue
+            lo, hi = ci
             ax.bar(i + (j - 0.5) * width, value, width, yerr=[[value - lo], [hi - value]], capsize=3,
                    color=colours[arm], hatch=hatch, edgecolor="black", label=label if i == 0 else None)
     ax.axhline(0, color="black", lw=0.8)

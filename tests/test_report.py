@@ -63,3 +63,34 @@ def test_write_report_gives_markdown_json_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     write_report([{**r, "val_loss": float("nan")} for r in RECORDS[:1]], tmp_path / "nan", "t", [])
     assert json.loads((tmp_path / "nan" / "report.json").read_text())["arms"]["padding"]["val_loss"] is None
+
+
+def probe(delta_related, num_samples=32):
+    ci = [delta_related - 0.1, delta_related + 0.1] if num_samples else [None, None]
+    value = delta_related if num_samples else None
+    return {"num_samples": num_samples, "loss_alone": 3.0 if num_samples else None,
+            "delta_unrelated": 0.05 if num_samples else None, "delta_unrelated_ci": [0.0, 0.1] if num_samples else ci,
+            "delta_related": value, "delta_related_ci": ci, "related_minus_unrelated": value,
+            "related_minus_unrelated_ci": ci}
+
+
+def test_composition_and_probe_sections(tmp_path):
+    """Grouped arms get the 'what goes into a pack' table; every probed arm a row and a bar; an arm whose
+    probe found no pairs (a tiny split) is shown without numbers rather than breaking the report."""
+    related = record("bfd-cross+related", 0, 2, 20.0, 1000, 1010, 2.5, {})
+    related["manifest"].update(grouping="related", only_single_turn=False, num_clusters=10, within_pack_cosine=0.2,
+                               across_pack_cosine=0.05, num_shared_rows=9, num_mixed_cluster_rows=1,
+                               rows_over_lower_bound=1.006)
+    related["probe"] = probe(-0.3)
+    plain = {**record("bfd-cross", 0, 2, 20.0, 1000, 1010, 2.6, {}), "probe": probe(-0.01)}
+    empty = {**record("padding", 0, 8, 40.0, 1000, 1500, 2.0, {}), "probe": probe(0.0, num_samples=0)}
+    summary = write_report([empty, plain, related], tmp_path, "composition", [])
+    md = (tmp_path / "report.md").read_text()
+    assert "## What goes into a pack" in md and "| bfd-cross+related | related | no | 10 | 0.2000 | 0.0500 | 1 / 9" in md
+    assert "## Context reliance" in md and "-0.3000 [-0.4000, -0.2000]" in md
+    assert summary["arms"]["bfd-cross+related"]["probe_delta_related"] == pytest.approx(-0.3)
+    assert "probe.png" in summary["plots"] and (tmp_path / "probe.png").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["arms"]["padding"]["probe_delta_related"] is None
+    # Without grouping or probes, neither section appears.
+    md = (write_report(RECORDS, tmp_path / "plain", "plain", []) and (tmp_path / "plain" / "report.md").read_text())
+    assert "What goes into a pack" not in md and "Context reliance" not in md

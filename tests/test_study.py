@@ -61,7 +61,8 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
 def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, capsys):
     from raypack.study import run_study
 
-    cfg = study_config(tmp_path, "train.max_steps=3", "eval.limit=4")
+    # 512 tokens and 40% held out, so the probe finds held-out targets of at most half a row.
+    cfg = study_config(tmp_path, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4")
     out = run_study(cfg)
     report = json.loads((out / "report.json").read_text())
     assert list(report["arms"]) == ARMS
