@@ -437,10 +437,12 @@ def composition_stats(plan: PackPlan, clusters: np.ndarray | None = None,
         row_clusters = np.unique(rows * max(len(labels), 1) + dense) // max(len(labels), 1)
         clusters_per_row = np.bincount(row_clusters, minlength=plan.num_rows)
         num_packed = max(int(packed.sum()), 1)
+        num_mixed = int((clusters_per_row[packed] >= 2).sum())
         stats.update({
             "num_clusters_used": len(labels),
+            "num_mixed_cluster_rows": num_mixed,
             "mean_clusters_per_packed_row": float(clusters_per_row[packed].mean()) if packed.any() else 0.0,
-            "mixed_cluster_row_fraction": float((clusters_per_row[packed] >= 2).sum() / num_packed),
+            "mixed_cluster_row_fraction": num_mixed / num_packed,
             "repeated_cluster_row_fraction": float((clusters_per_row[packed] < samples_per_row[packed]).sum()
                                                    / num_packed),
         })

@@ -206,8 +206,31 @@ def _check_vectors(vectors) -> np.ndarray:
     return vectors
 
 
-def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batch_size: int = 2048) -> np.ndarray:
+def resolve_num_clusters(num_clusters: int, num_samples: int) -> int:
+    """The k to fit: ``num_clusters``, or ``auto_num_clusters`` when 0, never more than the samples (min 1)."""
+    return min(num_clusters or auto_num_clusters(num_samples), max(num_samples, 1))
+
+
+def tfidf_clusters(samples: list[np.ndarray], num_clusters: int, seed: int = 0, dim: int = 256,
+                   max_fit_samples: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """In one process: TF-IDF vectors of the samples, their k-means clusters and the k used.
+
+    The document frequencies come from the samples themselves; k is
+    ``resolve_num_clusters(num_clusters, len(samples))``.
+    """
+    df = document_frequency(samples)
+    vectors = tfidf_vectors(samples, df, len(samples), dim=dim, seed=seed)
+    k = resolve_num_clusters(num_clusters, len(samples))
+    centroids = fit_kmeans(vectors, k, seed=seed, max_samples=max_fit_samples)
+    return vectors, assign_clusters(vectors, centroids), k
+
+
+def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batch_size: int = 2048,
+               max_samples: int = 0) -> np.ndarray:
     """``(k, dim)`` float32 unit centroids of spherical mini-batch k-means; k is reduced to n if n < k.
+
+    With ``max_samples > 0`` only that many evenly spaced vectors (every
+    ``ceil(n / max_samples)``-th) are used.
 
     Greedy k-means++ (probability of a point proportional to ``1 - cosine`` to its
     nearest centroid, which is half its squared distance on the unit sphere) seeds
@@ -218,6 +241,8 @@ def fit_kmeans(vectors: np.ndarray, k: int, seed: int = 0, iters: int = 50, batc
     cosine of the seeding samples to their nearest centroid: k-means stays in the
     local optimum its seeds lead to, and one run in a few merges two true clusters.
     """
+    if max_samples:
+        vectors = vectors[::max(1, -(-len(vectors) // max_samples))]
     vectors = _check_vectors(vectors)
     for name, value in (("k", k), ("iters", iters), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

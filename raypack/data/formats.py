@@ -136,6 +136,11 @@ def _check_format_name(fmt: str, allow_auto: bool) -> None:
 # ---------------------------------------------------------------- normalisation
 
 
+def num_assistant_turns(conversation: dict) -> int:
+    """Assistant messages of a normalised conversation: 1 for a single-turn one (pack.only_single_turn)."""
+    return sum(m["role"] == "assistant" for m in conversation["messages"])
+
+
 def normalise_row(row: dict, fmt: str, source: str) -> dict:
     """Turn one raw row of format ``fmt`` into the conversation dict, or raise RowError.
 

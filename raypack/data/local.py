@@ -72,8 +72,8 @@ def prepare_local(cfg: Config) -> LocalPrep:
     tok = tokenize_conversations(load.conversations, tokenizer, cfg.data.max_seq_len,
                                  overlength=cfg.data.overlength, template=cfg.data.template)
     lengths = np.array([len(s["input_ids"]) for s in tok.samples], dtype=np.int64)
-    turns = np.array([sum(m["role"] == "assistant" for m in load.conversations[s["conversation"]]["messages"])
-                      for s in tok.samples], dtype=np.int64)
+    turns = np.array([formats.num_assistant_turns(load.conversations[s["conversation"]]) for s in tok.samples],
+                     dtype=np.int64)
     specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
     vectors = clusters = None
     if any(spec.grouping != "none" for spec in specs.values()):
@@ -101,15 +101,14 @@ def content_clusters(samples: list[dict], cfg: Config) -> tuple[np.ndarray, np.n
     pack = cfg.pack
     ids = [s["input_ids"] for s in samples]
     if pack.group_backend == "tfidf":
-        df = features.document_frequency(ids)
-        vectors = features.tfidf_vectors(ids, df, len(ids), dim=pack.feature_dim, seed=cfg.seed)
-    else:
-        from raypack.model import load_sentence_encoder
+        vectors, clusters, _ = features.tfidf_clusters(ids, pack.num_clusters, seed=cfg.seed, dim=pack.feature_dim,
+                                                       max_fit_samples=pack.kmeans_samples)
+        return vectors, clusters
+    from raypack.model import load_sentence_encoder
 
-        texts = load_tokenizer(cfg.data.tokenizer).batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
-        vectors = np.asarray(load_sentence_encoder(pack.embedding_model).encode(
-            texts, normalize_embeddings=True, show_progress_bar=False), dtype=np.float32)
-    k = min(pack.num_clusters or features.auto_num_clusters(len(ids)), max(len(ids), 1))
-    step = max(1, -(-len(ids) // pack.kmeans_samples))
-    centroids = features.fit_kmeans(vectors[::step], k, seed=cfg.seed)
+    texts = load_tokenizer(cfg.data.tokenizer).batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
+    vectors = np.asarray(load_sentence_encoder(pack.embedding_model).encode(
+        texts, normalize_embeddings=True, show_progress_bar=False), dtype=np.float32)
+    k = features.resolve_num_clusters(pack.num_clusters, len(ids))
+    centroids = features.fit_kmeans(vectors, k, seed=cfg.seed, max_samples=pack.kmeans_samples)
     return vectors, features.assign_clusters(vectors, centroids)

@@ -45,7 +45,7 @@ from raypack.config import ArmSpec, Config, PrepareConfig, arm_spec
 from raypack.data import features, formats, synth
 from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
-from raypack.data.compose import plan_composed
+from raypack.data.compose import composition_stats, plan_composed
 from raypack.data.pack import pack_rows, row_length_stats
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
@@ -241,7 +241,7 @@ class TokenizeBatch:
                                         overlength=self.data["overlength"], template=self.data["template"])
         for sample in result.samples:
             i = conv_record[sample["conversation"]]
-            turns = sum(m["role"] == "assistant" for m in conversations[sample["conversation"]]["messages"])
+            turns = formats.num_assistant_turns(conversations[sample["conversation"]])
             rows_of[i].append(self._row(records[i], len(rows_of[i]), result.outcomes[sample["conversation"]],
                                         "", "", sample, turns))
         for conv_index, outcome in enumerate(result.outcomes):
@@ -356,6 +356,11 @@ def _write_rejected(files: list[str], out: Path) -> None:
 # ---------------------------------------------------------------- hold out and pack
 
 
+def _kept(table) -> np.ndarray:
+    """Which rows of a cache table or batch are kept samples (not rejected or dropped)."""
+    return np.isin(np.array(table.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
+
+
 def _iter_kept_samples(files: list[str], holdout_keys: np.ndarray, select: str):
     """Yield (key, piece, input_ids, labels, num_turns, kept_index) of kept samples of the train or val split.
 
@@ -367,7 +372,7 @@ def _iter_kept_samples(files: list[str], holdout_keys: np.ndarray, select: str):
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=2048, columns=columns):
             keys = batch.column("key").to_numpy()
-            kept = np.isin(np.array(batch.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
+            kept = _kept(batch)
             kept_index = kept_base + np.cumsum(kept) - 1
             kept_base += int(kept.sum())
             held = np.isin(keys, holdout_keys)
@@ -452,19 +457,13 @@ class _ArmWriter:
         counts = np.bincount(plan.piece_sample, minlength=num_samples)
         self.num_samples += num_samples
         self.num_split_samples += int((counts > 1).sum())
+        composition = composition_stats(plan, clusters, multi_turn)
         if multi_turn is not None:
-            self.num_multi_turn += int(multi_turn.sum())
-            self.num_multi_turn_rows += int(multi_turn.sum())  # one row each
+            self.num_multi_turn += composition["num_multi_turn_samples"]
+            self.num_multi_turn_rows += composition["num_multi_turn_rows"]
         if clusters is not None:
-            row_of_piece = np.repeat(np.arange(plan.num_rows), np.diff(plan.row_offsets))
-            samples_per_row = np.bincount(row_of_piece, minlength=plan.num_rows)
-            first = plan.row_offsets[:-1]
-            shared = samples_per_row > 1
-            # A row mixes clusters when any piece's cluster differs from its row's first piece's.
-            differs = clusters[plan.piece_sample] != clusters[plan.piece_sample[first]][row_of_piece]
-            mixed = np.bincount(row_of_piece, weights=differs, minlength=plan.num_rows) > 0
-            self.num_shared_rows += int(shared.sum())
-            self.num_mixed_rows += int((mixed & shared).sum())
+            self.num_shared_rows += composition["num_packed_rows"]
+            self.num_mixed_rows += composition["num_mixed_cluster_rows"]
             self.similarity.append(features.pack_similarity(vectors.astype(np.float32), plan, seed=self.buffer_index))
 
     def summary(self) -> dict:
@@ -524,8 +523,7 @@ def _finish(partial: Path, final: Path, manifest: dict) -> None:
 
 def _kept_token_lists(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Keys, pieces and token ids of the batch's kept samples (both splits), in order."""
-    kept = np.isin(np.array(batch.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
-    batch = batch.filter(pa.array(kept))
+    batch = batch.filter(pa.array(_kept(batch)))
     ids = batch.column("input_ids").combine_chunks()
     offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy(zero_copy_only=False)
     samples = [values[offsets[i]:offsets[i + 1]] for i in range(len(batch))]
@@ -581,8 +579,7 @@ def _vectors_of(table: pa.Table) -> np.ndarray:
 def _fit_centroids(vector_files: list[str], k: int, max_samples: int, seed: int) -> np.ndarray:
     """k-means centroids fitted on at most max_samples evenly spaced vectors."""
     vectors = _vectors_of(pq.read_table(vector_files, columns=["vector"])).astype(np.float32)
-    step = max(1, -(-len(vectors) // max_samples))
-    return features.fit_kmeans(vectors[::step], k, seed=seed)
+    return features.fit_kmeans(vectors, k, seed=seed, max_samples=max_samples)
 
 
 def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
@@ -623,7 +620,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     vectors.write_parquet(str(out / "vectors"), ray_remote_args={"num_cpus": prep.write_num_cpus})
     vector_files = _sorted_parquet_files(out / "vectors")
     num_samples = sum(pq.ParquetFile(f).metadata.num_rows for f in vector_files)
-    k = min(pack.num_clusters or features.auto_num_clusters(num_samples), max(num_samples, 1))
+    k = features.resolve_num_clusters(pack.num_clusters, num_samples)
     centroids = ray.get(_fit_centroids.options(num_cpus=prep.pack_num_cpus).remote(
         vector_files, k, pack.kmeans_samples, cfg.seed))
     assigned = pa.concat_tables(ray.data.read_parquet(vector_files).map_batches(

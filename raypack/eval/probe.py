@@ -198,15 +198,12 @@ def run_probe(forward: Callable[[dict], torch.Tensor], samples: list[dict], clus
 
 def cluster_samples(samples: list[np.ndarray], num_clusters: int, seed: int) -> tuple[np.ndarray, int]:
     """Cluster ids of token-id samples (tf-idf + k-means, raypack.data.features) and the k used."""
-    from raypack.data.features import (assign_clusters, auto_num_clusters, document_frequency, fit_kmeans,
-                                       tfidf_vectors)
+    from raypack.data.features import tfidf_clusters
 
     if num_clusters < 0:
         raise ValueError(f"num_clusters={num_clusters}: give 0 (automatic) or a positive number")
-    k = min(num_clusters or auto_num_clusters(len(samples)), len(samples))
-    df = document_frequency(samples)
-    vectors = tfidf_vectors(samples, df, len(samples), seed=seed)
-    return np.asarray(assign_clusters(vectors, fit_kmeans(vectors, k, seed=seed))), int(k)
+    _, clusters, k = tfidf_clusters(samples, num_clusters, seed=seed)
+    return np.asarray(clusters), int(k)
 
 
 def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clusters: int = 0, seed: int = 0,
