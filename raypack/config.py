@@ -151,6 +151,9 @@ class TrainConfig:
     zero_stage: int = _field(2, "DeepSpeed ZeRO stage (the paper: 3)", (0, 1, 2, 3))
     offload_optimizer: bool = _field(False, "keep optimizer states in CPU memory (ZeRO-Offload; stage >= 1)")
     offload_params: bool = _field(False, "keep parameters in CPU memory (stage 3 only; the paper's 70B)")
+    gradient_checkpointing: bool = _field(False, "recompute each decoder layer's activations in the backward "
+                                          "pass instead of keeping them (less memory, ~1/3 more compute; "
+                                          "on in the paper jobs)")
     deepspeed_json: str = _field("", "DeepSpeed JSON whose fields override the config raypack builds "
                                  "(deep merge); batch sizes stay set by this section; '' for none")
     arm: str = _field("", "train only this arm of pack.arms (raypack train ... train.arm=bfd-isolated); "
@@ -193,8 +196,9 @@ class ModelConfig:
     name_or_path: str = _field("tiny", "'tiny' (random-init 2-layer Llama for the tiny tokenizer), or a local "
                                "path / hub id for AutoModelForCausalLM")
     attn_implementation: str = _field("auto", "auto: flash_attention_2 when flash_attn is importable and "
-                                      "training runs on GPU, else sdpa",
-                                      ("auto", "sdpa", "eager", "flash_attention_2"))
+                                      "training runs on GPU in bf16, else sdpa; every choice isolates the "
+                                      "samples of isolated arms (their micro-batches are flattened)",
+                                      ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2"))
     trust_remote_code: bool = _field(False, "allow model code from the hub (only for models that need it)")
 
 
@@ -499,6 +503,9 @@ def validate(cfg: Config) -> Config:
     _validate_optim(cfg.optim)
     if cfg.train.arm and cfg.train.arm not in cfg.pack.arms:
         raise ConfigError(f"train.arm: {cfg.train.arm!r} is not in pack.arms {cfg.pack.arms}")
+    if cfg.model.attn_implementation == "flash_attention_2" and (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true and bf16 "
+                          "(flash-attn has no fp32 kernels); use sdpa, or train.precision=auto/bf16 on GPU")
     if cfg.model.name_or_path == "tiny" and cfg.data.tokenizer != "tiny":
         raise ConfigError("model.name_or_path=tiny needs data.tokenizer=tiny (its vocabulary is sized for it)")
     _validate_sweep(cfg)
