@@ -6,6 +6,13 @@
 `AutoTokenizer.from_pretrained` (hub ids are for clusters). `build_tiny_model`
 gives a random-init 2-layer Llama sized for that tokenizer, deterministic by seed.
 Nothing here touches the network.
+
+Pad token, set in one place (`load_tokenizer`, which collation, validation, the
+probe and export all go through): the tokenizer's own pad token, else its eos
+token (Llama-3 base tokenizers have no pad token); a tokenizer with neither is
+refused. Which id pads cannot change a loss: padded positions carry labels
+IGNORE_INDEX, and they are masked out of attention (padding) or come after every
+real token of their row (packing), so no real token attends to them.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ TINY_BOS_ID, TINY_EOT_ID, TINY_PAD_ID = 0, 4, 5
 
 
 def load_tokenizer(name_or_path: str = TINY) -> PreTrainedTokenizerFast:
-    """Load the committed tiny tokenizer ("tiny") or any Hugging Face tokenizer."""
+    """Load the committed tiny tokenizer ("tiny") or any Hugging Face tokenizer, with its pad token set.
+
+    The pad token is the tokenizer's own, else its eos token; ValueError when it
+    has neither. The choice cannot change a loss: labels at padded positions are
+    IGNORE_INDEX, and padded positions are masked (padding) or come after every
+    real token of the row (packing).
+    """
     if name_or_path == TINY:
         if not (TINY_TOKENIZER_DIR / "tokenizer.json").is_file():
             raise ValueError(
@@ -40,7 +53,20 @@ def load_tokenizer(name_or_path: str = TINY) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return with_pad_token(AutoTokenizer.from_pretrained(name_or_path), name_or_path)
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerFast, name: str = "tokenizer") -> PreTrainedTokenizerFast:
+    """`tokenizer` with a pad token: its own if it has one, else its eos token (set in place; see load_tokenizer)."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            f"tokenizer {name} has neither a pad token nor an eos token, so batches cannot be padded; "
+            "set one (pad_token or eos_token in its tokenizer_config.json)"
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
@@ -92,11 +118,15 @@ def build_tiny_model(
     return model.to(torch.float32)
 
 
-def resolve_attn_implementation(name: str, device: str) -> str:
-    """'auto' -> flash_attention_2 when flash_attn imports and training runs on cuda, else sdpa."""
+def resolve_attn_implementation(name: str, device: str, precision: str = "bf16") -> str:
+    """'auto' -> flash_attention_2 when flash_attn imports and training runs on cuda in bf16, else sdpa.
+
+    flash-attn has no fp32 kernels, so fp32 never selects it (and an explicit
+    flash_attention_2 with fp32 is refused by the config's validation).
+    """
     if name != "auto":
         return name
-    if device == "cuda":
+    if device == "cuda" and precision == "bf16":
         try:
             import flash_attn  # noqa: F401  (optional; only GPU images have it)
         except ImportError:
@@ -110,15 +140,23 @@ def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_re
     """The model to fine-tune: the tiny preset (random init from `seed`) or AutoModelForCausalLM weights.
 
     `attn_implementation` must already be resolved (see resolve_attn_implementation);
-    `dtype` defaults to float32.
+    `dtype` (the training precision; default float32) is the dtype the weights are
+    loaded in, so a bf16 run never holds an fp32 copy. Under ZeRO-3 call it while
+    the DeepSpeed config is registered with transformers
+    (raypack.train.engine.partitioned_construction): from_pretrained and
+    from_config then build the model inside deepspeed.zero.Init, each rank holding
+    only its partition of every parameter, never the whole model.
     """
     import torch
+    from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
     if name_or_path == TINY:
-        return build_tiny_model(seed, attn_implementation).to(dtype)
-    from transformers import AutoModelForCausalLM
-
+        config = tiny_llama_config(len(load_tokenizer(TINY)))
+        config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
                                                 dtype=dtype, trust_remote_code=trust_remote_code)
 

@@ -58,12 +58,12 @@ def test_padding_layout():
     assert all(t.dtype == torch.long for t in batch.values())
 
 
-def test_isolated_layout():
+def test_isolated_layout_is_one_flat_row():
     batch = collate([packed_row([A, B]), packed_row([C])], "isolated", PAD)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
-    assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 31, 32, 33, 34]]
+    assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, -100, -100, 33, 34]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert all(t.dtype == torch.long for t in batch.values())
 
 
@@ -77,12 +77,11 @@ def test_cross_layout():
 
 def test_isolated_pad_run_is_one_segment():
     batch = collate([packed_row([A, B, C]), packed_row([B])], "isolated", PAD, pad_to_multiple_of=8)
-    assert batch["input_ids"].shape == (2, 16)
-    assert batch["position_ids"][1].tolist() == [0, 1] + list(range(14))
+    assert batch["input_ids"].shape == (1, 16)  # 9 + 2 tokens end to end, then 5 pads
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1] + list(range(5))
     segments = find_packed_sequence_indices(batch["position_ids"])
-    # Row 0: samples A, B, C, then one pad segment; row 1: B, then one pad segment.
-    assert segments[0].tolist() == [0] * 3 + [1] * 2 + [2] * 4 + [3] * 7
-    assert segments[1].tolist() == [0] * 2 + [1] * 14
+    # A, B, C, B, then one pad segment.
+    assert segments[0].tolist() == [0] * 3 + [1] * 2 + [2] * 4 + [3] * 2 + [4] * 5
 
 
 def test_pad_to_multiple_of():
@@ -157,14 +156,13 @@ def test_isolated_row_matches_samples_alone(model, samples):
     assert max(segment_gaps(token_losses(model, batch)[0], row_samples, reference)) < TOLERANCE
 
 
-def test_isolated_micro_batch_with_padding_matches_samples_alone(model, samples):
-    rows = [samples[:3], samples[3:]]  # 24 tokens and 15 tokens + 9 pads
+def test_isolated_micro_batch_of_two_rows_matches_samples_alone(model, samples):
+    rows = [samples[:3], samples[3:]]  # 24 tokens and 15 tokens, laid end to end
     batch = collate([packed_row(r) for r in rows], "isolated", PAD)
-    losses = token_losses(model, batch)
-    for i, row_samples in enumerate(rows):
-        gaps = segment_gaps(losses[i], row_samples, alone_losses(model, row_samples))
-        assert max(gaps) < TOLERANCE
-    assert losses[1, 15:].abs().sum() == 0  # pads carry no target
+    assert batch["input_ids"].shape == (1, 39)
+    losses = token_losses(model, batch)[0]
+    gaps = segment_gaps(losses, samples, alone_losses(model, samples))
+    assert max(gaps) < TOLERANCE
 
 
 def test_padding_micro_batch_matches_samples_alone(model, samples):

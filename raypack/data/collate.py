@@ -15,15 +15,22 @@ padding (one sample per row; rows [a], [b]):
     each sample's 0..n-1, and pads come after every real token.
 
 isolated (packed, attention kept inside each sample; rows [a, b], [c]):
-    input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
-    labels         [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]
-    position_ids   [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    No attention_mask: transformers 5.x builds the per-sample block-causal mask
-    from position_ids (a new sample wherever the position does not go up by 1)
-    only when attention_mask is None and no KV cache is used; an all-ones mask
-    would silently switch isolation off. The pad run gets positions 0, 1, 2, ...
-    so all pads form ONE extra segment; zeros would make every pad its own
-    phantom sequence (a problem for flash-attn varlen and for segment counts).
+    input_ids      [[11, 12, 13, 21, 22, 31, 32, 33, 34]]
+    labels         [[-100, 12, 13, -100, 22, -100, -100, 33, 34]]
+    position_ids   [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    The micro-batch's rows are laid end to end as ONE row (padding-free, [1, sum of
+    row lengths]) with positions restarting at every sample, and no attention_mask.
+    That is the one layout every attention implementation of transformers 5 reads as
+    packed samples: sdpa, eager and flex_attention build the per-sample
+    block-causal mask from position_ids (only when attention_mask is None and no KV
+    cache is used: an all-ones mask would silently switch isolation off), and
+    flash_attention_2 derives its varlen cu_seqlens from position_ids only when the
+    batch holds ONE row (`_is_packed_sequence(position_ids, batch_size)` is False for
+    batch_size != 1, so a [2, T] isolated batch would run as plain causal rows, i.e.
+    as `cross`). Nothing is padded; with pad_to_multiple_of the pad run at the end
+    gets positions 0, 1, 2, ... so all pads form ONE extra segment (zeros would make
+    every pad its own phantom sequence). labels[0] of every sample is IGNORE_INDEX,
+    so no target crosses a sample boundary in the flat row.
 
 cross (the paper's contaminated packing; rows [a, b], [c]):
     input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
@@ -51,6 +58,8 @@ def collate(
 ) -> dict[str, torch.LongTensor]:
     """Stack rows into one micro-batch for `mode` (see the module docstring)."""
     _check_arguments(rows, mode, pad_to_multiple_of)
+    if mode == "isolated":
+        rows = [_flatten(rows)]
     length = _padded_length([len(row["input_ids"]) for row in rows], pad_to_multiple_of)
     input_ids = _stack([row["input_ids"] for row in rows], length, pad_token_id)
     labels = _stack([row["labels"] for row in rows], length, IGNORE_INDEX)
@@ -62,6 +71,12 @@ def collate(
     else:
         batch["position_ids"] = torch.arange(length, dtype=torch.long).expand(len(rows), length).clone()
     return batch
+
+
+def _flatten(rows: list[dict]) -> dict:
+    """The rows of an isolated micro-batch end to end: one row whose positions restart per sample."""
+    return {key: np.concatenate([np.asarray(row[key]) for row in rows])
+            for key in ("input_ids", "labels", "position_ids")}
 
 
 def _check_arguments(rows: list[dict], mode: str, pad_to_multiple_of: int | None) -> None:

@@ -226,14 +226,11 @@ def _import_deepspeed(device: str):
     return deepspeed
 
 
-def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, world_size: int,
-               device: str):
-    """(engine, optimizer): DeepSpeed around `model` with raypack's AdamW; set LRs on optimizer.param_groups."""
-    config = deepspeed_config(train, world_size, device)
+def _init_distributed(deepspeed, device: str, world_size: int) -> None:
+    """DeepSpeed's communication on the process group Ray Train set up (or a new one in a bare process)."""
     if "LOCAL_RANK" not in os.environ:
         raise ValueError("DeepSpeed needs the LOCAL_RANK environment variable (Ray Train and torchrun set it; "
                          "in a bare process set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK)")
-    deepspeed = _import_deepspeed(device)
     if torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     else:
@@ -241,9 +238,45 @@ def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, w
     if torch.distributed.get_world_size() != world_size:
         raise ValueError(f"world_size={world_size} but torch.distributed has {torch.distributed.get_world_size()} "
                          "ranks; the loss scaling needs the real data-parallel size")
+
+
+def partitioned_construction(train: TrainConfig, world_size: int, device: str):
+    """Under ZeRO-3, register raypack's DeepSpeed config with transformers and return the handle; else None.
+
+    While the returned object is alive, transformers' from_pretrained and from_config
+    build the model inside deepspeed.zero.Init: every parameter is partitioned as
+    soon as its module is created and checkpoint shards are loaded straight into the
+    partitions, so no rank ever holds the whole model (70B: ~140 GB in bf16). Keep
+    it referenced until training ends (transformers holds only a weak reference).
+    """
+    if train.zero_stage != 3:
+        return None
+    config = deepspeed_config(train, world_size, device)
+    deepspeed = _import_deepspeed(device)
+    _init_distributed(deepspeed, device, world_size)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, world_size: int,
+               device: str):
+    """(engine, optimizer): DeepSpeed around `model` with raypack's AdamW; set LRs on optimizer.param_groups."""
+    config = deepspeed_config(train, world_size, device)
+    deepspeed = _import_deepspeed(device)
+    _init_distributed(deepspeed, device, world_size)
     optimizer = build_optimizer(model, optim)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer
+
+
+def local_parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model): under ZeRO-3 a rank holds its partitions."""
+    local = total = 0
+    for p in model.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return local, total
 
 
 def full_state_dict(engine) -> dict:

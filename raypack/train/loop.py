@@ -64,7 +64,8 @@ from raypack.data.collate import collate
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.pipeline import read_manifest, read_rows, steps_per_epoch
 from raypack.model import build_model, load_tokenizer, resolve_attn_implementation
-from raypack.train.engine import full_state_dict, gradient_accumulation_steps, initialize, lr_at, resolve_precision
+from raypack.train.engine import (full_state_dict, gradient_accumulation_steps, initialize, local_parameter_elements,
+                                  lr_at, partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.validate import validation_groups, validation_sums
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
@@ -99,15 +100,28 @@ def train_loop_per_worker(config: dict) -> None:
         val_rows = read_rows(config["val_folder"])
         val = (val_rows, *validation_groups(val_rows, train.micro_batch_size, rank, world_size))
 
-    # Model and engine.
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
-    model = build_model(cfg.model.name_or_path, attn, train.seed, cfg.model.trust_remote_code)
-    shape = _model_shape(model)
-    peak = peak_tflops(torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                       resolve_precision(train.precision, device), train.peak_tflops)
+    # Model and engine: weights loaded in the training precision; under ZeRO-3 built already partitioned
+    # (`zero3` must stay referenced while training runs); DeepSpeed moves the module to the device.
+    precision = resolve_precision(train.precision, device)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device, precision)
     if device == "cuda":
-        model = model.to(ray.train.torch.get_device())
+        torch.cuda.set_device(ray.train.torch.get_device())  # zero.Init places partitions on the current device
+    memory = {"rss_mb_before_model": _rss_mb()}
+    zero3 = partitioned_construction(train, world_size, device)
+    model = build_model(cfg.model.name_or_path, attn, train.seed, cfg.model.trust_remote_code,
+                        dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    memory["peak_rss_mb_after_model"] = _peak_memory_mb("cpu")
+    if train.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shape = _model_shape(model)
+    peak = peak_tflops(torch.cuda.get_device_name() if device == "cuda" else "cpu", precision, train.peak_tflops)
     engine, optimizer = initialize(model, train, cfg.optim, world_size, device)
+    memory["param_elements_local"], memory["param_elements_total"] = local_parameter_elements(engine.module)
+    memory["peak_rss_mb_after_engine"] = _peak_memory_mb("cpu")
+    if device == "cuda":
+        memory["peak_gpu_mb_after_engine"] = _peak_memory_mb(device)
+    _write_json(run_dir / f"init-rank{rank}.json", {"rank": rank, "zero_stage": train.zero_stage, **memory})
 
     # Resume: the latest checkpoint gives the DeepSpeed state and the data position.
     start_step = 0
@@ -119,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
                 "total_steps": total_steps, "stop_step": stop_step, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
-                "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode})
+                "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode, "precision": precision,
+                "gradient_checkpointing": train.gradient_checkpointing, **memory})
 
     order, order_epoch = None, -1
     replay = [] if train.bench_replay else None
@@ -275,6 +290,17 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -309,12 +335,23 @@ def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, m
 
 
 def _export(engine, cfg: Config, out: Path, rank: int) -> None:
-    """The final weights as a Hugging Face folder (safetensors + tokenizer), written by rank 0."""
+    """The final weights as a Hugging Face folder (safetensors + tokenizer), written by rank 0.
+
+    The tokenizer is saved with its pad token set (raypack.model.load_tokenizer's
+    fallback for tokenizers that have none, such as Llama-3's) and the model
+    config names the same id, so lm-eval and generation can batch.
+    """
     state = full_state_dict(engine)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
-        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
-        load_tokenizer(cfg.data.tokenizer).save_pretrained(out)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        module = engine.module
+        if module.config.pad_token_id is None:
+            module.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(module, "generation_config", None) is not None and module.generation_config.pad_token_id is None:
+            module.generation_config.pad_token_id = tokenizer.pad_token_id
+        module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
     if dist.is_initialized():
         dist.barrier()
 

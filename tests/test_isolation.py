@@ -1,0 +1,172 @@
+"""Isolated packing is isolated on every attention backend, at every micro-batch size the loop uses.
+
+    .venv/bin/pytest tests/test_isolation.py -q
+
+transformers 5 derives flash-attention's per-sample boundaries from position_ids
+only when a batch holds ONE row (`_is_packed_sequence(position_ids, batch_size)`),
+so the loop flattens each isolated micro-batch into one padding-free row
+(raypack.data.collate). These tests take the micro-batches the training loop
+itself builds (`raypack.train.loop._micro_batch`) for micro_batch_size 1, 2 and 4
+and check:
+- flash_attention_2 (not installable on CPU) would see them as packed: transformers'
+  own detection accepts them and its cu_seqlens are exactly the samples' boundaries;
+  a [2, T] layout of the same rows is refused (the bug this layout fixes), and cross
+  micro-batches are never read as packed (cross keeps its meaning);
+- on sdpa, eager and flex_attention (compiled on CPU, so it runs once, on one
+  shape) every sample's per-token losses inside the micro-batch equal those of the
+  sample run alone (1e-5), the alone reference being computed on eager;
+- negative controls: the same rows as a cross micro-batch, and the isolated
+  micro-batch given an all-ones attention_mask, differ clearly;
+- the padding arm's micro-batches equal the samples alone on every backend.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+from raypack.data.collate import collate
+from raypack.data.tokenize import IGNORE_INDEX
+from raypack.model import build_tiny_model
+from raypack.train.loop import _micro_batch
+
+PAD = 5
+TOLERANCE = 1e-5
+CONTAMINATION = 1e-3
+MICRO_BATCH_SIZES = (1, 2, 4)
+BACKENDS = ("sdpa", "eager", "flex_attention")
+FLEX_LENGTH = 192  # every flex micro-batch is padded to this length, so flex_attention compiles once
+
+
+def make_samples(num: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random samples of 5-24 tokens, a masked prompt, labels[0] ignored (as the tokenizer writes them)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        length = int(rng.integers(5, 25))
+        ids = rng.integers(10, 4000, length).astype(np.int32)
+        labels = ids.copy()
+        labels[: int(rng.integers(1, length - 1))] = IGNORE_INDEX
+        out.append((ids, labels))
+    return out
+
+
+def packed_row(samples, cross: bool = False) -> dict:
+    lengths = [len(ids) for ids, _ in samples]
+    positions = np.arange(sum(lengths)) if cross else np.concatenate([np.arange(n) for n in lengths])
+    return {"input_ids": np.concatenate([i for i, _ in samples]), "labels": np.concatenate([lab for _, lab in samples]),
+            "position_ids": positions.astype(np.int32), "seq_lens": np.asarray(lengths, dtype=np.int32),
+            "num_tokens": int(sum(lengths))}
+
+
+def micro_batch_rows(micro_batch_size: int) -> list[list]:
+    """micro_batch_size rows of 3 samples each (samples differ per row)."""
+    samples = make_samples(3 * micro_batch_size, seed=micro_batch_size)
+    return [samples[3 * r: 3 * r + 3] for r in range(micro_batch_size)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {attn: build_tiny_model(seed=0, attn_implementation=attn).eval() for attn in BACKENDS}
+
+
+def per_token_losses(model, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits.float()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
+                           reduction="none")
+
+
+def alone(model, sample) -> torch.Tensor:
+    return per_token_losses(model, collate([packed_row([sample])], "padding", PAD))[0]
+
+
+def gaps_in_flat_row(losses: torch.Tensor, samples: list, reference: list) -> list[float]:
+    """Max |loss in the flat row - loss alone| per sample, the samples laid end to end from position 0."""
+    gaps, start = [], 0
+    for (ids, _), ref in zip(samples, reference):
+        n = len(ids)
+        gaps.append((losses[start: start + n - 1] - ref).abs().max().item())
+        start += n
+    return gaps
+
+
+# ---------------------------------------------------------------- what flash_attention_2 would see
+
+
+@pytest.mark.parametrize("micro_batch_size", MICRO_BATCH_SIZES)
+def test_loop_isolated_micro_batches_are_packed_for_flash_attention(micro_batch_size):
+    rows = micro_batch_rows(micro_batch_size)
+    batch = _micro_batch([packed_row(r) for r in rows], "isolated", PAD, "token")
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert _is_packed_sequence(batch["position_ids"], batch["input_ids"].shape[0])
+    (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    lengths = [len(ids) for row in rows for ids, _ in row]
+    assert cu_q.tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    assert int(max_q) == max(lengths)
+
+
+def test_a_two_row_isolated_layout_would_not_be_packed_for_flash_attention():
+    # Negative control: the layout the loop used before (rows stacked [2, T]) runs as plain causal rows.
+    rows = [packed_row(r) for r in micro_batch_rows(2)]
+    length = max(len(r["input_ids"]) for r in rows)
+    stacked = torch.stack([torch.as_tensor(np.pad(r["position_ids"], (0, length - len(r["position_ids"]))))
+                           for r in rows])
+    assert not _is_packed_sequence(stacked, 2)
+
+
+@pytest.mark.parametrize("micro_batch_size", MICRO_BATCH_SIZES)
+def test_cross_micro_batches_are_never_read_as_packed(micro_batch_size):
+    rows = [packed_row(r, cross=True) for r in micro_batch_rows(micro_batch_size)]
+    batch = _micro_batch(rows, "cross", PAD, "token")
+    assert not _is_packed_sequence(batch["position_ids"][:1], 1)  # each row alone: one causal sequence
+    assert batch["input_ids"].shape[0] == micro_batch_size
+
+
+# ---------------------------------------------------------------- losses on sdpa, eager, flex_attention
+
+
+def isolated_and_controls(model, reference_model, micro_batch_size: int, pad_to: int | None):
+    rows = micro_batch_rows(micro_batch_size)
+    samples = [s for row in rows for s in row]
+    reference = [alone(reference_model, s) for s in samples]
+    batch = collate([packed_row(r) for r in rows], "isolated", PAD, pad_to_multiple_of=pad_to)
+    isolated = gaps_in_flat_row(per_token_losses(model, batch)[0], samples, reference)
+    ones = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    masked_off = gaps_in_flat_row(per_token_losses(model, ones)[0], samples, reference)
+    cross_batch = collate([packed_row(r, cross=True) for r in rows], "cross", PAD, pad_to_multiple_of=pad_to)
+    cross_losses = per_token_losses(model, cross_batch)
+    cross = [g for r, row in enumerate(rows)
+             for g in gaps_in_flat_row(cross_losses[r], row, [alone(reference_model, s) for s in row])[1:]]
+    return isolated, masked_off, cross
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("micro_batch_size", MICRO_BATCH_SIZES)
+def test_isolated_micro_batch_equals_samples_alone(models, attn, micro_batch_size):
+    isolated, masked_off, cross = isolated_and_controls(models[attn], models["eager"], micro_batch_size, None)
+    assert max(isolated) < TOLERANCE
+    assert min(masked_off[1:]) > CONTAMINATION  # an all-ones mask switches isolation off
+    assert min(cross) > CONTAMINATION  # cross attention reaches the earlier samples of its row
+
+
+def test_isolated_micro_batch_equals_samples_alone_on_flex_attention(models):
+    # flex_attention compiles on CPU (~1 min the first time): one shape, every micro-batch size.
+    for micro_batch_size in MICRO_BATCH_SIZES:
+        isolated, masked_off, cross = isolated_and_controls(models["flex_attention"], models["eager"],
+                                                            micro_batch_size, FLEX_LENGTH)
+        assert max(isolated) < TOLERANCE, micro_batch_size
+        assert min(cross) > CONTAMINATION, micro_batch_size
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_padding_micro_batch_equals_samples_alone(models, attn):
+    samples = make_samples(4, seed=7)
+    pad_to = FLEX_LENGTH if attn == "flex_attention" else None
+    batch = collate([packed_row([s]) for s in samples], "padding", PAD, pad_to_multiple_of=pad_to)
+    losses = per_token_losses(models[attn], batch)
+    for i, s in enumerate(samples):
+        n = len(s[0])
+        assert (losses[i, : n - 1] - alone(models["eager"], s)).abs().max() < TOLERANCE
