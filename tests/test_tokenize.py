@@ -29,8 +29,10 @@ TOOLS_TEMPLATE = (
     "{% for t in tools %}{{ t['name'] }};{% endfor %}<|eot_id|>{% endif %}"
 ) + LLAMA3_TEMPLATE.removeprefix("{{ bos_token }}")
 # Starts with the number of messages, so no shorter rendering is a prefix of a
-# longer one: assistant spans cannot be found.
+# longer one: assistant spans are found verbatim instead.
 UNSTABLE_TEMPLATE = "{{ messages | length }}" + LLAMA3_TEMPLATE
+# Same, and it upper-cases every message: assistant content appears nowhere verbatim.
+SHOUTING_TEMPLATE = UNSTABLE_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +199,22 @@ def test_template_builtin_ignores_the_tokenizers_own_template():
     assert text.startswith("<|begin_of_text|><|start_header_id|>user")
 
 
-def test_prefix_unstable_template_raises():
+def test_prefix_unstable_template_is_located_verbatim():
+    """A user turn ending in the answer's text does not capture the answer's span: contents are walked in order."""
+    conv = conversation(("user", "Say OK"), ("assistant", "OK"), ("user", "Again: OK"), ("assistant", "OK"))
+    unstable = with_template(UNSTABLE_TEMPLATE)
+    text, spans = render_conversation(conv, unstable)
+    assert text.startswith("4<|begin_of_text|>")
+    _, stable_spans = render_conversation(conv, with_template(LLAMA3_TEMPLATE))
+    assert [(a + 1, b + 1) for a, b in stable_spans] == spans  # the same places, one character later
+    result = tokenize_conversations([conv], unstable, max_seq_len=128)
+    assert supervised_texts(result.samples[0], unstable) == ["OK" + EOT, "OK" + EOT]
+
+
+def test_prefix_unstable_template_without_verbatim_content_raises():
     conv = conversation(("user", "Hi"), ("assistant", "Hello"))
-    with pytest.raises(ValueError, match="prefix-stable"):
-        render_conversation(conv, with_template(UNSTABLE_TEMPLATE))
+    with pytest.raises(ValueError, match="prefix-stable.*verbatim"):
+        render_conversation(conv, with_template(SHOUTING_TEMPLATE))
 
 
 def test_own_template_rejects_leading_assistant_turn():
@@ -331,3 +345,13 @@ def test_fast_labels_equal_the_offsets_reference(tokenizer):
     for (ids, labels), ref_ids, offsets, sp in zip(fast, ref["input_ids"], ref["offset_mapping"], spans):
         assert ids.tolist() == ref_ids
         assert np.array_equal(labels, labels_from_spans(np.asarray(ref_ids, dtype=np.int32), offsets, sp))
+
+
+def test_builtin_special_tokens_are_checked_once_per_tokenizer(monkeypatch):
+    tokenizer, calls = load_tokenizer(), []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    conversations = [conversation(("user", f"Question {i}"), ("assistant", f"Answer {i}")) for i in range(20)]
+    tokenize_conversations(conversations, tokenizer, max_seq_len=64)
+    tokenize_conversations(conversations, tokenizer, max_seq_len=64)
+    assert sorted(a[0] for a in calls) == sorted(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOT])

@@ -22,14 +22,34 @@ Rendering
 Supervision
     Exactly the content of every assistant turn plus the template's end-of-turn
     text (`<|eot_id|>` for the built-in template) is supervised; everything else
-    is IGNORE_INDEX. With an own template the span of assistant turn i is the
-    character range between render(messages[:i], add_generation_prompt=True) and
-    render(messages[:i+1]); a template for which those are not prefixes of the
-    full rendering raises ValueError. A token is supervised when its first
-    character lies inside a span. `labels[0]` is always IGNORE_INDEX: a first
-    token has no predecessor, so it is never a target. This makes the supervised
-    count the same in every packing arm and keeps a packed row from holding a
-    target that crosses a sample boundary.
+    is IGNORE_INDEX. With an own template the end-of-turn text is what follows
+    the content when the template renders the probe [user, assistant SENTINEL]
+    (found once per tokenizer: `<|im_end|>\\n` for Qwen), and each assistant turn
+    i is located in one of two ways:
+      prefix    the character range between render(messages[:i],
+                add_generation_prompt=True) and render(messages[:i+1]), when those
+                are prefixes of the full rendering. Text the template puts between
+                the generation prompt and the content (Qwen3's empty
+                `<think>\\n\\n</think>\\n\\n` on the last turn) is context: when the
+                range ends with content + end-of-turn text, only that is supervised.
+      verbatim  otherwise (templates that render a turn differently once later
+                turns follow, like Qwen3's), the messages are walked in order: each
+                non-assistant content is skipped where it first appears, and each
+                assistant turn's content + end-of-turn text must appear verbatim
+                after it. A turn that cannot be found raises ValueError.
+    A token is supervised when its first character lies inside a span.
+    `labels[0]` is always IGNORE_INDEX: a first token has no predecessor, so it
+    is never a target. This makes the supervised count the same in every packing
+    arm and keeps a packed row from holding a target that crosses a sample
+    boundary.
+
+BOS
+    Rendered text is encoded with add_special_tokens=False, so the template's own
+    `<|begin_of_text|>` (the built-in one's, or `{{ bos_token }}` in an own
+    template) is the only BOS, even with tokenizers whose post-processor adds one.
+    The built-in template writes its four special tokens as text, so it refuses a
+    tokenizer that lacks any of them as a single token (checked once per
+    tokenizer) rather than train on the pieces they would split into.
 
 Over-length policies (`max_seq_len`, counted in `TokenizeResult.counts`)
     truncate  keep the first max_seq_len tokens (`num_truncated`); a sample left
@@ -57,6 +77,7 @@ used for tokenizers without a Rust backend and checked equal in the tests).
 """
 
 import json
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,7 +92,10 @@ BEGIN_OF_TEXT = "<|begin_of_text|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 END_OF_TURN = "<|eot_id|>"
+BUILTIN_SPECIAL_TOKENS = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)
 TOOLS_HEADER = "Available tools:\n"
+# The assistant content of the probe that finds an own template's end-of-turn text.
+PROBE_SENTINEL = "RAYPACK_PROBE_SENTINEL"
 
 COUNT_KEYS = (
     "num_conversations",
@@ -119,7 +143,28 @@ def render_conversation(conversation: dict, tokenizer, template: str = "auto") -
     tools = conversation.get("tools") or None
     if template == "auto" and getattr(tokenizer, "chat_template", None):
         return _render_own(messages, tools, tokenizer, conversation.get("source", "?"))
+    check_builtin_tokens(tokenizer)
     return _render_builtin(_fold_tools(messages, tools))
+
+
+# What is learnt once per tokenizer (weak keys: a tokenizer that goes away takes its entry along).
+_BUILTIN_MISSING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_builtin_tokens(tokenizer) -> None:
+    """ValueError unless each special token the built-in template writes is one token of `tokenizer`."""
+    if tokenizer not in _BUILTIN_MISSING:
+        _BUILTIN_MISSING[tokenizer] = [
+            token for token in BUILTIN_SPECIAL_TOKENS if len(tokenizer.encode(token, add_special_tokens=False)) != 1
+        ]
+    missing = _BUILTIN_MISSING[tokenizer]
+    if missing:
+        raise ValueError(
+            f"the built-in Llama-3 template writes {', '.join(missing)} as text, but this tokenizer has no single "
+            "token for them, so they would be split into ordinary pieces; use a tokenizer with a chat template "
+            "(data.template=auto) or one with the Llama-3 special tokens"
+        )
 
 
 def _checked_messages(conversation: dict) -> list[dict]:
@@ -174,31 +219,74 @@ def _render_own(messages: list[dict], tools: str | None, tokenizer, source: str)
     tools_arg = _tools_for_template(tools, tokenizer.chat_template)
     if tools_arg is None:
         messages = _fold_tools(messages, tools)
+    if messages[0]["role"] == "assistant":
+        raise ValueError(
+            f"conversation {source} starts with an assistant turn, which a chat template cannot "
+            "render a prompt for; start it with a system or user message, or use template='builtin'"
+        )
 
     def render(prefix: list[dict], add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
             prefix, tools=tools_arg, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    text, spans = render(messages, False), []
+    text, end_of_turn = render(messages, False), _own_end_of_turn(tokenizer)
+    spans = _prefix_spans(messages, render, text, end_of_turn)
+    if spans is None:
+        spans = _verbatim_spans(messages, text, end_of_turn, source)
+    return text, spans
+
+
+def _own_end_of_turn(tokenizer) -> str | None:
+    """What the tokenizer's template writes after an assistant turn's content; None if it hides the content."""
+    template = tokenizer.chat_template
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached is None or cached[0] != template:
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE_SENTINEL}]
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+        cached = (template, text.split(PROBE_SENTINEL, 1)[1] if PROBE_SENTINEL in text else None)
+        _END_OF_TURN[tokenizer] = cached
+    return cached[1]
+
+
+def _prefix_spans(messages: list[dict], render, text: str, end_of_turn: str | None) -> list | None:
+    """Spans from renderings of growing prefixes; None when they are not prefixes of `text`."""
+    spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        if i == 0:
-            raise ValueError(
-                f"conversation {source} starts with an assistant turn, which a chat template cannot "
-                "render a prompt for; start it with a system or user message, or use template='builtin'"
-            )
         before, through = render(messages[:i], True), render(messages[: i + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
+            return None
+        start, end = len(before), len(through)
+        turn = message["content"] + (end_of_turn or "")
+        if end_of_turn is not None and text.endswith(turn, start, end):
+            start = end - len(turn)  # what precedes the content is the template's, not the answer
+        spans.append((start, end))
+    return spans
+
+
+def _verbatim_spans(messages: list[dict], text: str, end_of_turn: str | None, source: str) -> list:
+    """Spans found by walking the messages through `text` in order (see the module docstring)."""
+    spans, position = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            found = text.find(message["content"], position)
+            position = position if found < 0 else found + len(message["content"])
+            continue
+        turn = message["content"] + (end_of_turn or "")
+        found = text.find(turn, position) if end_of_turn is not None else -1
+        if found < 0:
             raise ValueError(
                 f"conversation {source}: the tokenizer's chat template is not prefix-stable (rendering "
                 f"messages[:{i}] with add_generation_prompt=True, then messages[:{i + 1}], then all messages "
-                "must each extend the previous text), so assistant spans cannot be found; "
-                "fix the template or use template='builtin'"
+                f"does not extend the text each time), and assistant turn {i}'s content followed by the "
+                f"template's end-of-turn text {end_of_turn!r} does not appear verbatim in the rendering, so "
+                "its span cannot be found; fix the template or use template='builtin'"
             )
-        spans.append((len(before), len(through)))
-    return text, spans
+        position = found + len(turn)
+        spans.append((found, position))
+    return spans
 
 
 # ---------------------------------------------------------------- tokenizing
