@@ -1,98 +1,350 @@
-"""GPU check: padding vs bfd-isolated tokens/s on a ~1B random-init Llama at 4096 tokens (bf16, ZeRO-2).
+"""GPU check: sample isolation per attention backend, and padding vs packing speed on a ~1B Llama.
 
-NOT RUN on the CPU development machine (it needs CUDA); it imports there, and
-`--dry-run` prints the plan without a GPU. On a GPU node with raypack installed:
+One script for one accelerator with only torch, transformers and numpy (no Ray,
+DeepSpeed, flash-attn or numba needed), run from the repository root:
 
-    python scripts/gpu_check.py                      # 1 GPU, 2000 synthetic samples, 6 steps per arm
-    python scripts/gpu_check.py --num-gpus 8 --steps 10 --num-samples 20000
+    python scripts/gpu_check.py --out $OUT/gpu_check.json    # one H200: a few minutes
+    python scripts/gpu_check.py --dry-run --out /tmp/x.json  # CPU, tiny model, same code path: ~15 s on 2 cores
+    python scripts/gpu_check.py --dry-run --cpu-flex         # also flex_attention, compiled on CPU (+20-100 s)
 
-It prepares synthetic conversations with the paper's 1.2M length profile (tiny
-tokenizer, 4096 max length), then trains each arm for --steps optimizer steps
-with `raypack train` on a random-init Llama of ~1B parameters (hidden 2048, 16
-layers, 32 heads, 8 KV heads, the tiny tokenizer's 4096-token vocabulary),
-flash_attention_2 when flash_attn imports, else sdpa. It prints real tokens/s
-per arm (steps after the first, which includes compilation and warm-up) and
-the bfd-isolated / padding ratio. The model is written as a local HF folder so
-that `model.name_or_path` can point at it.
+It prints ONE JSON object (also written to --out, and rewritten there after every
+arm and backend, so a run stopped early keeps what it measured); progress goes to
+stderr. What each figure means:
+
+data      The SAME synthetic samples feed every arm: the lengths of the paper's 1.2M
+          dataset (`raypack.data.synth.sample_lengths("opensource-1.2m")`:
+          lognormal, mean ~670 tokens, long tail) scaled by max_seq_len / 4096 and
+          capped at max_seq_len (num_capped); random token ids; the first 20-60% of
+          each sample is prompt (labels IGNORE_INDEX). Packed rows: a plain-Python
+          best-fit-decreasing over the lengths (capacity max_seq_len), shuffled, laid
+          out as raypack's packer writes them ("input_ids", "labels", "position_ids"
+          restarting per sample, "seq_lens"); padding rows hold one sample each.
+arms      padding / bfd-isolated / bfd-cross (collate modes padding / isolated /
+          cross), each on a fresh model (same seed) with plain torch AdamW; one
+          micro-batch of 2 rows per optimizer step (padding: 2 consecutive samples),
+          `warmup` untimed steps then `steps` timed ones, each timed step between two
+          synchronizes (collation outside). tokens_per_sec counts real tokens,
+          row_tokens_per_sec everything the model computed (pads included),
+          padding_fraction = 1 - real / row tokens (0 for bfd-isolated: a flat row),
+          mfu = raypack.train.flops.step_flops / (time x peak_tflops of the device; null
+          when unknown, e.g. CPU), peak_memory_mb = torch.cuda.max_memory_allocated
+          after a reset per arm (weights, grads, AdamW state, activations),
+          attn_implementation = flash_attention_2 when flash_attn imports, else sdpa.
+          tokens_per_sec_vs_padding: each arm's tokens_per_sec over padding's.
+isolation Per dtype (bf16 and fp32; the dry run fp32 only) and attention backend,
+          on the arms' model: a micro-batch of 2 packed rows (3-8 samples each, their
+          lengths in seq_lens) runs as `isolated` and as `cross`, and every sample
+          runs alone (batch of 1, padding collate). isolated_* / cross_* are the max
+          and mean |per-token loss in the micro-batch - the same token's loss alone|
+          over supervised tokens (raypack.train.loss.token_losses). ok: isolated max
+          < tolerance (bf16 0.05, fp32 1e-4 on GPU, 1e-5 on CPU) and cross max > 10x
+          isolated max, the negative control showing that the check can fail.
+          seconds includes flex_attention's compilation. A backend that cannot run
+          is {"skipped": reason} (flash_attention_2 without flash_attn or in fp32,
+          an error's message). peak_memory_mb: the largest allocation of the check.
+forbidden_modules  ray/deepspeed/numba/pyarrow modules loaded by this run: [] here.
+          (transformers 5.17 imports scikit-learn, hence pandas and pyarrow, when
+          they are installed: a non-empty list there comes from that, not raypack.)
+
+GPU model: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
+vocabulary 32768 (not the tiny tokenizer's 4096: nothing is tokenized, and a
+realistic output head matters for speed), 1.1 B parameters, bf16 weights and AdamW
+state, max_seq_len 4096, 3000 samples, 3 warm-up + 10 timed steps per arm. Dry
+run: hidden 64, 2 layers, vocabulary 4096, fp32, max_seq_len 256, 200 samples,
+1 + 2 steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import datetime
 import json
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-ARMS = ("padding", "bfd-isolated")
+import numpy as np
+import torch
+import transformers
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain copy of the repository
+
+from raypack.data.collate import collate
+from raypack.data.synth import sample_lengths
+from raypack.data.tokenize import IGNORE_INDEX
+from raypack.model import TINY_PAD_ID, resolve_attn_implementation, tiny_llama_config
+from raypack.train.flops import mfu, peak_tflops, step_flops
+from raypack.train.loss import micro_batch_loss, step_denominator, token_losses
+
+ARMS = {"padding": "padding", "bfd-isolated": "isolated", "bfd-cross": "cross"}  # arm -> collate mode
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+FORBIDDEN = {"ray", "deepspeed", "numba", "pyarrow"}
+GPU = {"model": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                  "num_attention_heads": 32, "num_key_value_heads": 8},
+       "vocab_size": 32768, "max_seq_len": 4096, "num_samples": 3000, "warmup": 3, "steps": 10,
+       "dtypes": ("bf16", "fp32"), "tolerance": {"bf16": 0.05, "fp32": 1e-4},
+       "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2")}
+CPU = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2},
+       "vocab_size": 4096, "max_seq_len": 256, "num_samples": 200, "warmup": 1, "steps": 2,
+       "dtypes": ("fp32",), "tolerance": {"fp32": 1e-5},
+       "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2")}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def write_model(folder: Path) -> None:
-    """A random-init ~1B Llama sized for the tiny tokenizer, saved as an HF folder."""
-    import torch
-
-    from raypack.model import TINY, load_tokenizer, tiny_llama_config
-
-    tokenizer = load_tokenizer(TINY)
-    config = tiny_llama_config(len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def make_samples(num_samples: int, max_seq_len: int, vocab_size: int, seed: int) -> list[dict]:
+    """Synthetic samples with the 1.2M dataset's lengths (module docstring), as one-sample rows."""
+    rng = np.random.default_rng(seed)
+    lengths = np.rint(sample_lengths("opensource-1.2m", num_samples, seed) * max_seq_len / 4096)
+    samples = []
+    for n in np.clip(lengths, 8, max_seq_len).astype(int):
+        ids = rng.integers(0, vocab_size, n, dtype=np.int32)
+        labels = ids.copy()
+        labels[: max(1, int(n * rng.uniform(0.2, 0.6)))] = IGNORE_INDEX
+        samples.append({"input_ids": ids, "labels": labels, "position_ids": np.arange(n, dtype=np.int32),
+                        "seq_lens": np.array([n], dtype=np.int32)})
+    return samples
 
 
-def overrides(args: argparse.Namespace, model_dir: Path, storage: Path) -> list[str]:
-    per_step = args.micro_batch_size * args.num_gpus * args.grad_accum
-    return [f"synth.num_samples={args.num_samples}", "data.max_seq_len=4096", f"pack.arms={json.dumps(list(ARMS))}",
-            f"model.name_or_path={model_dir}", "model.attn_implementation=auto", "train.use_gpu=true",
-            "train.precision=bf16", "train.zero_stage=2", f"train.num_workers={args.num_gpus}",
-            f"train.micro_batch_size={args.micro_batch_size}", f"train.global_batch_size={per_step}",
-            f"train.max_steps={args.steps}", "train.epochs=1", "train.export=false",
-            f"train.storage_path={storage}", f"prepare.output_dir={storage / 'prepared'}", "name=gpu-check"]
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices per bin: longest first, each into the fullest bin it still fits."""
+    bins, free = [], []  # free: sorted (space left, bin index)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            bins.append([i])
+            left, b = capacity - lengths[i], len(bins) - 1
+        else:
+            left, b = free.pop(k)
+            bins[b].append(i)
+            left -= lengths[i]
+        if left > 0:
+            bisect.insort(free, (left, b))
+    return bins
+
+
+def pack_row(samples: list[dict]) -> dict:
+    row = {k: np.concatenate([s[k] for s in samples]) for k in ("input_ids", "labels", "position_ids", "seq_lens")}
+    assert len(row["input_ids"]) == row["seq_lens"].sum()
+    return row
+
+
+def build_model(setup: dict, attn: str, dtype: torch.dtype, device: str, seed: int) -> LlamaForCausalLM:
+    config = tiny_llama_config(setup["vocab_size"], max_position_embeddings=setup["max_seq_len"], **setup["model"])
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def forward_losses(model, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+    logits = model(**inputs, use_cache=False).logits
+    losses, mask = token_losses(logits, batch["labels"])
+    return losses.cpu().double(), mask.cpu()
+
+
+def sample_diffs(model, rows: list[dict], device: str) -> dict:
+    """Max and mean |token loss packed - token loss alone| over the samples of `rows`, per collate mode."""
+    alone, offsets = [], []  # per sample: its losses alone; (row, start in the row, start in the flat row)
+    flat_start = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for n in row["seq_lens"]:
+            one = {k: row[k][start: start + n] for k in ("input_ids", "labels")}
+            losses, mask = forward_losses(model, collate([one], "padding", TINY_PAD_ID), device)
+            alone.append((losses[0][mask[0]], mask[0]))
+            offsets.append((r, start, flat_start + start))
+            start += int(n)
+        flat_start += start
+    out = {}
+    for mode in ("isolated", "cross"):
+        losses, _ = forward_losses(model, collate(rows, mode, TINY_PAD_ID), device)
+        diffs = []
+        for (ref, mask), (r, start, flat) in zip(alone, offsets):
+            row, at = (0, flat) if mode == "isolated" else (r, start)
+            diffs.append((losses[row, at: at + len(mask)][mask] - ref).abs())
+        diffs = torch.cat(diffs)
+        out[f"{mode}_max_abs_diff"], out[f"{mode}_mean_abs_diff"] = diffs.max().item(), diffs.mean().item()
+    return out
+
+
+def skip_reason(setup: dict, dtype_name: str, backend: str) -> str | None:
+    if dtype_name not in setup["dtypes"]:
+        return "the dry run checks fp32 only"
+    if backend in setup.get("skip", {}):
+        return setup["skip"][backend]
+    if backend == "flash_attention_2" and dtype_name != "bf16":
+        return "flash-attn has no fp32 kernels"
+    if backend == "flash_attention_2" and not flash_attn_importable():
+        return "flash_attn is not importable"
+    return None
+
+
+def isolation(setup: dict, rows: list[dict], device: str, seed: int, out: dict, save) -> None:
+    """Packed vs alone per dtype and backend into `out`, saved after each; a backend that fails is reported."""
+    reset_peak(device)
+    out["seq_lens"], out["peak_memory_mb"] = [row["seq_lens"].tolist() for row in rows], None
+    for dtype_name in ("bf16", "fp32"):
+        results = out[dtype_name] = {b: {"skipped": skip_reason(setup, dtype_name, b)} for b in setup["backends"]}
+        if dtype_name not in setup["dtypes"]:
+            continue
+        model = build_model(setup, "sdpa", DTYPES[dtype_name], device, seed).eval()
+        for backend in [b for b in setup["backends"] if results[b]["skipped"] is None]:
+            start = time.perf_counter()
+            try:
+                model.set_attn_implementation(backend)
+                with torch.no_grad():
+                    diffs = sample_diffs(model, rows, device)
+            except Exception as err:  # noqa: BLE001  (a backend that fails is a finding to report, not a crash)
+                results[backend] = {"skipped": f"{type(err).__name__}: {err}"[:500]}
+                continue
+            tolerance = setup["tolerance"][dtype_name]
+            ok = diffs["isolated_max_abs_diff"] < tolerance and \
+                diffs["cross_max_abs_diff"] > 10 * diffs["isolated_max_abs_diff"]
+            results[backend] = {**diffs, "tolerance": tolerance, "ok": ok,
+                                "seconds": time.perf_counter() - start}  # flex_attention: compilation included
+            progress(f"isolation {dtype_name} {backend}: {results[backend]}")
+            out["peak_memory_mb"] = peak_memory_mb(device)
+            save()
+        del model
+
+
+def run_arm(setup: dict, mode: str, batches: list[list[dict]], device: str, dtype: torch.dtype, attn: str,
+            seed: int, peak: float | None) -> dict:
+    """Warm-up then timed optimizer steps of one arm, one micro-batch of 2 rows per step."""
+    model = build_model(setup, attn, dtype, device, seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    embedding = model.get_input_embeddings().weight.numel()
+    matmul_params = sum(p.numel() for p in model.parameters()) - embedding  # untied, as raypack.train.loop
+    reset_peak(device)
+    seconds, real, row_tokens, flops = [], 0, 0, 0.0
+    for i, rows in enumerate(batches):
+        batch = collate(rows, mode, TINY_PAD_ID)
+        synchronize(device)
+        start = time.perf_counter()
+        inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        logits = model(**inputs, use_cache=False).logits
+        micro_batch_loss(logits, batch, "token", step_denominator([batch], "token"), 1).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if i >= setup["warmup"]:
+            seconds.append(time.perf_counter() - start)
+            num_real = sum(int(r["seq_lens"].sum()) for r in rows)
+            real, row_tokens = real + num_real, row_tokens + batch["input_ids"].numel()
+            # Attention reaches one sample, except in cross: the whole row (raypack.train.flops).
+            segments = [r["seq_lens"].sum() for r in rows] if mode == "cross" else \
+                [n for r in rows for n in r["seq_lens"]]
+            flops += step_flops(matmul_params, setup["model"]["num_hidden_layers"], setup["model"]["hidden_size"],
+                                num_real, segments)
+    total = sum(seconds)
+    result = {"attn_implementation": attn, "num_timed_steps": len(seconds), "step_time_s": total / len(seconds),
+              "tokens_per_sec": real / total, "row_tokens_per_sec": row_tokens / total,
+              "padding_fraction": 1 - real / row_tokens, "mfu": mfu(flops, total, 1, peak),
+              "model_tflops_per_sec": flops / total / 1e12, "peak_memory_mb": peak_memory_mb(device)}
+    del model, optimizer
+    return result
+
+
+def flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401  (optional; only some GPU images have it)
+    except ImportError:
+        return False
+    return True
+
+
+def progress(message: str) -> None:
+    print(f"gpu_check: {message}", file=sys.stderr, flush=True)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--work-dir", default="")
-    parser.add_argument("--dry-run", action="store_true", help="print the overrides and exit (no GPU needed)")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, fp32: the same code path in seconds")
+    parser.add_argument("--cpu-flex", action="store_true",
+                        help="dry run: also check flex_attention (compiled on CPU: 20-100 s more on 2 cores)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="raypack-gpu-check-")).resolve()
-    model_dir = work / "llama-1b-random"
-    if args.dry_run:
-        print("\n".join(overrides(args, model_dir, work)))
-        return 0
-
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; this script is for GPU nodes (use --dry-run here)", file=sys.stderr)
+    started = time.perf_counter()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run with --dry-run on a CPU machine", file=sys.stderr)
         return 2
-    from raypack.config import load_config
-    from raypack.train.launch import train
+    setup, device = (dict(CPU), "cpu") if args.dry_run else (GPU, "cuda")
+    if args.dry_run and not args.cpu_flex:
+        setup["skip"] = {"flex_attention": "not compiled on CPU unless --cpu-flex (20-100 s on 2 cores); "
+                                           "tests/test_isolation.py checks flex_attention on CPU"}
+    torch.set_float32_matmul_precision("highest")  # fp32 really fp32 (no TF32), for the tight tolerance
+    precision = "fp32" if args.dry_run else "bf16"
 
-    if not (model_dir / "config.json").exists():
-        write_model(model_dir)
-    cfg = load_config(None, overrides(args, model_dir, work))
-    rates = {}
-    for summary in train(cfg):
-        lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-        metrics = [json.loads(x) for x in lines if x][1:] or [json.loads(lines[-1])]
-        seconds = sum(m["step_time_s"] for m in metrics)
-        rates[summary["arm"]] = sum(m["num_tokens"] for m in metrics) / seconds
-        pad = 1 - sum(m["num_tokens"] for m in metrics) / sum(m["num_row_tokens"] for m in metrics)
-        print(f"{summary['arm']:<14} real tokens/s {rates[summary['arm']]:>10.0f}   padding {pad:.1%}   "
-              f"peak memory {max(m['peak_memory_mb'] for m in metrics):.0f} MiB", flush=True)
-    print(f"bfd-isolated / padding tokens/s: {rates['bfd-isolated'] / rates['padding']:.2f}x")
-    return 0
+    samples = make_samples(setup["num_samples"], setup["max_seq_len"], setup["vocab_size"], args.seed)
+    lengths = [len(s["input_ids"]) for s in samples]
+    rng = np.random.default_rng(args.seed)
+    packed = [pack_row([samples[i] for i in b]) for b in best_fit_decreasing(lengths, setup["max_seq_len"])]
+    packed = [packed[i] for i in rng.permutation(len(packed))]
+    chosen = [r for r in packed if 3 <= len(r["seq_lens"]) <= 8][:2]
+
+    num_params = sum(p.numel() for p in build_model(setup, "sdpa", torch.float32, "meta", args.seed).parameters())
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dry_run": args.dry_run,
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+              "model": {**setup["model"], "vocab_size": setup["vocab_size"], "num_params": num_params,
+                        "precision": precision},
+              "data": {"num_samples": len(samples), "max_seq_len": setup["max_seq_len"],
+                       "mean_tokens": float(np.mean(lengths)), "max_tokens": int(max(lengths)),
+                       "num_capped": int(sum(n == setup["max_seq_len"] for n in lengths)),
+                       "num_bfd_rows": len(packed)}}
+    save = lambda: write(result, args.out)  # a run stopped later keeps what it measured
+
+    # The arms first: predictable in time; the isolation check then compiles flex_attention.
+    attn = resolve_attn_implementation("auto", device, precision)
+    result["peak_tflops"] = peak = peak_tflops(result["device"], precision)
+    num_steps = setup["warmup"] + setup["steps"]
+    batches = {"padding": [[samples[2 * i], samples[2 * i + 1]] for i in range(num_steps)],
+               "bfd-isolated": [packed[2 * i: 2 * i + 2] for i in range(num_steps)]}
+    batches["bfd-cross"] = batches["bfd-isolated"]
+    arms = result["arms"] = {}
+    for arm, mode in ARMS.items():
+        try:
+            arms[arm] = run_arm(setup, mode, batches[arm], device, DTYPES[precision], attn, args.seed, peak)
+        except Exception as err:  # noqa: BLE001  (e.g. out of memory: keep the other arms' figures)
+            arms[arm] = {"attn_implementation": attn, "error": f"{type(err).__name__}: {err}"[:500]}
+            reset_peak(device)
+        progress(f"{arm}: {arms[arm]}")
+        save()
+    result["tokens_per_sec_vs_padding"] = {
+        arm: arms[arm]["tokens_per_sec"] / arms["padding"]["tokens_per_sec"]
+        for arm in ARMS if "tokens_per_sec" in arms[arm] and "tokens_per_sec" in arms["padding"]}
+    isolation(setup, chosen, device, args.seed, result.setdefault("isolation", {}), save)
+    result["forbidden_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
+    result["seconds"] = time.perf_counter() - started
+    write(result, args.out)
+    print(json.dumps(result, indent=1))
+    return 1 if any("error" in a for a in arms.values()) else 0
+
+
+def write(result: dict, out: str) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
