@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -582,6 +583,13 @@ def _fit_centroids(vector_files: list[str], k: int, max_samples: int, seed: int)
     return features.fit_kmeans(vectors, k, seed=seed, max_samples=max_samples)
 
 
+def _groups_dir(cfg: Config, tok_dir: Path) -> Path:
+    """Where build_groups writes the content clusters for cfg.pack's grouping settings."""
+    pack = cfg.pack
+    model = pack.embedding_model if pack.group_backend == "embedding" else None
+    return tok_dir / f"groups-{_config_hash(pack.group_backend, model, pack.feature_dim, pack.num_clusters, pack.kmeans_samples, cfg.seed)}"
+
+
 def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     """Content vectors and k-means clusters of every kept sample, as Ray Data stages; reused when present.
 
@@ -590,7 +598,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     """
     pack, prep = cfg.pack, cfg.prepare
     model = pack.embedding_model if pack.group_backend == "embedding" else None
-    out = tok_dir / f"groups-{_config_hash(pack.group_backend, model, pack.feature_dim, pack.num_clusters, pack.kmeans_samples, cfg.seed)}"
+    out = _groups_dir(cfg, tok_dir)
     if prep.reuse and (out / "groups.json").exists():
         return out
     start = time.perf_counter()
@@ -667,6 +675,44 @@ def _holdout_keys(files: list[str], cfg: Config) -> np.ndarray:
     return conv_keys[mask]
 
 
+class _Job(NamedTuple):
+    """One split prepare() writes: which samples, how they are packed, and its config hash."""
+
+    select: str  # "val" or "train"
+    spec: ArmSpec
+    window: int
+    groups: Path | None  # build_groups' folder, for packed arms when some arm is grouped
+    hash: str
+    folder: Path  # <tok_dir>/<name>-<hash>
+
+
+def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
+    """The tokenized cache folder and every split of cfg ("val" first, then each arm), by config hash only."""
+    # Absolute, so that workers started in another directory (Ray Train's) find the folders.
+    root = Path(cfg.prepare.output_dir).resolve()
+    tok_hash = _tok_hash(cfg)
+    tok_dir = root / f"tok-{tok_hash}"
+    split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
+    specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
+    grouped = any(spec.grouping != "none" for spec in specs.values())
+    groups_dir = _groups_dir(cfg, tok_dir) if grouped else None
+    jobs = {"val": _Job("val", ArmSpec("padding", None), 0, None, split_hash, tok_dir / f"val-{split_hash}")}
+    for arm, spec in specs.items():
+        packed_groups = groups_dir if spec.strategy != "padding" else None
+        arm_hash = _config_hash(split_hash, spec.strategy, spec.attention, cfg.pack.window, cfg.train.micro_batch_size,
+                                cfg.prepare.rows_per_shard, spec.grouping, spec.only_single_turn,
+                                packed_groups and packed_groups.name, cfg.pack.group_buffer if spec.grouping != "none" else None)
+        jobs[arm] = _Job("train", spec, cfg.pack.window, packed_groups, arm_hash, tok_dir / f"{arm}-{arm_hash}")
+    return tok_dir, jobs
+
+
+def prepared_folders(cfg: Config) -> dict[str, Path]:
+    """Where prepare() writes the validation split ("val") and each arm, computed from the config alone
+    (no Ray, nothing read but the input files' size and mtime); a split is ready once its manifest.json exists."""
+    _, jobs = _prepare_jobs(cfg)
+    return {name: job.folder for name, job in jobs.items()}
+
+
 def prepare(cfg: Config) -> dict:
     """Prepare the validation split and every arm of cfg.pack.arms; returns {name: folder}.
 
@@ -674,10 +720,7 @@ def prepare(cfg: Config) -> dict:
     never re-tokenize. The returned dict has "val" plus one entry per arm.
     """
     ensure_ray()
-    # Absolute, so that workers started in another directory (Ray Train's) find the folders.
-    root = Path(cfg.prepare.output_dir).resolve()
-    tok_hash = _tok_hash(cfg)
-    tok_dir = root / f"tok-{tok_hash}"
+    tok_dir, jobs = _prepare_jobs(cfg)
     tok_dir.mkdir(parents=True, exist_ok=True)
     counts_path = tok_dir / "tokenized.json"
     start = time.perf_counter()
@@ -689,22 +732,11 @@ def prepare(cfg: Config) -> dict:
     tokenize_seconds = time.perf_counter() - start
     files = _sorted_parquet_files(tok_dir / "tokenized")
     holdout = _holdout_keys(files, cfg)
-    split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
-    specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
-    grouped = any(spec.grouping != "none" for spec in specs.values())
-    groups_dir = build_groups(cfg, tok_dir, files) if grouped else None
-    jobs = {"val": ("val", ArmSpec("padding", None), 0, None, split_hash)}
-    for arm, spec in specs.items():
-        packed_groups = groups_dir if spec.strategy != "padding" else None
-        arm_hash = _config_hash(split_hash, spec.strategy, spec.attention, cfg.pack.window, cfg.train.micro_batch_size,
-                                cfg.prepare.rows_per_shard, spec.grouping, spec.only_single_turn,
-                                packed_groups and packed_groups.name, cfg.pack.group_buffer if spec.grouping != "none" else None)
-        jobs[arm] = ("train", spec, cfg.pack.window, packed_groups, arm_hash)
+    if any(job.groups for job in jobs.values()):
+        build_groups(cfg, tok_dir, files)
     holdout_ref = ray.put(holdout)
-    folders, pending = {}, {}
-    for name, (select, spec, window, packed_groups, job_hash) in jobs.items():
-        final = tok_dir / f"{name}-{job_hash}"
-        folders[name] = final
+    folders, pending = {name: job.folder for name, job in jobs.items()}, {}
+    for name, (select, spec, window, packed_groups, job_hash, final) in jobs.items():
         if cfg.prepare.reuse and (final / "manifest.json").exists():
             continue
         partial = final.with_name(final.name + ".partial")
