@@ -291,6 +291,20 @@ class SweepConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`raypack plan`: the machines a job must fit; the defaults are cluster.yaml's GPU nodes (p5.48xlarge)."""
+
+    gpu_memory_gib: float = _field(80.0, "memory of one GPU in GiB (H100 / A100 80 GB: 80)")
+    gpus_per_node: int = _field(8, "GPUs per node, one Ray Train worker each; a node's workers share its CPU "
+                                "memory")
+    cpu_memory_gib: float = _field(2048.0, "CPU memory of one node in GiB (p5.48xlarge: 2048): offloaded "
+                                   "optimizer states and parameters, and every worker's copy of its arm's rows")
+    headroom_fraction: float = _field(0.1, "share of GPU and CPU memory kept free for what the estimate leaves "
+                                      "out: CUDA context, NCCL and DeepSpeed communication buffers, allocator "
+                                      "fragmentation")
+
+
+@dataclass
 class Config:
     """A raypack run."""
 
@@ -307,6 +321,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:

@@ -12,7 +12,8 @@ import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
         "raypack.data.pack", "raypack.data.compose", "raypack.data.features", "raypack.data.order",
-        "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.bench"]
+        "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.bench",
+        "raypack.train.memory"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 
 
