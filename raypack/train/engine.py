@@ -36,6 +36,10 @@ The loop's contract with the engine, per micro-batch (tests/test_engine.py):
   updates at every G-th call; calling it once per step leaves the engine off the
   accumulation boundary. Set the LR (`lr_at`) on `optimizer.param_groups`
   before the boundary call; `engine.global_steps` counts optimizer steps.
+- ZeRO-3: `partitioned_construction` registers the config with transformers
+  (HfDeepSpeedConfig) before the model is built, so from_pretrained/from_config
+  build it inside deepspeed.zero.Init, and `load_into_partitions` fills each
+  rank's partitions from a local safetensors folder reading only its own slices.
 - ZeRO 1/2 gradients are readable with `deepspeed.utils.safe_get_full_grad`
   only after the boundary micro-batch's backward, before its step().
 
@@ -268,6 +272,61 @@ def initialize(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, w
     optimizer = build_optimizer(model, optim)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer
+
+
+def load_into_partitions(model: torch.nn.Module, folder: str | Path) -> dict:
+    """ZeRO-3: fill this rank's partition of every parameter from the safetensors checkpoint in `folder`.
+
+    `model` was built inside deepspeed.zero.Init without loading weights
+    (`build_model(..., load_weights=False)` under `partitioned_construction`). Each
+    rank reads from every tensor only the rows that hold its own contiguous slice
+    of the flattened parameter (DeepSpeed gives rank r elements [r*P, (r+1)*P),
+    P = the padded partition size), so no rank ever holds the whole checkpoint:
+    transformers' own ZeRO-3 loading has rank 0 read every shard whole. Tensors of
+    the checkpoint that are not parameters of the model (tied aliases, buffers)
+    are skipped and counted; a parameter the checkpoint lacks is an error.
+    Returns {"num_loaded", "num_skipped", "num_elements_read"}.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no *.safetensors files; ZeRO-3 loading reads safetensors checkpoints "
+                         "(save the model with save_pretrained(safe_serialization=True))")
+    params = dict(model.named_parameters())
+    loaded, skipped, read = set(), 0, 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key not in params:
+                    skipped += 1
+                    continue
+                read += _load_partition(params[key], f.get_slice(key), key)
+                loaded.add(key)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint has no tensor for {len(missing)} parameters of the model "
+                         f"(e.g. {missing[:3]}); its tensor names must match model.named_parameters()")
+    return {"num_loaded": len(loaded), "num_skipped": skipped, "num_elements_read": read}
+
+
+def _load_partition(param: torch.nn.Parameter, tensor_slice, key: str) -> int:
+    """Copy this rank's slice of one checkpoint tensor into param.ds_tensor; returns the elements read."""
+    shape = tuple(tensor_slice.get_shape())
+    if shape != tuple(param.ds_shape):
+        raise ValueError(f"checkpoint tensor {key} has shape {shape}, the model's parameter {tuple(param.ds_shape)}")
+    part = param.ds_tensor
+    size = part.ds_numel
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    end = min(start + size, param.ds_numel)
+    if start >= end:
+        return 0
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    first, last = start // row, -(-end // row)
+    rows = tensor_slice[first:last]
+    with torch.no_grad():
+        part.narrow(0, 0, end - start).copy_(rows.reshape(-1)[start - first * row: end - first * row])
+    return rows.numel()
 
 
 def local_parameter_elements(model: torch.nn.Module) -> tuple[int, int]:
