@@ -1,4 +1,5 @@
-"""cluster.yaml passes Ray's own cluster-config validation and keeps the cluster's promises; jobs/paper-*.yaml fit it.
+"""cluster.yaml passes Ray's own cluster-config validation and keeps the cluster's promises; jobs/paper-*.yaml fit it
+(counts, and memory per GPU and per node by `raypack plan`'s estimate, raypack.train.memory).
 
     .venv/bin/python -m pytest -q tests/test_cluster.py
 
@@ -20,12 +21,15 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from raypack.config import load_config
+from raypack.config import PlanConfig, load_config
+from raypack.train.memory import budget, estimate_job, fits, model_shape
 
 ROOT = Path(__file__).parent.parent
 CLUSTER = ROOT / "cluster.yaml"
 PAPER_JOBS = sorted((ROOT / "jobs").glob("paper-*.yaml"))
 EFS = "/mnt/raypack"
+# One node of each GPU instance type (AWS data sheets): GPUs, GiB per GPU, GiB of host memory.
+INSTANCE_MEMORY = {"p5.48xlarge": (8, 80, 2048), "p4de.24xlarge": (8, 80, 1152)}
 
 
 @pytest.fixture()
@@ -41,6 +45,19 @@ def validate(config: dict) -> dict:
 
 def gpu_types(config: dict) -> dict:
     return {name: t for name, t in config["available_node_types"].items() if t["resources"].get("GPU", 0) > 0}
+
+
+def node_plan(node_type: dict) -> PlanConfig:
+    """What `raypack plan` must fit: one node of this type, default headroom."""
+    gpus, gpu_gib, host_gib = INSTANCE_MEMORY[node_type["node_config"]["InstanceType"]]
+    assert node_type["resources"]["GPU"] == gpus
+    return PlanConfig(gpu_memory_gib=gpu_gib, gpus_per_node=gpus, cpu_memory_gib=host_gib)
+
+
+def arms_that_fit(cfg, plan: PlanConfig) -> dict[str, bool]:
+    limits = budget(plan, cfg.train)
+    arms = estimate_job(cfg, model_shape(cfg.model.name_or_path))
+    return {arm: fits(estimate, limits, cfg.train.use_gpu) for arm, estimate in arms.items()}
 
 
 def ray_start_lines(commands: list[str]) -> list[str]:
@@ -157,3 +174,15 @@ def test_paper_jobs_fit_the_cluster(path, config):
     assert cfg.data.max_seq_len == 4096 and cfg.pack.window == 1000 and cfg.train.zero_stage == 3
     assert (cfg.train.epochs, cfg.train.global_batch_size) == ((3, 64) if "-70b-" in path.name else (4, 128))
     assert cfg.train.offload_params == cfg.train.offload_optimizer == ("-70b-" in path.name)
+    # Memory, not only counts: every arm fits one GPU and one node's host memory as configured.
+    assert cfg.train.gradient_checkpointing
+    assert all(arms_that_fit(cfg, node_plan(gpus)).values()), arms_that_fit(cfg, node_plan(gpus))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.zero_stage=2", "train.offload_params=false"],  # every GPU holds all 141 GB of bf16 parameters
+    ["train.offload_optimizer=false", "train.offload_params=false", "train.gradient_checkpointing=false"],
+], ids=["zero-2", "no-offload-no-checkpointing"])
+def test_the_70b_job_does_not_fit_without_its_memory_settings(overrides, config):
+    cfg = load_config(ROOT / "jobs" / "paper-70b-tulu.yaml", overrides)
+    assert not any(arms_that_fit(cfg, node_plan(gpu_types(config)["gpu-70b"])).values())
