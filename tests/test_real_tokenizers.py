@@ -8,6 +8,7 @@ decode to exactly the assistant texts, every sample has one BOS at most, the pad
 fallback cannot change a loss, and `raypack prepare` reconciles on Ray.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,40 @@ def test_prepare_reconciles(prepared, tokenizers, conversations):
             assert manifest[key] == reference.counts[key], (name, key)
     assert manifests["padding"]["num_supervised_tokens"] == manifests["bfd-isolated"]["num_supervised_tokens"] > 0
     assert manifests["bfd-isolated"]["num_rows"] < manifests["padding"]["num_rows"] == reference.counts["num_samples"]
+
+
+# ---------------------------------------------------------------- train, export, eval --val
+
+
+@pytest.mark.parametrize("name, arm", [("llama3", "bfd-isolated"), ("qwen", "padding")])
+def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_path, request):
+    """What a user runs with a hub checkout of the tokenizer and a model: `raypack train ... train.arm=ARM
+    train.max_steps=3` on 2 workers; the exported folder loads with Auto* classes, has a pad token, and
+    `raypack eval --val` from it gives the loop's last validation loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raypack.cli import main
+    from raypack.train.launch import run_dir
+
+    model_dir = write_random_llama(tmp_path / "model", request.getfixturevalue(f"{name}_tokenizer_dir"))
+    sources = ", ".join(str(path) for path in FIXTURE_FILES)
+    overrides = [f"data.tokenizer={model_dir}", f"model.name_or_path={model_dir}", f"data.sources=[{sources}]",
+                 f"pack.arms=[{arm}]", f"train.arm={arm}", "train.max_steps=3", "data.max_seq_len=256",
+                 "data.val_count=6", "train.num_workers=2", "train.micro_batch_size=2", "train.global_batch_size=4",
+                 f"prepare.output_dir={tmp_path / 'prepared'}", f"train.storage_path={tmp_path / 'runs'}",
+                 "prepare.num_tokenizer_actors=1", "name=real"]
+    assert main(["train", "jobs/real-files.yaml", *overrides]) == 0
+    cfg = load_config("jobs/real-files.yaml", overrides)
+    out = run_dir(cfg, arm)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
+
+    exported = out / "model"
+    tokenizer, model = AutoTokenizer.from_pretrained(exported), AutoModelForCausalLM.from_pretrained(exported)
+    assert tokenizer.pad_token_id is not None and model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+    (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(exported), "--preset", "none", "--val", str(val_folder), "--out", str(result)]) == 0
+    assert json.loads(result.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)

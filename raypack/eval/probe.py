@@ -210,9 +210,10 @@ def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clu
                 max_seq_len: int | None = None, device: str = "cpu", micro_batch_size: int = 8,
                 log: Callable[[str], None] | None = None) -> dict:
     """The probe of a saved Hugging Face model on a prepared validation split (one process)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from raypack.data.pipeline import read_rows
+    from raypack.model import load_tokenizer
 
     rows = read_rows(val_folder)
     if any(len(s) != 1 for s in rows.column("seq_lens").to_pylist()):
@@ -221,7 +222,7 @@ def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clu
                for i, lab in zip(rows.column("input_ids").to_pylist(), rows.column("labels").to_pylist())]
     if len(samples) < 3:
         raise ValueError(f"{val_folder} has {len(samples)} samples; the probe needs at least 3")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     if max_seq_len is None:
         longest = max(len(s["input_ids"]) for s in samples)

@@ -62,11 +62,12 @@ def validation_sums(forward, rows: pa.Table, groups: list[np.ndarray], num_forwa
 def validation_loss_of_model(model_dir: str, val_folder: str, micro_batch_size: int = 4,
                              device: str = "cpu") -> dict:
     """Validation loss of a saved Hugging Face model on a prepared validation split (one process)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from raypack.data.pipeline import read_rows
+    from raypack.model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     rows = read_rows(val_folder)
     groups, num_forwards = validation_groups(rows, micro_batch_size, 0, 1)
