@@ -250,10 +250,13 @@ def docstring_rows():
 def test_segments_of_isolated_batches_come_from_position_ids():
     a, b, c = docstring_rows()
     rows = [row([a, b]), row([c])]
-    batch = collate(rows, "isolated", 0)
-    assert segment_ids(batch).tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]  # pad run: own segment
-    assert torch.equal(segment_ids(batch), segment_ids_from_seq_lens([r["seq_lens"] for r in rows], 5))
-    assert step_denominator([batch], "sample") == 3  # a, b, c; the pad segment has no target
+    batch = collate(rows, "isolated", 0)  # the rows laid end to end in one row
+    assert segment_ids(batch).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+    assert torch.equal(segment_ids(batch), segment_ids_from_seq_lens([[3, 2, 4]], 9))
+    assert step_denominator([batch], "sample") == 3  # a, b, c
+    padded = collate(rows, "isolated", 0, pad_to_multiple_of=8)
+    assert segment_ids(padded).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2] + [3] * 7]  # pad run: own segment
+    assert step_denominator([padded], "sample") == 3  # the pad segment has no target
 
 
 def test_segments_of_cross_batches_need_segment_ids():
