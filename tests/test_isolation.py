@@ -23,7 +23,8 @@ and check:
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from test_collate import packed_row as collate_packed_row
+from test_collate import token_losses as per_token_losses
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
 from raypack.data.collate import collate
@@ -53,11 +54,9 @@ def make_samples(num: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]
 
 
 def packed_row(samples, cross: bool = False) -> dict:
-    lengths = [len(ids) for ids, _ in samples]
-    positions = np.arange(sum(lengths)) if cross else np.concatenate([np.arange(n) for n in lengths])
-    return {"input_ids": np.concatenate([i for i, _ in samples]), "labels": np.concatenate([lab for _, lab in samples]),
-            "position_ids": positions.astype(np.int32), "seq_lens": np.asarray(lengths, dtype=np.int32),
-            "num_tokens": int(sum(lengths))}
+    """A row as the packer writes it (tests/test_collate.py), with its num_tokens as the loop reads them."""
+    row = collate_packed_row(samples, cross)
+    return dict(row, num_tokens=int(row["seq_lens"].sum()))
 
 
 def micro_batch_rows(micro_batch_size: int) -> list[list]:
@@ -69,14 +68,6 @@ def micro_batch_rows(micro_batch_size: int) -> list[list]:
 @pytest.fixture(scope="module")
 def models():
     return {attn: build_tiny_model(seed=0, attn_implementation=attn).eval() for attn in BACKENDS}
-
-
-def per_token_losses(model, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    with torch.no_grad():
-        logits = model(**inputs, use_cache=False).logits.float()
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
-                           reduction="none")
 
 
 def alone(model, sample) -> torch.Tensor:
@@ -158,6 +149,7 @@ def test_isolated_micro_batch_equals_samples_alone_on_flex_attention(models):
         isolated, masked_off, cross = isolated_and_controls(models["flex_attention"], models["eager"],
                                                             micro_batch_size, FLEX_LENGTH)
         assert max(isolated) < TOLERANCE, micro_batch_size
+        assert min(masked_off[1:]) > CONTAMINATION, micro_batch_size
         assert min(cross) > CONTAMINATION, micro_batch_size
 
 

@@ -1,8 +1,9 @@
-"""The offline tiny tokenizer and tiny Llama.
+"""The offline tiny tokenizer and tiny Llama; attention and precision choices; gradient checkpointing.
 
     .venv/bin/pytest tests/test_model.py
 """
 
+import pytest
 import torch
 
 from raypack.model import (
@@ -98,3 +99,42 @@ def test_tiny_model_generates():
     out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, prompt.shape[1] + 4)
     assert torch.equal(out[:, : prompt.shape[1]], prompt)
+
+
+def test_auto_attention_never_picks_flash_attention_in_fp32_or_on_cpu(monkeypatch):
+    import sys
+    import types
+
+    from raypack.model import resolve_attn_implementation
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # as if installed
+    assert resolve_attn_implementation("auto", "cuda", "bf16") == "flash_attention_2"
+    assert resolve_attn_implementation("auto", "cuda", "fp32") == "sdpa"  # flash-attn has no fp32 kernels
+    assert resolve_attn_implementation("auto", "cpu", "fp32") == "sdpa"
+    assert resolve_attn_implementation("eager", "cuda", "bf16") == "eager"  # an explicit choice is kept
+
+
+def test_flash_attention_without_gpu_bf16_is_refused():
+    from raypack.config import ConfigError, load_config
+
+    for overrides in ([], ["train.use_gpu=true", "train.precision=fp32"]):
+        with pytest.raises(ConfigError, match="flash_attention_2 needs"):
+            load_config(None, ["model.attn_implementation=flash_attention_2", *overrides])
+    cfg = load_config(None, ["model.attn_implementation=flash_attention_2", "train.use_gpu=true"])
+    assert cfg.model.attn_implementation == "flash_attention_2"
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """train.gradient_checkpointing recomputes activations in backward: same numbers, less kept memory."""
+    torch.manual_seed(0)
+    ids = torch.randint(10, 4000, (2, 48))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny_model(seed=0).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)

@@ -230,7 +230,7 @@ def test_prepare_reconciles(prepared, tokenizers, conversations):
 def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_path, request):
     """What a user runs with a hub checkout of the tokenizer and a model: `raypack train ... train.arm=ARM
     train.max_steps=3` on 2 workers; the exported folder loads with Auto* classes, has a pad token, and
-    `raypack eval --val` from it gives the loop's last validation loss."""
+    `raypack eval --val` from it gives the loop's last validation loss; `raypack probe` runs on it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raypack.cli import main
@@ -258,3 +258,7 @@ def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_p
     result = tmp_path / "eval.json"
     assert main(["eval", str(exported), "--preset", "none", "--val", str(val_folder), "--out", str(result)]) == 0
     assert json.loads(result.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
+    # The probe collates with the same pad fallback.
+    probe = tmp_path / "probe.json"
+    assert main(["probe", str(exported), "--val", str(val_folder), "--num-samples", "4", "--out", str(probe)]) == 0
+    assert json.loads(probe.read_text())["num_val_samples"] == 6

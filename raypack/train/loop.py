@@ -81,8 +81,8 @@ from raypack.model import (build_model, has_local_safetensors, import_model_code
 from raypack.train.engine import (full_state_dict, gradient_accumulation_steps, initialize, load_into_partitions,
                                   local_parameter_elements, lr_at, partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
-from raypack.train.validate import validation_groups, validation_sums
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+from raypack.train.validate import validation_groups, validation_sums
 
 CHECKPOINT_TAG = "ds"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
