@@ -105,7 +105,8 @@ def _print_composition(arms: dict) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from raypack.data.pipeline import prepare, read_manifest
+    from raypack.data.pipeline import prepare
+    from raypack.data.prepared import read_manifest
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
@@ -158,7 +159,7 @@ def _plan_counts(cfg, folder: str, shape) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raypack.data.pipeline import read_manifest, steps_per_epoch
+    from raypack.data.prepared import read_manifest, steps_per_epoch
     from raypack.train.engine import gradient_accumulation_steps
     from raypack.train.flops import step_flops
     from raypack.train.launch import arm_config

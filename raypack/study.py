@@ -31,7 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from raypack.config import Config, to_dict
-from raypack.data.pipeline import ensure_ray, prepare, read_manifest, steps_per_epoch
+from raypack.data.pipeline import ensure_ray, prepare
+from raypack.data.prepared import read_manifest, steps_per_epoch
 from raypack.eval.tasks import resolve_tasks
 from raypack.report import write_report
 from raypack.train.engine import gradient_accumulation_steps

@@ -48,7 +48,8 @@ import yaml
 
 from raypack.analyze import best_trials, load_trials, run_summary
 from raypack.config import Config, ConfigError, apply_overrides, from_dict, to_dict, validate
-from raypack.data.pipeline import ensure_ray, prepare, read_manifest, steps_per_epoch
+from raypack.data.pipeline import ensure_ray, prepare
+from raypack.data.prepared import read_manifest, steps_per_epoch
 from raypack.train.engine import gradient_accumulation_steps
 from raypack.train.launch import arm_config, build_trainer, run_dir
 

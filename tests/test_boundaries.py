@@ -12,8 +12,8 @@ import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
         "raypack.data.pack", "raypack.data.compose", "raypack.data.features", "raypack.data.order",
-        "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.bench",
-        "raypack.train.memory"]
+        "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
+        "raypack.bench", "raypack.train.memory"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 
 
@@ -36,3 +36,26 @@ def test_data_worker_modules_do_not_import_torch(module):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", f"{module} imports torch"
+
+
+def test_prepared_rows_import_neither_ray_nor_torch():
+    """raypack.data.prepared is what training reads: a worker or a notebook can open rows with numpy alone."""
+    code = ("import sys, raypack.data.prepared; "
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"raypack.data.prepared pulls in {out.stdout.strip()}"
+
+
+def test_training_loop_does_not_import_the_data_pipeline():
+    """The loop reads rows through raypack.data.prepared, never raypack.data.pipeline (Ray Data).
+
+    `import ray.train` itself loads ray.data (through ray.air, Ray 2.x), so the check
+    is that the loop loads no ray.data module beyond those ray.train brings, and
+    not the pipeline.
+    """
+    code = ("import sys, ray.train, ray.train.torch; base = {m for m in sys.modules if m.startswith('ray.data')}; "
+            "import raypack.train.loop; "
+            "extra = sorted(m for m in sys.modules if (m.startswith('ray.data') and m not in base) "
+            "or m == 'raypack.data.pipeline'); print(','.join(extra))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"raypack.train.loop pulls in {out.stdout.strip()}"

@@ -211,7 +211,7 @@ def test_losses_do_not_depend_on_batching():
 
 
 def write_val_folder(folder, samples):
-    """A validation split as raypack.data.pipeline.read_rows reads it (one sample per row)."""
+    """A validation split's Parquet shard as prepare writes it (one sample per row); RowStore converts it."""
     folder.mkdir()
     column = lambda arrays: pa.array([np.asarray(x, dtype=np.int32) for x in arrays], pa.list_(pa.int32()))
     pq.write_table(pa.table({

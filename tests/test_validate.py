@@ -4,27 +4,27 @@
 """
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
+from raypack.data.prepared import RowStore, write_rows
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import TINY_PAD_ID, build_tiny_model
 from raypack.train.loss import token_losses
 from raypack.train.validate import validation_groups, validation_sums
 
 
-def val_rows(num: int = 7, seed: int = 0) -> pa.Table:
+def val_rows(folder, num: int = 7, seed: int = 0) -> RowStore:
+    """A validation split of `num` one-sample rows of random lengths, as RowStore reads it."""
     rng = np.random.default_rng(seed)
-    ids, labels = [], []
+    rows = []
     for _ in range(num):
         n = int(rng.integers(5, 40))
         row = rng.integers(10, 4000, n).astype(np.int32)
         lab = row.copy()
         lab[: n // 2] = IGNORE_INDEX
-        ids.append(row)
-        labels.append(lab)
-    return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32()))})
+        rows.append({"input_ids": row, "labels": lab, "seq_lens": [n]})
+    return RowStore(write_rows(folder, rows, "isolated"))
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,13 @@ def forward_of(model):
     return forward
 
 
-def test_sums_equal_one_sample_at_a_time_and_any_rank_split(model):
-    rows = val_rows()
+def test_sums_equal_one_sample_at_a_time_and_any_rank_split(model, tmp_path):
+    rows = val_rows(tmp_path)
     expected_sum, expected_n = 0.0, 0
     with torch.no_grad():
-        for ids, lab in zip(rows.column("input_ids").to_pylist(), rows.column("labels").to_pylist()):
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits
-            losses, mask = token_losses(logits, torch.tensor([lab]))
+        for row in rows.take(range(rows.num_rows)):
+            logits = model(input_ids=torch.tensor([row["input_ids"].tolist()]), use_cache=False).logits
+            losses, mask = token_losses(logits, torch.tensor([row["labels"].tolist()]))
             expected_sum += float(losses[mask].sum())
             expected_n += int(mask.sum())
     for micro, world in [(1, 1), (3, 1), (2, 2), (2, 3), (4, 5)]:
@@ -65,9 +65,9 @@ def test_sums_equal_one_sample_at_a_time_and_any_rank_split(model):
         assert len(forwards) == 1, f"ranks ran different numbers of forwards: {forwards}"  # ZeRO-3 needs equal
 
 
-def test_groups_are_longest_first_and_cover_every_row_once():
-    rows = val_rows(11)
-    lengths = [len(x) for x in rows.column("input_ids").to_pylist()]
+def test_groups_are_longest_first_and_cover_every_row_once(tmp_path):
+    rows = val_rows(tmp_path, 11)
+    lengths = [len(r["input_ids"]) for r in rows.take(range(rows.num_rows))]
     seen = []
     for rank in range(3):
         groups, _ = validation_groups(rows, 2, rank, 3)

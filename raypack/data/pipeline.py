@@ -8,7 +8,7 @@ tokenize, holdout, pack) over a cluster:
       -> tokenized cache (Parquet, in input order, reused by every arm and every later run)
       -> hold out validation conversations by key (the same for every arm)
       -> pack per window (a task per arm, streaming the cache window by window)
-      -> packed Parquet shards + manifest.json per arm
+      -> packed Parquet shards, flat/ (what training memory-maps) + manifest.json per arm
 
 Output is deterministic: Ray Data runs with `preserve_order`, the cache's keys
 are checked to be in input order, and windows are cut by sample count, so the
@@ -18,8 +18,9 @@ workers. Layout under `prepare.output_dir`:
     tok-<hash>/tokenized/*.parquet        one row per sample piece, rejected or dropped record
     tok-<hash>/tokenized.json             counts of the tokenization pass
     tok-<hash>/rejected/rejected.jsonl    every rejected row: source file, row, reason, detail
-    tok-<hash>/val-<hash>/                held-out conversations, one sample per row, + manifest.json
-    tok-<hash>/<arm>-<hash>/              train rows of one arm: part-*.parquet + manifest.json
+    tok-<hash>/val-<hash>/                held-out conversations, one sample per row: part-*.parquet,
+                                          flat/ and manifest.json (raypack.data.prepared)
+    tok-<hash>/<arm>-<hash>/              train rows of one arm, the same files
 
     raypack prepare jobs/quickstart.yaml [key=value ...]
 """
@@ -48,6 +49,7 @@ from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
 from raypack.data.compose import composition_stats, plan_composed
 from raypack.data.pack import pack_rows, row_length_stats
+from raypack.data.prepared import read_manifest, shard_files, steps_per_epoch, write_flat
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
 
@@ -285,8 +287,7 @@ def _user_error(err: BaseException) -> formats.FormatError | None:
     return None
 
 
-def _sorted_parquet_files(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.glob("*.parquet"))
+_sorted_parquet_files = shard_files
 
 
 def tokenize_to_cache(cfg: Config, tok_dir: Path) -> dict:
@@ -510,6 +511,7 @@ def pack_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
     stats.update(num_samples=writer.num_samples, num_split_samples=writer.num_split_samples,
                  num_supervised_tokens=writer.num_supervised, seconds=time.perf_counter() - start)
     stats["composition"] = writer.summary() if select == "train" else {}
+    write_flat(out)  # here, in the packing task, so that training never converts
     return stats
 
 
@@ -738,6 +740,7 @@ def prepare(cfg: Config) -> dict:
     folders, pending = {name: job.folder for name, job in jobs.items()}, {}
     for name, (select, spec, window, packed_groups, job_hash, final) in jobs.items():
         if cfg.prepare.reuse and (final / "manifest.json").exists():
+            write_flat(final)  # a split prepared before flat/ existed
             continue
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -778,21 +781,6 @@ def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: 
 # ---------------------------------------------------------------- feeding training
 
 
-def read_manifest(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())
-
-
-def steps_per_epoch(num_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch, from the manifest's row count (never 'until the iterator runs out')."""
-    rows_per_step = world_size * micro_batch_size * grad_accum
-    steps = num_rows // rows_per_step
-    if steps == 0:
-        raise ValueError(f"{num_rows} rows cannot fill one optimizer step of {rows_per_step} rows "
-                         f"({world_size} workers x {micro_batch_size} micro-batch x {grad_accum} accumulation); "
-                         "lower the global batch size or add data")
-    return steps
-
-
 def load_split(folder: str | Path, world_size: int, micro_batch_size: int, grad_accum: int
                ) -> tuple[ray.data.Dataset, int]:
     """The prepared rows as a Ray Dataset ready for `streaming_split(world_size, equal=True)`.
@@ -805,22 +793,3 @@ def load_split(folder: str | Path, world_size: int, micro_batch_size: int, grad_
     steps = steps_per_epoch(manifest["num_rows"], world_size, micro_batch_size, grad_accum)
     ds = ray.data.read_parquet(_sorted_parquet_files(Path(folder)))
     return ds.limit(steps * world_size * micro_batch_size * grad_accum), steps
-
-
-TRAIN_COLUMNS = ("row_index", "input_ids", "labels", "position_ids", "seq_lens", "num_tokens",
-                 "num_supervised_tokens")
-
-
-def read_rows(folder: str | Path) -> pa.Table:
-    """Every prepared row of a split as one Arrow table, row i at index i (checked against row_index).
-
-    What the training loop reads: each worker holds the split's token columns
-    (int32, e.g. ~0.5 GB for 40k rows of 4096 tokens) and picks its rows per step
-    with raypack.data.order, so the order is exact and resumable; `folder` must be
-    reachable from every worker (local disk on one node, or a shared filesystem).
-    """
-    table = pq.read_table(_sorted_parquet_files(Path(folder)), columns=list(TRAIN_COLUMNS))
-    if not np.array_equal(table.column("row_index").to_numpy(), np.arange(table.num_rows)):
-        raise RuntimeError(f"{folder}: row_index is not 0..{table.num_rows - 1} in file order; "
-                           "prepare it again (raypack prepare) with prepare.reuse=false")
-    return table

@@ -212,14 +212,14 @@ def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clu
     """The probe of a saved Hugging Face model on a prepared validation split (one process)."""
     from transformers import AutoModelForCausalLM
 
-    from raypack.data.pipeline import read_rows
+    from raypack.data.prepared import RowStore
     from raypack.model import load_tokenizer
 
-    rows = read_rows(val_folder)
-    if any(len(s) != 1 for s in rows.column("seq_lens").to_pylist()):
+    rows = RowStore.open(val_folder)
+    if np.any(rows.num_samples_per_row() != 1):
         raise ValueError(f"{val_folder} holds packed rows; give a validation split (one sample per row)")
-    samples = [{"input_ids": np.asarray(i, dtype=np.int64), "labels": np.asarray(lab, dtype=np.int64)}
-               for i, lab in zip(rows.column("input_ids").to_pylist(), rows.column("labels").to_pylist())]
+    samples = [{"input_ids": r["input_ids"].astype(np.int64), "labels": r["labels"].astype(np.int64)}
+               for r in rows.take(np.arange(rows.num_rows))]
     if len(samples) < 3:
         raise ValueError(f"{val_folder} has {len(samples)} samples; the probe needs at least 3")
     tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none

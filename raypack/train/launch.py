@@ -32,7 +32,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypack.config import Config, to_dict
-from raypack.data.pipeline import prepare, read_manifest
+from raypack.data.pipeline import prepare
+from raypack.data.prepared import read_manifest
 from raypack.train.engine import rows_for_token_batch
 from raypack.train.loop import train_loop_per_worker
 

@@ -5,10 +5,12 @@ then one optimizer step after another. Launched by raypack.train.launch; the
 config it gets is {"config": <resolved Config as a dict>, "arm": name,
 "folder": prepared rows of the arm, "run_dir": where logs and the model go}.
 
-How rows reach each worker: every worker reads the arm's Parquet rows itself
-(`pipeline.read_rows`, a path all workers can reach) and takes its share of each
-step from `raypack.data.order`: a permutation of the rows drawn from
-(train.seed, epoch), cut into whole steps, each rank a disjoint equal slice.
+How rows reach each worker: every worker memory-maps the arm's flat token buffers
+(`raypack.data.prepared.RowStore`, a path all workers can reach: the workers of a
+node share one page-cache copy, and a micro-batch reads only its own rows' tokens)
+and takes its share of each step from `raypack.data.order`: a permutation of the
+rows drawn from (train.seed, epoch), cut into whole steps, each rank a disjoint
+equal slice.
 Every rank therefore takes epochs x steps_per_epoch steps (computed from the
 manifest, never from an iterator running dry), and a step's rows follow from
 its number alone, which makes a resume exact.
@@ -75,7 +77,7 @@ import torch.distributed as dist
 from raypack.config import Config, from_dict, to_dict
 from raypack.data.collate import collate
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
-from raypack.data.pipeline import read_manifest, read_rows, steps_per_epoch
+from raypack.data.prepared import RowStore, read_manifest, steps_per_epoch
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer,
                            resolve_attn_implementation)
 from raypack.train.engine import (full_state_dict, gradient_accumulation_steps, initialize, load_into_partitions,
@@ -107,12 +109,12 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = train.epochs * num_steps_per_epoch
     stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
     schedule_steps = train.schedule_steps or total_steps
-    rows = read_rows(config["folder"])
-    tokens_of_row = rows.column("num_tokens").to_numpy()
+    rows = RowStore.open(config["folder"])
+    tokens_of_row = rows.num_tokens
     pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
     val = None
     if config.get("val_folder") and read_manifest(config["val_folder"])["num_rows"] > 0:
-        val_rows = read_rows(config["val_folder"])
+        val_rows = RowStore.open(config["val_folder"])
         val = (val_rows, *validation_groups(val_rows, train.micro_batch_size, rank, world_size))
 
     # Model and engine: weights loaded in the training precision; under ZeRO-3 built already partitioned
@@ -174,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
                                          grad_accum, tokens_of_row)
         else:
             indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
-        picked = [rows.take(idx).to_pylist() for idx in indices]
+        picked = [rows.take(idx) for idx in indices]
         micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction) for mb_rows in picked]
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, schedule_steps, cfg.optim)

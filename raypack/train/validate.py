@@ -19,26 +19,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from raypack.data.collate import collate
+from raypack.data.prepared import RowStore
 from raypack.train.loss import token_losses
 
-VAL_COLUMNS = ("input_ids", "labels")
 
-
-def validation_groups(rows: pa.Table, micro_batch_size: int, rank: int,
+def validation_groups(rows: RowStore, micro_batch_size: int, rank: int,
                       world_size: int) -> tuple[list[np.ndarray], int]:
     """This rank's micro-batches as row indices, and how many forwards every rank runs."""
-    lengths = rows.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    lengths = np.asarray(rows.num_tokens)
     order = np.argsort(-lengths, kind="stable")
     groups = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     return groups[rank::world_size], math.ceil(len(groups) / world_size)
 
 
 @torch.no_grad()
-def validation_sums(forward, rows: pa.Table, groups: list[np.ndarray], num_forwards: int,
+def validation_sums(forward, rows: RowStore, groups: list[np.ndarray], num_forwards: int,
                     pad_token_id: int) -> tuple[float, int]:
     """(sum of token losses, number of supervised tokens) over this rank's groups of rows.
 
@@ -47,11 +45,10 @@ def validation_sums(forward, rows: pa.Table, groups: list[np.ndarray], num_forwa
     group at all can only occur when the split has fewer micro-batches than
     ranks; it then repeats row 0).
     """
-    table = rows.select(list(VAL_COLUMNS))
     loss_sum, num_tokens = 0.0, 0
     for i in range(num_forwards):
         idx = groups[i] if i < len(groups) else (groups[0] if groups else np.zeros(1, dtype=np.int64))
-        batch = collate(table.take(idx).to_pylist(), "padding", pad_token_id)
+        batch = collate(rows.take(idx), "padding", pad_token_id)
         losses, mask = token_losses(forward(batch), batch["labels"])
         if i < len(groups):
             loss_sum += float(losses[mask].sum())
@@ -64,12 +61,11 @@ def validation_loss_of_model(model_dir: str, val_folder: str, micro_batch_size: 
     """Validation loss of a saved Hugging Face model on a prepared validation split (one process)."""
     from transformers import AutoModelForCausalLM
 
-    from raypack.data.pipeline import read_rows
     from raypack.model import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    rows = read_rows(val_folder)
+    rows = RowStore.open(val_folder)
     groups, num_forwards = validation_groups(rows, micro_batch_size, 0, 1)
 
     def forward(batch: dict) -> torch.Tensor:

@@ -1,0 +1,294 @@
+"""Prepared data as training reads it: the manifest, the step count and the rows (pure core: no Ray, no torch).
+
+A prepared split is a folder that `raypack prepare` (raypack.data.pipeline) writes:
+
+    manifest.json        the split's counts and settings (read_manifest)
+    part-*.parquet       the rows with their sample keys and pieces (for analysis; training does not read them)
+    flat/                the rows as flat token buffers, memory-mapped by every training worker:
+      input_ids.npy      int32 [total tokens]  every row's tokens end to end, row 0 first
+      labels.npy         int32 [total tokens]
+      row_offsets.npy    int64 [num_rows + 1]  row i is input_ids[row_offsets[i]:row_offsets[i + 1]]
+      seq_lens.npy       int32 [total samples] each row's sample (piece) lengths end to end
+      seq_offsets.npy    int64 [num_rows + 1]  row i's samples are seq_lens[seq_offsets[i]:seq_offsets[i + 1]]
+      num_tokens.npy     int32 [num_rows]
+      num_supervised_tokens.npy  int32 [num_rows]
+      flat.json          {"version", "num_rows", "num_tokens", "num_samples", "positions"}
+
+position_ids are not stored: they follow from seq_lens. "isolated" positions
+restart at 0 at every sample (isolated packed rows, and padding and validation
+rows, which hold one sample each); "cross" positions run 0..n-1 over the whole
+row (raypack.data.pack.pack_rows writes exactly these). The two rows of
+pack.py's isolated example, as flat/ holds them:
+
+    input_ids    [11, 12, 13, 21, 22, 23, 24, 25, 26, 31, 32, 41, 42, 43, 44]
+    labels       [-100, 12, 13, -100, -100, 23, 24, 25, -100, -100, 32, -100, -100, 43, 44]
+    row_offsets  [0, 8, 15]        seq_lens [3, 5, 1, 2, 4]     seq_offsets [0, 2, 5]
+    num_tokens   [8, 7]            num_supervised_tokens [5, 3]  positions "isolated"
+    RowStore.take([1]) -> [{"row_index": 1, "input_ids": [26, 31, 32, 41, 42, 43, 44],
+                            "labels": [-100, -100, 32, -100, -100, 43, 44],
+                            "position_ids": [0, 0, 1, 0, 1, 2, 3], "seq_lens": [1, 2, 4],
+                            "num_tokens": 7, "num_supervised_tokens": 3}]  (arrays as int32)
+
+The arrays are opened with `np.load(mmap_mode="r")`: the workers of a node share
+one page-cache copy, and a fetch reads only the tokens of the rows it takes.
+`prepare` writes flat/ right after packing each split; a folder prepared before
+flat/ existed is converted from its Parquet shards by the first reader
+(`RowStore.open`), shard by shard, into flat.partial-<pid>-* renamed into place
+atomically (a reader that loses the race uses the winner's copy).
+
+    store = RowStore.open(folder)
+    rows = store.take([5, 17])     # list of dicts, what raypack.data.collate takes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raypack.data.tokenize import IGNORE_INDEX
+
+FLAT_DIR = "flat"
+FLAT_META = "flat.json"
+FLAT_VERSION = 1
+POSITIONS = ("isolated", "cross")
+ROW_KEYS = ("row_index", "input_ids", "labels", "position_ids", "seq_lens", "num_tokens", "num_supervised_tokens")
+_TOKEN_ARRAYS = ("input_ids", "labels")
+_NPY_HEADER_BYTES = 128  # numpy's header for a 1-D array of any length below 10**15 (asserted when written)
+_CONVERT_BATCH_ROWS = 512
+
+
+# ---------------------------------------------------------------- manifest and steps
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "manifest.json").read_text())
+
+
+def steps_per_epoch(num_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch, from the manifest's row count (never 'until the iterator runs out')."""
+    rows_per_step = world_size * micro_batch_size * grad_accum
+    steps = num_rows // rows_per_step
+    if steps == 0:
+        raise ValueError(f"{num_rows} rows cannot fill one optimizer step of {rows_per_step} rows "
+                         f"({world_size} workers x {micro_batch_size} micro-batch x {grad_accum} accumulation); "
+                         "lower the global batch size or add data")
+    return steps
+
+
+def shard_files(folder: str | Path) -> list[str]:
+    """The split's Parquet shards in row order."""
+    return sorted(str(p) for p in Path(folder).glob("*.parquet"))
+
+
+# ---------------------------------------------------------------- rows
+
+
+class RowStore:
+    """A split's rows, memory-mapped from <folder>/flat/ (module docstring); `take` costs O(tokens taken)."""
+
+    def __init__(self, flat: str | Path):
+        flat = Path(flat)
+        meta = json.loads((flat / FLAT_META).read_text())
+        if meta.get("version") != FLAT_VERSION:
+            raise RuntimeError(f"{flat} has layout version {meta.get('version')}, this code reads "
+                               f"{FLAT_VERSION}; delete {flat} and it is converted again")
+        self.folder, self.positions, self.num_rows = flat.parent, meta["positions"], meta["num_rows"]
+        load = lambda name: np.load(flat / f"{name}.npy", mmap_mode="r")
+        self.input_ids, self.labels = load("input_ids"), load("labels")
+        self.row_offsets, self.seq_lens, self.seq_offsets = load("row_offsets"), load("seq_lens"), load("seq_offsets")
+        self.num_tokens, self.num_supervised_tokens = load("num_tokens"), load("num_supervised_tokens")
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "RowStore":
+        """The rows of a prepared split; converts its Parquet shards first if flat/ is missing."""
+        return cls(write_flat(folder))
+
+    def num_samples_per_row(self) -> np.ndarray:
+        return np.diff(self.seq_offsets)
+
+    def row(self, i: int) -> dict:
+        """Row i with the keys of ROW_KEYS: int32 arrays for tokens and lengths, ints for counts (copies)."""
+        i = int(i)
+        if not 0 <= i < self.num_rows:
+            raise IndexError(f"row {i} is not in 0..{self.num_rows - 1}")
+        lo, hi = int(self.row_offsets[i]), int(self.row_offsets[i + 1])
+        seq_lens = np.array(self.seq_lens[int(self.seq_offsets[i]):int(self.seq_offsets[i + 1])])
+        return {"row_index": i, "input_ids": np.array(self.input_ids[lo:hi]), "labels": np.array(self.labels[lo:hi]),
+                "position_ids": row_positions(seq_lens, self.positions), "seq_lens": seq_lens,
+                "num_tokens": hi - lo, "num_supervised_tokens": int(self.num_supervised_tokens[i])}
+
+    def take(self, indices) -> list[dict]:
+        """The rows at `indices`, in that order."""
+        return [self.row(i) for i in np.asarray(indices).reshape(-1)]
+
+
+def row_positions(seq_lens: np.ndarray, positions: str) -> np.ndarray:
+    """position_ids of one row with these sample lengths: restarting per sample ("isolated") or 0..n-1 ("cross")."""
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    out = np.arange(int(seq_lens.sum()), dtype=np.int64)
+    if positions == "isolated":
+        out -= np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
+    elif positions != "cross":
+        raise ValueError(f"positions={positions!r} is not one of {POSITIONS}")
+    return out.astype(np.int32)
+
+
+# ---------------------------------------------------------------- writing
+
+
+class FlatWriter:
+    """Streams rows into a flat/ folder: `append` a batch of rows at a time, then `close(positions)`.
+
+    Token arrays go straight to disk (their .npy header, fixed at 128 bytes, is
+    rewritten with the final length at close); only per-row and per-sample
+    lengths stay in memory.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.files = {name: (self.out / f"{name}.npy").open("wb") for name in _TOKEN_ARRAYS}
+        for f in self.files.values():
+            f.write(b"\0" * _NPY_HEADER_BYTES)
+        self.num_tokens: list[np.ndarray] = []
+        self.num_supervised: list[np.ndarray] = []
+        self.seq_lens: list[np.ndarray] = []
+        self.num_samples: list[np.ndarray] = []
+
+    def append(self, input_ids: np.ndarray, labels: np.ndarray, num_tokens: np.ndarray, seq_lens: np.ndarray,
+               num_samples: np.ndarray) -> None:
+        """A batch of rows: their tokens and labels end to end, tokens per row, sample lengths end to end and
+        samples per row."""
+        num_tokens = np.asarray(num_tokens, dtype=np.int64)
+        seq_lens, num_samples = np.asarray(seq_lens, dtype=np.int64), np.asarray(num_samples, dtype=np.int64)
+        if not (len(input_ids) == len(labels) == num_tokens.sum() == seq_lens.sum()
+                and len(num_samples) == len(num_tokens) and num_samples.sum() == len(seq_lens)):
+            raise ValueError("rows do not add up: input_ids, labels, num_tokens and seq_lens must describe "
+                             "the same tokens, and num_samples the same samples")
+        sample_ends = np.concatenate([[0], np.cumsum(seq_lens)])[np.cumsum(num_samples)]
+        if not np.array_equal(sample_ends, np.cumsum(num_tokens)):
+            raise ValueError("a row's seq_lens do not add up to its num_tokens")
+        self.files["input_ids"].write(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes())
+        self.files["labels"].write(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+        supervised = np.concatenate([[0], np.cumsum(np.asarray(labels) != IGNORE_INDEX)])
+        row_ends = np.cumsum(num_tokens)
+        self.num_supervised.append(supervised[row_ends] - supervised[row_ends - num_tokens])
+        self.num_tokens.append(num_tokens)
+        self.seq_lens.append(seq_lens)
+        self.num_samples.append(num_samples)
+
+    def append_rows(self, rows: list[dict]) -> None:
+        """Rows as dicts with input_ids, labels and seq_lens (pack_rows' output)."""
+        cat = lambda key, dtype: np.concatenate([np.asarray(r[key], dtype) for r in rows]) if rows else \
+            np.zeros(0, dtype)
+        self.append(cat("input_ids", np.int32), cat("labels", np.int32), [len(r["input_ids"]) for r in rows],
+                    cat("seq_lens", np.int64), [len(r["seq_lens"]) for r in rows])
+
+    def close(self, positions: str) -> None:
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r} is not one of {POSITIONS}")
+        cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        num_tokens, seq_lens = cat(self.num_tokens, np.int32), cat(self.seq_lens, np.int32)
+        total = int(num_tokens.sum(dtype=np.int64))
+        for f in self.files.values():
+            f.seek(0)
+            np.lib.format.write_array_header_1_0(f, {"descr": "<i4", "fortran_order": False, "shape": (total,)})
+            assert f.tell() == _NPY_HEADER_BYTES, f.tell()
+            f.close()
+        np.save(self.out / "num_tokens.npy", num_tokens)
+        np.save(self.out / "num_supervised_tokens.npy", cat(self.num_supervised, np.int32))
+        np.save(self.out / "seq_lens.npy", seq_lens)
+        np.save(self.out / "row_offsets.npy", np.concatenate([[0], np.cumsum(num_tokens, dtype=np.int64)]))
+        np.save(self.out / "seq_offsets.npy",
+                np.concatenate([[0], np.cumsum(cat(self.num_samples, np.int64), dtype=np.int64)]))
+        meta = {"version": FLAT_VERSION, "num_rows": len(num_tokens), "num_tokens": total,
+                "num_samples": len(seq_lens), "positions": positions}
+        (self.out / FLAT_META).write_text(json.dumps(meta, indent=2))
+
+
+def write_flat(folder: str | Path) -> Path:
+    """<folder>/flat/, converted from the folder's Parquet shards unless it exists; returns its path.
+
+    Idempotent and safe to race: each writer fills its own flat.partial-<pid>-*
+    folder and renames it into place; a writer that finds flat/ already there
+    drops its copy. Reads one batch of rows at a time, never the whole split.
+    """
+    final = Path(folder) / FLAT_DIR
+    if (final / FLAT_META).exists():
+        return final
+    return publish_flat(final, lambda out: _convert_shards(shard_files(folder), out))
+
+
+def write_rows(folder: str | Path, rows: list[dict], positions: str) -> Path:
+    """<folder>/flat/ holding `rows` (dicts with input_ids, labels, seq_lens), for tests and benchmarks."""
+    def fill(out: Path) -> None:
+        writer = FlatWriter(out)
+        writer.append_rows(rows)
+        writer.close(positions)
+
+    return publish_flat(Path(folder) / FLAT_DIR, fill)
+
+
+def publish_flat(final: Path, fill) -> Path:
+    """Run `fill(partial)` into a fresh partial folder next to `final`, then rename it to `final` atomically."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial-{os.getpid()}-", dir=final.parent))
+    try:
+        fill(partial)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not (final / FLAT_META).exists():  # not a lost race: something else is in the way
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def _convert_shards(files: list[str], out: Path) -> None:
+    """Parquet rows (row_index, input_ids, labels, position_ids, seq_lens, num_supervised_tokens) -> flat/.
+
+    Checks that row_index runs 0..n-1 in file order, that the supervised counts
+    agree, and which rule the stored position_ids follow (a row of one sample
+    fits both; a folder whose positions fit neither is refused).
+    """
+    writer = FlatWriter(out)
+    fits = {name: True for name in POSITIONS}
+    next_row = 0
+    columns = ["row_index", "input_ids", "labels", "position_ids", "seq_lens", "num_supervised_tokens"]
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_CONVERT_BATCH_ROWS, columns=columns):
+            values = lambda name: pc.list_flatten(batch.column(name)).to_numpy(zero_copy_only=False)
+            row_index = batch.column("row_index").to_numpy()
+            if not np.array_equal(row_index, np.arange(next_row, next_row + len(row_index))):
+                raise RuntimeError(f"{path}: row_index is not {next_row}.. in file order; prepare it again "
+                                   "(raypack prepare) with prepare.reuse=false")
+            next_row += len(row_index)
+            num_tokens = pc.list_value_length(batch.column("input_ids")).to_numpy()
+            seq_lens, num_samples = values("seq_lens"), pc.list_value_length(batch.column("seq_lens")).to_numpy()
+            writer.append(values("input_ids"), values("labels"), num_tokens, seq_lens, num_samples)
+            if not np.array_equal(writer.num_supervised[-1], batch.column("num_supervised_tokens").to_numpy()):
+                raise RuntimeError(f"{path}: num_supervised_tokens does not match the labels; prepare it again")
+            stored = values("position_ids")
+            for name in POSITIONS:
+                fits[name] = fits[name] and np.array_equal(stored, _batch_positions(num_tokens, seq_lens, name))
+    fitting = [name for name in POSITIONS if fits[name]]
+    if not fitting:
+        raise RuntimeError(f"{out.parent}: position_ids follow neither rule of {POSITIONS}; prepare it again")
+    writer.close(fitting[0])
+
+
+def _batch_positions(num_tokens: np.ndarray, seq_lens: np.ndarray, positions: str) -> np.ndarray:
+    """row_positions of a batch of rows, end to end, without a loop over rows."""
+    segments = seq_lens if positions == "isolated" else num_tokens
+    segments = np.asarray(segments, dtype=np.int64)
+    starts = np.cumsum(segments) - segments
+    return (np.arange(int(segments.sum()), dtype=np.int64) - np.repeat(starts, segments)).astype(np.int32)
