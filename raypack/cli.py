@@ -14,6 +14,7 @@
     raypack bench grouping --preset tulu-326k --num-samples 100000 [--window 1000] [--clusters 16]
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
     raypack bench train [--json F] jobs/quickstart.yaml [key=value ...]   # padding vs bfd-isolated, one epoch, tiny model
+    raypack bench loader --sizes 2000,20000,190000 --json out/bench_loader.json   # fetch cost and memory vs split size
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
     raypack config --fields                                 # every config key, documented
 """
@@ -423,6 +424,19 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return _report(format_train_result(result), result, args.json)
 
 
+def cmd_bench_loader(args: argparse.Namespace) -> int:
+    from raypack.bench_loader import bench_loader, format_loader_result
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes!r}: give row counts separated by commas, e.g. 2000,20000,190000")
+    result = bench_loader(sizes, args.work_dir, max_seq_len=args.max_seq_len, workers=args.workers,
+                          fetches=args.fetches, micro_batch=args.micro_batch, old_fetches=args.old_fetches,
+                          cold=args.cold, keep=args.keep, seed=args.seed)
+    return _report(format_loader_result(result), result, args.json)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.fields:
         print("\n".join(describe_fields()))
@@ -561,6 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. synth.num_samples=2000")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench.add_parser("loader", help="what the training loop's row fetch costs (time per micro-batch, worker "
+                         "PSS/RSS) as the split grows, on synthetic packed rows")
+    p.add_argument("--sizes", default="2000,20000,190000", help="rows per arm, comma separated")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--workers", type=int, default=2, help="processes reading at once")
+    p.add_argument("--fetches", type=int, default=500, help="micro-batches each worker fetches")
+    p.add_argument("--micro-batch", type=int, default=2, help="rows per micro-batch")
+    p.add_argument("--old-fetches", type=int, default=20,
+                   help="micro-batches read the old way (chunked Arrow table take); 0 skips it")
+    p.add_argument("--cold", action="store_true", help="evict each arm from the page cache before reading it")
+    p.add_argument("--work-dir", default="out/bench_loader", help="the synthetic arms go here (~8 bytes a token)")
+    p.add_argument("--keep", action="store_true", help="keep the arms (reused by the next run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_loader)
 
     p = sub.add_parser("config", help="print the resolved config, or document every key")
     p.add_argument("config", nargs="?")

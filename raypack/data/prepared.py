@@ -29,8 +29,9 @@ pack.py's isolated example, as flat/ holds them:
                             "position_ids": [0, 0, 1, 0, 1, 2, 3], "seq_lens": [1, 2, 4],
                             "num_tokens": 7, "num_supervised_tokens": 3}]  (arrays as int32)
 
-The arrays are opened with `np.load(mmap_mode="r")`: the workers of a node share
-one page-cache copy, and a fetch reads only the tokens of the rows it takes.
+The arrays are opened with `np.load(mmap_mode="r")` and a fetch reads its rows'
+tokens with pread (RowStore says why): the workers of a node share one
+page-cache copy, and a fetch reads only the tokens of the rows it takes.
 `prepare` writes flat/ right after packing each split; a folder prepared before
 flat/ existed is converted from its Parquet shards by the first reader
 (`RowStore.open`), shard by shard, into flat.partial-<pid>-* renamed into place
@@ -92,7 +93,16 @@ def shard_files(folder: str | Path) -> list[str]:
 
 
 class RowStore:
-    """A split's rows, memory-mapped from <folder>/flat/ (module docstring); `take` costs O(tokens taken)."""
+    """A split's rows from <folder>/flat/ (module docstring); `take` costs O(tokens taken).
+
+    Every array is memory-mapped (`np.load(mmap_mode="r")`; `input_ids` and
+    `labels` for whole-array reads). A fetch reads a row's tokens with pread
+    instead, straight from the page cache into a fresh array: faulting on the
+    mapping maps whole large folios around each access (measured on Linux 6.18:
+    RSS +1 GB after 1,000 random rows of a 1.3 GB arm, against +3 MB with pread,
+    at 9 us a row), which would make each worker's resident memory grow towards
+    the arm's size over an epoch.
+    """
 
     def __init__(self, flat: str | Path):
         flat = Path(flat)
@@ -105,6 +115,7 @@ class RowStore:
         self.input_ids, self.labels = load("input_ids"), load("labels")
         self.row_offsets, self.seq_lens, self.seq_offsets = load("row_offsets"), load("seq_lens"), load("seq_offsets")
         self.num_tokens, self.num_supervised_tokens = load("num_tokens"), load("num_supervised_tokens")
+        self._files = {name: _TokenFile(flat / f"{name}.npy") for name in _TOKEN_ARRAYS}
 
     @classmethod
     def open(cls, folder: str | Path) -> "RowStore":
@@ -121,13 +132,43 @@ class RowStore:
             raise IndexError(f"row {i} is not in 0..{self.num_rows - 1}")
         lo, hi = int(self.row_offsets[i]), int(self.row_offsets[i + 1])
         seq_lens = np.array(self.seq_lens[int(self.seq_offsets[i]):int(self.seq_offsets[i + 1])])
-        return {"row_index": i, "input_ids": np.array(self.input_ids[lo:hi]), "labels": np.array(self.labels[lo:hi]),
-                "position_ids": row_positions(seq_lens, self.positions), "seq_lens": seq_lens,
-                "num_tokens": hi - lo, "num_supervised_tokens": int(self.num_supervised_tokens[i])}
+        return {"row_index": i, "input_ids": self._files["input_ids"].read(lo, hi),
+                "labels": self._files["labels"].read(lo, hi), "position_ids": row_positions(seq_lens, self.positions),
+                "seq_lens": seq_lens, "num_tokens": hi - lo, "num_supervised_tokens": int(self.num_supervised_tokens[i])}
 
     def take(self, indices) -> list[dict]:
         """The rows at `indices`, in that order."""
         return [self.row(i) for i in np.asarray(indices).reshape(-1)]
+
+
+class _TokenFile:
+    """An int32 .npy file read by element range with pread (no mapping, no file position: fork-safe)."""
+
+    def __init__(self, path: Path):
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.start, self.size = f.tell(), shape[0]
+        assert dtype == np.int32 and len(shape) == 1, (path, dtype, shape)
+        self.path, self.fd = path, os.open(path, os.O_RDONLY)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        if not 0 <= lo <= hi <= self.size:
+            raise IndexError(f"{self.path}: elements {lo}..{hi} are outside 0..{self.size}")
+        out = np.empty(hi - lo, dtype=np.int32)
+        view, offset = memoryview(out).cast("B"), self.start + 4 * lo
+        while len(view):
+            n = os.preadv(self.fd, [view], offset)
+            if n == 0:
+                raise EOFError(f"{self.path} ends before element {hi}")
+            view, offset = view[n:], offset + n
+        return out
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
 
 
 def row_positions(seq_lens: np.ndarray, positions: str) -> np.ndarray:
@@ -176,8 +217,8 @@ class FlatWriter:
         sample_ends = np.concatenate([[0], np.cumsum(seq_lens)])[np.cumsum(num_samples)]
         if not np.array_equal(sample_ends, np.cumsum(num_tokens)):
             raise ValueError("a row's seq_lens do not add up to its num_tokens")
-        self.files["input_ids"].write(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes())
-        self.files["labels"].write(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+        self.files["input_ids"].write(np.ascontiguousarray(input_ids, dtype=np.int32).data)
+        self.files["labels"].write(np.ascontiguousarray(labels, dtype=np.int32).data)
         supervised = np.concatenate([[0], np.cumsum(np.asarray(labels) != IGNORE_INDEX)])
         row_ends = np.cumsum(num_tokens)
         self.num_supervised.append(supervised[row_ends] - supervised[row_ends - num_tokens])
