@@ -216,7 +216,8 @@ def format_loader_result(result: dict) -> str:
         line = (f"{r['num_rows']:>9,} {r['num_tokens'] / 1e6:>7,.0f}M {r['disk_bytes'] / 2**30:>7.2f}GB "
                 f"{r['fetch_ms_median']:>9.3f} {r['fetch_ms_p99']:>8.3f} {r['pss_mb']:>8.0f} {r['rss_mb']:>8.0f}")
         if "old_fetch_ms_median" in r:
-            line += f" {r['old_fetch_ms_median']:>8.2f} {r['old_fetch_ms_p99']:>8.2f} {r['old_held_mb_per_worker']:>12,.0f}"
+            line += (f" {r['old_fetch_ms_median']:>8.2f} {r['old_fetch_ms_p99']:>8.2f}"
+                     f" {r['old_held_mb_per_worker']:>12,.0f}")
         lines.append(line)
     if "fetch_ratio" in result:
         first, last = result["results"][0]["num_rows"], result["results"][-1]["num_rows"]

@@ -134,7 +134,8 @@ class RowStore:
         seq_lens = np.array(self.seq_lens[int(self.seq_offsets[i]):int(self.seq_offsets[i + 1])])
         return {"row_index": i, "input_ids": self._files["input_ids"].read(lo, hi),
                 "labels": self._files["labels"].read(lo, hi), "position_ids": row_positions(seq_lens, self.positions),
-                "seq_lens": seq_lens, "num_tokens": hi - lo, "num_supervised_tokens": int(self.num_supervised_tokens[i])}
+                "seq_lens": seq_lens, "num_tokens": hi - lo,
+                "num_supervised_tokens": int(self.num_supervised_tokens[i])}
 
     def take(self, indices) -> list[dict]:
         """The rows at `indices`, in that order."""

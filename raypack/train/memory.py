@@ -43,11 +43,12 @@ max_seq_len] with a mask when it holds more than one row; cross the same with no
 mask; isolated arms are flattened into ONE row [1, micro_batch_size x max_seq_len]
 whose restarting position_ids make sdpa and eager build a block mask.
 
-Host memory per node: its workers (plan.gpus_per_node; on CPU every worker, one node)
-times each worker's rows (12 bytes a token: raypack.data.pipeline.read_rows holds
-input_ids, labels and position_ids as int32) plus the larger of its offloaded states
-and, at ZeRO 0-2, the whole model while it loads in the training precision (ZeRO-3
-builds it partitioned); on CPU the device figures are host memory too.
+Host memory per node: the arm's rows once (8 bytes a token: input_ids and labels as
+int32 in the page cache, one copy the node's workers share, raypack.data.prepared)
+plus, for each of its workers (plan.gpus_per_node; on CPU every worker, one node),
+the larger of its offloaded states and, at ZeRO 0-2, the whole model while it loads
+in the training precision (ZeRO-3 builds it partitioned); on CPU the device figures
+are host memory too.
 
 tests/test_memory.py checks the activation formulas against the bytes autograd saves
 (CPU, fp32, sdpa and eager, with and without checkpointing: within 1%).
@@ -295,24 +296,24 @@ def gathered_params(shape: ModelShape) -> int:
 
 @dataclass(frozen=True)
 class ArmMemory:
-    """The estimate for one arm: per-rank model states and activations, per-worker host memory for rows."""
+    """The estimate for one arm: per-rank model states and activations, host memory per worker, rows per node."""
 
     batch: MicroBatch
     states: StateBytes
     activations: Activations  # as configured (train.gradient_checkpointing)
     other: Activations  # with the opposite checkpointing setting, for comparison
     load: int  # host bytes per worker while the model loads (ZeRO 0-2: the whole model in the training dtype)
-    rows: int  # host bytes per worker holding the arm's prepared rows (0: not prepared)
+    rows: int  # host bytes per node holding the arm's prepared rows in the page cache (0: not prepared)
 
     @property
     def device_total(self) -> int:
         return self.states.gpu + self.activations.total
 
     def host_per_worker(self, use_gpu: bool) -> int:
-        """Rows, then the larger of the model while it loads and what training keeps in host memory (the
-        offloaded states; on CPU also everything counted per device)."""
+        """The larger of the model while it loads and what training keeps in host memory (the offloaded
+        states; on CPU also everything counted per device); the rows are counted per node."""
         training = self.states.offloaded + (0 if use_gpu else self.device_total)
-        return self.rows + max(self.load, training)
+        return max(self.load, training)
 
 
 def estimate_arm(shape: ModelShape, mode: str, train: TrainConfig, max_seq_len: int, precision: str,
@@ -327,7 +328,7 @@ def estimate_arm(shape: ModelShape, mode: str, train: TrainConfig, max_seq_len: 
                      activations=activation_bytes(shape, batch, e, attention, ckpt),
                      other=activation_bytes(shape, batch, e, attention, not ckpt),
                      load=shape.num_params * e if train.zero_stage < 3 else 0,
-                     rows=12 * num_tokens)  # input_ids, labels, position_ids as int32 (pipeline.read_rows)
+                     rows=8 * num_tokens)  # input_ids and labels as int32 (raypack.data.prepared)
 
 
 def arm_mode(arm: str, pack: PackConfig) -> str:
@@ -373,8 +374,8 @@ def budget(plan: PlanConfig, train: TrainConfig) -> Budget:
 
 
 def host_per_node(arm: ArmMemory, use_gpu: bool, workers_per_node: int) -> int:
-    """A node's host memory: what each of its workers holds there (ArmMemory.host_per_worker)."""
-    return workers_per_node * arm.host_per_worker(use_gpu)
+    """A node's host memory: the rows once, shared, and what each of its workers holds (ArmMemory.host_per_worker)."""
+    return arm.rows + workers_per_node * arm.host_per_worker(use_gpu)
 
 
 def over_budget(arm: ArmMemory, limits: Budget, use_gpu: bool) -> dict[str, tuple[int, int]]:
