@@ -73,3 +73,15 @@ def test_bench_pack_prints_and_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert set(result["strategies"]) == {"padding", "random", "greedy", "bfd"}
     assert "bfd" in capsys.readouterr().out
+
+
+def test_bench_loader_prints_and_writes_json_and_cleans_up(tmp_path, capsys):
+    out, work = tmp_path / "b.json", tmp_path / "work"
+    assert main(["bench", "loader", "--sizes", "50,200", "--max-seq-len", "256", "--fetches", "20",
+                 "--old-fetches", "3", "--workers", "1", "--work-dir", str(work), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["num_rows"] for r in result["results"]] == [50, 200]
+    assert all(r["fetch_ms_median"] > 0 and r["pss_mb"] > 0 and r["old_fetch_ms_median"] > 0
+               for r in result["results"])
+    assert "fetch_ratio" in result and "target <= 1.2" in capsys.readouterr().out
+    assert list(work.iterdir()) == []  # the arms are removed without --keep
