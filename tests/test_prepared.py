@@ -69,9 +69,14 @@ def test_positions_restart_per_sample_or_run_over_the_row():
         row_positions([3], "padding")
 
 
-def test_an_empty_split_opens_with_no_rows(tmp_path):
+def test_an_empty_split_opens_with_no_rows_and_a_wrong_folder_is_refused(tmp_path):
     store = RowStore(write_rows(tmp_path, [], "isolated"))
     assert store.num_rows == 0 and len(store.num_tokens) == 0 and store.take([]) == []
+    with pytest.raises(IndexError):
+        store.take([0])
+    with pytest.raises(FileNotFoundError, match="no prepared rows"):
+        RowStore.open(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
 
 
 # ---------------------------------------------------------------- against `raypack prepare`

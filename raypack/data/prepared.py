@@ -266,7 +266,11 @@ def write_flat(folder: str | Path) -> Path:
     final = Path(folder) / FLAT_DIR
     if (final / FLAT_META).exists():
         return final
-    return publish_flat(final, lambda out: _convert_shards(shard_files(folder), out))
+    files = shard_files(folder)
+    if not files and not (Path(folder) / "manifest.json").exists():
+        raise FileNotFoundError(f"{folder} holds no prepared rows (no *.parquet, no manifest.json); "
+                                "give a folder that raypack prepare wrote")
+    return publish_flat(final, lambda out: _convert_shards(files, out))
 
 
 def write_rows(folder: str | Path, rows: list[dict], positions: str) -> Path:
