@@ -25,7 +25,8 @@ arms      padding / bfd-isolated / bfd-cross (collate modes padding / isolated /
           `warmup` untimed steps then `steps` timed ones, each timed step between two
           synchronizes (collation outside). tokens_per_sec counts real tokens,
           row_tokens_per_sec everything the model computed (pads included),
-          padding_fraction = 1 - real / row tokens (0 for bfd-isolated: a flat row),
+          padding_fraction = 1 - real / row tokens (bfd-isolated: 0 as one flat row under
+          flash_attention_2, [B, T] rows as the loop gives them under sdpa),
           mfu = raypack.train.flops.step_flops / (time x peak_tflops of the device; null
           when unknown, e.g. CPU), peak_memory_mb = torch.cuda.max_memory_allocated
           after a reset per arm (weights, grads, AdamW state, activations),
@@ -71,7 +72,7 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain copy of the repository
 
-from raypack.data.collate import collate
+from raypack.data.collate import collate, flatten_isolated
 from raypack.data.synth import sample_lengths
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import TINY_PAD_ID, resolve_attn_implementation, tiny_llama_config
@@ -146,8 +147,9 @@ def forward_losses(model, batch: dict, device: str) -> tuple[torch.Tensor, torch
     return losses.cpu().double(), mask.cpu()
 
 
-def sample_diffs(model, rows: list[dict], device: str) -> dict:
-    """Max and mean |token loss packed - token loss alone| over the samples of `rows`, per collate mode."""
+def sample_diffs(model, rows: list[dict], device: str, flatten: bool) -> dict:
+    """Max and mean |token loss packed - token loss alone| over the samples of `rows`, per collate mode
+    (isolated rows flat or [B, T] as raypack's loop gives them to this attention: `flatten`)."""
     alone, offsets = [], []  # per sample: its losses alone; (row, start in the row, start in the flat row)
     flat_start = 0
     for r, row in enumerate(rows):
@@ -161,10 +163,10 @@ def sample_diffs(model, rows: list[dict], device: str) -> dict:
         flat_start += start
     out = {}
     for mode in ("isolated", "cross"):
-        losses, _ = forward_losses(model, collate(rows, mode, TINY_PAD_ID), device)
+        losses, _ = forward_losses(model, collate(rows, mode, TINY_PAD_ID, flatten=flatten), device)
         diffs = []
         for (ref, mask), (r, start, flat) in zip(alone, offsets):
-            row, at = (0, flat) if mode == "isolated" else (r, start)
+            row, at = (0, flat) if mode == "isolated" and flatten else (r, start)
             diffs.append((losses[row, at: at + len(mask)][mask] - ref).abs())
         diffs = torch.cat(diffs)
         out[f"{mode}_max_abs_diff"], out[f"{mode}_mean_abs_diff"] = diffs.max().item(), diffs.mean().item()
@@ -197,14 +199,14 @@ def isolation(setup: dict, rows: list[dict], device: str, seed: int, out: dict, 
             try:
                 model.set_attn_implementation(backend)
                 with torch.no_grad():
-                    diffs = sample_diffs(model, rows, device)
+                    diffs = sample_diffs(model, rows, device, flatten_isolated(backend))
             except Exception as err:  # noqa: BLE001  (a backend that fails is a finding to report, not a crash)
                 results[backend] = {"skipped": f"{type(err).__name__}: {err}"[:500]}
                 continue
             tolerance = setup["tolerance"][dtype_name]
             ok = diffs["isolated_max_abs_diff"] < tolerance and \
                 diffs["cross_max_abs_diff"] > 10 * diffs["isolated_max_abs_diff"]
-            results[backend] = {**diffs, "tolerance": tolerance, "ok": ok,
+            results[backend] = {**diffs, "tolerance": tolerance, "ok": ok, "flat_isolated_rows": flatten_isolated(backend),
                                 "seconds": time.perf_counter() - start}  # flex_attention: compilation included
             progress(f"isolation {dtype_name} {backend}: {results[backend]}")
             out["peak_memory_mb"] = peak_memory_mb(device)
@@ -222,7 +224,7 @@ def run_arm(setup: dict, mode: str, batches: list[list[dict]], device: str, dtyp
     reset_peak(device)
     seconds, real, row_tokens, flops = [], 0, 0, 0.0
     for i, rows in enumerate(batches):
-        batch = collate(rows, mode, TINY_PAD_ID)
+        batch = collate(rows, mode, TINY_PAD_ID, flatten=flatten_isolated(attn))
         synchronize(device)
         start = time.perf_counter()
         inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}

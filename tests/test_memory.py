@@ -72,12 +72,18 @@ def saved_bytes(model: LlamaForCausalLM, batch: dict, checkpointing: bool) -> in
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("mode", ["cross", "isolated", "padding"])
-def test_activation_estimate_matches_what_autograd_saves(mode, attention):
-    batch = collate(rows(mode), mode, pad_token_id=5)
+@pytest.mark.parametrize("mode, flatten", [("cross", False), ("isolated", False), ("isolated", True),
+                                           ("padding", False)], ids=["cross", "isolated", "isolated-flat", "padding"])
+def test_activation_estimate_matches_what_autograd_saves(mode, flatten, attention):
+    # The loop gives sdpa/eager isolated [2, 512] rows; flat [1, 1024] rows are what flash_attention_2 gets
+    # (measured here on sdpa/eager, which build a block mask for them as for the rows).
+    batch = collate(rows(mode), mode, pad_token_id=5, flatten=flatten)
     shape = (len(batch["input_ids"]), batch["input_ids"].shape[1])
-    assert shape == ((1, 1024) if mode == "isolated" else (2, 512))  # the loop's flattened isolated micro-batch
-    expected = micro_batch(mode, micro_batch_size=2, max_seq_len=512)
+    assert shape == ((1, 1024) if flatten else (2, 512))
+    expected = micro_batch(mode, micro_batch_size=2, max_seq_len=512, attention=attention)
+    if flatten:
+        assert micro_batch(mode, 2, 512, "flash_attention_2") == MicroBatch(1, 1024, masked=True)
+        expected = MicroBatch(1, 1024, masked=True)
     assert (expected.rows, expected.row_len) == shape
     measured, models = {}, {layers: llama(layers, attention) for layers in (2, 1)}
     for (layers, model), ckpt in itertools.product(models.items(), (False, True)):  # checkpointing last
@@ -136,8 +142,9 @@ def test_model_states_per_zero_stage_by_hand(precision, stage, offload, expected
     assert (got.params, got.grads, got.optimizer, got.gathered, got.offloaded) == expected
 
 
-def test_isolated_micro_batches_are_one_flat_row_and_padding_is_masked():
-    assert micro_batch("isolated", 2, 4096) == MicroBatch(1, 8192, masked=True)
+def test_isolated_micro_batches_are_one_flat_row_for_flash_and_padding_is_masked():
+    assert micro_batch("isolated", 2, 4096, "flash_attention_2") == MicroBatch(1, 8192, masked=True)
+    assert micro_batch("isolated", 2, 4096, "sdpa") == MicroBatch(2, 4096, masked=True)
     assert micro_batch("padding", 2, 4096) == MicroBatch(2, 4096, masked=True)
     assert micro_batch("padding", 1, 4096) == MicroBatch(1, 4096, masked=False)
     assert micro_batch("cross", 2, 4096) == MicroBatch(2, 4096, masked=False)
@@ -168,7 +175,7 @@ def test_plan_prints_every_arm_without_ray(tmp_path, capsys):
     for arm in cfg.pack.arms:
         assert f"{arm}: not prepared" in out
         assert arm in json.loads(out_json.read_text())["memory_gib"]
-    assert "1x2048+mask" in out  # bfd-isolated flattened: micro_batch_size 2 x max_seq_len 1024
+    assert "2x1024+mask" in out  # bfd-isolated on sdpa: [B, T] rows with the block mask of their positions
 
 
 def test_plan_says_plainly_when_a_job_does_not_fit(capsys):

@@ -14,23 +14,30 @@ padding (one sample per row; rows [a], [b]):
     No position_ids: with right padding the model's default arange is already
     each sample's 0..n-1, and pads come after every real token.
 
-isolated (packed, attention kept inside each sample; rows [a, b], [c]):
+isolated (packed, attention kept inside each sample; rows [a, b], [c]), as ONE flat row
+(flatten=True, the default; what the loop gives flash_attention_2 and any other kernel):
     input_ids      [[11, 12, 13, 21, 22, 31, 32, 33, 34]]
     labels         [[-100, 12, 13, -100, 22, -100, -100, 33, 34]]
     position_ids   [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    The micro-batch's rows are laid end to end as ONE row (padding-free, [1, sum of
-    row lengths]) with positions restarting at every sample, and no attention_mask.
-    That is the one layout every attention implementation of transformers 5 reads as
-    packed samples: sdpa, eager and flex_attention build the per-sample
-    block-causal mask from position_ids (only when attention_mask is None and no KV
-    cache is used: an all-ones mask would silently switch isolation off), and
+    The micro-batch's rows laid end to end (padding-free, [1, sum of row lengths])
+    with positions restarting at every sample and no attention_mask.
     flash_attention_2 derives its varlen cu_seqlens from position_ids only when the
-    batch holds ONE row (`_is_packed_sequence(position_ids, batch_size)` is False for
-    batch_size != 1, so a [2, T] isolated batch would run as plain causal rows, i.e.
-    as `cross`). Nothing is padded; with pad_to_multiple_of the pad run at the end
-    gets positions 0, 1, 2, ... so all pads form ONE extra segment (zeros would make
-    every pad its own phantom sequence). labels[0] of every sample is IGNORE_INDEX,
-    so no target crosses a sample boundary in the flat row.
+    batch holds ONE row (transformers 5: `_is_packed_sequence(position_ids,
+    batch_size)` is False for batch_size != 1, so [2, T] isolated rows would run as
+    plain causal rows, i.e. as `cross`); sdpa and eager isolate the flat row too
+    (tests/test_isolation.py). labels[0] of every sample is IGNORE_INDEX, so no target crosses a
+    sample boundary.
+isolated with flatten=False ([B, T] rows; what the loop gives sdpa, eager and flex_attention):
+    input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
+    labels         [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]
+    position_ids   [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    These three build the per-sample block-causal mask from position_ids at any
+    batch size, and a [B, T] mask costs B x T^2 where the flat row's costs
+    (B x T)^2 (sdpa and eager compute every masked block). Both layouts need
+    attention_mask None and no KV cache: an all-ones mask would silently switch
+    isolation off. The pad run gets positions 0, 1, 2, ... so all pads form ONE
+    extra segment (zeros would make every pad its own phantom sequence).
+`flatten_isolated(attn_implementation)` is that choice.
 
 cross (the paper's contaminated packing; rows [a, b], [c]):
     input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
@@ -48,6 +55,14 @@ import torch
 from raypack.data.tokenize import IGNORE_INDEX
 
 COLLATE_MODES = ("padding", "isolated", "cross")
+# Attention implementations that isolate [B, T] rows of packed samples from their restarting position_ids.
+ISOLATING_ROWS = ("sdpa", "eager", "flex_attention")
+
+
+def flatten_isolated(attn_implementation: str) -> bool:
+    """Whether isolated micro-batches must be one flat row for this attention (module docstring): yes for
+    flash_attention_2 and any implementation not known to isolate [B, T] rows."""
+    return attn_implementation not in ISOLATING_ROWS
 
 
 def collate(
@@ -55,10 +70,12 @@ def collate(
     mode: str,
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
+    flatten: bool = True,
 ) -> dict[str, torch.LongTensor]:
-    """Stack rows into one micro-batch for `mode` (see the module docstring)."""
+    """Stack rows into one micro-batch for `mode`; isolated rows are laid end to end unless not `flatten`
+    (see the module docstring)."""
     _check_arguments(rows, mode, pad_to_multiple_of)
-    if mode == "isolated":
+    if mode == "isolated" and flatten:
         rows = [_flatten(rows)]
     length = _padded_length([len(row["input_ids"]) for row in rows], pad_to_multiple_of)
     input_ids = _stack([row["input_ids"] for row in rows], length, pad_token_id)

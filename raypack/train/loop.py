@@ -21,8 +21,10 @@ sees the DeepSpeed config, raypack.train.engine.partitioned_construction), and a
 local safetensors folder is read slice by slice (engine.load_into_partitions): no
 rank holds the whole model at any time. train.gradient_checkpointing recomputes
 each layer's activations in the backward pass. Isolated micro-batches reach the
-model flattened into one padding-free row (raypack.data.collate), the one layout
-that flash_attention_2, sdpa, eager and flex_attention all isolate.
+model in a layout their attention implementation isolates (raypack.data.collate):
+one padding-free row for flash_attention_2 (varlen from position_ids only at batch
+size 1), [B, T] rows with restarting positions for sdpa, eager and flex_attention
+(whose block mask then costs B x T^2, not (B x T)^2).
 
 Per step, on each rank:
     fetch and collate its gradient_accumulation micro-batches
@@ -75,7 +77,7 @@ import torch
 import torch.distributed as dist
 
 from raypack.config import Config, from_dict, to_dict
-from raypack.data.collate import collate
+from raypack.data.collate import collate, flatten_isolated
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import RowStore, read_manifest, steps_per_epoch
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer,
@@ -121,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
     # (`zero3` must stay referenced while training runs); DeepSpeed moves the module to the device.
     precision = resolve_precision(train.precision, device)
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device, precision)
+    flatten = flatten_isolated(attn)
     if device == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())  # zero.Init places partitions on the current device
     if device == "cpu":
@@ -157,6 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
                 "total_steps": total_steps, "stop_step": stop_step, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
                 "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode, "precision": precision,
+                "flat_isolated_rows": flatten and mode == "isolated",
                 "gradient_checkpointing": train.gradient_checkpointing, **memory})
 
     order, order_epoch = None, -1
@@ -177,7 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
         picked = [rows.take(idx) for idx in indices]
-        micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction) for mb_rows in picked]
+        micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction, flatten)
+                         for mb_rows in picked]
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, schedule_steps, cfg.optim)
         token_loss_sum, num_supervised = _optimizer_step(engine, optimizer, micro_batches, denominator, lr, train,
@@ -296,9 +301,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str) -> dict:
-    """Collate rows; cross rows under `sample` weighting also carry segment_ids (for the loss only)."""
-    batch = collate(rows, mode, pad_token_id)
+def _micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, flatten: bool = True) -> dict:
+    """Collate rows (isolated ones flat for attention kernels that need it, raypack.data.collate); cross rows
+    under `sample` weighting also carry segment_ids (for the loss only)."""
+    batch = collate(rows, mode, pad_token_id, flatten=flatten)
     if mode == "cross" and reduction == "sample":
         batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
     return batch

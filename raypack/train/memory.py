@@ -40,8 +40,10 @@ h heads, k key/value heads, d head dim):
 
 Micro-batch shapes (worst case, every row full): padding [micro_batch_size,
 max_seq_len] with a mask when it holds more than one row; cross the same with no
-mask; isolated arms are flattened into ONE row [1, micro_batch_size x max_seq_len]
-whose restarting position_ids make sdpa and eager build a block mask.
+mask; isolated arms are [micro_batch_size, max_seq_len] rows whose restarting
+position_ids make sdpa and eager build a block mask, except for flash_attention_2,
+which gets them flattened into ONE row [1, micro_batch_size x max_seq_len] (varlen,
+no mask; raypack.data.collate.flatten_isolated).
 
 Host memory per node: the arm's rows once (8 bytes a token: input_ids and labels as
 int32 in the page cache, one copy the node's workers share, raypack.data.prepared)
@@ -76,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raypack.config import Config, PackConfig, PlanConfig, TrainConfig, arm_spec
+from raypack.data.collate import flatten_isolated
 from raypack.train.engine import resolve_precision
 
 GIB = 2**30
@@ -188,12 +191,16 @@ class MicroBatch:
         return f"{self.rows}x{self.row_len}" + ("+mask" if self.masked else "")
 
 
-def micro_batch(mode: str, micro_batch_size: int, max_seq_len: int) -> MicroBatch:
-    """padding / cross: [micro_batch_size, max_seq_len]; isolated: flattened to [1, both multiplied]."""
+def micro_batch(mode: str, micro_batch_size: int, max_seq_len: int, attention: str = "flash_attention_2") -> MicroBatch:
+    """padding / cross: [micro_batch_size, max_seq_len]; isolated: flattened to [1, both multiplied] for
+    attention that needs one row (flash_attention_2), else [micro_batch_size, max_seq_len] rows with the
+    block mask their restarting positions make (raypack.data.collate.flatten_isolated)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "isolated":
-        return MicroBatch(1, micro_batch_size * max_seq_len, masked=True)
+        if flatten_isolated(attention):
+            return MicroBatch(1, micro_batch_size * max_seq_len, masked=True)
+        return MicroBatch(micro_batch_size, max_seq_len, masked=True)
     return MicroBatch(micro_batch_size, max_seq_len, masked=mode == "padding" and micro_batch_size > 1)
 
 
@@ -319,7 +326,7 @@ class ArmMemory:
 def estimate_arm(shape: ModelShape, mode: str, train: TrainConfig, max_seq_len: int, precision: str,
                  attention: str, num_tokens: int = 0) -> ArmMemory:
     """The estimate for one arm of `mode` (padding / cross / isolated); num_tokens: its rows' real tokens, if known."""
-    batch = micro_batch(mode, train.micro_batch_size, max_seq_len)
+    batch = micro_batch(mode, train.micro_batch_size, max_seq_len, attention)
     e = 2 if precision == "bf16" else 4
     states = state_bytes(shape.num_params, precision, train.zero_stage, train.num_workers, train.offload_optimizer,
                          train.offload_params, gathered_params(shape))
