@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from test_collate import packed_row as collate_packed_row
+from test_collate import segment_gaps as gaps_in_flat_row
 from test_collate import token_losses as per_token_losses
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
@@ -73,16 +74,6 @@ def models():
 
 def alone(model, sample) -> torch.Tensor:
     return per_token_losses(model, collate([packed_row([sample])], "padding", PAD))[0]
-
-
-def gaps_in_flat_row(losses: torch.Tensor, samples: list, reference: list) -> list[float]:
-    """Max |loss in the flat row - loss alone| per sample, the samples laid end to end from position 0."""
-    gaps, start = [], 0
-    for (ids, _), ref in zip(samples, reference):
-        n = len(ids)
-        gaps.append((losses[start: start + n - 1] - ref).abs().max().item())
-        start += n
-    return gaps
 
 
 # ---------------------------------------------------------------- what flash_attention_2 would see
