@@ -266,11 +266,9 @@ def write_flat(folder: str | Path) -> Path:
     final = Path(folder) / FLAT_DIR
     if (final / FLAT_META).exists():
         return final
-    files = shard_files(folder)
-    if not files and not (Path(folder) / "manifest.json").exists():
-        raise FileNotFoundError(f"{folder} holds no prepared rows (no *.parquet, no manifest.json); "
-                                "give a folder that raypack prepare wrote")
-    return publish_flat(final, lambda out: _convert_shards(files, out))
+    if not Path(folder).is_dir():  # never create one: an empty split is a folder with no shards
+        raise FileNotFoundError(f"{folder} is not a folder of prepared rows; give a folder that raypack prepare wrote")
+    return publish_flat(final, lambda out: _convert_shards(shard_files(folder), out))
 
 
 def write_rows(folder: str | Path, rows: list[dict], positions: str) -> Path:
