@@ -99,24 +99,26 @@ def build_tiny_model(
     seed: int = 0,
     attn_implementation: str = "sdpa",
     vocab_size: int | None = None,
+    dtype: torch.dtype | None = None,
     **overrides,
 ) -> LlamaForCausalLM:
-    """A random-init tiny Llama in float32; the same seed gives the same weights.
+    """A random-init tiny Llama (float32 unless `dtype`); the same seed gives the same weights.
 
     `vocab_size` defaults to the tiny tokenizer's size. The global torch RNG is
     left as it was, so building a model does not shift other random streams.
+    Built through `from_config`, so that under ZeRO-3 it is built partitioned
+    (raypack.train.engine.partitioned_construction).
     """
     if vocab_size is None:
         vocab_size = len(load_tokenizer(TINY))
     config = tiny_llama_config(vocab_size, **overrides)
     config._attn_implementation = attn_implementation
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.to(torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
 
 
 def resolve_attn_implementation(name: str, device: str, precision: str = "bf16") -> str:
@@ -155,11 +157,7 @@ def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_re
 
     dtype = dtype or torch.float32
     if name_or_path == TINY:
-        config = tiny_llama_config(len(load_tokenizer(TINY)))
-        config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return build_tiny_model(seed, attn_implementation, dtype=dtype)
     if not load_weights:
         from transformers import AutoConfig
 
