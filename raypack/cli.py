@@ -602,11 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from raypack.train.resume import PREEMPTED_EXIT_CODE, Preempted
+
     try:
         return args.func(args)
     except (ConfigError, ValueError) as err:
         print(f"raypack {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"raypack {args.command}: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

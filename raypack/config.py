@@ -164,7 +164,11 @@ class TrainConfig:
                                "<output_dir>/train. A run is <name>-<arm> in it; running again with the same "
                                "name resumes from its latest checkpoint")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
-    max_failures: int = _field(0, "worker-group restarts from the latest checkpoint before giving up")
+    max_failures: int = _field(1, "worker-group restarts from the latest checkpoint before giving up (a lost "
+                               "worker or node; the paper jobs allow 3)")
+    resume: bool = _field(True, "launching a run that has checkpoints resumes it, refused when the settings "
+                          "that fix a step's rows changed (arm, data, workers, batch sizes, seed, "
+                          "balance_tokens); false starts afresh, moving the old run aside")
     log_every: int = _field(1, "the driver prints a progress line every N steps (every step is logged to "
                             "metrics.jsonl)")
     balance_tokens: bool = _field(False, "deal each step's rows so every rank gets about the same number of "
@@ -185,8 +189,6 @@ class TrainConfig:
     bench_replay: bool = _field(False, "BENCHMARK AID: after the last step, run the arm's steps again from "
                                 "micro-batches kept in memory (no data loading or collation) and write "
                                 "replay.json; used by `raypack bench train`")
-    fail_at_step: int = _field(0, "TESTING AID: the last rank exits (os._exit) once at the start of this "
-                               "0-based step (> 0), to test restarts; 0 is off")
 
 
 @dataclass
@@ -463,7 +465,7 @@ def _validate_train(train: TrainConfig) -> None:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
     if train.precision == "bf16" and not train.use_gpu:
         raise ConfigError("train.precision=bf16 needs train.use_gpu=true; use auto or fp32 on CPU")
-    for key in ("checkpoint_every_steps", "max_failures", "max_steps", "fail_at_step", "eval_every_steps",
+    for key in ("checkpoint_every_steps", "max_failures", "max_steps", "eval_every_steps",
                 "schedule_steps"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(train, key)}")

@@ -5,11 +5,21 @@
 
 `train(cfg)` prepares the data (reused when already prepared), then runs one V2
 `TorchTrainer` per arm with `raypack.train.loop.train_loop_per_worker`. A run
-is named <cfg.name>-<arm> under train.storage_path; launching it again resumes
-from its latest checkpoint (Ray Train V2 behaviour), so use a new name or
-storage path for a fresh run. On CPU each worker reserves train.worker_cpus
-(0.5 lets two workers share two cores); a failed worker group is restarted from
-the latest checkpoint up to train.max_failures times.
+is named <cfg.name>-<arm> under train.storage_path. On CPU each worker reserves
+train.worker_cpus (0.5 lets two workers share two cores).
+
+Failures and relaunches:
+- a lost worker or node: Ray Train restarts the worker group from the latest
+  checkpoint, up to train.max_failures times (default 1), waiting for resources
+  to return when the cluster is short of them;
+- launching a run that has checkpoints again resumes from its latest one (Ray
+  Train V2), after checking that the settings which fix a step's rows match the
+  checkpoint's (raypack.train.resume; a mismatch is refused, naming each key);
+  train.resume=false moves the old run aside to <run>.replaced-<UTC time> and
+  starts afresh;
+- SIGTERM to the driver (a spot instance's notice, `ray job stop`): the run
+  checkpoints at the next step boundary and `train_arm` raises Preempted (the CLI
+  exits 143); the same command resumes it.
 
 The loop's own logs (metrics.jsonl, rows-rank<r>.jsonl, events.jsonl) and the
 exported model are written under <storage_path>/<name>/raypack/ (Ray Train V2
@@ -23,19 +33,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+import pyarrow.fs as pafs
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypack.config import Config, to_dict
+from raypack.config import Config, ConfigError, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.train.engine import rows_for_token_batch
 from raypack.train.loop import train_loop_per_worker
+from raypack.train.resume import PREEMPT_FILE, Preempted, resume_mismatch, step_identity
 
 
 def storage_path(cfg: Config) -> str:
@@ -92,14 +106,85 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None)
     if cfg.train.global_batch_tokens:
         print(f"[{arm}] train.global_batch_tokens={cfg.train.global_batch_tokens}: "
               f"{cfg.train.global_batch_size} rows per optimizer step", flush=True)
+    _check_resume(cfg, arm, folder)
     out = run_dir(cfg, arm)
-    with _Progress(out, arm, cfg.train.log_every):
+    (out / PREEMPT_FILE).unlink(missing_ok=True)  # a notice the last launch already acted on
+    with _Progress(out, arm, cfg.train.log_every), _sigterm_checkpoints(out / PREEMPT_FILE):
         result = build_trainer(cfg, arm, folder, val_folder).fit()
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line]
+    if events and events[-1]["event"] == "preempted":
+        raise Preempted(arm, events[-1]["step"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics),
             "global_batch_size": cfg.train.global_batch_size, "last": metrics[-1] if metrics else {},
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "model_dir": str(out / "model") if cfg.train.export else None}
+
+
+def latest_checkpoint(cfg: Config, arm: str):
+    """The checkpoint a launch of this run would restore (Ray Train's latest registered one), or None."""
+    path = f"{storage_path(cfg).rstrip('/')}/{run_name(cfg, arm)}"
+    fs, fs_path = pafs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+    if fs.get_file_info(f"{fs_path}/checkpoint_manager_snapshot.json").type == pafs.FileType.NotFound:
+        return None
+    return Result.from_path(path).checkpoint
+
+
+def _check_resume(cfg: Config, arm: str, folder: str) -> None:
+    """Before a launch: refuse to restore a checkpoint whose step rows differ from this config's, or, with
+    train.resume=false, move the old run aside (raypack.train.resume)."""
+    checkpoint = latest_checkpoint(cfg, arm)
+    if checkpoint is None:
+        return
+    if not cfg.train.resume:
+        _set_aside(cfg, arm)
+        return
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/position.json") as f:
+        saved = json.loads(f.read())
+    current = step_identity(cfg.train, arm, read_manifest(folder)["config_hash"])
+    differing = resume_mismatch(saved, current)
+    if differing:
+        raise ConfigError(
+            f"run {run_name(cfg, arm)} has a checkpoint at step {saved['step']} ({checkpoint.path}) taken with "
+            f"other settings, so its remaining steps would hold other rows: {'; '.join(differing)}. Launch with "
+            "the checkpoint's settings to resume, with another name or train.storage_path for a new run, or "
+            "with train.resume=false to move the old run aside and start afresh")
+    print(f"[{arm}] resuming from the checkpoint at step {saved['step']}: {checkpoint.path}", flush=True)
+
+
+def _set_aside(cfg: Config, arm: str) -> None:
+    """train.resume=false: rename the run's storage folder (checkpoints, Ray's state, and the logs when they are
+    beside them) and its separate log folder if any, to <name>.replaced-<UTC time>; nothing is deleted."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    storage = storage_path(cfg).rstrip("/")
+    fs, fs_path = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    old = f"{fs_path}/{run_name(cfg, arm)}"
+    fs.move(old, f"{old}.replaced-{stamp}")
+    print(f"[{arm}] train.resume=false: moved the old run to {storage}/{run_name(cfg, arm)}.replaced-{stamp}",
+          flush=True)
+    logs = run_dir(cfg, arm)
+    if "://" in storage and logs.exists():
+        logs.parent.rename(logs.parent.with_name(f"{logs.parent.name}.replaced-{stamp}"))
+
+
+@contextmanager
+def _sigterm_checkpoints(flag: Path):
+    """While a run trains: SIGTERM writes `flag`, which the workers read at the next step boundary (checkpoint,
+    then stop). Only the main thread can take signals; elsewhere (a Tune trial) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text(f"SIGTERM at {time.time()}\n")
+        print("raypack: SIGTERM: checkpointing at the next step boundary, then stopping", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Progress:

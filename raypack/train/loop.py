@@ -44,7 +44,8 @@ Outputs under run_dir (rank 0 unless noted):
     init-rank<r>.json        every rank: what building the model cost it: RSS before, peak RSS after the
                              model is built and loaded and after DeepSpeed's initialize, parameter elements
                              it holds (its ZeRO-3 partitions) of the model's total
-    events.jsonl             start / resume / checkpoint / done
+    events.jsonl             start / resume / checkpoint / preempted / done, appended by every launch and
+                             restart (the run's whole history)
     tensorboard/             the same scalars as TensorBoard event files (`tensorboard --logdir`)
     replay.json              with train.bench_replay: each step (but the first) run again right after
                              itself from its collated micro-batches: the no-data-loading limit
@@ -52,11 +53,15 @@ Outputs under run_dir (rank 0 unless noted):
 On a resume the logs are cut back to the steps the restored state has trained,
 so they always describe the model's real history.
 
-Checkpoints (every train.checkpoint_every_steps and at each epoch end) hold the
-DeepSpeed state (every rank's shards, under tag "ds"), position.json
-({"step", "epoch", "step_in_epoch"}) and config.json, handed to
-`ray.train.report(..., checkpoint=...)`; Ray restores the latest one after a
-worker failure (train.max_failures) or when the same run is launched again.
+Checkpoints (every train.checkpoint_every_steps, at each epoch end and on
+preemption) hold the DeepSpeed state (every rank's shards, under tag "ds"),
+position.json ({"step", "epoch", "step_in_epoch"} and what fixes a step's rows,
+raypack.train.resume) and config.json, handed to `ray.train.report(...,
+checkpoint=...)` and uploaded in the background; Ray restores the latest one after
+a worker or node failure (train.max_failures) or when the same run is launched
+again (the driver first checks position.json against its config). Preemption: when
+the driver has written the PREEMPT_FILE (on SIGTERM), the ranks learn it through
+the step's all-reduce, checkpoint that step, log "preempted" and return.
 An evaluation step without a checkpoint is reported without one, so that a Ray
 Tune trial (`raypack sweep`) sees every validation loss.
 """
@@ -71,8 +76,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
+from ray.train import CheckpointUploadMode
 import torch
 import torch.distributed as dist
 
@@ -86,11 +93,11 @@ from raypack.train.engine import (full_state_dict, gradient_accumulation_steps, 
                                   local_parameter_elements, lr_at, partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+from raypack.train.resume import PREEMPT_FILE, step_identity
 from raypack.train.validate import validation_groups, validation_sums
 
 CHECKPOINT_TAG = "ds"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-FAIL_PAUSE_S = 6.0
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -130,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
         _return_freed_tensors_to_the_os()
     zero3 = partitioned_construction(train, world_size, device)
     import_model_code(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    memory = {"rss_mb_before_model": _rss_mb(reset_peak=True)}
+    memory = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+              "rss_mb_before_model": _rss_mb(reset_peak=True)}
     sliced = zero3 is not None and has_local_safetensors(cfg.model.name_or_path)
     model = build_model(cfg.model.name_or_path, attn, train.seed, cfg.model.trust_remote_code,
                         dtype=torch.bfloat16 if precision == "bf16" else torch.float32, load_weights=not sliced)
@@ -166,10 +174,9 @@ def train_loop_per_worker(config: dict) -> None:
     order, order_epoch = None, -1
     replay = [] if train.bench_replay else None
     run_start = time.perf_counter()
+    identity = step_identity(train, arm, manifest["config_hash"])
     for step in range(start_step, stop_step):
         epoch, step_in_epoch = divmod(step, num_steps_per_epoch)
-        if train.fail_at_step and step == train.fail_at_step and rank == world_size - 1:
-            _fail_once(run_dir)
         step_start = time.perf_counter()
 
         # This step's micro-batches, fetched up front for the step's loss denominator.
@@ -195,7 +202,11 @@ def train_loop_per_worker(config: dict) -> None:
         segments = [r["num_tokens"] for mb in picked for r in mb] if mode == "cross" else \
             [s for mb in picked for r in mb for s in r["seq_lens"]]
         flops = step_flops(shape["matmul_params"], shape["num_layers"], shape["hidden_size"], real_tokens, segments)
-        totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples, flops])
+        # The preemption flag rides on the step's all-reduce, so every rank stops after the same step.
+        preempt = rank == 0 and (run_dir / PREEMPT_FILE).exists()
+        totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples, flops,
+                                  float(preempt)])
+        preempted = totals[6] > 0 and step + 1 < stop_step
         step_time_s = time.perf_counter() - step_start
         grad_norm = engine.get_global_grad_norm()
         metrics = {
@@ -217,13 +228,17 @@ def train_loop_per_worker(config: dict) -> None:
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
 
         if (train.checkpoint_every_steps and done % train.checkpoint_every_steps == 0) \
-                or done % num_steps_per_epoch == 0 or done == stop_step:
-            _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank)
+                or done % num_steps_per_epoch == 0 or done == stop_step or preempted:
+            _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank, identity)
             logs.event({"event": "checkpoint", "step": done})
         elif "val_loss" in metrics:
             # Without a checkpoint the report misses Result.metrics but reaches the run's callbacks, so Ray
             # Tune (TuneReportCallback) sees every validation point (raypack.sweep). Collective: every rank.
             ray.train.report(dict(metrics))
+        if preempted:
+            logs.event({"event": "preempted", "step": done})
+            logs.close()
+            return
 
     if replay and rank == 0:
         _write_replay(replay, run_dir)
@@ -364,31 +379,24 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
 
-def _fail_once(run_dir: Path) -> None:
-    """train.fail_at_step (testing aid): die like a crashed worker, the first time only.
+def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, metrics: dict, rank: int,
+                     identity: dict) -> None:
+    """Every rank saves its DeepSpeed shards; Ray merges the ranks' folders into one checkpoint.
 
-    Ray Train V2 registers a checkpoint only once its controller has polled every
-    rank's report (every ~2 s), and a worker that dies first takes its queued report
-    with it; the pause lets the last checkpoint land, as it would before a real
-    crash long after it.
+    The upload to train.storage_path runs in the background (Ray Train's asynchronous
+    checkpoint upload): training goes on while the files are copied, and Ray deletes
+    the local copy once uploaded. position.json carries the step and what fixes a
+    step's rows (raypack.train.resume), checked before a relaunch restores it.
     """
-    marker = run_dir / "fail_at_step.done"
-    if not marker.exists():
-        marker.write_text("1")
-        time.sleep(FAIL_PAUSE_S)
-        os._exit(1)
-
-
-def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, metrics: dict, rank: int) -> None:
-    """Every rank saves its DeepSpeed shards; Ray merges the ranks' folders into one checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="raypack-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-        if rank == 0:
-            epoch, step_in_epoch = divmod(done, num_steps_per_epoch)
-            position = {"step": done, "epoch": epoch, "step_in_epoch": step_in_epoch}
-            (Path(tmp) / "position.json").write_text(json.dumps(position))
-            (Path(tmp) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    tmp = tempfile.mkdtemp(prefix="raypack-ckpt-")
+    engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+    if rank == 0:
+        epoch, step_in_epoch = divmod(done, num_steps_per_epoch)
+        position = {"step": done, "epoch": epoch, "step_in_epoch": step_in_epoch, **identity}
+        (Path(tmp) / "position.json").write_text(json.dumps(position))
+        (Path(tmp) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
 def _export(engine, cfg: Config, out: Path, rank: int) -> None:
@@ -423,7 +431,7 @@ class _Logs:
         self.metrics = self.events = self.tensorboard = None
         if rank == 0:
             self.metrics = _open_log(run_dir / "metrics.jsonl", start_step, resumed)
-            self.events = (run_dir / "events.jsonl").open("a" if resumed else "w")
+            self.events = (run_dir / "events.jsonl").open("a")  # every launch and restart: the run's history
             self.tensorboard = _tensorboard(run_dir / "tensorboard")
 
     def step(self, metrics: dict, epoch: int, row_index: list[int]) -> None:
