@@ -105,7 +105,7 @@ def test_a_killed_worker_resumes_at_the_exact_row(ray_local, tmp_path):
     """Rank 1 dies at the start of step 6 (0-based) after the step-4 checkpoint; Ray restarts the group,
     which redoes steps 5-6 from the checkpoint. Every row of the epoch's order is trained exactly once."""
 
-    from raypack.data.pipeline import read_manifest
+    from raypack.data.prepared import read_manifest
     from raypack.train.launch import train
 
     cfg = train_config(tmp_path, "train.arm=bfd-isolated", "train.checkpoint_every_steps=4",
@@ -127,7 +127,7 @@ def test_a_killed_worker_resumes_at_the_exact_row(ray_local, tmp_path):
         assert [e["step"] for e in log] == list(range(1, steps + 1))
         trained_rows += [i for e in log for i in e["row_index"]]
     folder = next(Path(cfg.prepare.output_dir).glob("tok-*/bfd-isolated-*"))
-    order = epoch_order(read_manifest(folder)["num_rows"], cfg.train.seed, 0)
+    order = epoch_order(read_manifest(folder).num_rows, cfg.train.seed, 0)
     assert len(trained_rows) == len(set(trained_rows)) == steps * cfg.train.global_batch_size
     assert set(trained_rows) == set(order[: steps * cfg.train.global_batch_size].tolist())
     row_index = pq.read_table(sorted(folder.glob("*.parquet")), columns=["row_index"]).column(0).to_numpy()

@@ -81,7 +81,7 @@ def arm_config(cfg: Config, folder: str) -> Config:
     if not train.global_batch_tokens:
         return cfg
     manifest = read_manifest(folder)
-    rows = rows_for_token_batch(train.global_batch_tokens, manifest["num_tokens"], manifest["num_rows"],
+    rows = rows_for_token_batch(train.global_batch_tokens, manifest.num_tokens, manifest.num_rows,
                                 train.micro_batch_size * train.num_workers)
     return replace(cfg, train=replace(train, global_batch_size=rows))
 
