@@ -2,7 +2,7 @@
 
 A prepared split is a folder that `raypack prepare` (raypack.data.pipeline) writes:
 
-    manifest.json        the split's counts and settings (read_manifest)
+    manifest.json        the split's counts and settings: a Manifest (read_manifest, write_manifest)
     part-*.parquet       the rows with their sample keys and pieces (for analysis; training does not read them)
     flat/                the rows as flat token buffers, memory-mapped by every training worker:
       input_ids.npy      int32 [total tokens]  every row's tokens end to end, row 0 first
@@ -39,6 +39,17 @@ atomically (a reader that loses the race uses the winner's copy).
 
     store = RowStore.open(folder)
     rows = store.take([5, 17])     # list of dicts, what raypack.data.collate takes
+
+manifest.json is a JSON object with "version" (MANIFEST_VERSION) and one key
+per Manifest field; composition keys a split does not have are left out.
+read_manifest refuses, with a ValueError naming the file and every bad key, a
+manifest with missing keys, keys of the wrong type or a version it does not
+know. One without "version", written before versions existed, has version 1's
+keys: it is read as version 0 if every required key is there. Unknown keys are
+kept in Manifest.extra and written back by to_dict.
+
+    manifest = read_manifest(folder)   # manifest.num_rows, manifest.strategy, manifest.attention ...
+    manifest.to_dict()                 # the JSON object again, the same keys
 """
 
 from __future__ import annotations
