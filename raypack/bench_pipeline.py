@@ -125,15 +125,15 @@ def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm:
     return {
         "preset": preset, "num_samples": num_samples, "seed": seed, "arm": arm, "pack_window": window,
         "cpus": os.cpu_count(), "num_tokenizer_actors": cfg.prepare.num_tokenizer_actors,
-        "pipeline_seconds": seconds, "tokenize_seconds": manifest["tokenize_seconds"],
-        "pack_seconds": manifest["seconds"], "num_tokens": tokenized["num_tokens"],
+        "pipeline_seconds": seconds, "tokenize_seconds": manifest.tokenize_seconds,
+        "pack_seconds": manifest.seconds, "num_tokens": tokenized["num_tokens"],
         "pipeline_tokens_per_sec": pipeline_tps,
         "bare_tokenizer_tokens_per_sec": bare["tokens_per_sec"] if bare else None,
         "bare_tokenizer_tokens": bare["num_tokens"] if bare else None,
         "ratio_to_bare": pipeline_tps / bare["tokens_per_sec"] if bare else None,
-        "num_rows": manifest["num_rows"], "lower_bound_rows": manifest["lower_bound_rows"],
-        "rows_over_lower_bound": manifest["rows_over_lower_bound"],
-        "num_truncated": manifest["num_truncated"], "peak_rss_sum_mb": rss.peak / 2**20,
+        "num_rows": manifest.num_rows, "lower_bound_rows": manifest.lower_bound_rows,
+        "rows_over_lower_bound": manifest.rows_over_lower_bound,
+        "num_truncated": manifest.num_truncated, "peak_rss_sum_mb": rss.peak / 2**20,
         "peak_pss_sum_mb": rss.peak_pss / 2**20,
     }
 

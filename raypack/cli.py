@@ -98,7 +98,7 @@ COMPOSITION_COLUMNS = (
 
 def _print_composition(arms: dict) -> None:
     """The grouping / single-turn-only columns, when some arm was composed (raypack.data.compose)."""
-    composed = {name: m for name, m in arms.items() if "within_pack_cosine" in m or m.get("only_single_turn")}
+    composed = {name: m for name, m in arms.items() if "num_clusters" in m or m.get("only_single_turn")}
     if composed:
         print("what goes into a pack:")
         table = [[name] + [m.get(key, "-") for _, key in COMPOSITION_COLUMNS] for name, m in composed.items()]
@@ -114,14 +114,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     folders = prepare(cfg)
     manifests = {name: read_manifest(folder) for name, folder in folders.items()}
     first = next(iter(manifests.values()))
-    rejected = {k: v for k, v in first["rejected_reasons"].items() if v}
-    print(f"input rows {first['num_input_rows']}: {first['num_rejected_rows']} rejected {rejected or ''}; "
-          f"truncated {first['num_truncated']}, split {first['num_split']}, dropped too long "
-          f"{first['num_dropped_too_long']}, dropped with no target {first['num_dropped_no_supervised']}; "
-          f"{first['num_val_conversations']} conversations held out for validation")
-    table = [[name] + [m[key] for _, key in PREPARE_COLUMNS] for name, m in manifests.items()]
+    rejected = {k: v for k, v in first.rejected_reasons.items() if v}
+    print(f"input rows {first.num_input_rows}: {first.num_rejected_rows} rejected {rejected or ''}; "
+          f"truncated {first.num_truncated}, split {first.num_split}, dropped too long "
+          f"{first.num_dropped_too_long}, dropped with no target {first.num_dropped_no_supervised}; "
+          f"{first.num_val_conversations} conversations held out for validation")
+    table = [[name] + [getattr(m, key) for _, key in PREPARE_COLUMNS] for name, m in manifests.items()]
     print(format_table(["split/arm"] + [c for c, _ in PREPARE_COLUMNS], table))
-    _print_composition(manifests)
+    _print_composition({name: m.to_dict() for name, m in manifests.items()})
     for name, folder in folders.items():
         print(f"  {name}: {folder}")
     print(f"done in {time.perf_counter() - start:.1f} s")
@@ -168,20 +168,20 @@ def _plan_counts(cfg, folder: str, shape) -> dict:
     manifest = read_manifest(folder)
     train = arm_config(cfg, folder).train  # rows per step under train.global_batch_tokens
     grad_accum = gradient_accumulation_steps(train, train.num_workers)
-    per_epoch = steps_per_epoch(manifest["num_rows"], train.num_workers, train.micro_batch_size, grad_accum)
+    per_epoch = steps_per_epoch(manifest.num_rows, train.num_workers, train.micro_batch_size, grad_accum)
     steps = min(train.epochs * per_epoch, train.max_steps or train.epochs * per_epoch)
     # Attention segments (raypack.train.flops): whole rows in cross arms, else samples.
-    cross = manifest["attention"] == "cross"
+    cross = manifest.attention == "cross"
     column = pq.read_table(sorted(str(f) for f in Path(folder).glob("*.parquet")),
                            columns=["num_tokens" if cross else "seq_lens"]).column(0).combine_chunks()
     segments = np.asarray(column if cross else column.flatten(), dtype=np.int64)
-    epoch_flops = step_flops(shape.matmul_params, shape.num_hidden_layers, shape.hidden_size, manifest["num_tokens"],
+    epoch_flops = step_flops(shape.matmul_params, shape.num_hidden_layers, shape.hidden_size, manifest.num_tokens,
                              segments)
     # The run trains on steps x rows-per-step rows: epochs' worth, of average rows.
-    run_epochs = steps * train.global_batch_size / manifest["num_rows"]
-    return {"num_rows": manifest["num_rows"], "rows_per_step": train.global_batch_size, "steps_per_epoch": per_epoch,
-            "steps": steps, "num_tokens": manifest["num_tokens"],
-            "num_supervised_tokens": manifest["num_supervised_tokens"], "pflop": epoch_flops * run_epochs / 1e15}
+    run_epochs = steps * train.global_batch_size / manifest.num_rows
+    return {"num_rows": manifest.num_rows, "rows_per_step": train.global_batch_size, "steps_per_epoch": per_epoch,
+            "steps": steps, "num_tokens": manifest.num_tokens,
+            "num_supervised_tokens": manifest.num_supervised_tokens, "pflop": epoch_flops * run_epochs / 1e15}
 
 
 def _plan_header(cfg, shape, precision: str, attention: str, limits) -> list[str]:

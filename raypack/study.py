@@ -53,14 +53,14 @@ def arm_plan(cfg: Config, folders: dict) -> tuple[dict[str, Config], list[str]]:
     if cfg.study.match == "tokens" and not train.global_batch_tokens:
         # Padding's tokens per step, else a full row's worth per global-batch row.
         ref = manifests.get("padding")
-        tokens = round(train.global_batch_size * (ref["num_tokens"] / ref["num_rows"] if ref else cfg.data.max_seq_len))
+        tokens = round(train.global_batch_size * (ref.num_tokens / ref.num_rows if ref else cfg.data.max_seq_len))
         train = replace(train, global_batch_tokens=tokens)
         notes.append(f"match tokens: every optimizer step holds about {tokens:,} real tokens "
                      "(padding's step of train.global_batch_size rows).")
     # Each arm's rows per step under train.global_batch_tokens: the rule train_arm itself applies.
     plans = {arm: arm_config(replace(cfg, train=train), folders[arm]) for arm in manifests}
     total = {arm: c.train.epochs * steps_per_epoch(
-        manifests[arm]["num_rows"], c.train.num_workers, c.train.micro_batch_size,
+        manifests[arm].num_rows, c.train.num_workers, c.train.micro_batch_size,
         gradient_accumulation_steps(c.train, c.train.num_workers)) for arm, c in plans.items()}
     if cfg.study.match == "steps":
         fewest = min(total.values())
@@ -97,7 +97,7 @@ def run_study(cfg: Config) -> Path:
     title = f"raypack study {cfg.name}: padding or packing?"
     notes = [f"Data: {_describe_data(cfg)}; model {cfg.model.name_or_path}; max_seq_len {cfg.data.max_seq_len}; "
              f"loss_reduction {cfg.train.loss_reduction}; {cfg.train.num_workers} workers; "
-             f"validation: {read_manifest(folders['val'])['num_rows']} held-out samples, the same for every arm.",
+             f"validation: {read_manifest(folders['val']).num_rows} held-out samples, the same for every arm.",
              *notes]
     write_report(records, out, title, notes)
     print(f"study report: {out / 'report.md'}", flush=True)
@@ -137,7 +137,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
         "row_tokens": sum(m["num_row_tokens"] for m in metrics), "final_train_loss": metrics[-1]["loss"],
         "val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), float("nan")),
         "global_batch_size": summary["global_batch_size"], "scores": scores,
-        "manifest": read_manifest(folders[arm]), "curve": curve, "model_dir": summary["model_dir"],
+        "manifest": read_manifest(folders[arm]).to_dict(), "curve": curve, "model_dir": summary["model_dir"],
         "probe": probe,
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)

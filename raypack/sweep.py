@@ -89,7 +89,7 @@ def trial_config(base: Config, params: dict) -> Config:
 def planned_steps(cfg: Config, folder: str) -> int:
     """Optimizer steps a run of this config takes on this arm's rows (as the loop counts them)."""
     t = cfg.train
-    rows = read_manifest(folder)["num_rows"]
+    rows = read_manifest(folder).num_rows
     total = t.epochs * steps_per_epoch(rows, t.num_workers, t.micro_batch_size,
                                        gradient_accumulation_steps(t, t.num_workers))
     return min(total, t.max_steps) if t.max_steps else total

@@ -1,10 +1,14 @@
-"""The pure core imports neither ray, deepspeed nor lm_eval (STYLE.md).
+"""The pure core imports neither ray, deepspeed nor lm_eval (STYLE.md); training workers import no ray.data of ours.
 
-Each core module is imported in a fresh interpreter and the loaded modules are checked.
+Each core module is imported in a fresh interpreter and the loaded modules are
+checked; its source is also read for imports inside functions, which importing
+it does not run.
 
     .venv/bin/pytest tests/test_boundaries.py -q
 """
 
+import ast
+import importlib.util
 import subprocess
 import sys
 
@@ -25,6 +29,21 @@ def test_core_module_imports_no_engine(module):
     assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
 
 
+def imported_roots(module: str) -> set[str]:
+    """The top-level package of every import statement in the module's source, at any depth (lazy ones too)."""
+    tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    return roots | {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_source_has_no_engine_import_even_inside_a_function(module):
+    forbidden = FORBIDDEN + (("torch",) if module == "raypack.data.prepared" else ())
+    assert not imported_roots(module) & set(forbidden), f"{module} imports {imported_roots(module) & set(forbidden)}"
+
+
 # What every Ray Data actor and task imports: torch must not be among it (seconds of CPU per worker).
 DATA_WORKER = ["raypack.data.pipeline", "raypack.data.tokenize", "raypack.data.features", "raypack.data.compose",
                "raypack.model"]
@@ -39,7 +58,8 @@ def test_data_worker_modules_do_not_import_torch(module):
 
 
 def test_prepared_rows_import_neither_ray_nor_torch():
-    """raypack.data.prepared is what training reads: a worker or a notebook can open rows with numpy alone."""
+    """raypack.data.prepared (rows and manifest) is what training reads: a worker or a notebook opens them with
+    numpy alone."""
     code = ("import sys, raypack.data.prepared; "
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -59,3 +79,34 @@ def test_training_loop_does_not_import_the_data_pipeline():
             "or m == 'raypack.data.pipeline'); print(','.join(extra))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"raypack.train.loop pulls in {out.stdout.strip()}"
+
+
+def loaded(code: str, condition: str) -> str:
+    """Run `code` in a fresh interpreter, then print the sorted loaded modules `m` for which `condition` holds."""
+    script = f"import sys; {code}; print(','.join(sorted(m for m in sys.modules if {condition})))"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_ray_data_reaches_a_training_worker_only_through_ray_train():
+    """A training worker's modules import ray.data exactly when ray.train itself does.
+
+    Ray 2.x's ray/air/__init__.py runs `import ray.data` ("to avoid circular
+    import"), and `import ray.train` imports ray.air: so today both find ray.data
+    loaded. Once Ray drops that import, this asserts that the loop loads no
+    ray.data at all; test_training_loop_does_not_import_the_data_pipeline checks
+    meanwhile that the loop adds no ray.data module to ray.train's.
+    """
+    through_ray_train = loaded("import ray.train, ray.train.torch", "m == 'ray.data'")
+    assert loaded("import raypack.train.loop", "m == 'ray.data'") == through_ray_train
+
+
+def test_the_training_loops_own_modules_import_no_ray():
+    """Every raypack module the loop loads (rows, manifest, collate, engine, loss ...), without the loop: no ray.
+
+    So the loop's `import ray.train` lines are the only way Ray reaches a training
+    worker, and nothing of ours (raypack.data.pipeline above all) adds ray.data.
+    """
+    modules = loaded("import raypack.train.loop", "m.startswith('raypack.') and m != 'raypack.train.loop'").split(",")
+    assert "raypack.data.prepared" in modules and "raypack.data.pipeline" not in modules
+    got = loaded(f"import {', '.join(modules)}", "m.split('.')[0] == 'ray'")
+    assert got == "", f"the training loop's modules pull in ray: {got[:200]}..."

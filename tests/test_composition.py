@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypack.config import ConfigError, arm_spec, load_config
-from raypack.data.pipeline import prepare, read_manifest
+from raypack.data.pipeline import prepare
+from raypack.data.prepared import read_manifest
 from raypack.data.synth import synth_conversations
 from raypack.data.tokenize import IGNORE_INDEX
 
@@ -71,8 +72,8 @@ def test_grouping_keeps_every_sample_once_and_every_target(composed):
         assert pieces == reference, arm
         supervised = sum(int(np.sum(np.array(r["labels"]) != IGNORE_INDEX)) for r in rows)
         manifest = read_manifest(folders[arm])
-        assert supervised == manifest["num_supervised_tokens"] == base["num_supervised_tokens"], arm
-        assert manifest["num_tokens"] == base["num_tokens"] and all(r["num_tokens"] <= 1024 for r in rows)
+        assert supervised == manifest.num_supervised_tokens == base.num_supervised_tokens, arm
+        assert manifest.num_tokens == base.num_tokens and all(r["num_tokens"] <= 1024 for r in rows)
 
 
 def test_related_packs_are_related_and_unrelated_ones_are_not(composed, truth):
@@ -87,21 +88,21 @@ def test_related_packs_are_related_and_unrelated_ones_are_not(composed, truth):
     assert related > 0.6 and related > 2 * ungrouped
     manifests = {arm: read_manifest(folders[arm]) for arm in folders if arm != "val"}
     m = manifests["bfd-cross+related"]
-    assert m["grouping"] == "related" and m["num_clusters"] == 10 and m["group_backend"] == "tfidf"
-    assert m["num_mixed_cluster_rows"] <= 0.1 * m["num_shared_rows"]
-    gap = {arm: m["within_pack_cosine"] - m["across_pack_cosine"] for arm, m in manifests.items()}
+    assert m.grouping == "related" and m.num_clusters == 10 and m.group_backend == "tfidf"
+    assert m.num_mixed_cluster_rows <= 0.1 * m.num_shared_rows
+    gap = {arm: m.within_pack_cosine - m.across_pack_cosine for arm, m in manifests.items()}
     assert gap["bfd-cross+related"] > 0.05 and gap["greedy-isolated+related"] > 0.05
     assert abs(gap["bfd-cross"]) < 0.3 * gap["bfd-cross+related"]  # ungrouped: within ~ across
     assert gap["bfd-cross+unrelated"] <= gap["bfd-cross"] + 0.01
-    assert manifests["bfd-cross+unrelated"]["num_mixed_cluster_rows"] >= manifests["bfd-cross"]["num_mixed_cluster_rows"]
+    assert manifests["bfd-cross+unrelated"].num_mixed_cluster_rows >= manifests["bfd-cross"].num_mixed_cluster_rows
 
 
 def test_rows_stay_close_to_the_lower_bound(composed):
     _, folders = composed
-    ratio = {arm: read_manifest(f)["rows_over_lower_bound"] for arm, f in folders.items() if arm != "val"}
+    ratio = {arm: read_manifest(f).rows_over_lower_bound for arm, f in folders.items() if arm != "val"}
     assert ratio["bfd-cross+unrelated"] <= ratio["bfd-cross"] * 1.01
     # related packs every cluster on its own: a part-filled last row per cluster at most.
-    num_rows = read_manifest(folders["bfd-cross+related"])["lower_bound_rows"]
+    num_rows = read_manifest(folders["bfd-cross+related"]).lower_bound_rows
     assert ratio["bfd-cross+related"] <= ratio["bfd-cross"] + 10 / num_rows
 
 
@@ -114,10 +115,10 @@ def test_single_turn_only_gives_each_multi_turn_conversation_its_own_row(compose
     assert any(len(r["sample_keys"]) > 1 for r in rows)  # the single-turn ones are still packed
     m = read_manifest(folders["bfd-cross+none+single-turn"])
     keys = [k for r in rows for k in r["sample_keys"]]
-    assert m["only_single_turn"] and m["grouping"] == "none"
-    assert m["num_multi_turn_samples"] == sum(turns[k] > 1 for k in keys) == len(multi) == m["num_multi_turn_rows"]
-    assert m["num_single_turn_samples"] + m["num_multi_turn_samples"] == m["num_samples"]
-    assert "num_multi_turn_samples" not in read_manifest(folders["bfd-cross"])
+    assert m.only_single_turn and m.grouping == "none"
+    assert m.num_multi_turn_samples == sum(turns[k] > 1 for k in keys) == len(multi) == m.num_multi_turn_rows
+    assert m.num_single_turn_samples + m.num_multi_turn_samples == m.num_samples
+    assert read_manifest(folders["bfd-cross"]).num_multi_turn_samples is None
 
 
 def test_embedding_backend_groups_by_meaning(ray_local, tmp_path):
@@ -127,7 +128,7 @@ def test_embedding_backend_groups_by_meaning(ray_local, tmp_path):
                  "synth.num_samples=200")
     folders = prepare(cfg)
     m = read_manifest(folders["bfd-cross+related"])
-    assert m["group_backend"] == "embedding" and m["within_pack_cosine"] > m["across_pack_cosine"] + 0.1
+    assert m.group_backend == "embedding" and m.within_pack_cosine > m.across_pack_cosine + 0.1
     assert topic_purity(folders["bfd-cross+related"], topic) > 2 * topic_purity(folders["bfd-cross"], topic)
 
 

@@ -185,7 +185,8 @@ def test_plan_says_plainly_when_a_job_does_not_fit(capsys):
 
 
 def test_plan_counts_prepared_arms_as_training_does(tmp_path, capsys, ray_local):
-    from raypack.data.pipeline import prepare, prepared_folders, read_manifest
+    from raypack.data.pipeline import prepare, prepared_folders
+    from raypack.data.prepared import read_manifest
 
     overrides = [f"prepare.output_dir={tmp_path}", "synth.num_samples=120",
                  "pack.arms=[padding, greedy-cross, bfd-isolated, bfd-cross+related]", "pack.num_clusters=2"]
@@ -202,7 +203,7 @@ def test_plan_counts_prepared_arms_as_training_does(tmp_path, capsys, ray_local)
             continue
         manifest = read_manifest(folder)
         # Independent of the loop's helpers: whole global batches of rows, every epoch.
-        per_epoch = manifest["num_rows"] // cfg.train.global_batch_size
+        per_epoch = manifest.num_rows // cfg.train.global_batch_size
         assert counts[arm]["steps"] == cfg.train.epochs * per_epoch
-        assert counts[arm]["num_tokens"] == manifest["num_tokens"] and counts[arm]["pflop"] > 0
+        assert counts[arm]["num_tokens"] == manifest.num_tokens and counts[arm]["pflop"] > 0
     assert "not prepared" not in capsys.readouterr().out

@@ -4,7 +4,6 @@
 """
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 from raypack.config import load_config
 from raypack.data.formats import FormatError
 from raypack.data.local import prepare_local
-from raypack.data.pipeline import load_split, prepare, read_manifest
+from raypack.data.pipeline import prepare
+from raypack.data.prepared import read_manifest
 from raypack.data.tokenize import IGNORE_INDEX
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -53,25 +53,25 @@ def test_counts_reconcile_across_arms(prepared_real):
     val = manifests.pop("val")
     first = manifests["padding"]
     # Every input row is a conversation or a rejection; every conversation is kept or dropped.
-    assert first["num_input_rows"] == 20 + 20 + 20 + 11 - 1  # the bad-rows file has a blank line
-    assert first["num_input_rows"] == first["num_rejected_rows"] + first["num_conversations"]
-    assert sum(first["rejected_reasons"].values()) == first["num_rejected_rows"] == 8
-    assert val["num_val_conversations"] == 6 and val["num_samples"] == 6
-    kept = first["num_conversations"] - first["num_dropped_too_long"] - first["num_dropped_no_supervised"]
-    assert first["num_samples"] + val["num_samples"] == kept  # no split pieces with overlength=truncate
+    assert first.num_input_rows == 20 + 20 + 20 + 11 - 1  # the bad-rows file has a blank line
+    assert first.num_input_rows == first.num_rejected_rows + first.num_conversations
+    assert sum(first.rejected_reasons.values()) == first.num_rejected_rows == 8
+    assert val.num_val_conversations == 6 and val.num_samples == 6
+    kept = first.num_conversations - first.num_dropped_too_long - first.num_dropped_no_supervised
+    assert first.num_samples + val.num_samples == kept  # no split pieces with overlength=truncate
     for name, m in manifests.items():
-        assert m["num_samples"] == first["num_samples"] and m["num_tokens"] == first["num_tokens"]
+        assert m.num_samples == first.num_samples and m.num_tokens == first.num_tokens
         rows = shard_rows(folders[name])
-        assert len(rows) == m["num_rows"]
-        assert sum(int(np.sum(np.array(r["labels"]) != IGNORE_INDEX)) for r in rows) == m["num_supervised_tokens"]
+        assert len(rows) == m.num_rows
+        assert sum(int(np.sum(np.array(r["labels"]) != IGNORE_INDEX)) for r in rows) == m.num_supervised_tokens
         assert all(r["num_tokens"] <= cfg.data.max_seq_len for r in rows)
     # The core's rule: only random packing loses targets, one per cut that lands on a supervised token.
     for name in ("padding", "greedy-cross", "bfd-isolated", "bfd-cross"):
-        assert manifests[name]["num_supervised_tokens"] == first["num_supervised_tokens"]
-    assert manifests["random-cross"]["num_supervised_tokens"] <= first["num_supervised_tokens"]
-    assert manifests["padding"]["num_rows"] == first["num_samples"]
-    assert manifests["bfd-isolated"]["strategy"] == "bfd" and manifests["bfd-isolated"]["attention"] == "isolated"
-    assert manifests["bfd-isolated"]["pack_window"] == 16
+        assert manifests[name].num_supervised_tokens == first.num_supervised_tokens
+    assert manifests["random-cross"].num_supervised_tokens <= first.num_supervised_tokens
+    assert manifests["padding"].num_rows == first.num_samples
+    assert manifests["bfd-isolated"].strategy == "bfd" and manifests["bfd-isolated"].attention == "isolated"
+    assert manifests["bfd-isolated"].pack_window == 16
 
 
 def test_validation_split_is_shared_and_disjoint(prepared_real):
@@ -133,25 +133,13 @@ def test_prepared_outputs_are_reused(ray_local, tmp_path, capsys):
     assert "reusing tokenized data" in capsys.readouterr().out
     assert second["padding"] == first["padding"]
     assert (Path(second["padding"]) / "manifest.json").stat().st_mtime_ns == stamp
-    assert read_manifest(second["bfd-isolated"])["num_samples"] == read_manifest(first["padding"])["num_samples"]
+    assert read_manifest(second["bfd-isolated"]).num_samples == read_manifest(first["padding"]).num_samples
 
 
 def test_strict_fails_with_file_and_row(ray_local, real_files, tmp_path):
     cfg = config(tmp_path, f"data.sources=[{real_files / 'bad_rows.jsonl'}]", "data.strict=true")
     with pytest.raises(FormatError, match=r"bad_rows.jsonl:3"):
         prepare(cfg)
-
-
-def test_load_split_gives_every_rank_the_same_rows(ray_local, prepared_real):
-    _, folders = prepared_real
-    manifest = read_manifest(folders["bfd-isolated"])
-    ds, steps = load_split(folders["bfd-isolated"], world_size=2, micro_batch_size=1, grad_accum=2)
-    assert steps == manifest["num_rows"] // 4
-    shards = ds.streaming_split(2, equal=True)
-    # The splits must be consumed concurrently, as the training workers do.
-    with ThreadPoolExecutor(2) as pool:
-        counts = list(pool.map(lambda it: sum(len(b["row_index"]) for b in it.iter_batches(batch_size=8)), shards))
-    assert counts == [steps * 2, steps * 2]
 
 
 def test_uri_and_hub_style_sources(ray_local, real_files, tmp_path):
@@ -166,8 +154,8 @@ def test_uri_and_hub_style_sources(ray_local, real_files, tmp_path):
     hub = config(tmp_path / "c", f"data.sources=['hf:{hub_dir}']", "pack.arms=[padding]")
     results = [prepare(cfg) for cfg in (local, uri, hub)]
     manifests = [read_manifest(r["padding"]) for r in results]
-    assert {m["num_input_rows"] for m in manifests} == {20}
-    assert len({m["num_supervised_tokens"] for m in manifests}) == 1
+    assert {m.num_input_rows for m in manifests} == {20}
+    assert len({m.num_supervised_tokens for m in manifests}) == 1
     tokens = [[r["input_ids"] for r in shard_rows(res["padding"])] for res in results]
     assert tokens[0] == tokens[1] == tokens[2]
 

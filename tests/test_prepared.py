@@ -1,4 +1,5 @@
-"""The prepared-rows contract (raypack.data.prepared): flat memory-mapped rows equal the Parquet rows.
+"""The prepared-rows contract (raypack.data.prepared): flat memory-mapped rows equal the Parquet rows, and
+manifest.json is read back as the Manifest that was written (or refused, naming the folder and the key).
 
     .venv/bin/pytest tests/test_prepared.py -q
 
@@ -12,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +22,9 @@ import pytest
 
 from raypack.config import load_config
 from raypack.data.pack import pack_rows, plan_pack
-from raypack.data.prepared import (FLAT_DIR, ROW_KEYS, FlatWriter, RowStore, publish_flat, read_manifest,
-                                   row_positions, shard_files, write_flat, write_rows)
+from raypack.data.prepared import (FLAT_DIR, MANIFEST_VERSION, ROW_KEYS, FlatWriter, Manifest, RowStore,
+                                   publish_flat, read_manifest, row_positions, shard_files, write_flat,
+                                   write_manifest, write_rows)
 from raypack.data.tokenize import IGNORE_INDEX
 
 ARMS = ["padding", "bfd-isolated", "random-cross"]
@@ -106,7 +109,7 @@ def test_prepare_writes_flat_rows_equal_to_its_parquet_rows(prepared, split):
     assert (os.path.isdir(os.path.join(folder, FLAT_DIR)))  # written by the packing task, not at train time
     expected = parquet_rows(folder)
     store = RowStore.open(folder)
-    assert store.num_rows == len(expected) == read_manifest(folder)["num_rows"]
+    assert store.num_rows == len(expected) == read_manifest(folder).num_rows
     assert len(shard_files(folder)) > 1 or split == "val"
     assert store.positions == ("cross" if split == "random-cross" else "isolated")
     got = store.take(np.arange(store.num_rows))
@@ -117,6 +120,124 @@ def test_prepare_writes_flat_rows_equal_to_its_parquet_rows(prepared, split):
     assert store.num_tokens.tolist() == [e["num_tokens"] for e in expected]
     if split == "random-cross":  # a cross row of several samples: positions that isolated would restart
         assert any(len(e["seq_lens"]) > 1 for e in expected)
+
+
+# A bfd-cross+related arm's manifest.json as raypack prepare wrote it before manifests had a version.
+UNVERSIONED = {
+    "num_input_rows": 200, "num_rejected_rows": 0, "rejected_reasons": {"bad_json": 0, "no_assistant": 0},
+    "num_truncated": 3, "num_split": 0, "num_dropped_too_long": 0, "num_dropped_no_supervised": 0,
+    "num_samples": 180, "num_rows": 41, "num_tokens": 38911, "num_supervised_tokens": 20133,
+    "num_capacity_tokens": 41984, "padding_fraction": 0.0452, "efficiency": 0.9268, "lower_bound_rows": 39,
+    "max_seq_len": 1024, "strategy": "bfd", "attention": "cross", "pack_window": 0,
+    "config_hash": "0123456789ab", "seconds": 0.81, "num_conversations": 200, "num_split_samples": 0,
+    "num_batch_tokens": 40755, "rows_over_lower_bound": 1.0513, "micro_batch_size": 2,
+    "tokenize_seconds": 4.2, "split": "train", "num_val_conversations": 20, "grouping": "related",
+    "only_single_turn": False, "num_clusters": 10, "group_backend": "tfidf", "within_pack_cosine": 0.31,
+    "across_pack_cosine": 0.02, "num_similarity_pairs": 1480, "num_shared_rows": 38, "num_mixed_cluster_rows": 2,
+}
+
+
+def write_json(folder, values: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(values))
+    return folder
+
+
+def test_manifest_round_trip_keeps_every_key(tmp_path):
+    manifest = Manifest.from_dict({**UNVERSIONED, "version": MANIFEST_VERSION})
+    path = write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path) == manifest and manifest.version == MANIFEST_VERSION
+    assert json.loads(path.read_text()) == {**UNVERSIONED, "version": MANIFEST_VERSION}  # the same JSON keys
+    assert manifest.num_rows == 41 and manifest.attention == "cross" and manifest.within_pack_cosine == 0.31
+    assert manifest.extra == {}
+
+
+def test_optional_fields_left_out_are_none_and_stay_out(tmp_path):
+    """A padding val split: attention null (always written), no composition keys (never written)."""
+    values = {key: v for key, v in UNVERSIONED.items() if key not in Manifest.__dataclass_fields__
+              or Manifest.__dataclass_fields__[key].default is not None}
+    values.update(version=MANIFEST_VERSION, strategy="padding", attention=None, split="val")
+    write_json(tmp_path, values)
+    manifest = read_manifest(tmp_path)
+    assert manifest.attention is None and manifest.grouping is None and manifest.num_clusters is None
+    assert manifest.to_dict() == values and "attention" in manifest.to_dict()
+
+
+def test_a_manifest_without_version_is_read_as_version_0(tmp_path):
+    manifest = read_manifest(write_json(tmp_path / "old", UNVERSIONED))
+    assert manifest.version == 0
+    assert manifest == Manifest.from_dict({**UNVERSIONED, "version": 0})
+    assert {**manifest.to_dict(), "version": MANIFEST_VERSION} == read_manifest(
+        write_json(tmp_path / "new", {**UNVERSIONED, "version": MANIFEST_VERSION})).to_dict()
+
+
+def test_an_older_manifest_missing_keys_is_refused_with_the_way_out(tmp_path):
+    older = {key: v for key, v in UNVERSIONED.items() if key not in ("split", "num_val_conversations")}
+    folder = write_json(tmp_path / "older", older)
+    with pytest.raises(ValueError, match=r"older.*manifest.json.*missing keys \['num_val_conversations', 'split'\]"
+                                         r".*prepare.reuse=false"):
+        read_manifest(folder)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"num_rows": None}, r"missing keys \['num_rows'\]"),
+    ({"num_rows": "41"}, r"key 'num_rows' is '41' \(str\), not int"),
+    ({"num_rows": 41.0}, r"key 'num_rows' is 41.0 \(float\), not int"),
+    ({"num_rows": True}, r"key 'num_rows' is True \(bool\), not int"),
+    ({"attention": 3}, r"key 'attention' is 3 \(int\), not str \| None"),
+    ({"rejected_reasons": {"bad_json": "0"}}, r"key 'rejected_reasons'"),
+    ({"within_pack_cosine": "high"}, r"key 'within_pack_cosine'"),
+    ({"version": 2}, r"key 'version' is 2; this code reads manifest versions \(0, 1\)"),
+    ({"version": "1"}, r"key 'version' is '1'"),
+])
+def test_a_bad_manifest_is_refused_naming_the_folder_and_key(tmp_path, bad, match):
+    values = {**UNVERSIONED, "version": MANIFEST_VERSION, **bad}
+    values = {key: v for key, v in values.items() if not (key == "num_rows" and v is None)}
+    folder = write_json(tmp_path / "arm-0123", values)
+    with pytest.raises(ValueError, match=match) as info:
+        read_manifest(folder)
+    assert str(folder / "manifest.json") in str(info.value)
+    write_json(folder, {**UNVERSIONED, "version": MANIFEST_VERSION})  # negative control: the same folder, valid
+    assert read_manifest(folder).num_rows == 41
+
+
+def test_every_problem_is_named_at_once_and_broken_json_names_the_file(tmp_path):
+    values = {key: v for key, v in UNVERSIONED.items() if key != "strategy"}
+    with pytest.raises(ValueError, match=r"missing keys \['strategy'\]; key 'num_rows' is '41'"):
+        read_manifest(write_json(tmp_path / "a", {**values, "num_rows": "41"}))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text('{"num_rows": 4')
+    with pytest.raises(ValueError, match=r"b/manifest.json: .*prepare.reuse=false"):
+        read_manifest(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"a JSON object, not list"):
+        read_manifest(write_json(tmp_path / "c", [UNVERSIONED]))
+
+
+def test_unknown_keys_are_kept_in_extra_and_written_back(tmp_path):
+    write_json(tmp_path, {**UNVERSIONED, "version": MANIFEST_VERSION, "num_future_things": 7})
+    manifest = read_manifest(tmp_path)
+    assert manifest.extra == {"num_future_things": 7}
+    assert manifest.to_dict()["num_future_things"] == 7 and read_manifest(write_manifest(tmp_path, manifest).parent) \
+        == manifest
+
+
+def test_the_writer_is_held_to_the_same_types():
+    """pipeline.py builds Manifest directly: a numpy count or a key Manifest lacks fails at write time."""
+    values = {**UNVERSIONED, "version": MANIFEST_VERSION}
+    with pytest.raises(ValueError, match=r"'num_rows' is .*41\)? \(int64\), not int"):
+        Manifest(**{**values, "num_rows": np.int64(41)})
+    with pytest.raises(TypeError, match="num_new_composition_stat"):
+        Manifest(**values, num_new_composition_stat=1)
+    assert isinstance(Manifest(**{**values, "seconds": 1}).seconds, float)  # an int where a float goes: stored as one
+
+
+@pytest.mark.parametrize("split", ["val", *ARMS])
+def test_prepare_writes_a_versioned_manifest_that_reads_back_unchanged(prepared, split):
+    raw = json.loads((Path(prepared[split]) / "manifest.json").read_text())
+    manifest = read_manifest(prepared[split])
+    assert raw["version"] == MANIFEST_VERSION and manifest.to_dict() == raw and manifest.extra == {}
+    assert manifest.split == ("val" if split == "val" else "train")
+    assert manifest.attention == (None if split in ("val", "padding") else split.split("-")[1])
 
 
 def test_conversion_of_an_old_folder_is_byte_identical_and_idempotent(prepared, tmp_path):

@@ -20,7 +20,8 @@ from test_tokenize import assert_invariants
 from raypack.config import load_config
 from raypack.data.collate import collate
 from raypack.data.formats import load_conversations
-from raypack.data.pipeline import prepare, read_manifest
+from raypack.data.pipeline import prepare
+from raypack.data.prepared import read_manifest
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer, with_pad_token
 from raypack.train.loss import token_losses
@@ -210,17 +211,17 @@ def prepared(request, ray_local, tmp_path_factory):
 def test_prepare_reconciles(prepared, tokenizers, conversations):
     name, cfg, folders = prepared
     manifests = {arm: read_manifest(folder) for arm, folder in folders.items()}
-    assert manifests.pop("val")["num_samples"] == 0 and set(manifests) == {"padding", "bfd-isolated"}
+    assert manifests.pop("val").num_samples == 0 and set(manifests) == {"padding", "bfd-isolated"}
     # What the core gives in process, with the same tokenizer and over-length policy.
     reference = tokenize_conversations(conversations, tokenizers[name], MAX_SEQ_LEN, overlength=cfg.data.overlength)
     for manifest in manifests.values():
-        assert manifest["num_input_rows"] == 60 and manifest["num_rejected_rows"] == 0  # as with the tiny tokenizer
-        assert manifest["num_conversations"] == 60
+        assert manifest.num_input_rows == 60 and manifest.num_rejected_rows == 0  # as with the tiny tokenizer
+        assert manifest.num_conversations == 60
         for key in ("num_samples", "num_tokens", "num_supervised_tokens", "num_truncated",
                     "num_dropped_no_supervised", "num_dropped_too_long"):
-            assert manifest[key] == reference.counts[key], (name, key)
-    assert manifests["padding"]["num_supervised_tokens"] == manifests["bfd-isolated"]["num_supervised_tokens"] > 0
-    assert manifests["bfd-isolated"]["num_rows"] < manifests["padding"]["num_rows"] == reference.counts["num_samples"]
+            assert getattr(manifest, key) == reference.counts[key], (name, key)
+    assert manifests["padding"].num_supervised_tokens == manifests["bfd-isolated"].num_supervised_tokens > 0
+    assert manifests["bfd-isolated"].num_rows < manifests["padding"].num_rows == reference.counts["num_samples"]
 
 
 # ---------------------------------------------------------------- train, export, eval --val

@@ -43,18 +43,18 @@ def test_match_steps_gives_every_arm_the_fewest_steps_and_a_fitted_schedule(prep
 
 
 def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
-    from raypack.data.pipeline import read_manifest
+    from raypack.data.prepared import read_manifest
     from raypack.study import arm_plan
 
     tmp, folders = prepared
     plans, _ = arm_plan(study_config(tmp, "study.match=tokens", "train.global_batch_size=32"), folders)
     pad, bfd = (read_manifest(folders[a]) for a in ARMS)
     assert plans["padding"].train.global_batch_size == 32
-    tokens_per_step = 32 * pad["num_tokens"] / pad["num_rows"]
+    tokens_per_step = 32 * pad.num_tokens / pad.num_rows
     bfd_rows = plans["bfd-isolated"].train.global_batch_size
     assert bfd_rows < 32 and bfd_rows % 4 == 0
     # The packed step is the multiple of 4 rows (one pass) closest to padding's tokens per step.
-    bfd_row_tokens = bfd["num_tokens"] / bfd["num_rows"]
+    bfd_row_tokens = bfd.num_tokens / bfd.num_rows
     assert abs(bfd_rows * bfd_row_tokens - tokens_per_step) <= 2 * bfd_row_tokens + 1
 
 

@@ -49,19 +49,13 @@ from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
 from raypack.data.compose import composition_stats, plan_composed
 from raypack.data.pack import pack_rows, row_length_stats
-from raypack.data.prepared import read_manifest, shard_files, steps_per_epoch, write_flat
+from raypack.data.prepared import MANIFEST_VERSION, Manifest, shard_files, write_flat, write_manifest
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
 
 KEY_ROW_BITS = 40  # key = file index << 40 | row number: input order, unique per record
 STATUS_REJECTED = "rejected"
 KEPT_STATUSES = ("whole", "truncated", "split")
-MANIFEST_FIELDS = (
-    "num_input_rows", "num_rejected_rows", "rejected_reasons", "num_samples", "num_truncated", "num_split",
-    "num_dropped_too_long", "num_dropped_no_supervised", "num_rows", "num_tokens", "num_supervised_tokens",
-    "num_capacity_tokens", "padding_fraction", "efficiency", "lower_bound_rows", "max_seq_len", "strategy",
-    "attention", "pack_window", "config_hash", "seconds",
-)
 TOKENIZED_SCHEMA = pa.schema([
     ("key", pa.int64()), ("piece", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("source", pa.string()), ("num_tokens", pa.int32()),
@@ -515,8 +509,8 @@ def pack_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
     return stats
 
 
-def _finish(partial: Path, final: Path, manifest: dict) -> None:
-    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+def _finish(partial: Path, final: Path, manifest: Manifest) -> None:
+    write_manifest(partial, manifest)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
 
@@ -752,44 +746,26 @@ def prepare(cfg: Config) -> dict:
             cfg.train.micro_batch_size, cfg.prepare.rows_per_shard, str(partial)))
     for name, (partial, job_hash, spec, window, ref) in pending.items():
         stats = ray.get(ref)
-        manifest = _manifest(counts, stats, cfg, spec.strategy, spec.attention, window, job_hash, tokenize_seconds)
-        manifest.update(split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
-        manifest.update(stats["composition"])
+        manifest = _manifest(counts, stats, cfg, spec.strategy, spec.attention, window, job_hash, tokenize_seconds,
+                             split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
         _finish(partial, folders[name], manifest)
     return {name: str(path) for name, path in folders.items()}
 
 
 def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: str | None, window: int,
-              job_hash: str, tokenize_seconds: float) -> dict:
-    """manifest.json: the tokenization pass's counts (whole input) and this split's row counts."""
-    manifest = {key: counts[key] for key in ("num_input_rows", "num_rejected_rows", "rejected_reasons",
-                                             "num_truncated", "num_split", "num_dropped_too_long",
-                                             "num_dropped_no_supervised")}
-    manifest.update({key: stats[key] for key in ("num_samples", "num_rows", "num_tokens", "num_supervised_tokens",
-                                                 "num_capacity_tokens", "padding_fraction", "efficiency",
-                                                 "lower_bound_rows")})
-    manifest.update(max_seq_len=cfg.data.max_seq_len, strategy=strategy,
-                    attention=None if strategy == "padding" else attention, pack_window=window,
-                    config_hash=job_hash, seconds=stats["seconds"])
-    manifest.update(num_conversations=counts["num_conversations"], num_split_samples=stats["num_split_samples"],
-                    num_batch_tokens=stats["num_batch_tokens"], rows_over_lower_bound=stats["rows_over_lower_bound"],
-                    micro_batch_size=cfg.train.micro_batch_size, tokenize_seconds=tokenize_seconds)
-    assert all(key in manifest for key in MANIFEST_FIELDS)
-    return manifest
-
-
-# ---------------------------------------------------------------- feeding training
-
-
-def load_split(folder: str | Path, world_size: int, micro_batch_size: int, grad_accum: int
-               ) -> tuple[ray.data.Dataset, int]:
-    """The prepared rows as a Ray Dataset ready for `streaming_split(world_size, equal=True)`.
-
-    Trimmed to whole optimizer steps, so every rank gets the same number of rows and
-    takes the same number of steps (no hang at the end of an epoch). Returns the
-    dataset and the number of optimizer steps per epoch.
-    """
-    manifest = read_manifest(folder)
-    steps = steps_per_epoch(manifest["num_rows"], world_size, micro_batch_size, grad_accum)
-    ds = ray.data.read_parquet(_sorted_parquet_files(Path(folder)))
-    return ds.limit(steps * world_size * micro_batch_size * grad_accum), steps
+              job_hash: str, tokenize_seconds: float, split: str, num_val_conversations: int) -> Manifest:
+    """manifest.json: the tokenization pass's counts (whole input), this split's row counts and what went
+    into its packs (stats["composition"]: a key Manifest lacks is a TypeError here, so add the field)."""
+    return Manifest(
+        version=MANIFEST_VERSION,
+        **{key: counts[key] for key in ("num_input_rows", "num_rejected_rows", "rejected_reasons", "num_conversations",
+                                        "num_truncated", "num_split", "num_dropped_too_long",
+                                        "num_dropped_no_supervised")},
+        num_val_conversations=num_val_conversations, split=split,
+        **{key: stats[key] for key in ("num_samples", "num_split_samples", "num_rows", "num_tokens",
+                                       "num_supervised_tokens", "num_capacity_tokens", "num_batch_tokens",
+                                       "padding_fraction", "efficiency", "lower_bound_rows", "rows_over_lower_bound",
+                                       "seconds")},
+        max_seq_len=cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, strategy=strategy,
+        attention=None if strategy == "padding" else attention, pack_window=window, config_hash=job_hash,
+        tokenize_seconds=tokenize_seconds, **stats["composition"])

@@ -2,7 +2,7 @@
 
 A prepared split is a folder that `raypack prepare` (raypack.data.pipeline) writes:
 
-    manifest.json        the split's counts and settings (read_manifest)
+    manifest.json        the split's counts and settings: a Manifest (read_manifest, write_manifest)
     part-*.parquet       the rows with their sample keys and pieces (for analysis; training does not read them)
     flat/                the rows as flat token buffers, memory-mapped by every training worker:
       input_ids.npy      int32 [total tokens]  every row's tokens end to end, row 0 first
@@ -39,6 +39,17 @@ atomically (a reader that loses the race uses the winner's copy).
 
     store = RowStore.open(folder)
     rows = store.take([5, 17])     # list of dicts, what raypack.data.collate takes
+
+manifest.json is a JSON object with "version" (MANIFEST_VERSION) and one key
+per Manifest field; composition keys a split does not have are left out.
+read_manifest refuses, with a ValueError naming the file and every bad key, a
+manifest with missing keys, keys of the wrong type or a version it does not
+know. One without "version", written before versions existed, has version 1's
+keys: it is read as version 0 if every required key is there. Unknown keys are
+kept in Manifest.extra and written back by to_dict.
+
+    manifest = read_manifest(folder)   # manifest.num_rows, manifest.strategy, manifest.attention ...
+    manifest.to_dict()                 # the JSON object again, the same keys
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +80,149 @@ _CONVERT_BATCH_ROWS = 512
 
 # ---------------------------------------------------------------- manifest and steps
 
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# 0: a manifest written before manifests carried a version; its keys are version 1's (read as such).
+MANIFEST_VERSIONS = (0, MANIFEST_VERSION)
 
-def read_manifest(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "manifest.json").read_text())
+
+@dataclass(frozen=True)
+class Manifest:
+    """A prepared split's manifest.json: what `raypack prepare` counted and the settings it packed with.
+
+    Written by raypack.data.pipeline only; every reader takes it from read_manifest.
+    A field without a default is always written (`attention` is None for padding);
+    the composition fields are written only for the train arms that have them
+    (None when absent). Keys this code does not know are kept in `extra`.
+    """
+
+    version: int
+    # The tokenization pass, over the whole input (the same in every split of one prepare).
+    num_input_rows: int
+    num_rejected_rows: int
+    rejected_reasons: dict[str, int]
+    num_conversations: int
+    num_truncated: int
+    num_split: int
+    num_dropped_too_long: int
+    num_dropped_no_supervised: int
+    num_val_conversations: int
+    # This split's rows.
+    split: str  # "train" or "val"
+    num_samples: int
+    num_split_samples: int
+    num_rows: int
+    num_tokens: int
+    num_supervised_tokens: int
+    num_capacity_tokens: int
+    num_batch_tokens: int
+    padding_fraction: float
+    efficiency: float
+    lower_bound_rows: int
+    rows_over_lower_bound: float
+    # The settings it was packed with.
+    max_seq_len: int
+    micro_batch_size: int
+    strategy: str
+    attention: str | None  # None for padding
+    pack_window: int
+    config_hash: str
+    seconds: float
+    tokenize_seconds: float
+    # What went into the packs (raypack.data.compose): grouping and only_single_turn for every train arm,
+    # the single-turn counts for single-turn-only arms, the cluster ones for grouped arms.
+    grouping: str | None = None
+    only_single_turn: bool | None = None
+    num_single_turn_samples: int | None = None
+    num_multi_turn_samples: int | None = None
+    num_multi_turn_rows: int | None = None
+    num_clusters: int | None = None
+    group_backend: str | None = None
+    within_pack_cosine: float | None = None
+    across_pack_cosine: float | None = None
+    num_similarity_pairs: int | None = None
+    num_shared_rows: int | None = None
+    num_mixed_cluster_rows: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        assert not set(self.extra) & {f.name for f in fields(self)}, "extra holds only keys that are not fields"
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "float | None") and type(value) is int:
+                object.__setattr__(self, f.name, float(value))
+        errors = _type_errors(self.to_dict(), "")
+        if errors:
+            raise ValueError(f"manifest fields of the wrong type: {'; '.join(errors)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Manifest":
+        """Validated: every missing key, key of the wrong type and an unknown version in one ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a manifest is a JSON object, not {type(values).__name__}")
+        values = {"version": 0, **values}
+        if type(values["version"]) is not int or values["version"] not in MANIFEST_VERSIONS:
+            raise ValueError(f"key 'version' is {values['version']!r}; this code reads manifest versions "
+                             f"{MANIFEST_VERSIONS} (update raypack, or prepare the data again)")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [f.name for f in fields(cls) if f.name in known and f.name not in values
+                   and f.default is MISSING]
+        errors = ([f"missing keys {missing}"] if missing else []) + _type_errors(values, "key ")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra={k: v for k, v in values.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        """manifest.json's content: every field written, except absent (None) optional ones; then `extra`."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"
+               and not (f.default is None and getattr(self, f.name) is None)}
+        return {**out, **self.extra}
+
+
+def _type_errors(values: dict, prefix: str) -> list[str]:
+    """'<prefix>'name' is 'x' (str), not int' for each known field in `values` of the wrong type."""
+    errors = []
+    for f in fields(Manifest):
+        if f.name in values and f.name != "extra" and not _is_type(values[f.name], f.type):
+            value = values[f.name]
+            errors.append(f"{prefix}{f.name!r} is {value!r:.60} ({type(value).__name__}), not {f.type}")
+    return errors
+
+
+def _is_type(value, annotation: str) -> bool:
+    if annotation.endswith(" | None"):
+        return value is None or _is_type(value, annotation[:-len(" | None")])
+    if annotation == "int":
+        return type(value) is int
+    if annotation == "float":
+        return type(value) in (int, float)
+    if annotation in ("str", "bool"):
+        return type(value) is {"str": str, "bool": bool}[annotation]
+    assert annotation == "dict[str, int]", annotation
+    return isinstance(value, dict) and all(type(k) is str and type(v) is int for k, v in value.items())
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """<folder>/manifest.json, validated; a ValueError names the folder and every bad key.
+
+    A manifest without "version" (written before manifests had one) is read as
+    version 0 when it holds every key version 1 requires (its keys were those);
+    otherwise, like any invalid manifest, it is refused with the way out:
+    prepare the data again.
+    """
+    path = Path(folder) / MANIFEST
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except ValueError as e:  # json.JSONDecodeError included
+        raise ValueError(f"{path}: {e}. Prepare it again: raypack prepare CONFIG prepare.reuse=false") from None
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """<folder>/manifest.json; returns its path."""
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps(manifest.to_dict(), indent=2))
+    return path
 
 
 def steps_per_epoch(num_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:

@@ -95,7 +95,7 @@ def arm_config(cfg: Config, folder: str) -> Config:
     if not train.global_batch_tokens:
         return cfg
     manifest = read_manifest(folder)
-    rows = rows_for_token_batch(train.global_batch_tokens, manifest["num_tokens"], manifest["num_rows"],
+    rows = rows_for_token_batch(train.global_batch_tokens, manifest.num_tokens, manifest.num_rows,
                                 train.micro_batch_size * train.num_workers)
     return replace(cfg, train=replace(train, global_batch_size=rows))
 
@@ -141,7 +141,7 @@ def _check_resume(cfg: Config, arm: str, folder: str) -> None:
         return
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/position.json") as f:
         saved = json.loads(f.read())
-    current = step_identity(cfg.train, arm, read_manifest(folder)["config_hash"])
+    current = step_identity(cfg.train, arm, read_manifest(folder).config_hash)
     differing = resume_mismatch(saved, current)
     if differing:
         raise ConfigError(

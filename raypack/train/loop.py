@@ -112,9 +112,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Rows: the manifest fixes the step count; the mode follows the arm's packing.
     manifest = read_manifest(config["folder"])
-    mode = "padding" if manifest["strategy"] == "padding" else manifest["attention"]
+    mode = "padding" if manifest.strategy == "padding" else manifest.attention
     grad_accum = gradient_accumulation_steps(train, world_size)
-    num_steps_per_epoch = steps_per_epoch(manifest["num_rows"], world_size, train.micro_batch_size, grad_accum)
+    num_steps_per_epoch = steps_per_epoch(manifest.num_rows, world_size, train.micro_batch_size, grad_accum)
     total_steps = train.epochs * num_steps_per_epoch
     stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
     schedule_steps = train.schedule_steps or total_steps
@@ -122,7 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokens_of_row = rows.num_tokens
     pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
     val = None
-    if config.get("val_folder") and read_manifest(config["val_folder"])["num_rows"] > 0:
+    if config.get("val_folder") and read_manifest(config["val_folder"]).num_rows > 0:
         val_rows = RowStore.open(config["val_folder"])
         val = (val_rows, *validation_groups(val_rows, train.micro_batch_size, rank, world_size))
 
@@ -174,14 +174,14 @@ def train_loop_per_worker(config: dict) -> None:
     order, order_epoch = None, -1
     replay = [] if train.bench_replay else None
     run_start = time.perf_counter()
-    identity = step_identity(train, arm, manifest["config_hash"])
+    identity = step_identity(train, arm, manifest.config_hash)
     for step in range(start_step, stop_step):
         epoch, step_in_epoch = divmod(step, num_steps_per_epoch)
         step_start = time.perf_counter()
 
         # This step's micro-batches, fetched up front for the step's loss denominator.
         if epoch != order_epoch:
-            order, order_epoch = epoch_order(manifest["num_rows"], train.seed, epoch), epoch
+            order, order_epoch = epoch_order(manifest.num_rows, train.seed, epoch), epoch
         if train.balance_tokens:
             indices = balanced_step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size,
                                          grad_accum, tokens_of_row)
