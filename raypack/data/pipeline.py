@@ -891,11 +891,11 @@ def prepare(cfg: Config) -> dict:
             files, holdout_ref, select, spec, window, cfg.pack.group_buffer,
             str(packed_groups) if packed_groups else None, cfg.data.max_seq_len,
             cfg.train.micro_batch_size, cfg.prepare.rows_per_shard))
-    # Every split plans at once; each split's packing tasks start as soon as its plan is known.
-    started = {name: (partial, job_hash, spec, window, *_pack_split(refs, jobs[name].select, spec, holdout_ref,
-                                                                    cfg.prepare, partial))
-               for name, (partial, job_hash, spec, window, refs) in pending.items()}
-    for name, (partial, job_hash, spec, window, stats, join_ref) in started.items():
+    # Every split plans at once; a split's packing tasks start as soon as its plan is known.
+    for name, (partial, job_hash, spec, window, refs) in pending.items():
+        stats, join_ref = _pack_split(refs, jobs[name].select, spec, holdout_ref, cfg.prepare, partial)
+        pending[name] = (partial, job_hash, spec, window, stats, join_ref)
+    for name, (partial, job_hash, spec, window, stats, join_ref) in pending.items():
         joined = ray.get(join_ref)
         stats.update(num_supervised_tokens=joined["num_supervised_tokens"], seconds=joined["end"] - stats.pop("start"))
         manifest = _manifest(counts, stats, cfg, spec.strategy, spec.attention, window, job_hash, tokenize_seconds)
