@@ -7,13 +7,16 @@ tokenize, holdout, pack) over a cluster:
       -> normalise + tokenize + over-length policy (an actor pool; the tokenizer loads once per actor)
       -> tokenized cache (Parquet, in input order, reused by every arm and every later run)
       -> hold out validation conversations by key (the same for every arm)
-      -> pack per window (a task per arm, streaming the cache window by window)
-      -> packed Parquet shards, flat/ (what training memory-maps) + manifest.json per arm
+      -> plan every window from lengths alone (a task per split: lengths, clusters, turn counts)
+      -> pack in parallel (prepare.pack_workers tasks per split, each a contiguous run of
+         the split's shards, reading only the samples its rows hold)
+      -> packed Parquet shards, flat/ (joined from the tasks' parts) + manifest.json per split
 
 Output is deterministic: Ray Data runs with `preserve_order`, the cache's keys
 are checked to be in input order, and windows are cut by sample count, so the
-same input, config and seed give byte-identical shards whatever the number of
-workers. Layout under `prepare.output_dir`:
+same input, config and seed give byte-identical shards, flat/ and manifest
+(timings aside) whatever the number of tokenizer actors or packing tasks.
+Layout under `prepare.output_dir`:
 
     tok-<hash>/tokenized/*.parquet        one row per sample piece, rejected or dropped record
     tok-<hash>/tokenized.json             counts of the tokenization pass
