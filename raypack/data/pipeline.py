@@ -383,13 +383,12 @@ def _chosen(batch, holdout_keys: np.ndarray, select: str) -> tuple[np.ndarray, n
 
 
 def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str]):
-    """(path, row group, batch) over the cache's row groups, in cache order."""
+    """((path, row group), an iterator over its batches) for each of these row groups of the cache, in order."""
     pf, opened = None, None
     for path, group in row_groups:
         if path != opened:
             pf, opened = pq.ParquetFile(path), path
-        for batch in pf.iter_batches(batch_size=2048, row_groups=[group], columns=columns):
-            yield path, group, batch
+        yield (path, group), pf.iter_batches(batch_size=2048, row_groups=[group], columns=columns)
 
 
 class _SplitPlan(NamedTuple):
@@ -416,7 +415,7 @@ def _read_lengths(files: list[str], holdout_keys: np.ndarray, select: str) -> di
     columns = ["key", "piece", "status", "num_tokens", "num_turns"]
     groups = [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
     parts, row_groups, kept_base, ordinal = [], [], 0, 0
-    for (path, group), batches in _by_row_group(_row_group_batches(groups, columns)):
+    for (path, group), batches in _row_group_batches(groups, columns):
         first = ordinal
         for batch in batches:
             kept, chosen = _chosen(batch, holdout_keys, select)
@@ -433,19 +432,6 @@ def _read_lengths(files: list[str], holdout_keys: np.ndarray, select: str) -> di
            for name in ("key", "piece", "length", "turns", "kept_index")}
     out["row_groups"] = row_groups
     return out
-
-
-def _by_row_group(batches):
-    """Group (path, row group, batch) triples into ((path, row group), [batches])."""
-    current, bucket = None, []
-    for path, group, batch in batches:
-        if (path, group) != current and current is not None:
-            yield current, bucket
-            bucket = []
-        current = (path, group)
-        bucket.append(batch)
-    if current is not None:
-        yield current, bucket
 
 
 class _SplitStats:
@@ -551,7 +537,7 @@ def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, need
               if np.searchsorted(needed, first) < np.searchsorted(needed, first + count)]
     firsts = {(path, group): first for path, group, first in wanted}
     columns = ["key", "piece", "status", "input_ids", "labels"]
-    for (path, group), batches in _by_row_group(_row_group_batches([(p, g) for p, g, _ in wanted], columns)):
+    for (path, group), batches in _row_group_batches([(p, g) for p, g, _ in wanted], columns):
         ordinal = firsts[(path, group)]
         for batch in batches:
             _, chosen = _chosen(batch, holdout_keys, select)

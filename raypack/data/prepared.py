@@ -32,7 +32,8 @@ pack.py's isolated example, as flat/ holds them:
 The arrays are opened with `np.load(mmap_mode="r")` and a fetch reads its rows'
 tokens with pread (RowStore says why): the workers of a node share one
 page-cache copy, and a fetch reads only the tokens of the rows it takes.
-`prepare` writes flat/ right after packing each split; a folder prepared before
+`prepare` writes flat/ right after packing each split (each packing task converts
+its rows into a part with ShardConverter, join_flat joins the parts); a folder prepared before
 flat/ existed is converted from its Parquet shards by the first reader
 (`RowStore.open`), shard by shard, into flat.partial-<pid>-* renamed into place
 atomically (a reader that loses the race uses the winner's copy).
@@ -328,7 +329,8 @@ class ShardConverter:
 
     def add(self, rows, where) -> None:
         """A pyarrow RecordBatch or Table with SHARD_COLUMNS; `where` names it in errors."""
-        for batch in rows.to_batches(max_chunksize=_CONVERT_BATCH_ROWS) if isinstance(rows, pa.Table) else [rows]:
+        batches = rows.to_batches(max_chunksize=_CONVERT_BATCH_ROWS) if isinstance(rows, pa.Table) else [rows]
+        for batch in batches:
             self._add_batch(batch, where)
 
     def _add_batch(self, batch, where) -> None:
@@ -376,8 +378,7 @@ def join_flat(parts: list[str | Path], out: str | Path, positions: str) -> None:
             with (part / f"{name}.npy").open("rb") as src:
                 src.seek(_NPY_HEADER_BYTES)
                 shutil.copyfileobj(src, writer.files[name], 16 * 2**20)
-        num_tokens = np.load(part / "num_tokens.npy").astype(np.int64)
-        writer.num_tokens.append(num_tokens)
+        writer.num_tokens.append(np.load(part / "num_tokens.npy").astype(np.int64))
         writer.num_supervised.append(np.load(part / "num_supervised_tokens.npy").astype(np.int64))
         writer.seq_lens.append(np.load(part / "seq_lens.npy").astype(np.int64))
         writer.num_samples.append(np.diff(np.load(part / "seq_offsets.npy")))
