@@ -120,8 +120,10 @@ class PrepareConfig:
     block_mb: int = _field(8, "target Ray Data block size in MiB while tokenizing (smaller blocks spread "
                            "one large file over more actors)")
     pack_num_cpus: float = _field(0.5, "CPUs reserved per packing task (planning, packing and joining a split)")
-    pack_workers: int = _field(4, "packing tasks per split, each writing a contiguous run of its shards; "
-                               "the output is byte-identical whatever the value (not part of the config hash)")
+    pack_workers: int = _field(2, "packing tasks per split, each writing a contiguous run of its shards; the "
+                               "output is byte-identical whatever the value (not part of the config hash). On a "
+                               "cluster raise it towards its CPUs / pack_num_cpus; on 2 cores more than 2 is slower "
+                               "(Ray starts a fresh worker process for each task beyond one per CPU)")
     embed_num_gpus: float = _field(0.0, "GPUs per embedding actor (pack.group_backend=embedding); 0 embeds on CPU")
     rows_per_shard: int = _field(20000, "packed rows per Parquet shard")
     reuse: bool = _field(True, "reuse tokenized and packed outputs whose config hash matches")
