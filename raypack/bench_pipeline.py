@@ -11,15 +11,21 @@ On the same synthetic text and the same cores, in one run:
 4. peak memory summed over the driver and every Ray process, sampled every 1 s,
    two ways: RSS (shared object-store pages count once per process that maps
    them, so it over-counts) and PSS (each shared page split between the
-   processes that map it: the sum is the memory really in use).
+   processes that map it: the sum is the memory really in use);
+5. with --pack-workers 1,2: the packing stage alone again on the same tokenized
+   cache (best of 2 runs), per number of packing tasks per split
+   (`prepare.pack_workers`), checking that every run writes the same bytes.
 
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
+    raypack bench pipeline --num-samples 20000 --window 2000 --skip-bare --pack-workers 1,2
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -104,15 +110,15 @@ class _PeakRss:
 
 def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm: str = "bfd-isolated",
                    window: int = 100_000, max_seq_len: int = 4096, overrides: list[str] | None = None,
-                   bare: bool = True) -> dict:
+                   bare: bool = True, pack_workers: list[int] | None = None) -> dict:
     """Measure the pipeline and the bare tokenizer on the same shards; returns JSON-ready figures."""
     ensure_ray()
     work = Path(work_dir)
     paths = write_synth_shards(preset, num_samples, seed, work / "text")
-    cfg = load_config(None, [f"data.sources=[{', '.join(paths)}]", "data.format=messages",
-                             f"data.max_seq_len={max_seq_len}", f"pack.arms=[{arm}]", f"pack.window={window}",
-                             f"prepare.output_dir={work / 'prepared'}", "prepare.reuse=false",
-                             "data.val_fraction=0.0", *(overrides or [])])
+    settings = [f"data.sources=[{', '.join(paths)}]", "data.format=messages", f"data.max_seq_len={max_seq_len}",
+                f"pack.arms=[{arm}]", f"pack.window={window}", f"prepare.output_dir={work / 'prepared'}",
+                "data.val_fraction=0.0", *(overrides or [])]
+    cfg = load_config(None, [*settings, "prepare.reuse=false"])
     with _PeakRss() as rss:
         start = time.perf_counter()
         folders = prepare(cfg)
@@ -135,7 +141,34 @@ def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm:
         "rows_over_lower_bound": manifest.rows_over_lower_bound,
         "num_truncated": manifest.num_truncated, "peak_rss_sum_mb": rss.peak / 2**20,
         "peak_pss_sum_mb": rss.peak_pss / 2**20,
+        "pack_workers": [bench_pack_workers(settings, w, folders, arm) for w in pack_workers or []],
     }
+
+
+def bench_pack_workers(settings: list[str], workers: int, folders: dict, arm: str, repeats: int = 2) -> dict:
+    """The packing stage alone, on the tokenized cache already there, with `workers` tasks per split.
+
+    Best of `repeats` runs: pack_seconds is the arm's manifest `seconds` (planning to
+    flat/ written); prepare_seconds the whole call (reading the cache's keys for the
+    hold-out, the empty val split, the manifests); sha256 covers every file but the
+    manifests, to show the output does not change.
+    """
+    cfg = load_config(None, [*settings, "prepare.reuse=true", f"prepare.pack_workers={workers}"])
+    pack_seconds, seconds = [], []
+    for _ in range(repeats):
+        for folder in folders.values():
+            shutil.rmtree(folder)
+        start = time.perf_counter()
+        prepare(cfg)
+        seconds.append(time.perf_counter() - start)
+        pack_seconds.append(read_manifest(folders[arm]).seconds)
+    digest = hashlib.sha256()
+    for folder in folders.values():
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != "manifest.json"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return {"pack_workers": workers, "pack_seconds": min(pack_seconds), "prepare_seconds": min(seconds),
+            "num_shards": len(list(Path(folders[arm]).glob("*.parquet"))),
+            "sha256": digest.hexdigest()}
 
 
 def format_pipeline_result(r: dict) -> str:
@@ -152,4 +185,15 @@ def format_pipeline_result(r: dict) -> str:
         f"({r['num_truncated']:,} samples truncated to max_seq_len)",
         f"peak memory summed over driver + Ray processes: PSS {r['peak_pss_sum_mb']:,.0f} MiB "
         f"(RSS {r['peak_rss_sum_mb']:,.0f} MiB, counting shared pages once per process)",
+        *_pack_workers_lines(r["pack_workers"]),
     ])
+
+
+def _pack_workers_lines(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    same = len({run["sha256"] for run in runs}) == 1
+    lines = [f"packing stage again on the same cache, best of 2, per prepare.pack_workers ({runs[0]['num_shards']} "
+             f"shards to share; output identical: {same}):", "  pack_workers  pack seconds  prepare seconds"]
+    return lines + [f"  {run['pack_workers']:>12}  {run['pack_seconds']:>12.1f}  {run['prepare_seconds']:>15.1f}"
+                    for run in runs]

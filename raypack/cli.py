@@ -13,6 +13,7 @@
     raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
     raypack bench grouping --preset tulu-326k --num-samples 100000 [--window 1000] [--clusters 16]
     raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
+    raypack bench pipeline --num-samples 20000 --window 2000 --skip-bare --pack-workers 1,2   # + the packing stage per pack_workers
     raypack bench train [--json F] jobs/quickstart.yaml [key=value ...]   # padding vs bfd-isolated, one epoch, tiny model
     raypack bench loader --sizes 2000,20000,190000 --json out/bench_loader.json   # fetch cost and memory vs split size
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
@@ -411,9 +412,13 @@ def cmd_bench_grouping(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from raypack.bench_pipeline import bench_pipeline, format_pipeline_result
 
+    try:
+        pack_workers = [int(w) for w in args.pack_workers.split(",")] if args.pack_workers else []
+    except ValueError:
+        raise ValueError(f"--pack-workers {args.pack_workers!r}: give task counts separated by commas, e.g. 1,2")
     result = bench_pipeline(args.preset, args.num_samples, args.seed, args.work_dir, arm=args.arm,
                             window=args.window, max_seq_len=args.max_seq_len, overrides=args.overrides,
-                            bare=not args.skip_bare)
+                            bare=not args.skip_bare, pack_workers=pack_workers)
     return _report(format_pipeline_result(result), result, args.json)
 
 
@@ -565,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--work-dir", default="out/bench_pipeline", help="synthetic shards and prepared output go here")
     p.add_argument("--skip-bare", action="store_true", help="skip the bare-tokenizer reference (long runs)")
+    p.add_argument("--pack-workers", default="", help="e.g. 1,2: then time the packing stage alone again on the "
+                   "same tokenized cache with each number of packing tasks per split (prepare.pack_workers)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. prepare.num_tokenizer_actors=2")
     p.set_defaults(func=cmd_bench_pipeline)

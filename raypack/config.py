@@ -119,7 +119,11 @@ class PrepareConfig:
     tokenize_batch_size: int = _field(256, "conversations per tokenizer call")
     block_mb: int = _field(8, "target Ray Data block size in MiB while tokenizing (smaller blocks spread "
                            "one large file over more actors)")
-    pack_num_cpus: float = _field(0.5, "CPUs reserved per arm's packing task")
+    pack_num_cpus: float = _field(0.5, "CPUs reserved per packing task (planning, packing and joining a split)")
+    pack_workers: int = _field(2, "packing tasks per split, each writing a contiguous run of its shards; the "
+                               "output is byte-identical whatever the value (not part of the config hash). On a "
+                               "cluster raise it towards its CPUs / pack_num_cpus; on 2 cores more than 2 is slower "
+                               "(Ray starts a fresh worker process for each task beyond one per CPU)")
     embed_num_gpus: float = _field(0.0, "GPUs per embedding actor (pack.group_backend=embedding); 0 embeds on CPU")
     rows_per_shard: int = _field(20000, "packed rows per Parquet shard")
     reuse: bool = _field(True, "reuse tokenized and packed outputs whose config hash matches")
@@ -503,7 +507,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.val_count: must be >= 0, got {cfg.data.val_count}")
     for key, value in (("prepare.num_tokenizer_actors", cfg.prepare.num_tokenizer_actors),
                        ("prepare.tokenize_batch_size", cfg.prepare.tokenize_batch_size),
-                       ("prepare.rows_per_shard", cfg.prepare.rows_per_shard)):
+                       ("prepare.rows_per_shard", cfg.prepare.rows_per_shard),
+                       ("prepare.pack_workers", cfg.prepare.pack_workers)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.study.probe_samples < 0 or cfg.study.probe_clusters < 0:

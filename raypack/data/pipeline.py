@@ -7,13 +7,16 @@ tokenize, holdout, pack) over a cluster:
       -> normalise + tokenize + over-length policy (an actor pool; the tokenizer loads once per actor)
       -> tokenized cache (Parquet, in input order, reused by every arm and every later run)
       -> hold out validation conversations by key (the same for every arm)
-      -> pack per window (a task per arm, streaming the cache window by window)
-      -> packed Parquet shards, flat/ (what training memory-maps) + manifest.json per arm
+      -> plan every window from lengths alone (a task per split: lengths, clusters, turn counts)
+      -> pack in parallel (prepare.pack_workers tasks per split, each a contiguous run of
+         the split's shards, reading only the samples its rows hold)
+      -> packed Parquet shards, flat/ (joined from the tasks' parts) + manifest.json per split
 
 Output is deterministic: Ray Data runs with `preserve_order`, the cache's keys
 are checked to be in input order, and windows are cut by sample count, so the
-same input, config and seed give byte-identical shards whatever the number of
-workers. Layout under `prepare.output_dir`:
+same input, config and seed give byte-identical shards, flat/ and manifest
+(timings aside) whatever the number of tokenizer actors or packing tasks.
+Layout under `prepare.output_dir`:
 
     tok-<hash>/tokenized/*.parquet        one row per sample piece, rejected or dropped record
     tok-<hash>/tokenized.json             counts of the tokenization pass
@@ -48,8 +51,9 @@ from raypack.data import features, formats, synth
 from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
 from raypack.data.compose import composition_stats, plan_composed
-from raypack.data.pack import pack_rows, row_length_stats
-from raypack.data.prepared import MANIFEST_VERSION, Manifest, shard_files, write_flat, write_manifest
+from raypack.data.pack import PackPlan, pack_rows, row_length_stats
+from raypack.data.prepared import (FLAT_DIR, MANIFEST_VERSION, Manifest, ShardConverter, first_fitting, join_flat,
+                                   publish_flat, shard_files, write_flat, write_manifest)
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
 
@@ -350,6 +354,14 @@ def _write_rejected(files: list[str], out: Path) -> None:
 
 
 # ---------------------------------------------------------------- hold out and pack
+#
+# A split is packed in three steps, its output the same whatever the number of tasks:
+#   plan_split   one task: reads lengths (+ turn counts, clusters) only, cuts the split into
+#                buffers, plans each buffer and counts the split's statistics;
+#   pack_shards  prepare.pack_workers tasks, each a contiguous run of the split's shards
+#                (whole buffers, or rows of one buffer's plan): reads only the samples its
+#                rows hold, materialises the rows, writes the shards and a flat/ part;
+#   join_flat_parts  one task: joins the parts into flat/.
 
 
 def _kept(table) -> np.ndarray:
@@ -357,99 +369,75 @@ def _kept(table) -> np.ndarray:
     return np.isin(np.array(table.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
 
 
-def _iter_kept_samples(files: list[str], holdout_keys: np.ndarray, select: str):
-    """Yield (key, piece, input_ids, labels, num_turns, kept_index) of kept samples of the train or val split.
+def _chosen(batch, holdout_keys: np.ndarray, select: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of a cache batch are kept samples, and which of those belong to the train or val split."""
+    kept = _kept(batch)
+    held = np.isin(batch.column("key").to_numpy(), holdout_keys)
+    return kept, kept & (held if select == "val" else ~held)
 
-    In input order; kept_index counts every kept sample of both splits (the row of the
-    sample in the grouping stage's arrays).
-    """
-    columns = ["key", "piece", "status", "num_turns", "input_ids", "labels"]
-    kept_base = 0
-    for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=2048, columns=columns):
-            keys = batch.column("key").to_numpy()
-            kept = _kept(batch)
+
+def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str]):
+    """((path, row group), an iterator over its batches) for each of these row groups of the cache, in order."""
+    pf, opened = None, None
+    for path, group in row_groups:
+        if path != opened:
+            pf, opened = pq.ParquetFile(path), path
+        yield (path, group), pf.iter_batches(batch_size=2048, row_groups=[group], columns=columns)
+
+
+class _SplitPlan(NamedTuple):
+    """What plan_split hands to the packing tasks: every buffer's plan and where its samples are."""
+
+    plans: list[PackPlan]  # one per buffer; piece_sample indexes the buffer's samples
+    buffer_starts: np.ndarray  # split ordinal (kept samples of this split, in cache order) of each buffer's first sample
+    row_groups: list[tuple[str, int, int, int]]  # (file, row group, first split ordinal, split samples in it)
+
+
+class _Shard(NamedTuple):
+    """One Parquet shard: rows lo:hi of buffer `buffer`'s plan, written as part-{buffer}-{chunk}."""
+
+    buffer: int
+    chunk: int
+    lo: int
+    hi: int
+    first_row: int  # global row_index of its first row
+    num_tokens: int
+
+
+def _read_lengths(files: list[str], holdout_keys: np.ndarray, select: str) -> dict:
+    """The split's kept samples in cache order, from the cache's small columns: no tokens are read."""
+    columns = ["key", "piece", "status", "num_tokens", "num_turns"]
+    groups = [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
+    parts, row_groups, kept_base, ordinal = [], [], 0, 0
+    for (path, group), batches in _row_group_batches(groups, columns):
+        first = ordinal
+        for batch in batches:
+            kept, chosen = _chosen(batch, holdout_keys, select)
             kept_index = kept_base + np.cumsum(kept) - 1
             kept_base += int(kept.sum())
-            held = np.isin(keys, holdout_keys)
-            chosen = kept & (held if select == "val" else ~held)
-            if not chosen.any():
-                continue
-            pieces, turns = batch.column("piece").to_numpy(), batch.column("num_turns").to_numpy()
-            ids_col, lab_col = batch.column("input_ids"), batch.column("labels")
-            offsets = ids_col.offsets.to_numpy()
-            ids_values = ids_col.values.to_numpy(zero_copy_only=False)
-            lab_values = lab_col.values.to_numpy(zero_copy_only=False)
-            for i in np.flatnonzero(chosen):
-                lo, hi = offsets[i], offsets[i + 1]
-                yield (int(keys[i]), int(pieces[i]), ids_values[lo:hi], lab_values[lo:hi], int(turns[i]),
-                       int(kept_index[i]))
+            parts.append({"key": batch.column("key").to_numpy()[chosen],
+                          "piece": batch.column("piece").to_numpy()[chosen],
+                          "length": batch.column("num_tokens").to_numpy()[chosen].astype(np.int64),
+                          "turns": batch.column("num_turns").to_numpy()[chosen], "kept_index": kept_index[chosen]})
+            ordinal += int(chosen.sum())
+        if ordinal > first:
+            row_groups.append((path, group, first, ordinal - first))
+    out = {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, np.int64)
+           for name in ("key", "piece", "length", "turns", "kept_index")}
+    out["row_groups"] = row_groups
+    return out
 
 
-def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarray, sample_pieces: np.ndarray,
-                row_offsets: np.ndarray, first_row: int) -> pa.Table:
-    n = len(rows)
-    offsets = pa.array(row_offsets.astype(np.int32))
-    return pa.table({
-        "row_index": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
-        "input_ids": _list_column([r["input_ids"] for r in rows]),
-        "labels": _list_column([r["labels"] for r in rows]),
-        "position_ids": _list_column([r["position_ids"] for r in rows]),
-        "seq_lens": _list_column([r["seq_lens"] for r in rows]),
-        "sample_keys": pa.ListArray.from_arrays(offsets, pa.array(sample_keys.astype(np.int64))),
-        "sample_pieces": pa.ListArray.from_arrays(offsets, pa.array(sample_pieces.astype(np.int32))),
-        "num_tokens": pa.array([len(r["input_ids"]) for r in rows], pa.int32()),
-        "num_supervised_tokens": pa.array(supervised.astype(np.int32)),
-    })
+class _SplitStats:
+    """The split's sample, composition and similarity counts, added buffer by buffer in order."""
 
-
-class _ArmWriter:
-    """Packs one buffer of samples at a time and writes its rows as Parquet shards; keeps only row lengths."""
-
-    def __init__(self, out: Path, spec: ArmSpec, window: int, max_seq_len: int, rows_per_shard: int,
-                 groups: dict | None):
-        self.out, self.spec, self.window, self.groups = out, spec, window, groups
-        self.max_seq_len, self.rows_per_shard = max_seq_len, rows_per_shard
-        self.row_lens: list[np.ndarray] = []
-        self.num_rows = self.num_samples = self.num_split_samples = self.num_supervised = 0
+    def __init__(self, spec: ArmSpec, groups: dict | None):
+        self.spec, self.groups = spec, groups
+        self.num_samples = self.num_split_samples = 0
         self.num_multi_turn = self.num_multi_turn_rows = self.num_mixed_rows = self.num_shared_rows = 0
         self.similarity: list[dict] = []
-        self.buffer_index = 0
 
-    def write_buffer(self, samples: list[tuple]) -> None:
-        if not samples:
-            return
-        keys = np.array([s[0] for s in samples], dtype=np.int64)
-        pieces = np.array([s[1] for s in samples], dtype=np.int32)
-        tokens = [{"input_ids": s[2], "labels": s[3]} for s in samples]
-        lengths = np.array([len(s[2]) for s in samples])
-        multi_turn = np.array([s[4] > 1 for s in samples]) if self.spec.only_single_turn else None
-        clusters = vectors = None
-        if self.groups is not None:
-            kept_index = np.array([s[5] for s in samples], dtype=np.int64)
-            if not (np.array_equal(self.groups["keys"][kept_index], keys)
-                    and np.array_equal(self.groups["pieces"][kept_index], pieces)):
-                raise RuntimeError("grouping stage output is not aligned with the tokenized cache; prepare again "
-                                   "with prepare.reuse=false")
-            clusters, vectors = self.groups["clusters"][kept_index], self.groups["vectors"][kept_index]
-        plan = plan_composed(lengths, self.max_seq_len, self.spec.strategy, self.window, self.spec.grouping,
-                             clusters, multi_turn)
-        rows = pack_rows(plan, tokens, self.spec.attention or "isolated")
-        self._count(plan, len(samples), multi_turn, clusters, vectors)
-        supervised = np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
-        for c, lo in enumerate(range(0, len(rows), self.rows_per_shard)):
-            hi = min(lo + self.rows_per_shard, len(rows))
-            p_lo, p_hi = plan.row_offsets[lo], plan.row_offsets[hi]
-            table = _rows_table(rows[lo:hi], supervised[lo:hi], keys[plan.piece_sample[p_lo:p_hi]],
-                                pieces[plan.piece_sample[p_lo:p_hi]],
-                                plan.row_offsets[lo:hi + 1] - p_lo, self.num_rows + lo)
-            pq.write_table(table, self.out / f"part-{self.buffer_index:05d}-{c:03d}.parquet")
-        self.num_supervised += int(supervised.sum())
-        self.row_lens.append(plan.row_lengths())
-        self.num_rows += len(rows)
-        self.buffer_index += 1
-
-    def _count(self, plan, num_samples: int, multi_turn, clusters, vectors) -> None:
+    def add(self, plan, buffer_index: int, num_samples: int, multi_turn, clusters, vectors) -> None:
         counts = np.bincount(plan.piece_sample, minlength=num_samples)
         self.num_samples += num_samples
         self.num_split_samples += int((counts > 1).sum())
@@ -460,7 +448,7 @@ class _ArmWriter:
         if clusters is not None:
             self.num_shared_rows += composition["num_packed_rows"]
             self.num_mixed_rows += composition["num_mixed_cluster_rows"]
-            self.similarity.append(features.pack_similarity(vectors.astype(np.float32), plan, seed=self.buffer_index))
+            self.similarity.append(features.pack_similarity(vectors.astype(np.float32), plan, seed=buffer_index))
 
     def summary(self) -> dict:
         out = {"grouping": self.spec.grouping, "only_single_turn": self.spec.only_single_turn}
@@ -480,33 +468,175 @@ class _ArmWriter:
 
 
 @ray.remote
-def pack_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: ArmSpec, window: int,
+def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: ArmSpec, window: int,
                group_buffer: int, groups_dir: str | None, max_seq_len: int, micro_batch_size: int,
-               rows_per_shard: int, out: str) -> dict:
-    """Stream the cache buffer by buffer into packed shards under `out`; returns the arm's row stats.
+               rows_per_shard: int) -> tuple[dict, _SplitPlan]:
+    """Plan every buffer of the split from lengths alone; returns (row stats and shards, the plans).
 
     A buffer is `window` samples (all when 0); a grouped arm buffers `group_buffer`
     samples (all when 0), orders them by cluster and packs each cluster in windows.
-    Memory holds one buffer of samples.
+    Call with num_returns=2: the driver reads the stats, the packing tasks the plans.
     """
-    start = time.perf_counter()
+    start = time.time()
+    split = _read_lengths(files, holdout_keys, select)
     groups = load_groups(groups_dir) if groups_dir else None
-    writer = _ArmWriter(Path(out), spec, window, max_seq_len, rows_per_shard, groups)
-    size = group_buffer if spec.grouping != "none" else window
-    buffer: list[tuple] = []
-    for sample in _iter_kept_samples(files, holdout_keys, select):
-        buffer.append(sample)
-        if size and len(buffer) == size:
-            writer.write_buffer(buffer)
-            buffer = []
-    writer.write_buffer(buffer)
-    row_lens = np.concatenate(writer.row_lens) if writer.row_lens else np.zeros(0, np.int64)
-    stats = row_length_stats(row_lens, max_seq_len, micro_batch_size)
-    stats.update(num_samples=writer.num_samples, num_split_samples=writer.num_split_samples,
-                 num_supervised_tokens=writer.num_supervised, seconds=time.perf_counter() - start)
-    stats["composition"] = writer.summary() if select == "train" else {}
-    write_flat(out)  # here, in the packing task, so that training never converts
-    return stats
+    n = len(split["length"])
+    size = (group_buffer if spec.grouping != "none" else window) or max(n, 1)
+    stats, plans, shards, row_lens, num_rows = _SplitStats(spec, groups), [], [], [], 0
+    for b, lo in enumerate(range(0, n, size)):
+        hi = min(lo + size, n)
+        multi_turn = split["turns"][lo:hi] > 1 if spec.only_single_turn else None
+        clusters = vectors = None
+        if groups is not None:
+            kept_index = split["kept_index"][lo:hi]
+            if not (np.array_equal(groups["keys"][kept_index], split["key"][lo:hi])
+                    and np.array_equal(groups["pieces"][kept_index], split["piece"][lo:hi])):
+                raise RuntimeError("grouping stage output is not aligned with the tokenized cache; prepare again "
+                                   "with prepare.reuse=false")
+            clusters, vectors = groups["clusters"][kept_index], groups["vectors"][kept_index]
+        plan = plan_composed(split["length"][lo:hi], max_seq_len, spec.strategy, window, spec.grouping, clusters,
+                             multi_turn)
+        stats.add(plan, b, hi - lo, multi_turn, clusters, vectors)
+        lens = plan.row_lengths()
+        for c, r in enumerate(range(0, plan.num_rows, rows_per_shard)):
+            r_hi = min(r + rows_per_shard, plan.num_rows)
+            shards.append(_Shard(b, c, r, r_hi, num_rows + r, int(lens[r:r_hi].sum())))
+        plans.append(plan)
+        row_lens.append(lens)
+        num_rows += plan.num_rows
+    out = row_length_stats(np.concatenate(row_lens) if row_lens else np.zeros(0, np.int64), max_seq_len,
+                           micro_batch_size)
+    out.update(num_samples=stats.num_samples, num_split_samples=stats.num_split_samples, shards=shards,
+               start=start, composition=stats.summary() if select == "train" else {})
+    starts = np.arange(0, n, size, dtype=np.int64)
+    return out, _SplitPlan(plans, starts, split["row_groups"])
+
+
+def _shard_plan(plan: PackPlan, lo: int, hi: int) -> PackPlan:
+    """Rows lo:hi of a plan (piece_sample still indexes the plan's samples)."""
+    p_lo, p_hi = plan.row_offsets[lo], plan.row_offsets[hi]
+    return PackPlan(plan.piece_sample[p_lo:p_hi], plan.piece_start[p_lo:p_hi], plan.piece_end[p_lo:p_hi],
+                    plan.row_offsets[lo:hi + 1] - p_lo)
+
+
+def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, needed: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Keys, pieces and tokens (copies) of the split's samples at the sorted ordinals `needed`.
+
+    Row groups holding none of them are skipped; nothing else of the split is kept.
+    """
+    keys, pieces = np.zeros(len(needed), np.int64), np.zeros(len(needed), np.int32)
+    tokens: list[dict] = [{} for _ in needed]
+    wanted = [(path, group, first) for path, group, first, count in split.row_groups
+              if np.searchsorted(needed, first) < np.searchsorted(needed, first + count)]
+    firsts = {(path, group): first for path, group, first in wanted}
+    columns = ["key", "piece", "status", "input_ids", "labels"]
+    for (path, group), batches in _row_group_batches([(p, g) for p, g, _ in wanted], columns):
+        ordinal = firsts[(path, group)]
+        for batch in batches:
+            _, chosen = _chosen(batch, holdout_keys, select)
+            rows = np.flatnonzero(chosen)
+            ordinals = ordinal + np.arange(len(rows))
+            ordinal += len(rows)
+            slot = np.searchsorted(needed, ordinals)
+            hit = slot < len(needed)
+            hit[hit] = needed[slot[hit]] == ordinals[hit]
+            if not hit.any():
+                continue
+            ids_col, lab_col = batch.column("input_ids"), batch.column("labels")
+            offsets = ids_col.offsets.to_numpy()
+            ids_values = ids_col.values.to_numpy(zero_copy_only=False)
+            lab_values = lab_col.values.to_numpy(zero_copy_only=False)
+            batch_keys, batch_pieces = batch.column("key").to_numpy(), batch.column("piece").to_numpy()
+            for i, s in zip(rows[hit], slot[hit]):
+                lo, hi = offsets[i], offsets[i + 1]
+                keys[s], pieces[s] = batch_keys[i], batch_pieces[i]
+                tokens[s] = {"input_ids": ids_values[lo:hi].copy(), "labels": lab_values[lo:hi].copy()}
+    assert all(tokens), "a planned sample was not found in the cache"
+    return keys, pieces, tokens
+
+
+@ray.remote
+def pack_shards(split: _SplitPlan, shards: list[_Shard], holdout_keys: np.ndarray, select: str, attention: str,
+                out: str, part: str) -> dict:
+    """Materialise and write these consecutive shards of a split, and their rows as a flat/ part.
+
+    Holds only the samples its rows hold. Returns the rows' supervised tokens and the
+    position rules they follow (join_flat_parts picks one for the whole split).
+    """
+    needed = np.unique(np.concatenate(
+        [split.buffer_starts[s.buffer] + _shard_plan(split.plans[s.buffer], s.lo, s.hi).piece_sample
+         for s in shards]))
+    keys, pieces, tokens = _read_samples(split, holdout_keys, select, needed)
+    converter = ShardConverter(part, first_row=shards[0].first_row)
+    num_supervised = 0
+    for s in shards:
+        plan = _shard_plan(split.plans[s.buffer], s.lo, s.hi)
+        local = np.searchsorted(needed, split.buffer_starts[s.buffer] + plan.piece_sample)
+        used, piece_sample = np.unique(local, return_inverse=True)
+        rows = pack_rows(PackPlan(piece_sample.astype(np.int64), plan.piece_start, plan.piece_end, plan.row_offsets),
+                         [tokens[i] for i in used], attention)
+        supervised = np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
+        table = _rows_table(rows, supervised, keys[local], pieces[local], plan.row_offsets, s.first_row)
+        path = Path(out) / f"part-{s.buffer:05d}-{s.chunk:03d}.parquet"
+        pq.write_table(table, path)
+        converter.add(table, path)
+        num_supervised += int(supervised.sum())
+    fits = converter.close(out)  # a part that follows no rule fails here, as its split would as a whole
+    return {"num_supervised_tokens": num_supervised, "fits": fits}
+
+
+@ray.remote
+def join_flat_parts(out: str, parts: list[str], *results: dict) -> dict:
+    """flat/ of the split from the packing tasks' parts (in row order); returns the totals and the end time."""
+    positions = first_fitting([r["fits"] for r in results], out)
+    publish_flat(Path(out) / FLAT_DIR, lambda tmp: join_flat(parts, tmp, positions))
+    if parts:
+        shutil.rmtree(Path(parts[0]).parent)
+    return {"num_supervised_tokens": sum(r["num_supervised_tokens"] for r in results), "end": time.time()}
+
+
+def _runs(num_tokens: list[int], num: int) -> list[tuple[int, int]]:
+    """At most `num` contiguous, non-empty runs of shards with about the same tokens each."""
+    if not num_tokens:
+        return []
+    cum = np.cumsum(num_tokens)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, num) / num) + 1
+    bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(cum)), [len(cum)]]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _pack_split(refs, select: str, spec: ArmSpec, holdout_ref, prep: PrepareConfig, out: Path) -> tuple[dict, object]:
+    """Start a planned split's packing tasks (prep.pack_workers runs of shards) and the join after them.
+
+    `refs` are plan_split's two results; returns the split's stats and the join's ref.
+    """
+    stats_ref, plan_ref = refs
+    stats = ray.get(stats_ref)
+    shards = stats.pop("shards")
+    parts, results = [], []
+    for i, (lo, hi) in enumerate(_runs([s.num_tokens for s in shards], prep.pack_workers)):
+        parts.append(str(out / ".flat-parts" / f"{i:03d}"))
+        results.append(pack_shards.options(num_cpus=prep.pack_num_cpus).remote(
+            plan_ref, shards[lo:hi], holdout_ref, select, spec.attention or "isolated", str(out), parts[-1]))
+    return stats, join_flat_parts.options(num_cpus=prep.pack_num_cpus).remote(str(out), parts, *results)
+
+
+def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarray, sample_pieces: np.ndarray,
+                row_offsets: np.ndarray, first_row: int) -> pa.Table:
+    n = len(rows)
+    offsets = pa.array(row_offsets.astype(np.int32))
+    return pa.table({
+        "row_index": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+        "input_ids": _list_column([r["input_ids"] for r in rows]),
+        "labels": _list_column([r["labels"] for r in rows]),
+        "position_ids": _list_column([r["position_ids"] for r in rows]),
+        "seq_lens": _list_column([r["seq_lens"] for r in rows]),
+        "sample_keys": pa.ListArray.from_arrays(offsets, pa.array(sample_keys.astype(np.int64))),
+        "sample_pieces": pa.ListArray.from_arrays(offsets, pa.array(sample_pieces.astype(np.int32))),
+        "num_tokens": pa.array([len(r["input_ids"]) for r in rows], pa.int32()),
+        "num_supervised_tokens": pa.array(supervised.astype(np.int32)),
+    })
 
 
 def _finish(partial: Path, final: Path, manifest: Manifest) -> None:
@@ -739,13 +869,18 @@ def prepare(cfg: Config) -> dict:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        pending[name] = (partial, job_hash, spec, window, pack_split.options(
-            num_cpus=cfg.prepare.pack_num_cpus).remote(
+        pending[name] = (partial, job_hash, spec, window, plan_split.options(
+            num_cpus=cfg.prepare.pack_num_cpus, num_returns=2).remote(
             files, holdout_ref, select, spec, window, cfg.pack.group_buffer,
             str(packed_groups) if packed_groups else None, cfg.data.max_seq_len,
-            cfg.train.micro_batch_size, cfg.prepare.rows_per_shard, str(partial)))
-    for name, (partial, job_hash, spec, window, ref) in pending.items():
-        stats = ray.get(ref)
+            cfg.train.micro_batch_size, cfg.prepare.rows_per_shard))
+    # Every split plans at once; a split's packing tasks start as soon as its plan is known.
+    for name, (partial, job_hash, spec, window, refs) in pending.items():
+        stats, join_ref = _pack_split(refs, jobs[name].select, spec, holdout_ref, cfg.prepare, partial)
+        pending[name] = (partial, job_hash, spec, window, stats, join_ref)
+    for name, (partial, job_hash, spec, window, stats, join_ref) in pending.items():
+        joined = ray.get(join_ref)
+        stats.update(num_supervised_tokens=joined["num_supervised_tokens"], seconds=joined["end"] - stats.pop("start"))
         manifest = _manifest(counts, stats, cfg, spec.strategy, spec.attention, window, job_hash, tokenize_seconds,
                              split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
         _finish(partial, folders[name], manifest)

@@ -32,7 +32,8 @@ pack.py's isolated example, as flat/ holds them:
 The arrays are opened with `np.load(mmap_mode="r")` and a fetch reads its rows'
 tokens with pread (RowStore says why): the workers of a node share one
 page-cache copy, and a fetch reads only the tokens of the rows it takes.
-`prepare` writes flat/ right after packing each split; a folder prepared before
+`prepare` writes flat/ right after packing each split (each packing task converts
+its rows into a part with ShardConverter, join_flat joins the parts); a folder prepared before
 flat/ existed is converted from its Parquet shards by the first reader
 (`RowStore.open`), shard by shard, into flat.partial-<pid>-* renamed into place
 atomically (a reader that loses the race uses the winner's copy).
@@ -456,30 +457,84 @@ def _convert_shards(files: list[str], out: Path) -> None:
     agree, and which rule the stored position_ids follow (a row of one sample
     fits both; a folder whose positions fit neither is refused).
     """
-    writer = FlatWriter(out)
-    fits = {name: True for name in POSITIONS}
-    next_row = 0
-    columns = ["row_index", "input_ids", "labels", "position_ids", "seq_lens", "num_supervised_tokens"]
+    converter = ShardConverter(out)
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_CONVERT_BATCH_ROWS, columns=columns):
-            values = lambda name: pc.list_flatten(batch.column(name)).to_numpy(zero_copy_only=False)
-            row_index = batch.column("row_index").to_numpy()
-            if not np.array_equal(row_index, np.arange(next_row, next_row + len(row_index))):
-                raise RuntimeError(f"{path}: row_index is not {next_row}.. in file order; prepare it again "
-                                   "(raypack prepare) with prepare.reuse=false")
-            next_row += len(row_index)
-            num_tokens = pc.list_value_length(batch.column("input_ids")).to_numpy()
-            seq_lens, num_samples = values("seq_lens"), pc.list_value_length(batch.column("seq_lens")).to_numpy()
-            writer.append(values("input_ids"), values("labels"), num_tokens, seq_lens, num_samples)
-            if not np.array_equal(writer.num_supervised[-1], batch.column("num_supervised_tokens").to_numpy()):
-                raise RuntimeError(f"{path}: num_supervised_tokens does not match the labels; prepare it again")
-            stored = values("position_ids")
-            for name in POSITIONS:
-                fits[name] = fits[name] and np.array_equal(stored, _batch_positions(num_tokens, seq_lens, name))
-    fitting = [name for name in POSITIONS if fits[name]]
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_CONVERT_BATCH_ROWS, columns=SHARD_COLUMNS):
+            converter.add(batch, path)
+    converter.close(out.parent)
+
+
+SHARD_COLUMNS = ["row_index", "input_ids", "labels", "position_ids", "seq_lens", "num_supervised_tokens"]
+
+
+class ShardConverter:
+    """Rows of Parquet shards, in row order, into a FlatWriter, checked as they come (see _convert_shards).
+
+    `first_row` lets a slice of a split's rows be converted on its own (a flat/ part,
+    joined by `join_flat`); `fits` is the position rules every row added so far follows.
+    """
+
+    def __init__(self, out: str | Path, first_row: int = 0):
+        self.writer = FlatWriter(out)
+        self.fits = {name: True for name in POSITIONS}
+        self.next_row = first_row
+
+    def add(self, rows, where) -> None:
+        """A pyarrow RecordBatch or Table with SHARD_COLUMNS; `where` names it in errors."""
+        batches = rows.to_batches(max_chunksize=_CONVERT_BATCH_ROWS) if isinstance(rows, pa.Table) else [rows]
+        for batch in batches:
+            self._add_batch(batch, where)
+
+    def _add_batch(self, batch, where) -> None:
+        values = lambda name: pc.list_flatten(batch.column(name)).to_numpy(zero_copy_only=False)
+        row_index = batch.column("row_index").to_numpy()
+        if not np.array_equal(row_index, np.arange(self.next_row, self.next_row + len(row_index))):
+            raise RuntimeError(f"{where}: row_index is not {self.next_row}.. in file order; prepare it again "
+                               "(raypack prepare) with prepare.reuse=false")
+        self.next_row += len(row_index)
+        num_tokens = pc.list_value_length(batch.column("input_ids")).to_numpy()
+        seq_lens, num_samples = values("seq_lens"), pc.list_value_length(batch.column("seq_lens")).to_numpy()
+        self.writer.append(values("input_ids"), values("labels"), num_tokens, seq_lens, num_samples)
+        if not np.array_equal(self.writer.num_supervised[-1], batch.column("num_supervised_tokens").to_numpy()):
+            raise RuntimeError(f"{where}: num_supervised_tokens does not match the labels; prepare it again")
+        stored = values("position_ids")
+        for name in POSITIONS:
+            self.fits[name] = self.fits[name] and np.array_equal(stored, _batch_positions(num_tokens, seq_lens, name))
+
+    def fitting(self) -> list[str]:
+        return [name for name in POSITIONS if self.fits[name]]
+
+    def close(self, where) -> list[str]:
+        """Finish flat/ with the first position rule that every row follows; returns every rule they follow."""
+        self.writer.close(first_fitting([self.fitting()], where))
+        return self.fitting()
+
+
+def first_fitting(fits: list[list[str]], where) -> str:
+    """The first rule of POSITIONS in every list of `fits` (the rules each part of a split follows)."""
+    fitting = [name for name in POSITIONS if all(name in f for f in fits)]
     if not fitting:
-        raise RuntimeError(f"{out.parent}: position_ids follow neither rule of {POSITIONS}; prepare it again")
-    writer.close(fitting[0])
+        raise RuntimeError(f"{where}: position_ids follow neither rule of {POSITIONS}; prepare it again")
+    return fitting[0]
+
+
+def join_flat(parts: list[str | Path], out: str | Path, positions: str) -> None:
+    """One flat/ folder `out` from flat/ parts holding consecutive rows, in order.
+
+    Byte-identical to converting all their rows at once: token arrays are copied
+    end to end behind one header, the per-row arrays concatenated, offsets rebuilt.
+    """
+    writer = FlatWriter(out)
+    for part in map(Path, parts):
+        for name in _TOKEN_ARRAYS:
+            with (part / f"{name}.npy").open("rb") as src:
+                src.seek(_NPY_HEADER_BYTES)
+                shutil.copyfileobj(src, writer.files[name], 16 * 2**20)
+        writer.num_tokens.append(np.load(part / "num_tokens.npy").astype(np.int64))
+        writer.num_supervised.append(np.load(part / "num_supervised_tokens.npy").astype(np.int64))
+        writer.seq_lens.append(np.load(part / "seq_lens.npy").astype(np.int64))
+        writer.num_samples.append(np.diff(np.load(part / "seq_offsets.npy")))
+    writer.close(positions)
 
 
 def _batch_positions(num_tokens: np.ndarray, seq_lens: np.ndarray, positions: str) -> np.ndarray:
