@@ -9,10 +9,10 @@ lm-eval, no probe): every interrupted run must give, for its arm,
     the same per-step losses within 1e-6 (fp32 on CPU),
     the same final weights within 1e-6 (the exported model).
 Interruptions: (a) a training worker SIGKILLed at a random step between two
-checkpoints; (b) the node holding a worker stopped mid-run, the run finishing once
-a node returns; (c) the study's driver SIGKILLed mid-arm and the same command run
-again; (d) SIGTERM to the driver: a checkpoint at the next step boundary, exit 143,
-and the same command resumes. Plus the safer defaults: a relaunch with another
+checkpoints and, later in the same run, (d) SIGTERM to the driver: a checkpoint at
+the next step boundary, exit 143, and the same command resumes; (b) the node
+holding a worker lost mid-run, the run finishing once a node returns; (c) the
+study's driver SIGKILLed mid-arm and the same command run again. Plus the safer defaults: a relaunch with another
 batch size is refused naming the key, and train.resume=false starts afresh.
 
     .venv/bin/pytest tests/test_fault.py -q
@@ -174,43 +174,39 @@ def kill_between_checkpoints(run: Path, proc, kill) -> tuple[int, int]:
     return registered, last
 
 
-def test_a_worker_killed_from_outside(cluster, truth, tmp_path):
-    """(a) SIGKILL to rank 1's process at a random step between two checkpoints: Ray restarts the workers from
-    the last checkpoint and the run ends as the truth did."""
-    args = ["train", "jobs/compare.yaml", *train_overrides(truth, "kill-worker")]
-    run = truth / "runs" / f"kill-worker-{ARM}" / "raypack"
+def test_a_killed_worker_then_sigterm_then_the_same_command(cluster, truth, tmp_path):
+    """One run, two interruptions. (a) SIGKILL to rank 1's process at a random step between two checkpoints:
+    Ray restarts the workers from the last registered checkpoint. (d) Later, SIGTERM to the driver (a spot
+    notice, `ray job stop`): the workers checkpoint at the next step boundary, the driver exits 143, and the
+    same command again resumes from exactly there. The run ends as the truth did."""
+    args = ["train", "jobs/compare.yaml", *train_overrides(truth, "interrupted")]
+    run = truth / "runs" / f"interrupted-{ARM}" / "raypack"
     proc = raypack(cluster, args, tmp_path / "train.log", wait=False)
 
     def kill():
         os.kill(json.loads((run / "init-rank1.json").read_text())["pid"], signal.SIGKILL)
 
     registered, last = kill_between_checkpoints(run, proc, kill)
-    assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-4000:]
-    events = read_jsonl(run / "events.jsonl")
-    resumes = [e["step"] for e in events if e["event"] == "resume"]
-    assert len(resumes) == 1 and registered <= resumes[0] <= last, (registered, last, events)
-    assert_same_run(run, run_dir_of_study(truth / "study", ARM))
+    deadline = time.time() + 900
+    while not any(e["event"] == "resume" for e in read_jsonl(run / "events.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-4000:]
+        time.sleep(0.05)
+    (resumed,) = [e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert registered <= resumed <= last, (registered, resumed, last)
 
-
-def test_sigterm_checkpoints_at_the_next_step_and_the_same_command_resumes(cluster, truth, tmp_path):
-    """(d) SIGTERM to the driver (a spot notice, `ray job stop`): the workers checkpoint at the next step
-    boundary, the driver exits 143, and running the same command again resumes from exactly there."""
-    args = ["train", "jobs/compare.yaml", *train_overrides(truth, "preempt")]
-    run = truth / "runs" / f"preempt-{ARM}" / "raypack"
-    proc = raypack(cluster, args, tmp_path / "train.log", wait=False)
-    wait_for_step(run / "metrics.jsonl", random.Random(os.getpid()).randint(2, 7), proc)
+    wait_for_step(run / "metrics.jsonl", last + 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, (tmp_path / "train.log").read_text()[-4000:]
     events = read_jsonl(run / "events.jsonl")
     (stopped,) = [e["step"] for e in events if e["event"] == "preempted"]
-    assert stopped < 16 and "done" not in [e["event"] for e in events]
+    assert last + 2 <= stopped < 16 and "done" not in [e["event"] for e in events]
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(1, stopped + 1))
     assert registered_checkpoint_step(run) == stopped  # the stop's own checkpoint, uploaded and registered
     assert "run the same command again" in (tmp_path / "train.log").read_text()
 
     raypack(cluster, args, tmp_path / "train.log")
     events = read_jsonl(run / "events.jsonl")
-    assert [e["step"] for e in events if e["event"] == "resume"] == [stopped]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [resumed, stopped]
     assert_same_run(run, run_dir_of_study(truth / "study", ARM))
 
 

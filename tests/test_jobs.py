@@ -4,76 +4,36 @@ The head is started with the real `ray start --head` CLI (its own temp dir, port
 and token), the study is submitted with the real `ray job submit --working-dir .`
 (the repo is uploaded as a runtime-env package), the test waits for SUCCEEDED,
 reads the report, checks that a client without the token is refused, and stops
-the head (its whole process group; never `ray stop`, which would also stop the
-test session's own Ray instance).
+the head (tests/ray_nodes.py: its whole process group; never `ray stop`, which
+would also stop the test session's own Ray instance).
 
     .venv/bin/pytest tests/test_jobs.py -q
 """
 
 import json
-import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from ray_nodes import RayNodes
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def ray_head(tmp_path_factory):
-    tmp = Path(f"/tmp/rpj-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths must stay < 108 chars
-    tmp.mkdir()
-    (tmp / "token").write_text(uuid.uuid4().hex)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(tmp / "token"), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    # Every fixed default port gets a free one: the test session's own Ray instance holds the defaults
-    # (a second dashboard agent on 52365 fails to start, and job submission waits for it forever).
-    ports: set[int] = set()
-    while len(ports) < 7:
-        ports.add(free_port())
-    dashboard, gcs, client, agent_http, agent_grpc, metrics, runtime_env = sorted(ports)
-    # Worker ports below the kernel's ephemeral range, where the free ports above come from.
-    low = 20000 + os.getpid() % 40 * 250
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-         f"--min-worker-port={low}", f"--max-worker-port={low + 200}", "--num-cpus=2",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-         f"--temp-dir={tmp / 'r'}", "--disable-usage-stats"],
-        env=env, stdout=(tmp / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+def ray_head():
+    nodes = RayNodes(Path(f"/tmp/rpj-{uuid.uuid4().hex[:8]}"))  # short: Ray's socket paths must stay < 108 chars
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
-                time.sleep(1)
-        yield {"address": address, "env": env, "tmp": tmp}
+        nodes.start("head", num_cpus=2, dashboard=True)
+        yield {"address": f"http://127.0.0.1:{nodes.dashboard}", "env": nodes.env, "tmp": nodes.tmp}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", str(tmp / "r")], check=False)
+        nodes.stop()
+        shutil.rmtree(nodes.tmp, ignore_errors=True)
 
 
 def test_study_submitted_with_ray_job_submit_succeeds(ray_head, tmp_path):
