@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ray_nodes import RayNodes
+from ray_nodes import RayNodes, free_port
 from safetensors.numpy import load_file
 
 ARMS = ["padding", "bfd-isolated"]
@@ -60,6 +60,10 @@ def train_overrides(root: Path, name: str) -> list[str]:
 def cluster():
     """The head node, with room for both training workers (1 CPU each)."""
     nodes = RayNodes(Path(f"/tmp/rpf-{uuid.uuid4().hex[:8]}"))  # short: Ray's socket paths must stay < 108 chars
+    # Ray 2.60's placement-group cleaner finds the state API by auto-detection, which on a machine running several
+    # Ray instances (the test session's own) can reach another one and remove a live run's placement group
+    # (ray-project/ray#65447); pointed at a closed port, a failed query means "keep watching".
+    nodes.env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
     try:
         nodes.start("head", num_cpus=2, resources='{"head": 2}')
         yield nodes
