@@ -289,3 +289,51 @@ def test_a_relaunch_that_would_change_the_step_rows_is_refused(truth, tmp_path):
     assert latest_checkpoint(changed, ARM) is None
     (aside,) = storage.glob(f"fault-seed0-{ARM}.replaced-*")
     assert (aside / "checkpoint_manager_snapshot.json").exists()
+
+
+def test_a_checkpoint_in_object_storage_is_downloaded_once_per_node(tmp_path):
+    """The loop's `restored`: two ranks of a node (threads here, as the function sees only its local rank
+    and a barrier) get one local copy, downloaded once, however late the second one asks; removed after.
+    Negative control: Ray's own as_directory, asked one after the other, downloads twice."""
+    import threading
+
+    import fsspec.implementations.local
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from raypack.train.loop import restored
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "weights.bin").write_bytes(os.urandom(1 << 16))
+    downloads = []
+
+    class CountingFS(fsspec.implementations.local.LocalFileSystem):
+        """Object storage stand-in: a non-local pyarrow filesystem that counts whole-file reads."""
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" in mode and path.endswith("weights.bin"):
+                downloads.append(path)
+            return super()._open(path, mode, **kwargs)
+
+    checkpoint = Checkpoint(str(tmp_path / "ckpt"), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(CountingFS())))
+    barrier, seen = threading.Barrier(2), {}
+
+    def rank(local_rank: int) -> None:
+        time.sleep(local_rank * 0.5)  # the second rank asks well after the first has downloaded
+        with restored(checkpoint, local_rank, barrier.wait) as folder:
+            seen[local_rank] = (folder, (Path(folder) / "weights.bin").read_bytes())
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(downloads) == 1
+    assert seen[0] == seen[1] and seen[0][1] == (tmp_path / "ckpt" / "weights.bin").read_bytes()
+    assert not Path(seen[0][0]).exists()
+
+    downloads.clear()
+    for _ in range(2):
+        with checkpoint.as_directory():
+            pass
+    assert len(downloads) == 2

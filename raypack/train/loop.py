@@ -67,6 +67,7 @@ Tune trial (`raypack sweep`) sees every validation loss.
 """
 
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -74,8 +75,11 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -161,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with restored(checkpoint, ctx.get_local_rank(), _barrier) as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
@@ -246,6 +250,33 @@ def train_loop_per_worker(config: dict) -> None:
         _export(engine, cfg, run_dir / "model", rank)
     logs.event({"event": "done", "step": stop_step, "seconds": time.perf_counter() - run_start})
     logs.close()
+
+
+@contextmanager
+def restored(checkpoint, local_rank: int, barrier) -> Iterator[str]:
+    """The checkpoint as a local folder for every rank of this node.
+
+    On a filesystem path (local or shared) it is read in place. From object storage
+    it is downloaded once per node, by local rank 0 while the node's other ranks wait
+    at `barrier` (a collective over every rank), and removed once every rank has
+    loaded it. (Ray's `Checkpoint.as_directory` shares one download only between
+    processes that ask at the same moment; one asking after it finished downloads again.)
+    """
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    key = hashlib.sha1(f"{checkpoint.filesystem.type_name}:{checkpoint.path}".encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / f"raypack-restore-{key}"
+    if local_rank == 0:
+        shutil.rmtree(local, ignore_errors=True)
+        checkpoint.to_directory(str(local))
+    barrier()
+    try:
+        yield str(local)
+    finally:
+        barrier()
+        if local_rank == 0:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _model_shape(model) -> dict:
