@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_nodes import free_port
 
 from raypack.config import ConfigError, load_config
 
@@ -197,12 +197,6 @@ def trial_statuses(sweep: Path) -> dict:
     from raypack.analyze import tune_statuses
 
     return tune_statuses(sweep) if sweep.exists() else {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_driver(args: list[str], tmp: Path, log_name: str) -> subprocess.Popen:

@@ -552,7 +552,9 @@ def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, need
                 lo, hi = offsets[i], offsets[i + 1]
                 keys[s], pieces[s] = batch_keys[i], batch_pieces[i]
                 tokens[s] = {"input_ids": ids_values[lo:hi].copy(), "labels": lab_values[lo:hi].copy()}
-    assert all(tokens), "a planned sample was not found in the cache"
+    if not all(tokens):
+        raise RuntimeError(f"{sum(not t for t in tokens)} planned samples were not found in the tokenized cache; "
+                           "prepare again with prepare.reuse=false")
     return keys, pieces, tokens
 
 

@@ -121,10 +121,16 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None)
             "model_dir": str(out / "model") if cfg.train.export else None}
 
 
-def latest_checkpoint(cfg: Config, arm: str):
-    """The checkpoint a launch of this run would restore (Ray Train's latest registered one), or None."""
+def _run_storage(cfg: Config, arm: str) -> tuple[str, pafs.FileSystem, str]:
+    """The run's folder in train.storage_path: as given (path or URI), its pyarrow filesystem and path there."""
     path = f"{storage_path(cfg).rstrip('/')}/{run_name(cfg, arm)}"
     fs, fs_path = pafs.FileSystem.from_uri(path if "://" in path else f"file://{path}")
+    return path, fs, fs_path
+
+
+def latest_checkpoint(cfg: Config, arm: str):
+    """The checkpoint a launch of this run would restore (Ray Train's latest registered one), or None."""
+    path, fs, fs_path = _run_storage(cfg, arm)
     if fs.get_file_info(f"{fs_path}/checkpoint_manager_snapshot.json").type == pafs.FileType.NotFound:
         return None
     return Result.from_path(path).checkpoint
@@ -156,14 +162,11 @@ def _set_aside(cfg: Config, arm: str) -> None:
     """train.resume=false: rename the run's storage folder (checkpoints, Ray's state, and the logs when they are
     beside them) and its separate log folder if any, to <name>.replaced-<UTC time>; nothing is deleted."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    storage = storage_path(cfg).rstrip("/")
-    fs, fs_path = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
-    old = f"{fs_path}/{run_name(cfg, arm)}"
-    fs.move(old, f"{old}.replaced-{stamp}")
-    print(f"[{arm}] train.resume=false: moved the old run to {storage}/{run_name(cfg, arm)}.replaced-{stamp}",
-          flush=True)
+    path, fs, fs_path = _run_storage(cfg, arm)
+    fs.move(fs_path, f"{fs_path}.replaced-{stamp}")
+    print(f"[{arm}] train.resume=false: moved the old run to {path}.replaced-{stamp}", flush=True)
     logs = run_dir(cfg, arm)
-    if "://" in storage and logs.exists():
+    if "://" in path and logs.exists():
         logs.parent.rename(logs.parent.with_name(f"{logs.parent.name}.replaced-{stamp}"))
 
 
