@@ -281,7 +281,7 @@ def _plan_verdict(cfg, figures: dict) -> list[str]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from raypack.study import run_study
+    from raypack.study.run import run_study
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
@@ -292,8 +292,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from raypack.analyze import load_trials
-    from raypack.sweep import run_sweep
+    from raypack.tune.analyze import load_trials
+    from raypack.tune.sweep import run_sweep
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
@@ -309,7 +309,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from raypack.analyze import analyze
+    from raypack.tune.analyze import analyze
 
     result = analyze(args.sweep_dir)
     print((Path(args.sweep_dir) / "analysis.md").read_text())
@@ -344,7 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return _report("", {**result, **val}, args.out)
     options = {"limit": args.limit, "batch_size": args.batch_size, "allow_code_execution": args.allow_code_execution}
     if args.ray:
-        from raypack.data.pipeline import ensure_ray
+        from raypack.ray_start import ensure_ray
 
         ensure_ray()
         result = evaluate_on_ray(args.model_dir, specs, num_gpus=args.num_gpus, num_cpus=args.num_cpus, **options)
@@ -388,7 +388,7 @@ def _report(text: str, result: dict, json_path: str | None) -> int:
 
 
 def cmd_bench_pack(args: argparse.Namespace) -> int:
-    from raypack.bench import bench_pack, format_pack_table
+    from raypack.bench.pack import bench_pack, format_pack_table
     from raypack.data.synth import sample_lengths
 
     lengths = sample_lengths(args.preset, args.num_samples, args.seed)
@@ -400,7 +400,7 @@ def cmd_bench_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_grouping(args: argparse.Namespace) -> int:
-    from raypack.bench import bench_grouping, format_grouping_table
+    from raypack.bench.pack import bench_grouping, format_grouping_table
     from raypack.data.synth import sample_lengths
 
     lengths = sample_lengths(args.preset, args.num_samples, args.seed)
@@ -410,7 +410,7 @@ def cmd_bench_grouping(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
-    from raypack.bench_pipeline import bench_pipeline, format_pipeline_result
+    from raypack.bench.pipeline import bench_pipeline, format_pipeline_result
 
     try:
         pack_workers = [int(w) for w in args.pack_workers.split(",")] if args.pack_workers else []
@@ -423,14 +423,14 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from raypack.bench_train import bench_train, format_train_result
+    from raypack.bench.train import bench_train, format_train_result
 
     result = bench_train(args.config, args.overrides, args.work_dir)
     return _report(format_train_result(result), result, args.json)
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> int:
-    from raypack.bench_loader import bench_loader, format_loader_result
+    from raypack.bench.loader import bench_loader, format_loader_result
 
     try:
         sizes = [int(s) for s in args.sizes.split(",")]

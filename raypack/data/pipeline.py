@@ -56,6 +56,7 @@ from raypack.data.prepared import (FLAT_DIR, MANIFEST_VERSION, Manifest, ShardCo
                                    publish_flat, shard_files, write_flat, write_manifest)
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
+from raypack.ray_start import ensure_ray
 
 KEY_ROW_BITS = 40  # key = file index << 40 | row number: input order, unique per record
 STATUS_REJECTED = "rejected"
@@ -68,15 +69,6 @@ TOKENIZED_SCHEMA = pa.schema([
 ])
 CACHE_VERSION = 2  # 2: num_turns (assistant messages of the sample's conversation)
 RAW_COLUMNS = ("key", "source", "raw", "fmt", "reason", "detail")
-
-
-# ---------------------------------------------------------------- ray
-
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray instance (the embedded default)."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def _config_hash(*parts) -> str:

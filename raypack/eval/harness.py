@@ -89,7 +89,7 @@ def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch
                     log_samples: bool = False) -> dict:
     """`evaluate` as one Ray task holding `num_gpus` GPUs (device cuda when > 0) and `num_cpus` CPUs.
 
-    Ray must already be initialized (the CLI calls `raypack.data.pipeline.ensure_ray`).
+    Ray must already be initialized (the CLI calls `raypack.ray_start.ensure_ray`).
     Local paths are made absolute here, so they must be visible from the worker's node.
     """
     import ray

@@ -75,7 +75,7 @@ def run_dir(cfg: Config, arm: str) -> Path:
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
                   callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
-    RunConfig (raypack.sweep passes Ray Tune's TuneReportCallback)."""
+    RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback)."""
     train = cfg.train
     scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                             resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})

@@ -237,7 +237,7 @@ def train_loop_per_worker(config: dict) -> None:
             logs.event({"event": "checkpoint", "step": done})
         elif "val_loss" in metrics:
             # Without a checkpoint the report misses Result.metrics but reaches the run's callbacks, so Ray
-            # Tune (TuneReportCallback) sees every validation point (raypack.sweep). Collective: every rank.
+            # Tune (TuneReportCallback) sees every validation point (raypack.tune.sweep). Collective: every rank.
             ray.train.report(dict(metrics))
         if preempted:
             logs.event({"event": "preempted", "step": done})

@@ -1,5 +1,5 @@
 """`raypack sweep`: Ray Tune over learning rate x global batch size (x seed) for each arm; the one module
-touching Ray Tune. `raypack analyze` (raypack.analyze) reads what it leaves.
+touching Ray Tune. `raypack analyze` (raypack.tune.analyze) reads what it leaves.
 
     raypack sweep jobs/sweep-quick.yaml [key=value ...]
     raypack sweep jobs/sweep-quick.yaml --resume out/sweep/sweep-quick    # finish an interrupted sweep
@@ -14,7 +14,7 @@ touching Ray Tune. `raypack analyze` (raypack.analyze) reads what it leaves.
    TuneReportCallback and calls fit(). The loop reports every evaluation step (step, loss, val_loss, ...)
    to Ray Train, with or without a checkpoint, and the callback hands every report to Tune while the run
    trains, so ASHA (sweep.asha) can stop poor trials at rungs counted in optimizer steps. When fit()
-   returns, the trial reports the run's summary (raypack.analyze.run_summary) once more.
+   returns, the trial reports the run's summary (raypack.tune.analyze.run_summary) once more.
 3. The sweep folder (sweep.out):
        config.yaml                    the resolved base config
        <trial_id>/                    Tune's trial folder: params.json (the overrides), result.json
@@ -46,9 +46,10 @@ from pathlib import Path
 
 import yaml
 
-from raypack.analyze import best_trials, load_trials, run_summary
+from raypack.tune.analyze import best_trials, load_trials, run_summary
 from raypack.config import Config, ConfigError, apply_overrides, from_dict, to_dict, validate
-from raypack.data.pipeline import ensure_ray, prepare
+from raypack.data.pipeline import prepare
+from raypack.ray_start import ensure_ray
 from raypack.data.prepared import read_manifest, steps_per_epoch
 from raypack.train.engine import gradient_accumulation_steps
 from raypack.train.launch import arm_config, build_trainer, run_dir

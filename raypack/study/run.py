@@ -15,7 +15,7 @@
    export the model, score it with lm-eval (eval.*) as a Ray task, run the
    context-reliance probe on the held-out split (study.probe_samples,
    raypack.eval.probe), and write <study>/runs/<arm>/seed<k>/result.json;
-4. report.md, report.json and PNG plots in <study> (raypack.report).
+4. report.md, report.json and PNG plots in <study> (raypack.study.report).
 
 A study that stops resumes where it was: an arm with a result.json is not run
 again, and a half-trained arm resumes from its latest checkpoint (Ray Train).
@@ -31,10 +31,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from raypack.config import Config, to_dict
-from raypack.data.pipeline import ensure_ray, prepare
+from raypack.data.pipeline import prepare
+from raypack.ray_start import ensure_ray
 from raypack.data.prepared import read_manifest, steps_per_epoch
 from raypack.eval.tasks import resolve_tasks
-from raypack.report import write_report
+from raypack.study.report import write_report
 from raypack.train.engine import gradient_accumulation_steps
 from raypack.train.launch import arm_config, train_arm
 

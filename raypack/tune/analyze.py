@@ -3,7 +3,7 @@ arm at each batch size (pure: reads files, imports no ray).
 
     raypack analyze out/sweep/sweep-quick
 
-Reads the folder `raypack sweep` writes (raypack.sweep): Tune's trial folders <trial_id>/params.json (the
+Reads the folder `raypack sweep` writes (raypack.tune.sweep): Tune's trial folders <trial_id>/params.json (the
 trial's overrides) and result.json (what reached Tune), Tune's experiment_state-*.json (trial status; read
 as JSON, nothing unpickled), the base config.yaml, and each trial's own logs under
 runs/<trial_id>-<arm>/raypack/ (metrics.jsonl, events.jsonl). Writes into the same folder:

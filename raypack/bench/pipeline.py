@@ -35,7 +35,8 @@ import ray
 
 from raypack.config import load_config
 from raypack.data import formats, synth
-from raypack.data.pipeline import ensure_ray, prepare
+from raypack.data.pipeline import prepare
+from raypack.ray_start import ensure_ray
 from raypack.data.prepared import read_manifest
 from raypack.data.tokenize import render_conversation
 from raypack.model import load_tokenizer

@@ -1,6 +1,6 @@
 """The study report: the arms side by side, as report.json, report.md and PNG plots (pure: no ray).
 
-Input: one record per (arm, seed) run, as `raypack.study` writes them to
+Input: one record per (arm, seed) run, as `raypack.study.run` writes them to
 `<study>/runs/<arm>/seed<k>/result.json`:
 
     {"arm", "seed", "steps", "fit_seconds", "train_seconds", "samples", "tokens", "row_tokens",
