@@ -17,7 +17,7 @@ import pytest
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
         "raypack.data.pack", "raypack.data.compose", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
-        "raypack.bench", "raypack.train.memory", "raypack.train.resume"]
+        "raypack.bench.pack", "raypack.train.memory", "raypack.train.resume"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 
 

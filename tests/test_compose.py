@@ -294,7 +294,7 @@ def test_bad_inputs_are_refused_with_what_to_change():
 
 
 def test_bench_grouping_runs_and_prints_every_grouping():
-    from raypack.bench import bench_grouping, format_grouping_table
+    from raypack.bench.pack import bench_grouping, format_grouping_table
 
     lengths = sample_lengths("tulu-326k", 300, seed=0)
     result = bench_grouping(lengths, 1024, window=100, k=4, seed=0)

@@ -331,7 +331,7 @@ def test_plan_is_frozen():
 
 
 def test_bench_runs_and_prints_every_strategy():
-    from raypack.bench import bench_pack, format_pack_table
+    from raypack.bench.pack import bench_pack, format_pack_table
     from raypack.data.synth import sample_lengths
 
     lengths = sample_lengths("opensource-1.2m", 300, seed=0)

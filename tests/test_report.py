@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from raypack.report import summarise, write_report
+from raypack.study.report import summarise, write_report
 
 
 def record(arm, seed, steps, seconds, tokens, row_tokens, val_loss, scores):

@@ -31,7 +31,7 @@ def prepared(ray_local, tmp_path_factory):
 
 
 def test_match_steps_gives_every_arm_the_fewest_steps_and_a_fitted_schedule(prepared):
-    from raypack.study import arm_plan
+    from raypack.study.run import arm_plan
 
     tmp, folders = prepared
     plans, notes = arm_plan(study_config(tmp, "study.match=steps", "train.epochs=2"), folders)
@@ -44,7 +44,7 @@ def test_match_steps_gives_every_arm_the_fewest_steps_and_a_fitted_schedule(prep
 
 def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
     from raypack.data.prepared import read_manifest
-    from raypack.study import arm_plan
+    from raypack.study.run import arm_plan
 
     tmp, folders = prepared
     plans, _ = arm_plan(study_config(tmp, "study.match=tokens", "train.global_batch_size=32"), folders)
@@ -59,7 +59,7 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
 
 
 def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, capsys):
-    from raypack.study import run_study
+    from raypack.study.run import run_study
 
     # 512 tokens and 40% held out, so the probe finds held-out targets of at most half a row.
     cfg = study_config(tmp_path, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4")
@@ -115,7 +115,7 @@ def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(r
 
 def test_one_score_per_benchmark_group_aggregate_or_leaf_tasks():
     from raypack.eval.tasks import TaskSpec
-    from raypack.study import benchmark_scores
+    from raypack.study.run import benchmark_scores
 
     offline = {"results": [{"task": "raypack_arithmetic", "metric": "acc", "value": 0.2},
                            {"task": "raypack_arithmetic", "metric": "acc_norm", "value": 0.3},

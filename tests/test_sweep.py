@@ -30,7 +30,7 @@ def read_jsonl(path):
 
 
 def test_a_trial_is_the_base_config_plus_cli_overrides():
-    from raypack.sweep import search_space, trial_config, trial_overrides
+    from raypack.tune.sweep import search_space, trial_config, trial_overrides
 
     base = load_config("jobs/sweep-quick.yaml")
     params = {"arm": "bfd-isolated", "optim.lr": 1e-05, "train.global_batch_size": 16, "train.seed": 2}
@@ -119,7 +119,7 @@ def recorded_sweep(tmp_path_factory):
     states.append(write_trial(sweep, "t_stopped", {**bad, "optim.lr": LRS[0]}, [30.0], stop_step=3))
     trial_data = [[json.dumps(s), json.dumps({})] for s in states]
     (sweep / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
-    from raypack.analyze import analyze
+    from raypack.tune.analyze import analyze
 
     return sweep, analyze(sweep)
 
@@ -172,7 +172,7 @@ def test_analyze_reports_best_configs_and_the_cost_of_the_other_arms_lr(recorded
 
 
 def test_analyze_says_when_there_are_too_few_points(tmp_path):
-    from raypack.analyze import analyze
+    from raypack.tune.analyze import analyze
 
     sweep = tmp_path / "two"
     sweep.mkdir()
@@ -194,7 +194,7 @@ def sweep_overrides(tmp):
 
 
 def trial_statuses(sweep: Path) -> dict:
-    from raypack.analyze import tune_statuses
+    from raypack.tune.analyze import tune_statuses
 
     return tune_statuses(sweep) if sweep.exists() else {}
 
@@ -245,7 +245,7 @@ def resumed_sweep(tmp_path_factory):
 
 
 def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
-    from raypack.analyze import load_trials
+    from raypack.tune.analyze import load_trials
 
     sweep, before, logs_before = resumed_sweep
     # Tune creates trials as it starts them (two at a time here): the killed driver had made 2 to 4 and
@@ -296,6 +296,6 @@ def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
 
 def test_analyze_imports_no_ray():
     """The analysis reads files only: it runs wherever the sweep folder is, without Ray (STYLE.md)."""
-    code = "import sys, raypack.analyze; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    code = "import sys, raypack.tune.analyze; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
