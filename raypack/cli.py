@@ -31,8 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from raypack.config import EVAL_PRESETS, ConfigError, EvalConfig, describe_fields, load_config, to_dict
-from raypack.data.synth import PRESETS
+from raypack.config import EVAL_PRESETS, SYNTH_PRESETS, ConfigError, EvalConfig, describe_fields, load_config, to_dict
 
 COMPARE_COLUMNS = (
     ("rows", "num_rows"), ("lower bound", "lower_bound_rows"), ("rows/LB", "rows_over_lower_bound"),
@@ -533,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
-    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--preset", required=True, choices=SYNTH_PRESETS)
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -541,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="what", required=True)
     p = bench.add_parser("pack", help="plan every packing strategy on the same lengths (and TRL's bfd)")
-    p.add_argument("--preset", default="opensource-1.2m", choices=list(PRESETS))
+    p.add_argument("--preset", default="opensource-1.2m", choices=SYNTH_PRESETS)
     p.add_argument("--num-samples", type=int, default=1_200_000)
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--window", type=int, default=0)
@@ -552,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("grouping", help="bfd with pack.grouping none/related/unrelated: rows vs the lower "
                          "bound, planning time, packs mixing or repeating clusters (random cluster labels)")
-    p.add_argument("--preset", default="tulu-326k", choices=list(PRESETS))
+    p.add_argument("--preset", default="tulu-326k", choices=SYNTH_PRESETS)
     p.add_argument("--num-samples", type=int, default=100_000)
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--window", type=int, default=0)
@@ -562,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_grouping)
 
     p = bench.add_parser("pipeline", help="raypack prepare end to end vs the bare tokenizer, rows, memory")
-    p.add_argument("--preset", default="opensource-1.2m", choices=list(PRESETS))
+    p.add_argument("--preset", default="opensource-1.2m", choices=SYNTH_PRESETS)
     p.add_argument("--num-samples", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arm", default="bfd-isolated")

@@ -20,13 +20,14 @@ from typing import Any
 
 import yaml
 
-from raypack.data.compose import GROUPINGS
-from raypack.data.formats import FORMATS
-from raypack.data.pack import ATTENTIONS, STRATEGIES
-from raypack.data.synth import PRESETS
-from raypack.data.tokenize import OVERLENGTH_POLICIES
-
-
+# The names a config may use, declared here; the data modules that implement them import them from here, so
+# config.py depends on no data/ module.
+FORMATS = ("messages", "sharegpt", "alpaca")  # raypack.data.formats
+OVERLENGTH_POLICIES = ("truncate", "drop", "split")  # raypack.data.tokenize
+STRATEGIES = ("padding", "random", "greedy", "bfd")  # raypack.data.pack
+ATTENTIONS = ("isolated", "cross")  # raypack.data.pack
+GROUPINGS = ("none", "related", "unrelated")  # raypack.data.compose
+SYNTH_PRESETS = ("wildchat-gpt4-69k", "tulu-326k", "wildchat-652k", "opensource-1.2m")  # raypack.data.synth
 GROUP_BACKENDS = ("tfidf", "embedding")
 ARM_TURNS = ("single-turn", "all-turns")
 
@@ -46,7 +47,7 @@ def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
 class SynthConfig:
     """Synthetic data, used when `data.sources` is empty."""
 
-    preset: str = _field("opensource-1.2m", "length distribution to imitate", tuple(PRESETS))
+    preset: str = _field("opensource-1.2m", "length distribution to imitate", SYNTH_PRESETS)
     num_samples: int = _field(2000, "number of conversations to synthesise")
     seed: int = _field(0, "seed of the synthetic data")
 

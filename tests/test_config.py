@@ -115,3 +115,19 @@ def test_training_fields_are_checked():
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_config(None, ["model.attn_implementation=flash"])
     assert load_config(None, ["train.arm=padding"]).train.arm == "padding"
+
+
+def test_config_names_are_what_the_data_modules_implement():
+    """config.py declares the names a config may use and imports no data/ module; the modules behind the names
+    implement exactly those (a synth preset added without its config name would be unreachable)."""
+    import ast
+    import importlib.util
+
+    from raypack import config
+    from raypack.data import synth
+
+    assert tuple(synth.PRESETS) == config.SYNTH_PRESETS
+    tree = ast.parse(open(importlib.util.find_spec("raypack.config").origin).read())
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in modules if m.startswith("raypack.")], modules

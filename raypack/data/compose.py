@@ -64,6 +64,7 @@ packing with sample 3 multi-turn: it gets a row of its own, after the packed row
 import numba
 import numpy as np
 
+from raypack.config import GROUPINGS
 from raypack.data.pack import (
     STRATEGIES,
     PackPlan,
@@ -78,7 +79,6 @@ from raypack.data.pack import (
     plan_pack,
 )
 
-GROUPINGS = ("none", "related", "unrelated")
 # Fitting rows that hold the sample's cluster, skipped before the fallback (see the module docstring).
 MAX_SKIPS = 1000
 TAIL_FILL = 0.9  # related greedy/bfd: a cluster's least-filled row at most this full is repacked with the others

@@ -41,7 +41,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-FORMATS = ("messages", "sharegpt", "alpaca")
+from raypack.config import FORMATS
+
 REJECT_REASONS = (
     "unparseable_json",
     "missing_field",

@@ -88,10 +88,9 @@ import math
 import numba
 import numpy as np
 
+from raypack.config import ATTENTIONS, STRATEGIES
 from raypack.data.tokenize import IGNORE_INDEX
 
-STRATEGIES = ("padding", "random", "greedy", "bfd")
-ATTENTIONS = ("isolated", "cross")
 
 
 @dataclass(frozen=True)

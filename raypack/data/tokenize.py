@@ -82,8 +82,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from raypack.config import OVERLENGTH_POLICIES
+
 IGNORE_INDEX = -100
-OVERLENGTH_POLICIES = ("truncate", "drop", "split")
 TEMPLATES = ("auto", "builtin")
 ROLES = ("system", "user", "assistant", "tool")
 OUTCOMES = ("whole", "truncated", "split", "dropped_too_long", "dropped_no_supervised")
