@@ -218,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     precision, attention = memory.precision_and_attention(cfg)
     limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
     lines = _plan_header(cfg, shape, precision, attention, limits)
-    lines += ["", f"counts (prepare.output_dir {Path(cfg.prepare.output_dir).resolve()}):"]
+    lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]
     if counts:
         lines.append(format_table(["arm"] + [c for c, _ in PLAN_COUNT_COLUMNS],
                                   [[arm] + [c[k] for _, k in PLAN_COUNT_COLUMNS] for arm, c in counts.items()]))

@@ -108,7 +108,8 @@ class PackConfig:
 class PrepareConfig:
     """How `raypack prepare` runs on Ray Data and where it writes."""
 
-    output_dir: str = _field("prepared", "root of prepared datasets: a local path, or a shared filesystem path on a cluster")
+    output_dir: str = _field("", "root of prepared datasets; '' is <output_dir>/prepared. A local path, or a shared "
+                             "filesystem path on a cluster")
     num_tokenizer_actors: int = _field(2, "tokenizer actors (each loads the tokenizer once)")
     actor_num_cpus: float = _field(0.5, "CPUs reserved per tokenizer actor; keep the pool below the "
                                    "cluster's CPUs so read tasks are never starved")
@@ -329,6 +330,11 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def prepared_root(self) -> Path:
+        """Where prepared datasets live: prepare.output_dir, by default <output_dir>/prepared (absolute, so that
+        workers started in another directory, as Ray Train's are, open the same folders)."""
+        return Path(self.prepare.output_dir or Path(self.output_dir) / "prepared").resolve()
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:

@@ -1,8 +1,34 @@
 """Shared fixtures: one local Ray instance for the whole session (2 CPUs, no dashboard), real tokenizer folders."""
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).parent.parent
+# What a test session may add to the repo: the default output_dir and Python's and pytest's caches.
+MAY_APPEAR = ("out/", ".pytest_cache/", ".hypothesis/")
+
+
+def _untracked(repo: Path) -> set[str]:
+    """Untracked and ignored paths under the repo (folders as one entry), without caches that may come and go."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and "__pycache__" not in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_in_the_repo():
+    """Every command the suite runs writes under its output_dir: the session fails if the repo gains any other
+    untracked or ignored path (prepared data in the repo, a stray report, a cache beside the code)."""
+    if not (REPO / ".git").exists():
+        yield
+        return
+    before = _untracked(REPO)
+    yield
+    added = sorted(p for p in _untracked(REPO) - before if not p.startswith(MAY_APPEAR))
+    assert not added, f"the test session wrote inside the repo outside output_dir: {added}"
 
 
 @pytest.fixture(scope="session")

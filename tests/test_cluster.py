@@ -165,7 +165,7 @@ def test_paper_jobs_fit_the_cluster(path, config):
     gpus = gpu_types(config)["gpu-70b" if "-70b-" in path.name else "gpu-8b"]
     assert cfg.train.use_gpu and cfg.train.num_workers == gpus["resources"]["GPU"] * gpus["max_workers"]
     assert cfg.eval.num_gpus <= gpus["resources"]["GPU"]
-    for shared in (cfg.output_dir, cfg.prepare.output_dir, cfg.study.out):
+    for shared in (cfg.output_dir, str(cfg.prepared_root()), cfg.study.out):
         assert shared.startswith(EFS + "/"), shared  # every node reads and writes the same files
     assert cfg.train.storage_path.startswith("s3://")  # checkpoints in the bucket the instance profiles allow
     assert cfg.study.out.endswith("/" + cfg.name)

@@ -178,3 +178,28 @@ def test_prepared_folders_are_absolute(ray_local, tmp_path, monkeypatch):
                        "pack.arms=[padding]"])
     folders = prepare(cfg)
     assert all(Path(f).is_absolute() and (Path(f) / "manifest.json").exists() for f in folders.values())
+
+
+def new_files_outside(root: Path, output_dir: str) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not p.is_relative_to(root / output_dir))
+
+
+def test_commands_write_only_under_output_dir(ray_local, tmp_path, monkeypatch):
+    """compare, prepare and plan, run from a folder with a relative output_dir, write nothing beside it.
+
+    Negative control: prepare.output_dir set to a folder of its own (what the old default `prepared` did inside the
+    repo) is seen writing outside."""
+    from raypack.cli import main
+
+    job = str(Path(__file__).parent.parent / "jobs" / "compare.yaml")
+    monkeypatch.chdir(tmp_path)
+    small = ["output_dir=o", "synth.num_samples=60", "data.max_seq_len=256", "pack.arms=[padding, bfd-isolated]",
+             "train.global_batch_size=4"]
+    for command in ("compare", "prepare", "plan"):
+        assert main([command, job, *small]) == 0, command
+    assert (tmp_path / "o" / "prepared").is_dir()
+    assert new_files_outside(tmp_path, "o") == []
+
+    assert main(["prepare", job, *small, "prepare.output_dir=prepared"]) == 0
+    assert any(f.startswith("prepared/") for f in new_files_outside(tmp_path, "o"))

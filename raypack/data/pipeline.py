@@ -16,7 +16,7 @@ Output is deterministic: Ray Data runs with `preserve_order`, the cache's keys
 are checked to be in input order, and windows are cut by sample count, so the
 same input, config and seed give byte-identical shards, flat/ and manifest
 (timings aside) whatever the number of tokenizer actors or packing tasks.
-Layout under `prepare.output_dir`:
+Layout under `prepare.output_dir` (by default `<output_dir>/prepared`):
 
     tok-<hash>/tokenized/*.parquet        one row per sample piece, rejected or dropped record
     tok-<hash>/tokenized.json             counts of the tokenization pass
@@ -808,8 +808,7 @@ class _Job(NamedTuple):
 
 def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
     """The tokenized cache folder and every split of cfg ("val" first, then each arm), by config hash only."""
-    # Absolute, so that workers started in another directory (Ray Train's) find the folders.
-    root = Path(cfg.prepare.output_dir).resolve()
+    root = cfg.prepared_root()
     tok_hash = _tok_hash(cfg)
     tok_dir = root / f"tok-{tok_hash}"
     split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
