@@ -114,23 +114,24 @@ def fit_rows(lengths: np.ndarray, max_seq_len: int, window: int, best_fit: bool,
     order = np.empty(n, dtype=np.int64)
     row_of = np.empty(n, dtype=np.int64)
     counts = np.empty(max(max_seq_len + 1, win), dtype=np.int64)
-    if clusters is None:
-        dense, num_clusters, table, row_chains = np.zeros(0, dtype=np.int64), 0, np.zeros(0, dtype=np.int64), 1
-    else:
+    dense = table = None
+    num_clusters, row_links = 0, 1
+    if clusters is not None:
         labels, dense = np.unique(clusters, return_inverse=True)
-        num_clusters = max(len(labels), 1)
+        dense, num_clusters = dense.astype(np.int64), max(len(labels), 1)
         # Which (row, cluster) pairs exist: open addressing, at most half full.
         table = np.empty(next_pow2(2 * win), dtype=np.int64)
-        row_chains = 3  # nxt, prv and room_of: a row may leave its queue from the middle
+        row_links = 3  # nxt, prv and room_of: a row may leave its queue from the middle
     if best_fit:
-        # Tree over room sizes 0..max_seq_len; head/tail per room, then the per-row links.
+        # Tree over room sizes 0..max_seq_len; head and tail per room, then the links per row.
         tree = np.empty(2 * next_pow2(max_seq_len + 1), dtype=np.int32)
-        chains = np.empty(2 * (max_seq_len + 1) + row_chains * win, dtype=np.int64)
+        chains = np.empty(2 * (max_seq_len + 1) + row_links * win, dtype=np.int64)
     else:
         # Tree over the rows of a window; a window never needs more rows than samples.
         tree = np.empty(2 * next_pow2(win), dtype=np.int32)
         chains = np.empty(0, dtype=np.int64)
-    num_rows = fit_windows(lengths, dense.astype(np.int64), num_clusters, max_seq_len, win, best_fit, max_skips,
+    # Without clusters the kernels get None for them and numba compiles the cluster code out.
+    num_rows = fit_windows(lengths, dense, num_clusters, max_seq_len, win, best_fit, max_skips,
                            order, row_of, counts, table, tree, chains, piece_sample, row_offsets)
     return piece_sample, row_offsets[: num_rows + 1].copy()
 
@@ -140,23 +141,33 @@ def fit_windows(lengths, clusters, num_clusters, max_seq_len, window, best_fit, 
                 order, row_of, counts, table, tree, chains, piece_sample, row_offsets):
     """``fit_rows``'s loop: sort, fit and emit each window; returns the total number of rows.
 
-    ``num_clusters == 0`` means no clusters (``clusters`` and ``table`` are then empty).
+    ``clusters`` and ``table`` are None without clusters.
     """
     n = len(lengths)
     num_rows = 0
+    size = max_seq_len + 1
     for lo in range(0, n, window):
         hi = min(lo + window, n)
+        win = hi - lo
         sort_descending(lengths, lo, hi, max_seq_len, counts, order)
-        mask = 0
-        if num_clusters > 0:
-            mask = next_pow2(2 * (hi - lo)) - 1
-            table[: mask + 1] = -1
         if best_fit:
-            rows = best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips,
-                                   table, mask, tree, chains, row_of)
+            head, tail, nxt = chains[:size], chains[size: 2 * size], chains[2 * size: 2 * size + win]
+            if clusters is None:
+                rows = best_fit_window(lengths, None, 0, order, lo, hi, max_seq_len, 0, None, 0, tree,
+                                       head, tail, nxt, None, None, row_of)
+            else:
+                mask = next_pow2(2 * win) - 1
+                table[: mask + 1] = -1
+                prv, room_of = chains[2 * size + win: 2 * size + 2 * win], chains[2 * size + 2 * win: 2 * size + 3 * win]
+                rows = best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table,
+                                       mask, tree, head, tail, nxt, prv, room_of, row_of)
+        elif clusters is None:
+            rows = first_fit_window(lengths, None, 0, order, lo, hi, max_seq_len, 0, None, 0, tree, row_of)
         else:
-            rows = first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips,
-                                    table, mask, tree, row_of)
+            mask = next_pow2(2 * win) - 1
+            table[: mask + 1] = -1
+            rows = first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table,
+                                    mask, tree, row_of)
         emit_rows(order, row_of, lo, hi, rows, num_rows, counts, piece_sample, row_offsets)
         num_rows += rows
     row_offsets[num_rows] = n
@@ -170,8 +181,9 @@ def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len
 
     Leaf r of the tree is the room left in row r. Rows not yet opened have full
     room, so the leftmost leaf that fits is either an open row or the next new
-    row, and opening a row needs no special case. With clusters, the fitting rows
-    are walked left to right (``tree_next``) past those holding the sample's cluster.
+    row, and opening a row needs no special case. With clusters (None: without),
+    the fitting rows are walked left to right (``tree_next``) past those holding
+    the sample's cluster, whose (row, cluster) keys ``table`` holds.
     """
     tree[:] = max_seq_len
     rows = 0
@@ -179,16 +191,14 @@ def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len
         sample = order[k]
         length = lengths[sample]
         row = -1
-        cluster = 0
-        if num_clusters > 0:
-            cluster = clusters[sample]
+        if clusters is not None:
             start = 0
             skips = 0
             while start < rows and skips < max_skips:
                 r = tree_next(tree, length, start)
                 if r < 0 or r >= rows:  # only unopened rows are left
                     break
-                if not table_has(table, mask, r * num_clusters + cluster):
+                if not table_has(table, mask, r * num_clusters + clusters[sample]):
                     row = r
                     break
                 skips += 1
@@ -199,30 +209,25 @@ def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len
             rows += 1
         row_of[k] = row
         tree_set(tree, row, tree[len(tree) // 2 + row] - length)
-        if num_clusters > 0:
-            table_add(table, mask, row * num_clusters + cluster)
+        if clusters is not None:
+            table_add(table, mask, row * num_clusters + clusters[sample])
     return rows
 
 
 @numba.njit(cache=True)
 def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
-                    chains, row_of):
+                    head, tail, nxt, prv, room_of, row_of):
     """Best-fit rows for samples order[lo:hi]; row_of[k] is the window-local row of order[k]; returns the rows.
 
     Leaf r of the tree is r while some open row has exactly r tokens of room, else 0,
     so the leftmost leaf >= length is the tightest room that fits. Rows with equal
-    room queue FIFO: head[r], tail[r], nxt[row]. With clusters the queues are
-    doubly linked (prv[row], and room_of[row]), so that a row found past the rows
-    holding the sample's cluster can leave from the middle and the others keep their order.
+    room queue FIFO: head[r], tail[r], nxt[row]. With clusters (None: without,
+    and then ``prv`` and ``room_of`` are None too) the queues are doubly linked
+    (prv[row], and room_of[row]), so that a row found past the rows holding the
+    sample's cluster can leave from the middle and the others keep their order.
+    The search and the queue updates are written out here, not called: through
+    helper functions numba ran this loop 15-30% slower.
     """
-    size = max_seq_len + 1
-    win = hi - lo
-    apart = num_clusters > 0
-    head = chains[:size]
-    tail = chains[size: 2 * size]
-    nxt = chains[2 * size: 2 * size + win]
-    prv = chains[2 * size + win: 2 * size + 2 * win]  # empty without clusters
-    room_of = chains[2 * size + 2 * win: 2 * size + 3 * win]
     tree[:] = 0
     head[:] = -1
     tail[:] = -1
@@ -230,77 +235,64 @@ def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len,
     for k in range(lo, hi):
         sample = order[k]
         length = lengths[sample]
-        cluster = clusters[sample] if apart else 0
         if tree[1] >= length:
             row = -1
-            if apart:
-                row = best_row_without(tree, head, nxt, table, mask, length, cluster, num_clusters, max_skips)
+            if clusters is not None:
+                # The tightest rooms first, each room's rows in queue order; skip rows holding the cluster.
+                cluster = clusters[sample]
+                skips = 0
+                room = tree_next(tree, length, length)
+                while room >= 0 and skips < max_skips:
+                    r = head[room]
+                    while r != -1 and skips < max_skips:
+                        if not table_has(table, mask, r * num_clusters + cluster):
+                            row = r
+                            break
+                        skips += 1
+                        r = nxt[r]
+                    if row >= 0:
+                        break
+                    room = tree_next(tree, length, room + 1)
             if row < 0:
                 room = tree_leftmost(tree, length)
                 row = head[room]
+            if clusters is None:
+                # The row is its queue's head.
+                head[room] = nxt[row]
+                if head[room] == -1:
+                    tail[room] = -1
             else:
                 room = room_of[row]
-            queue_remove(tree, head, tail, nxt, prv, row, room, apart)
+                if prv[row] == -1:
+                    head[room] = nxt[row]
+                else:
+                    nxt[prv[row]] = nxt[row]
+                if nxt[row] == -1:
+                    tail[room] = prv[row]
+                else:
+                    prv[nxt[row]] = prv[row]
+            if head[room] == -1:
+                tree_set(tree, room, 0)
         else:
             row = rows
             rows += 1
             room = max_seq_len
         row_of[k] = row
-        if apart:
-            table_add(table, mask, row * num_clusters + cluster)
         room -= length
-        if apart:
+        if clusters is not None:
+            table_add(table, mask, row * num_clusters + clusters[sample])
             room_of[row] = room
-        if room > 0:  # full rows leave the tree for good
-            queue_append(tree, head, tail, nxt, prv, row, room, apart)
+        if room > 0:  # full rows leave the tree for good; the others join the back of their room's queue
+            nxt[row] = -1
+            if clusters is not None:
+                prv[row] = tail[room]
+            if tail[room] == -1:
+                head[room] = row
+                tree_set(tree, room, room)
+            else:
+                nxt[tail[room]] = row
+            tail[room] = row
     return rows
-
-
-@numba.njit(cache=True)
-def best_row_without(tree, head, nxt, table, mask, length, cluster, num_clusters, max_skips):
-    """The best-fit row (tightest room, then queue order) not holding ``cluster``, or -1 after ``max_skips``
-    fitting rows that hold it."""
-    skips = 0
-    room = tree_next(tree, length, length)
-    while room >= 0 and skips < max_skips:
-        r = head[room]
-        while r != -1 and skips < max_skips:
-            if not table_has(table, mask, r * num_clusters + cluster):
-                return r
-            skips += 1
-            r = nxt[r]
-        room = tree_next(tree, length, room + 1)
-    return -1
-
-
-@numba.njit(cache=True)
-def queue_append(tree, head, tail, nxt, prv, row, room, doubly):
-    """Put ``row`` at the back of the queue of rows with ``room`` tokens left; its tree leaf shows the room."""
-    nxt[row] = -1
-    if doubly:
-        prv[row] = tail[room]
-    if tail[room] == -1:
-        head[room] = row
-        tree_set(tree, room, room)
-    else:
-        nxt[tail[room]] = row
-    tail[room] = row
-
-
-@numba.njit(cache=True)
-def queue_remove(tree, head, tail, nxt, prv, row, room, doubly):
-    """Take ``row`` out of its room's queue (only the head unless ``doubly``); an emptied room leaves the tree."""
-    before = prv[row] if doubly else -1
-    if before == -1:
-        head[room] = nxt[row]
-    else:
-        nxt[before] = nxt[row]
-    if nxt[row] == -1:
-        tail[room] = before
-    elif doubly:
-        prv[nxt[row]] = before
-    if head[room] == -1:
-        tree_set(tree, room, 0)
 
 
 # ---------------------------------------------------------------- building blocks
