@@ -158,7 +158,8 @@ def fit_windows(lengths, clusters, num_clusters, max_seq_len, window, best_fit, 
             else:
                 mask = next_pow2(2 * win) - 1
                 table[: mask + 1] = -1
-                prv, room_of = chains[2 * size + win: 2 * size + 2 * win], chains[2 * size + 2 * win: 2 * size + 3 * win]
+                prv = chains[2 * size + win: 2 * size + 2 * win]
+                room_of = chains[2 * size + 2 * win: 2 * size + 3 * win]
                 rows = best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table,
                                        mask, tree, head, tail, nxt, prv, room_of, row_of)
         elif clusters is None:
