@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
-        "raypack.data.bins", "raypack.data.pack", "raypack.data.compose", "raypack.data.features", "raypack.data.order",
+        "raypack.data.bins", "raypack.data.pack", "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
         "raypack.bench.pack", "raypack.train.memory", "raypack.train.resume"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")

@@ -260,57 +260,36 @@ def _check_samples(plan: PackPlan, samples: list[dict]) -> tuple[list, list]:
 
 
 def plan_stats(plan: PackPlan, lengths: np.ndarray, max_seq_len: int, micro_batch_size: int = 1) -> dict:
-    """Length-only statistics of a plan (no tokens needed); ``num_supervised_tokens`` is absent."""
+    """Length-only statistics of a plan (no tokens needed); supervised tokens are counted on the rows
+    (``row_supervised_tokens``).
+
+    ``num_batch_tokens`` counts the tokens computed when consecutive rows are
+    collated ``micro_batch_size`` at a time, each micro-batch padded to its longest
+    row; ``padding_fraction`` is the share of those that are padding.
+    ``lower_bound_rows`` is the fewest rows the tokens fit in.
+
+    Rows of 8, 7 and 5 tokens, collated two at a time, compute 2 * 8 + 5 = 21 tokens:
+
+    >>> lengths = np.array([5, 5, 5, 2, 2, 1])
+    >>> stats = plan_stats(plan_pack(lengths, 8, "bfd"), lengths, 8, micro_batch_size=2)
+    >>> stats["num_rows"], stats["num_tokens"], stats["num_capacity_tokens"], stats["num_batch_tokens"]
+    (3, 20, 24, 21)
+    """
     lengths = check_lengths(lengths)
+    max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+    micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
     if len(plan.piece_sample) and plan.piece_sample.max() >= len(lengths):
         raise ValueError(f"plan refers to sample {int(plan.piece_sample.max())} but only "
                          f"{len(lengths)} lengths were given; pass the lengths the plan was made from")
     pieces_per_sample = np.bincount(plan.piece_sample, minlength=len(lengths))
-    stats = {"num_samples": len(lengths)}
-    stats.update(row_length_stats(plan.row_lengths(), max_seq_len, micro_batch_size))
-    stats["num_split_samples"] = int((pieces_per_sample > 1).sum())
-    stats["max_row_len"] = stats.pop("max_row_len")  # keep the documented key order
-    return stats
-
-
-def row_stats(rows: list[dict], max_seq_len: int, micro_batch_size: int = 1,
-              plan: PackPlan | None = None) -> dict:
-    """Statistics of materialised rows, including supervised tokens.
-
-    Rows alone cannot tell a sample from a piece of a split sample, so
-    ``num_samples`` and ``num_split_samples`` come from ``plan`` when it is given
-    and are ``None`` otherwise.
-    """
-    row_lens = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
-    num_supervised = sum(int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows)
-    stats = {"num_samples": None}
-    base = row_length_stats(row_lens, max_seq_len, micro_batch_size)
-    stats["num_rows"] = base.pop("num_rows")
-    stats["num_tokens"] = base.pop("num_tokens")
-    stats["num_supervised_tokens"] = num_supervised
-    stats.update(base)
-    stats["num_split_samples"] = None
-    stats["max_row_len"] = stats.pop("max_row_len")
-    if plan is not None:
-        if plan.num_rows != len(rows):
-            raise ValueError(f"plan has {plan.num_rows} rows but {len(rows)} rows were given; "
-                             "pass the plan these rows were packed from")
-        pieces_per_sample = np.bincount(plan.piece_sample)
-        stats["num_samples"] = int(np.count_nonzero(pieces_per_sample))
-        stats["num_split_samples"] = int((pieces_per_sample > 1).sum())
-    return stats
-
-
-def row_length_stats(row_lens: np.ndarray, max_seq_len: int, micro_batch_size: int) -> dict:
-    """Stats shared by plan_stats and row_stats, from the token count of each row."""
-    max_seq_len = check_positive_int("max_seq_len", max_seq_len)
-    micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
+    row_lens = plan.row_lengths()
     num_rows = len(row_lens)
     num_tokens = int(row_lens.sum())
     capacity = num_rows * max_seq_len
     batch_tokens = _batch_tokens(row_lens, micro_batch_size)
     lower_bound = math.ceil(num_tokens / max_seq_len)
     return {
+        "num_samples": len(lengths),
         "num_rows": num_rows,
         "num_tokens": num_tokens,
         "num_capacity_tokens": capacity,
@@ -320,8 +299,14 @@ def row_length_stats(row_lens: np.ndarray, max_seq_len: int, micro_batch_size: i
         "lower_bound_rows": lower_bound,
         # 0 rows for 0 tokens meets the bound exactly.
         "rows_over_lower_bound": num_rows / lower_bound if lower_bound else 1.0,
+        "num_split_samples": int((pieces_per_sample > 1).sum()),
         "max_row_len": int(row_lens.max()) if num_rows else 0,
     }
+
+
+def row_supervised_tokens(rows: list[dict]) -> np.ndarray:
+    """The number of targets (labels other than ``IGNORE_INDEX``) in each row, as int64."""
+    return np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
 
 
 def _batch_tokens(row_lens: np.ndarray, micro_batch_size: int) -> int:
