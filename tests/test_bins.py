@@ -7,12 +7,13 @@ test_compose.py (grouping unrelated); these check the kernels' own contracts.
 """
 
 import doctest
+from itertools import pairwise
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import raypack.data.bins as bins
+from raypack.data import bins
 from raypack.data.bins import fit_rows, next_pow2, tree_leftmost, tree_next, tree_set
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -48,7 +49,7 @@ def test_clusters_all_distinct_change_nothing(lengths, window, best_fit):
     # and the plan is whole: every sample once, no row over capacity
     piece_sample, row_offsets = plain
     assert sorted(piece_sample.tolist()) == list(range(len(lengths)))
-    assert all(lengths[piece_sample[a:b]].sum() <= 16 for a, b in zip(row_offsets[:-1], row_offsets[1:]))
+    assert all(lengths[piece_sample[a:b]].sum() <= 16 for a, b in pairwise(row_offsets))
 
 
 def test_one_cluster_everywhere_falls_back_to_the_plain_rule():

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import raypack.data.pack as pack
+from raypack.config import STRATEGIES
 from raypack.data.pack import (
     ATTENTIONS,
-    STRATEGIES,
     PackPlan,
     pack_rows,
     plan_pack,

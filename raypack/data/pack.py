@@ -82,13 +82,18 @@ Token 26 started the second row inside sample 1, so its target is lost
 {'input_ids': [41, 42, 43, 44, 11, 12, 13], 'labels': [-100, -100, 43, 44, -100, 12, 13], 'position_ids': [0, 1, 2, 3, 4, 5, 6], 'seq_lens': [4, 3]}
 """
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from raypack.config import ATTENTIONS, STRATEGIES
-from raypack.data.bins import check_lengths, check_plan_inputs, check_positive_int, fit_rows
+from raypack.config import ATTENTIONS
+from raypack.data.bins import (
+    check_lengths,
+    check_plan_inputs,
+    check_positive_int,
+    fit_rows,
+)
 from raypack.data.tokenize import IGNORE_INDEX
 
 
