@@ -11,11 +11,12 @@ import ast
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
-        "raypack.data.pack", "raypack.data.compose", "raypack.data.features", "raypack.data.order",
+        "raypack.data.bins", "raypack.data.pack", "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
         "raypack.bench.pack", "raypack.train.memory", "raypack.train.resume"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
@@ -110,3 +111,15 @@ def test_the_training_loops_own_modules_import_no_ray():
     assert "raypack.data.prepared" in modules and "raypack.data.pipeline" not in modules
     got = loaded(f"import {', '.join(modules)}", "m.split('.')[0] == 'ray'")
     assert got == "", f"the training loop's modules pull in ray: {got[:200]}..."
+
+
+def test_no_module_imports_another_modules_private_names():
+    """`from raypack.x import _name` nowhere in raypack/: what a module shares, it names publicly."""
+    root = Path(importlib.util.find_spec("raypack").origin).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "raypack"):
+                found += [f"{path.relative_to(root.parent)}:{node.lineno} {alias.name}" for alias in node.names
+                          if alias.name.startswith("_")]
+    assert found == [], f"private names imported across modules: {found}"

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from raypack.config import STRATEGIES
 from raypack.data import compose
 from raypack.data.compose import GROUPINGS, composition_stats, plan_composed
-from raypack.data.pack import STRATEGIES, PackPlan, plan_pack
+from raypack.data.pack import PackPlan, plan_pack
 from raypack.data.synth import sample_lengths
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,11 +1,13 @@
 """What goes into a pack, through `raypack prepare` on a local Ray cluster: grouping and single-turn-only arms.
 
 The synthetic conversations carry their topic (10 topics), so a pack's relatedness is checked against the
-truth, not only against the features the grouping itself used.
+truth, not only against the features the grouping itself used. `raypack compare` on the same config reports
+the very counts the prepared manifests hold.
 
     .venv/bin/pytest tests/test_composition.py -q
 """
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from raypack.cli import main
 from raypack.config import ConfigError, arm_spec, load_config
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
@@ -21,17 +24,24 @@ from raypack.data.tokenize import IGNORE_INDEX
 
 ARMS = "[bfd-cross, bfd-cross+related, bfd-cross+unrelated, bfd-cross+none+single-turn, greedy-isolated+related]"
 NUM_SAMPLES = 500
+# Nothing held out, as `raypack compare` holds out nothing, so both pack the same samples; grouped arms
+# read two buffers of 250 samples, so the counts of a split planned buffer by buffer are compared too.
+COMPOSED = ["data.val_fraction=0.0", "pack.group_buffer=250"]
+TIMINGS = ("seconds", "tokenize_seconds")
 
 
-def config(tmp_path, *overrides):
-    return load_config("jobs/composition-quick.yaml", [
-        f"prepare.output_dir={tmp_path / 'prepared'}", f"synth.num_samples={NUM_SAMPLES}", f"pack.arms={ARMS}",
-        "data.max_seq_len=1024", *overrides])
+def overrides(tmp_path, *extra) -> list[str]:
+    return [f"prepare.output_dir={tmp_path / 'prepared'}", f"synth.num_samples={NUM_SAMPLES}", f"pack.arms={ARMS}",
+            "data.max_seq_len=1024", *extra]
+
+
+def config(tmp_path, *extra):
+    return load_config("jobs/composition-quick.yaml", overrides(tmp_path, *extra))
 
 
 @pytest.fixture(scope="module")
 def composed(ray_local, tmp_path_factory):
-    cfg = config(tmp_path_factory.mktemp("composed"))
+    cfg = config(tmp_path_factory.mktemp("composed"), *COMPOSED)
     return cfg, prepare(cfg)
 
 
@@ -130,6 +140,50 @@ def test_embedding_backend_groups_by_meaning(ray_local, tmp_path):
     m = read_manifest(folders["bfd-cross+related"])
     assert m.group_backend == "embedding" and m.within_pack_cosine > m.across_pack_cosine + 0.1
     assert topic_purity(folders["bfd-cross+related"], topic) > 2 * topic_purity(folders["bfd-cross"], topic)
+
+
+def compare_report(tmp_path, *extra) -> dict:
+    """What `raypack compare` writes (compare.json) for the composed config with these overrides."""
+    assert main(["compare", "jobs/composition-quick.yaml", f"output_dir={tmp_path}",
+                 *overrides(tmp_path, *COMPOSED, *extra)]) == 0
+    return json.loads((tmp_path / "composition-quick" / "compare.json").read_text())
+
+
+def disagreements(report: dict, folders: dict) -> dict:
+    """{(arm, key): (compare's value, the manifest's)} for every count compare reports that a manifest differs on.
+
+    compare.json's arm stats are one record per arm (raypack.data.arm); every key of it but the timing and
+    max_row_len is a manifest field, and the tokenization counts are in both too."""
+    found = {}
+    for arm, stats in report["arms"].items():
+        manifest = read_manifest(folders[arm]).to_dict()
+        assert set(stats) - {"seconds", "max_row_len"} <= set(manifest), arm  # nothing escapes the comparison
+        tokenized = {"num_input_rows": report["num_input_rows"], "num_rejected_rows": report["num_rejected_rows"],
+                     "rejected_reasons": report["rejected_reasons"],
+                     **{key: report["tokenize"][key] for key in ("num_conversations", "num_truncated", "num_split",
+                                                                 "num_dropped_too_long", "num_dropped_no_supervised")}}
+        for key, value in {**tokenized, **stats}.items():
+            if key in manifest and key not in TIMINGS and value != manifest[key]:
+                found[(arm, key)] = (value, manifest[key])
+    return found
+
+
+def test_compare_reports_the_counts_prepare_writes(composed, tmp_path):
+    """`raypack compare` (in process) and `raypack prepare` (Ray Data) agree on every count of every arm:
+    rows, samples, tokens, supervised tokens, padding, fill, splits, and what went into the packs, cosines
+    included. Negative control: another window changes counts, and the comparison says which."""
+    _, folders = composed
+    report = compare_report(tmp_path / "same")
+    assert set(report["arms"]) == set(folders) - {"val"}
+    assert disagreements(report, folders) == {}
+    related, single = report["arms"]["bfd-cross+related"], report["arms"]["bfd-cross+none+single-turn"]
+    assert related["num_mixed_cluster_rows"] > 0 and related["within_pack_cosine"] is not None  # not vacuous
+    assert single["num_multi_turn_rows"] > 0 and report["tokenize"]["num_truncated"] > 0
+
+    other = compare_report(tmp_path / "other", "pack.window=100")
+    found = disagreements(other, folders)
+    assert ("bfd-cross", "num_rows") in found and ("bfd-cross+none+single-turn", "num_batch_tokens") in found, found
+    assert not any(key.startswith("num_trunc") for _, key in found)  # the same samples, packed otherwise
 
 
 def test_arm_suffixes():

@@ -15,14 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import raypack.data.pack as pack
+from raypack.config import STRATEGIES
 from raypack.data.pack import (
     ATTENTIONS,
-    STRATEGIES,
     PackPlan,
     pack_rows,
     plan_pack,
     plan_stats,
-    row_stats,
+    row_supervised_tokens,
 )
 from raypack.data.tokenize import IGNORE_INDEX
 
@@ -111,7 +111,7 @@ def test_rows_rebuild_the_samples_exactly(strategy, attention, data):
     supervised_in = count_supervised(s["labels"] for s in samples)
     supervised_out = count_supervised(r["labels"] for r in rows)
     assert supervised_out == supervised_in - lost_targets
-    assert row_stats(rows, max_seq_len)["num_supervised_tokens"] == supervised_out
+    assert row_supervised_tokens(rows).sum() == supervised_out
 
     check_strategy_shape(strategy, plan, rows, samples, lengths, max_seq_len, window)
 
@@ -263,16 +263,14 @@ def test_stats_on_a_hand_made_plan():
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_row_stats_agree_with_plan_stats(strategy):
+def test_row_supervised_tokens_count_each_rows_targets(strategy):
     lengths = np.array([5, 9, 1, 7, 3, 8, 2])
     samples = make_samples(lengths, seed=0)
     plan = plan_pack(lengths, 9, strategy)
-    from_plan = plan_stats(plan, lengths, 9, micro_batch_size=2)
-    from_rows = row_stats(pack_rows(plan, samples, "isolated"), 9, micro_batch_size=2, plan=plan)
-    assert list(from_rows) == ["num_samples", "num_rows", "num_tokens", "num_supervised_tokens",
-                               *list(from_plan)[3:]]
-    assert {k: v for k, v in from_rows.items() if k != "num_supervised_tokens"} == from_plan
-    assert row_stats(pack_rows(plan, samples, "cross"), 9)["num_samples"] is None
+    rows = pack_rows(plan, samples, "isolated")
+    got = row_supervised_tokens(rows)
+    assert got.dtype == np.int64 and got.tolist() == [sum(int(t != IGNORE_INDEX) for t in r["labels"]) for r in rows]
+    assert row_supervised_tokens([]).tolist() == []
 
 
 def test_empty_input_gives_no_rows():

@@ -34,8 +34,9 @@ import tracemalloc
 
 import numpy as np
 
+from raypack.config import STRATEGIES
 from raypack.data.compose import GROUPINGS, composition_stats, plan_composed
-from raypack.data.pack import STRATEGIES, plan_pack, plan_stats
+from raypack.data.pack import plan_pack, plan_stats
 
 TRL_WINDOW = 1000  # TRL packs inside dataset.map batches, 1000 rows by default
 MEMORY_METHOD = ("peak_traced_mb: tracemalloc peak of an untimed repeat (numpy allocations); "

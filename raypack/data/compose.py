@@ -61,23 +61,11 @@ packing with sample 3 multi-turn: it gets a row of its own, after the packed row
 [[0, 5], [1, 4], [2], [3]]
 """
 
-import numba
 import numpy as np
 
 from raypack.config import GROUPINGS
-from raypack.data.pack import (
-    STRATEGIES,
-    PackPlan,
-    _check_fits,
-    _check_lengths,
-    _check_positive_int,
-    _emit_rows,
-    _next_pow2,
-    _sort_descending,
-    _tree_leftmost,
-    _tree_set,
-    plan_pack,
-)
+from raypack.data.bins import check_plan_inputs, fit_rows
+from raypack.data.pack import PackPlan, concat_plans, plan_pack
 
 # Fitting rows that hold the sample's cluster, skipped before the fallback (see the module docstring).
 MAX_SKIPS = 1000
@@ -90,29 +78,22 @@ def plan_composed(lengths: np.ndarray, max_seq_len: int, strategy: str, window: 
 
     See the module docstring for the rules and an example.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}")
+    lengths, max_seq_len, window = check_plan_inputs(lengths, max_seq_len, strategy, window)
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; use one of {GROUPINGS}")
     if strategy == "padding" and grouping != "none":
         raise ValueError(f"grouping {grouping!r} needs a packing strategy: padding has one sample per row, "
                          "so use grouping 'none' with padding, or strategy 'random', 'greedy' or 'bfd'")
-    lengths = _check_lengths(lengths)
-    max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
-        raise ValueError(f"window must be an int >= 0 (0 = plan all samples at once), got {window!r}")
-    if strategy != "random":
-        _check_fits(lengths, max_seq_len, strategy)
     clusters = _check_clusters(clusters, len(lengths), grouping)
     multi_turn = _check_multi_turn(multi_turn, len(lengths))
 
     single = np.flatnonzero(~multi_turn)
-    packed = _plan_grouped(lengths[single], max_seq_len, strategy, int(window), grouping,
+    packed = _plan_grouped(lengths[single], max_seq_len, strategy, window, grouping,
                            None if clusters is None else clusters[single])
     multi = np.flatnonzero(multi_turn)
     # window=1 plans every multi-turn sample alone: one row, or rows of its own when random splits it.
     alone = plan_pack(lengths[multi], max_seq_len, "random" if strategy == "random" else "padding", 1)
-    return _concat_plans([packed, alone], [single, multi])
+    return concat_plans([packed, alone], [single, multi])
 
 
 def _check_clusters(clusters, n: int, grouping: str) -> np.ndarray | None:
@@ -151,11 +132,13 @@ def _plan_grouped(lengths, max_seq_len, strategy, window, grouping, clusters) ->
         plans = [plan_pack(lengths[m], max_seq_len, strategy, window) for m in members]
         if strategy in ("greedy", "bfd"):
             return _repack_tails(plans, members, lengths, max_seq_len, strategy, window)
-        return _concat_plans(plans, members)
+        return concat_plans(plans, members)
     if strategy == "random":
         order = _round_robin(clusters)
-        return _concat_plans([plan_pack(lengths[order], max_seq_len, "random", window)], [order])
-    return _plan_apart(lengths, clusters, max_seq_len, window, best_fit=strategy == "bfd")
+        return concat_plans([plan_pack(lengths[order], max_seq_len, "random", window)], [order])
+    # Longest first, each sample to the first-fit or best-fit row that does not hold its cluster yet.
+    return PackPlan.of_whole_samples(*fit_rows(lengths, max_seq_len, window, strategy == "bfd", clusters, MAX_SKIPS),
+                                     lengths)
 
 
 def _repack_tails(plans: list[PackPlan], members: list[np.ndarray], lengths, max_seq_len, strategy, window
@@ -189,7 +172,7 @@ def _repack_tails(plans: list[PackPlan], members: list[np.ndarray], lengths, max
         pooled = np.concatenate(pool)
         kept_plans.append(plan_pack(lengths[pooled], max_seq_len, strategy, window))
         kept_members.append(pooled)
-    return _concat_plans(kept_plans, kept_members)
+    return concat_plans(kept_plans, kept_members)
 
 
 def _round_robin(clusters: np.ndarray) -> np.ndarray:
@@ -200,216 +183,6 @@ def _round_robin(clusters: np.ndarray) -> np.ndarray:
     rank = np.empty(len(clusters), dtype=np.int64)
     rank[by_cluster] = np.arange(len(clusters)) - group_start
     return np.lexsort((clusters, rank))
-
-
-def _concat_plans(plans: list[PackPlan], samples: list[np.ndarray]) -> PackPlan:
-    """Rows of each plan in turn; piece_sample of plans[i] is mapped through samples[i]."""
-    if not plans:
-        empty = np.zeros(0, dtype=np.int64)
-        return PackPlan(empty, empty.copy(), empty.copy(), np.zeros(1, dtype=np.int64))
-    pieces_per_row = np.concatenate([np.diff(p.row_offsets) for p in plans])
-    return PackPlan(
-        piece_sample=np.concatenate([s[p.piece_sample] for p, s in zip(plans, samples, strict=True)]).astype(np.int64),
-        piece_start=np.concatenate([p.piece_start for p in plans]),
-        piece_end=np.concatenate([p.piece_end for p in plans]),
-        row_offsets=np.concatenate(([0], np.cumsum(pieces_per_row))).astype(np.int64),
-    )
-
-
-# ---------------------------------------------------------------- cluster-aware fit
-
-
-def _plan_apart(lengths, clusters, max_seq_len, window, best_fit) -> PackPlan:
-    """Greedy or best-fit decreasing that keeps a cluster out of rows that already hold it.
-
-    Like pack._plan_fit, every work array is allocated here with numpy.
-    """
-    n = len(lengths)
-    labels, dense = np.unique(clusters, return_inverse=True)
-    win = max(min(window, n) if window > 0 else n, 1)
-    piece_sample = np.empty(n, dtype=np.int64)
-    row_offsets = np.empty(n + 1, dtype=np.int64)
-    order = np.empty(n, dtype=np.int64)
-    row_of = np.empty(n, dtype=np.int64)
-    counts = np.empty(max(max_seq_len + 1, win), dtype=np.int64)
-    # Which (row, cluster) pairs exist: open addressing, at most half full.
-    table = np.empty(_next_pow2(2 * win), dtype=np.int64)
-    if best_fit:
-        tree = np.empty(2 * _next_pow2(max_seq_len + 1), dtype=np.int32)
-        chains = np.empty(2 * (max_seq_len + 1) + 3 * win, dtype=np.int64)
-    else:
-        tree = np.empty(2 * _next_pow2(win), dtype=np.int32)
-        chains = np.empty(0, dtype=np.int64)
-    num_rows = _apart_kernel(lengths, dense.astype(np.int64), max(len(labels), 1), max_seq_len, win, best_fit,
-                             MAX_SKIPS, order, row_of, counts, table, tree, chains, piece_sample, row_offsets)
-    return PackPlan(
-        piece_sample=piece_sample,
-        piece_start=np.zeros(n, dtype=np.int64),
-        piece_end=lengths[piece_sample],
-        row_offsets=row_offsets[: num_rows + 1].copy(),
-    )
-
-
-@numba.njit(cache=True)
-def _apart_kernel(lengths, clusters, num_clusters, max_seq_len, window, best_fit, max_skips,
-                  order, row_of, counts, table, tree, chains, piece_sample, row_offsets):
-    """Plan each window independently; returns the total number of rows."""
-    n = len(lengths)
-    num_rows = 0
-    for lo in range(0, n, window):
-        hi = min(lo + window, n)
-        _sort_descending(lengths, lo, hi, max_seq_len, counts, order)
-        mask = _next_pow2_nb(2 * (hi - lo)) - 1
-        table[: mask + 1] = -1
-        if best_fit:
-            rows = _best_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips,
-                                   table, mask, tree, chains, row_of)
-        else:
-            rows = _first_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips,
-                                    table, mask, tree, row_of)
-        _emit_rows(order, row_of, lo, hi, rows, num_rows, counts, piece_sample, row_offsets)
-        num_rows += rows
-    row_offsets[num_rows] = n
-    return num_rows
-
-
-@numba.njit(cache=True)
-def _next_pow2_nb(x):
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
-@numba.njit(cache=True)
-def _slot(table, mask, key):
-    """Slot of key in the open-addressing table: where it is, or the empty slot where it would go."""
-    h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
-    i = np.int64((h ^ (h >> np.uint64(29))) & np.uint64(mask))
-    while table[i] != -1 and table[i] != key:
-        i = (i + 1) & mask
-    return i
-
-
-@numba.njit(cache=True)
-def _tree_next(tree, value, start):
-    """Leftmost leaf >= start whose value is >= value, or -1 (a max segment tree as in pack.py)."""
-    size = len(tree) // 2
-    if start >= size:
-        return -1
-    i = start + size
-    while tree[i] < value:
-        while i & 1:  # a right child: climb until the next subtree to the right exists
-            i >>= 1
-        if i == 0:
-            return -1
-        i += 1
-    while i < size:
-        i = 2 * i if tree[2 * i] >= value else 2 * i + 1
-    return i - size
-
-
-@numba.njit(cache=True)
-def _first_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
-                     row_of):
-    """First fit (leaf r of the tree is row r's room, as in pack._first_fit), skipping rows with the cluster."""
-    tree[:] = max_seq_len
-    rows = 0
-    for k in range(lo, hi):
-        sample = order[k]
-        length = lengths[sample]
-        cluster = clusters[sample]
-        row = -1
-        start = 0
-        skips = 0
-        while start < rows and skips < max_skips:
-            r = _tree_next(tree, length, start)
-            if r < 0 or r >= rows:  # only unopened rows are left
-                break
-            if table[_slot(table, mask, r * num_clusters + cluster)] != r * num_clusters + cluster:
-                row = r
-                break
-            skips += 1
-            start = r + 1
-        if row < 0:
-            row = _tree_leftmost(tree, length)
-        if row == rows:
-            rows += 1
-        row_of[k] = row
-        _tree_set(tree, row, tree[len(tree) // 2 + row] - length)
-        key = row * num_clusters + cluster
-        table[_slot(table, mask, key)] = key
-    return rows
-
-
-@numba.njit(cache=True)
-def _best_fit_apart(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
-                    chains, row_of):
-    """Best fit (tree over room sizes, FIFO chains of rows per room, as in pack._best_fit), skipping rows with
-    the cluster. Chains are doubly linked so a row can leave from the middle and the others keep their order."""
-    size = max_seq_len + 1
-    win = hi - lo
-    head = chains[:size]
-    tail = chains[size: 2 * size]
-    nxt = chains[2 * size: 2 * size + win]
-    prv = chains[2 * size + win: 2 * size + 2 * win]
-    room_of = chains[2 * size + 2 * win: 2 * size + 3 * win]
-    tree[:] = 0
-    head[:] = -1
-    tail[:] = -1
-    rows = 0
-    for k in range(lo, hi):
-        sample = order[k]
-        length = lengths[sample]
-        cluster = clusters[sample]
-        row = -1
-        if tree[1] >= length:
-            skips = 0
-            room = _tree_next(tree, length, length)
-            while room >= 0 and skips < max_skips:
-                r = head[room]
-                while r != -1 and skips < max_skips:
-                    if table[_slot(table, mask, r * num_clusters + cluster)] != r * num_clusters + cluster:
-                        row = r
-                        break
-                    skips += 1
-                    r = nxt[r]
-                if row >= 0:
-                    break
-                room = _tree_next(tree, length, room + 1)
-            if row < 0:
-                row = head[_tree_leftmost(tree, length)]
-            room = room_of[row]
-            # Unlink the row from its chain.
-            if prv[row] == -1:
-                head[room] = nxt[row]
-            else:
-                nxt[prv[row]] = nxt[row]
-            if nxt[row] == -1:
-                tail[room] = prv[row]
-            else:
-                prv[nxt[row]] = prv[row]
-            if head[room] == -1:
-                _tree_set(tree, room, 0)
-        else:
-            row = rows
-            rows += 1
-            room = max_seq_len
-        row_of[k] = row
-        key = row * num_clusters + cluster
-        table[_slot(table, mask, key)] = key
-        room -= length
-        room_of[row] = room
-        if room > 0:  # full rows leave the tree for good
-            nxt[row] = -1
-            prv[row] = tail[room]
-            if tail[room] == -1:
-                head[room] = row
-                _tree_set(tree, room, room)
-            else:
-                nxt[tail[room]] = row
-            tail[room] = row
-    return rows
 
 
 # ---------------------------------------------------------------- statistics

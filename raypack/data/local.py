@@ -2,8 +2,10 @@
 
 The reference path for small datasets, tests and the quickstart: read or
 synthesise conversations, tokenize them once, then pack the same samples for
-every arm and report each arm's counts side by side. The Ray Data pipeline maps
-the same pure functions over a cluster.
+every arm and report each arm's counts side by side. Each arm is planned and
+counted by ``raypack.data.arm.plan_arm``, as the Ray Data pipeline plans it on a
+cluster, so both report the same counts for the same samples (the pipeline's
+arms hold the train split; this holds out nothing).
 
     from raypack.config import load_config
     report = prepare_local(load_config("jobs/quickstart.yaml"))
@@ -18,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from raypack.config import Config, DataConfig, SynthConfig, arm_spec
+from raypack.config import Config, DataConfig, PackConfig, SynthConfig, arm_spec
 from raypack.data import features, formats, synth
-from raypack.data.compose import plan_composed
-from raypack.data.pack import pack_rows, row_stats
+from raypack.data.arm import ContentGroups, plan_arm
+from raypack.data.pack import pack_rows, row_supervised_tokens
 from raypack.data.tokenize import tokenize_conversations
 from raypack.model import load_tokenizer
 
@@ -75,40 +77,34 @@ def prepare_local(cfg: Config) -> LocalPrep:
     turns = np.array([formats.num_assistant_turns(load.conversations[s["conversation"]]) for s in tok.samples],
                      dtype=np.int64)
     specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
-    vectors = clusters = None
+    groups = None
     if any(spec.grouping != "none" for spec in specs.values()):
-        vectors, clusters = content_clusters(tok.samples, cfg)
+        groups = content_groups(tok.samples, cfg.pack, cfg.data.tokenizer, cfg.seed)
     arms = []
     for arm, spec in specs.items():
         start = time.perf_counter()
-        packed = spec.strategy != "padding"
-        plan = plan_composed(lengths, cfg.data.max_seq_len, spec.strategy, cfg.pack.window, spec.grouping,
-                             clusters if packed else None, turns > 1 if spec.only_single_turn else None)
-        rows = pack_rows(plan, tok.samples, spec.attention or "isolated")
-        stats = row_stats(rows, cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, plan=plan)
-        stats.update(grouping=spec.grouping, only_single_turn=spec.only_single_turn)
-        if spec.only_single_turn:
-            stats.update(num_single_turn_samples=int((turns <= 1).sum()), num_multi_turn_samples=int((turns > 1).sum()))
-        if vectors is not None and packed:
-            stats.update(features.pack_similarity(vectors, plan, seed=cfg.seed), num_clusters=int(clusters.max()) + 1)
+        planned = plan_arm(lengths, spec, max_seq_len=cfg.data.max_seq_len, window=cfg.pack.window,
+                           group_buffer=cfg.pack.group_buffer, micro_batch_size=cfg.train.micro_batch_size,
+                           seed=cfg.seed, turns=turns, groups=groups)
+        rows = pack_rows(planned.plan, tok.samples, spec.attention or "isolated")
+        stats = {**planned.stats, "num_supervised_tokens": int(row_supervised_tokens(rows).sum())}
         stats["seconds"] = time.perf_counter() - start
         arms.append(ArmResult(arm, rows, stats))
     return LocalPrep(load=load, token_counts=tok.counts, arms=arms)
 
 
-def content_clusters(samples: list[dict], cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+def content_groups(samples: list[dict], pack: PackConfig, tokenizer: str, seed: int) -> ContentGroups:
     """Content vectors and k-means clusters of the samples, in process (pack.group_backend)."""
-    pack = cfg.pack
     ids = [s["input_ids"] for s in samples]
     if pack.group_backend == "tfidf":
-        vectors, clusters, _ = features.tfidf_clusters(ids, pack.num_clusters, seed=cfg.seed, dim=pack.feature_dim,
+        vectors, clusters, k = features.tfidf_clusters(ids, pack.num_clusters, seed=seed, dim=pack.feature_dim,
                                                        max_fit_samples=pack.kmeans_samples)
-        return vectors, clusters
+        return ContentGroups(clusters, vectors, k, pack.group_backend)
     from raypack.model import load_sentence_encoder
 
-    texts = load_tokenizer(cfg.data.tokenizer).batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
+    texts = load_tokenizer(tokenizer).batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
     vectors = np.asarray(load_sentence_encoder(pack.embedding_model).encode(
         texts, normalize_embeddings=True, show_progress_bar=False), dtype=np.float32)
     k = features.resolve_num_clusters(pack.num_clusters, len(ids))
-    centroids = features.fit_kmeans(vectors, k, seed=cfg.seed, max_samples=pack.kmeans_samples)
-    return vectors, features.assign_clusters(vectors, centroids)
+    centroids = features.fit_kmeans(vectors, k, seed=seed, max_samples=pack.kmeans_samples)
+    return ContentGroups(features.assign_clusters(vectors, centroids), vectors, k, pack.group_backend)

@@ -82,15 +82,19 @@ Token 26 started the second row inside sample 1, so its target is lost
 {'input_ids': [41, 42, 43, 44, 11, 12, 13], 'labels': [-100, -100, 43, 44, -100, 12, 13], 'position_ids': [0, 1, 2, 3, 4, 5, 6], 'seq_lens': [4, 3]}
 """
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 
-import numba
 import numpy as np
 
-from raypack.config import ATTENTIONS, STRATEGIES
+from raypack.config import ATTENTIONS
+from raypack.data.bins import (
+    check_lengths,
+    check_plan_inputs,
+    check_positive_int,
+    fit_rows,
+)
 from raypack.data.tokenize import IGNORE_INDEX
-
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,33 @@ class PackPlan:
         token_offsets = np.concatenate(([0], np.cumsum(self.piece_end - self.piece_start)))
         return np.diff(token_offsets[self.row_offsets])
 
+    @classmethod
+    def of_whole_samples(cls, piece_sample: np.ndarray, row_offsets: np.ndarray, lengths: np.ndarray) -> "PackPlan":
+        """The plan of rows made of whole samples: ``piece_sample`` in row order, rows cut at ``row_offsets``
+        (what ``raypack.data.bins.fit_rows`` returns), ``lengths`` per sample."""
+        return cls(piece_sample, np.zeros(len(piece_sample), dtype=np.int64), lengths[piece_sample], row_offsets)
+
+
+def concat_plans(plans: list[PackPlan], samples: list[np.ndarray]) -> PackPlan:
+    """The rows of each plan in turn, as one plan; piece_sample of ``plans[i]`` is mapped through ``samples[i]``.
+
+    >>> a = plan_pack(np.array([2, 3]), 8, "bfd")
+    >>> b = plan_pack(np.array([4]), 8, "padding")
+    >>> both = concat_plans([a, b], [np.array([5, 7]), np.array([6])])
+    >>> both.piece_sample.tolist(), both.row_offsets.tolist()
+    ([7, 5, 6], [0, 2, 3])
+    """
+    if not plans:
+        empty = np.zeros(0, dtype=np.int64)
+        return PackPlan(empty, empty.copy(), empty.copy(), np.zeros(1, dtype=np.int64))
+    pieces_per_row = np.concatenate([np.diff(p.row_offsets) for p in plans])
+    return PackPlan(
+        piece_sample=np.concatenate([s[p.piece_sample] for p, s in zip(plans, samples, strict=True)]).astype(np.int64),
+        piece_start=np.concatenate([p.piece_start for p in plans]),
+        piece_end=np.concatenate([p.piece_end for p in plans]),
+        row_offsets=np.concatenate(([0], np.cumsum(pieces_per_row))).astype(np.int64),
+    )
+
 
 # ---------------------------------------------------------------- planning
 
@@ -125,47 +156,12 @@ def plan_pack(lengths: np.ndarray, max_seq_len: int, strategy: str, window: int 
 
     See the module docstring for the strategies and a worked example.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}")
-    lengths = _check_lengths(lengths)
-    max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
-        raise ValueError(f"window must be an int >= 0 (0 = plan all samples at once), got {window!r}")
-    if strategy != "random":
-        _check_fits(lengths, max_seq_len, strategy)
-    window = int(window) if window > 0 else max(len(lengths), 1)
+    lengths, max_seq_len, window = check_plan_inputs(lengths, max_seq_len, strategy, window)
     if strategy == "padding":
         return _plan_padding(lengths)
     if strategy == "random":
-        return _plan_random(lengths, max_seq_len, window)
-    return _plan_fit(lengths, max_seq_len, window, best_fit=strategy == "bfd")
-
-
-def _check_lengths(lengths) -> np.ndarray:
-    lengths = np.asarray(lengths)
-    if lengths.ndim != 1 or (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
-        raise ValueError(f"lengths must be a 1-D integer array, got shape {lengths.shape} dtype {lengths.dtype}")
-    lengths = lengths.astype(np.int64, copy=False)
-    if lengths.size and lengths.min() < 1:
-        num_empty = int((lengths < 1).sum())
-        raise ValueError(f"{num_empty} samples have length < 1; drop empty samples before packing")
-    return lengths
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_fits(lengths: np.ndarray, max_seq_len: int, strategy: str) -> None:
-    over = lengths > max_seq_len
-    if over.any():
-        raise ValueError(
-            f"{int(over.sum())} samples are longer than max_seq_len={max_seq_len} (longest: "
-            f"{int(lengths.max())} tokens); strategy {strategy!r} never splits a sample, so apply an "
-            "over-length policy (truncate, drop or split) when tokenizing, or use strategy 'random'"
-        )
+        return _plan_random(lengths, max_seq_len, window if window > 0 else max(len(lengths), 1))
+    return PackPlan.of_whole_samples(*fit_rows(lengths, max_seq_len, window, best_fit=strategy == "bfd"), lengths)
 
 
 def _plan_padding(lengths: np.ndarray) -> PackPlan:
@@ -204,181 +200,6 @@ def _plan_random(lengths: np.ndarray, max_seq_len: int, window: int) -> PackPlan
         row_offsets=np.append(np.searchsorted(piece_starts, row_starts), len(piece_starts)).astype(np.int64),
     )
 
-
-def _plan_fit(lengths: np.ndarray, max_seq_len: int, window: int, best_fit: bool) -> PackPlan:
-    """Greedy first-fit or best-fit decreasing; the work happens in numba kernels.
-
-    Every work array is allocated here with numpy rather than inside the kernels,
-    so that tracemalloc (which sees numpy but not numba allocations) measures the
-    planner's real peak memory.
-    """
-    n = len(lengths)
-    win = min(window, max(n, 1))
-    piece_sample = np.empty(n, dtype=np.int64)
-    row_offsets = np.empty(n + 1, dtype=np.int64)
-    order = np.empty(n, dtype=np.int64)
-    row_of = np.empty(n, dtype=np.int64)
-    counts = np.empty(max(max_seq_len + 1, win), dtype=np.int64)
-    if best_fit:
-        # Tree over room sizes 0..max_seq_len; heads/tails/next chain rows with equal room.
-        tree = np.empty(2 * _next_pow2(max_seq_len + 1), dtype=np.int32)
-        chains = np.empty(2 * (max_seq_len + 1) + win, dtype=np.int64)
-    else:
-        # Tree over the rows of a window; a window never needs more rows than samples.
-        tree = np.empty(2 * _next_pow2(win), dtype=np.int32)
-        chains = np.empty(0, dtype=np.int64)
-    num_rows = _fit_kernel(lengths, max_seq_len, win, best_fit, order, row_of, counts, tree, chains,
-                           piece_sample, row_offsets)
-    return PackPlan(
-        piece_sample=piece_sample,
-        piece_start=np.zeros(n, dtype=np.int64),
-        piece_end=lengths[piece_sample],
-        row_offsets=row_offsets[: num_rows + 1].copy(),
-    )
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
-
-
-@numba.njit(cache=True)
-def _fit_kernel(lengths, max_seq_len, window, best_fit, order, row_of, counts, tree, chains,
-                piece_sample, row_offsets):
-    """Plan each window independently; returns the total number of rows."""
-    n = len(lengths)
-    num_rows = 0
-    for lo in range(0, n, window):
-        hi = min(lo + window, n)
-        _sort_descending(lengths, lo, hi, max_seq_len, counts, order)
-        if best_fit:
-            rows = _best_fit(lengths, order, lo, hi, max_seq_len, tree, chains, row_of)
-        else:
-            rows = _first_fit(lengths, order, lo, hi, max_seq_len, tree, row_of)
-        _emit_rows(order, row_of, lo, hi, rows, num_rows, counts, piece_sample, row_offsets)
-        num_rows += rows
-    row_offsets[num_rows] = n
-    return num_rows
-
-
-@numba.njit(cache=True)
-def _sort_descending(lengths, lo, hi, max_seq_len, counts, order):
-    """Stable counting sort of samples lo..hi by length, longest first, into order[lo:hi]."""
-    counts[: max_seq_len + 1] = 0
-    for i in range(lo, hi):
-        counts[lengths[i]] += 1
-    pos = lo
-    for length in range(max_seq_len, -1, -1):
-        c = counts[length]
-        counts[length] = pos
-        pos += c
-    for i in range(lo, hi):
-        length = lengths[i]
-        order[counts[length]] = i
-        counts[length] += 1
-
-
-@numba.njit(cache=True)
-def _tree_set(tree, leaf, value):
-    """Set a leaf of a max segment tree (leaves start at len(tree) // 2) and fix its ancestors."""
-    i = len(tree) // 2 + leaf
-    tree[i] = value
-    i >>= 1
-    while i >= 1:
-        left = tree[2 * i]
-        right = tree[2 * i + 1]
-        tree[i] = left if left >= right else right
-        i >>= 1
-
-
-@numba.njit(cache=True)
-def _tree_leftmost(tree, value):
-    """Index of the leftmost leaf >= value; the caller checks tree[1] >= value first."""
-    size = len(tree) // 2
-    i = 1
-    while i < size:
-        i = 2 * i if tree[2 * i] >= value else 2 * i + 1
-    return i - size
-
-
-@numba.njit(cache=True)
-def _best_fit(lengths, order, lo, hi, max_seq_len, tree, chains, row_of):
-    """Best-fit rows for samples order[lo:hi]; row_of[k] is the window-local row of order[k].
-
-    Leaf r of the tree is r while some open row has exactly r tokens of room, else 0,
-    so the leftmost leaf >= length is the tightest room that fits. Rows with equal
-    room queue FIFO in a linked list: head[r], tail[r], nxt[row].
-    """
-    size = max_seq_len + 1
-    head = chains[:size]
-    tail = chains[size: 2 * size]
-    nxt = chains[2 * size:]
-    tree[:] = 0
-    head[:] = -1
-    tail[:] = -1
-    rows = 0
-    for k in range(lo, hi):
-        length = lengths[order[k]]
-        if tree[1] >= length:
-            room = _tree_leftmost(tree, length)
-            row = head[room]
-            head[room] = nxt[row]
-            if head[room] == -1:
-                tail[room] = -1
-                _tree_set(tree, room, 0)
-        else:
-            row = rows
-            rows += 1
-            room = max_seq_len
-        row_of[k] = row
-        room -= length
-        if room > 0:  # full rows leave the tree for good
-            nxt[row] = -1
-            if tail[room] == -1:
-                head[room] = row
-                _tree_set(tree, room, room)
-            else:
-                nxt[tail[room]] = row
-            tail[room] = row
-    return rows
-
-
-@numba.njit(cache=True)
-def _first_fit(lengths, order, lo, hi, max_seq_len, tree, row_of):
-    """First-fit rows for samples order[lo:hi]; row_of[k] is the window-local row of order[k].
-
-    Leaf r of the tree is the room left in row r. Rows not yet opened have full
-    room, so the leftmost leaf that fits is either an open row or the next new
-    row, and opening a row needs no special case.
-    """
-    tree[:] = max_seq_len
-    rows = 0
-    for k in range(lo, hi):
-        length = lengths[order[k]]
-        row = _tree_leftmost(tree, length)
-        if row == rows:
-            rows += 1
-        row_of[k] = row
-        leaf = len(tree) // 2 + row
-        _tree_set(tree, row, tree[leaf] - length)
-    return rows
-
-
-@numba.njit(cache=True)
-def _emit_rows(order, row_of, lo, hi, rows, row_base, counts, piece_sample, row_offsets):
-    """Write the window's pieces in row order (stable: a row keeps its insertion order)."""
-    counts[:rows] = 0
-    for k in range(lo, hi):
-        counts[row_of[k]] += 1
-    pos = lo  # one piece per sample, so this window's pieces occupy slots lo..hi
-    for r in range(rows):
-        row_offsets[row_base + r] = pos
-        c = counts[r]
-        counts[r] = pos
-        pos += c
-    for k in range(lo, hi):
-        r = row_of[k]
-        piece_sample[counts[r]] = order[k]
-        counts[r] += 1
 
 
 # ---------------------------------------------------------------- materialising rows
@@ -444,57 +265,36 @@ def _check_samples(plan: PackPlan, samples: list[dict]) -> tuple[list, list]:
 
 
 def plan_stats(plan: PackPlan, lengths: np.ndarray, max_seq_len: int, micro_batch_size: int = 1) -> dict:
-    """Length-only statistics of a plan (no tokens needed); ``num_supervised_tokens`` is absent."""
-    lengths = _check_lengths(lengths)
+    """Length-only statistics of a plan (no tokens needed); supervised tokens are counted on the rows
+    (``row_supervised_tokens``).
+
+    ``num_batch_tokens`` counts the tokens computed when consecutive rows are
+    collated ``micro_batch_size`` at a time, each micro-batch padded to its longest
+    row; ``padding_fraction`` is the share of those that are padding.
+    ``lower_bound_rows`` is the fewest rows the tokens fit in.
+
+    Rows of 8, 7 and 5 tokens, collated two at a time, compute 2 * 8 + 5 = 21 tokens:
+
+    >>> lengths = np.array([5, 5, 5, 2, 2, 1])
+    >>> stats = plan_stats(plan_pack(lengths, 8, "bfd"), lengths, 8, micro_batch_size=2)
+    >>> stats["num_rows"], stats["num_tokens"], stats["num_capacity_tokens"], stats["num_batch_tokens"]
+    (3, 20, 24, 21)
+    """
+    lengths = check_lengths(lengths)
+    max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+    micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
     if len(plan.piece_sample) and plan.piece_sample.max() >= len(lengths):
         raise ValueError(f"plan refers to sample {int(plan.piece_sample.max())} but only "
                          f"{len(lengths)} lengths were given; pass the lengths the plan was made from")
     pieces_per_sample = np.bincount(plan.piece_sample, minlength=len(lengths))
-    stats = {"num_samples": len(lengths)}
-    stats.update(row_length_stats(plan.row_lengths(), max_seq_len, micro_batch_size))
-    stats["num_split_samples"] = int((pieces_per_sample > 1).sum())
-    stats["max_row_len"] = stats.pop("max_row_len")  # keep the documented key order
-    return stats
-
-
-def row_stats(rows: list[dict], max_seq_len: int, micro_batch_size: int = 1,
-              plan: PackPlan | None = None) -> dict:
-    """Statistics of materialised rows, including supervised tokens.
-
-    Rows alone cannot tell a sample from a piece of a split sample, so
-    ``num_samples`` and ``num_split_samples`` come from ``plan`` when it is given
-    and are ``None`` otherwise.
-    """
-    row_lens = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
-    num_supervised = sum(int(np.count_nonzero(r["labels"] != IGNORE_INDEX)) for r in rows)
-    stats = {"num_samples": None}
-    base = row_length_stats(row_lens, max_seq_len, micro_batch_size)
-    stats["num_rows"] = base.pop("num_rows")
-    stats["num_tokens"] = base.pop("num_tokens")
-    stats["num_supervised_tokens"] = num_supervised
-    stats.update(base)
-    stats["num_split_samples"] = None
-    stats["max_row_len"] = stats.pop("max_row_len")
-    if plan is not None:
-        if plan.num_rows != len(rows):
-            raise ValueError(f"plan has {plan.num_rows} rows but {len(rows)} rows were given; "
-                             "pass the plan these rows were packed from")
-        pieces_per_sample = np.bincount(plan.piece_sample)
-        stats["num_samples"] = int(np.count_nonzero(pieces_per_sample))
-        stats["num_split_samples"] = int((pieces_per_sample > 1).sum())
-    return stats
-
-
-def row_length_stats(row_lens: np.ndarray, max_seq_len: int, micro_batch_size: int) -> dict:
-    """Stats shared by plan_stats and row_stats, from the token count of each row."""
-    max_seq_len = _check_positive_int("max_seq_len", max_seq_len)
-    micro_batch_size = _check_positive_int("micro_batch_size", micro_batch_size)
+    row_lens = plan.row_lengths()
     num_rows = len(row_lens)
     num_tokens = int(row_lens.sum())
     capacity = num_rows * max_seq_len
     batch_tokens = _batch_tokens(row_lens, micro_batch_size)
     lower_bound = math.ceil(num_tokens / max_seq_len)
     return {
+        "num_samples": len(lengths),
         "num_rows": num_rows,
         "num_tokens": num_tokens,
         "num_capacity_tokens": capacity,
@@ -504,8 +304,14 @@ def row_length_stats(row_lens: np.ndarray, max_seq_len: int, micro_batch_size: i
         "lower_bound_rows": lower_bound,
         # 0 rows for 0 tokens meets the bound exactly.
         "rows_over_lower_bound": num_rows / lower_bound if lower_bound else 1.0,
+        "num_split_samples": int((pieces_per_sample > 1).sum()),
         "max_row_len": int(row_lens.max()) if num_rows else 0,
     }
+
+
+def row_supervised_tokens(rows: list[dict]) -> np.ndarray:
+    """The number of targets (labels other than ``IGNORE_INDEX``) in each row, as int64."""
+    return np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
 
 
 def _batch_tokens(row_lens: np.ndarray, micro_batch_size: int) -> int:

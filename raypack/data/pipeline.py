@@ -48,10 +48,10 @@ import ray.data
 
 from raypack.config import ArmSpec, Config, PrepareConfig, arm_spec
 from raypack.data import features, formats, synth
+from raypack.data.arm import COMPOSITION_KEYS, ContentGroups, plan_arm
 from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
-from raypack.data.compose import composition_stats, plan_composed
-from raypack.data.pack import PackPlan, pack_rows, row_length_stats
+from raypack.data.pack import PackPlan, pack_rows, row_supervised_tokens
 from raypack.data.prepared import (FLAT_DIR, MANIFEST_VERSION, Manifest, ShardConverter, first_fitting, join_flat,
                                    publish_flat, shard_files, write_flat, write_manifest)
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
@@ -348,8 +348,8 @@ def _write_rejected(files: list[str], out: Path) -> None:
 # ---------------------------------------------------------------- hold out and pack
 #
 # A split is packed in three steps, its output the same whatever the number of tasks:
-#   plan_split   one task: reads lengths (+ turn counts, clusters) only, cuts the split into
-#                buffers, plans each buffer and counts the split's statistics;
+#   plan_split   one task: reads lengths (+ turn counts, clusters) only and plans the split
+#                (raypack.data.arm.plan_arm: a plan per buffer and the split's stats record);
 #   pack_shards  prepare.pack_workers tasks, each a contiguous run of the split's shards
 #                (whole buffers, or rows of one buffer's plan): reads only the samples its
 #                rows hold, materialises the rows, writes the shards and a flat/ part;
@@ -420,50 +420,12 @@ def _read_lengths(files: list[str], holdout_keys: np.ndarray, select: str) -> di
     return out
 
 
-class _SplitStats:
-    """The split's sample, composition and similarity counts, added buffer by buffer in order."""
-
-    def __init__(self, spec: ArmSpec, groups: dict | None):
-        self.spec, self.groups = spec, groups
-        self.num_samples = self.num_split_samples = 0
-        self.num_multi_turn = self.num_multi_turn_rows = self.num_mixed_rows = self.num_shared_rows = 0
-        self.similarity: list[dict] = []
-
-    def add(self, plan, buffer_index: int, num_samples: int, multi_turn, clusters, vectors) -> None:
-        counts = np.bincount(plan.piece_sample, minlength=num_samples)
-        self.num_samples += num_samples
-        self.num_split_samples += int((counts > 1).sum())
-        composition = composition_stats(plan, clusters, multi_turn)
-        if multi_turn is not None:
-            self.num_multi_turn += composition["num_multi_turn_samples"]
-            self.num_multi_turn_rows += composition["num_multi_turn_rows"]
-        if clusters is not None:
-            self.num_shared_rows += composition["num_packed_rows"]
-            self.num_mixed_rows += composition["num_mixed_cluster_rows"]
-            self.similarity.append(features.pack_similarity(vectors.astype(np.float32), plan, seed=buffer_index))
-
-    def summary(self) -> dict:
-        out = {"grouping": self.spec.grouping, "only_single_turn": self.spec.only_single_turn}
-        if self.spec.only_single_turn:
-            out.update(num_single_turn_samples=self.num_samples - self.num_multi_turn,
-                       num_multi_turn_samples=self.num_multi_turn, num_multi_turn_rows=self.num_multi_turn_rows)
-        if self.groups is not None:
-            weights = np.array([m["num_pairs"] for m in self.similarity], dtype=float)
-            def mean(key):
-                values = [(m[key], w) for m, w in zip(self.similarity, weights) if m[key] is not None and w > 0]
-                return float(np.average([v for v, _ in values], weights=[w for _, w in values])) if values else None
-            out.update(num_clusters=self.groups["num_clusters"], group_backend=self.groups["backend"],
-                       within_pack_cosine=mean("within_pack_cosine"), across_pack_cosine=mean("across_pack_cosine"),
-                       num_similarity_pairs=int(weights.sum()), num_shared_rows=self.num_shared_rows,
-                       num_mixed_cluster_rows=self.num_mixed_rows)
-        return out
-
-
 @ray.remote
 def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: ArmSpec, window: int,
                group_buffer: int, groups_dir: str | None, max_seq_len: int, micro_batch_size: int,
-               rows_per_shard: int) -> tuple[dict, _SplitPlan]:
-    """Plan every buffer of the split from lengths alone; returns (row stats and shards, the plans).
+               rows_per_shard: int, seed: int) -> tuple[dict, _SplitPlan]:
+    """Plan the split from lengths alone (raypack.data.arm.plan_arm); returns (its stats record and shards,
+    the plans).
 
     A buffer is `window` samples (all when 0); a grouped arm buffers `group_buffer`
     samples (all when 0), orders them by cluster and packs each cluster in windows.
@@ -471,37 +433,27 @@ def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
     """
     start = time.time()
     split = _read_lengths(files, holdout_keys, select)
-    groups = load_groups(groups_dir) if groups_dir else None
-    n = len(split["length"])
-    size = (group_buffer if spec.grouping != "none" else window) or max(n, 1)
-    stats, plans, shards, row_lens, num_rows = _SplitStats(spec, groups), [], [], [], 0
-    for b, lo in enumerate(range(0, n, size)):
-        hi = min(lo + size, n)
-        multi_turn = split["turns"][lo:hi] > 1 if spec.only_single_turn else None
-        clusters = vectors = None
-        if groups is not None:
-            kept_index = split["kept_index"][lo:hi]
-            if not (np.array_equal(groups["keys"][kept_index], split["key"][lo:hi])
-                    and np.array_equal(groups["pieces"][kept_index], split["piece"][lo:hi])):
-                raise RuntimeError("grouping stage output is not aligned with the tokenized cache; prepare again "
-                                   "with prepare.reuse=false")
-            clusters, vectors = groups["clusters"][kept_index], groups["vectors"][kept_index]
-        plan = plan_composed(split["length"][lo:hi], max_seq_len, spec.strategy, window, spec.grouping, clusters,
-                             multi_turn)
-        stats.add(plan, b, hi - lo, multi_turn, clusters, vectors)
+    groups = None
+    if groups_dir:
+        loaded = load_groups(groups_dir)
+        kept_index = split["kept_index"]
+        if not (np.array_equal(loaded["keys"][kept_index], split["key"])
+                and np.array_equal(loaded["pieces"][kept_index], split["piece"])):
+            raise RuntimeError("grouping stage output is not aligned with the tokenized cache; prepare again "
+                               "with prepare.reuse=false")
+        groups = ContentGroups(loaded["clusters"][kept_index], loaded["vectors"][kept_index], loaded["num_clusters"],
+                               loaded["backend"])
+    arm = plan_arm(split["length"], spec, max_seq_len=max_seq_len, window=window, group_buffer=group_buffer,
+                   micro_batch_size=micro_batch_size, seed=seed, turns=split["turns"], groups=groups)
+    shards, num_rows = [], 0
+    for b, plan in enumerate(arm.plans):
         lens = plan.row_lengths()
         for c, r in enumerate(range(0, plan.num_rows, rows_per_shard)):
             r_hi = min(r + rows_per_shard, plan.num_rows)
             shards.append(_Shard(b, c, r, r_hi, num_rows + r, int(lens[r:r_hi].sum())))
-        plans.append(plan)
-        row_lens.append(lens)
         num_rows += plan.num_rows
-    out = row_length_stats(np.concatenate(row_lens) if row_lens else np.zeros(0, np.int64), max_seq_len,
-                           micro_batch_size)
-    out.update(num_samples=stats.num_samples, num_split_samples=stats.num_split_samples, shards=shards,
-               start=start, composition=stats.summary() if select == "train" else {})
-    starts = np.arange(0, n, size, dtype=np.int64)
-    return out, _SplitPlan(plans, starts, split["row_groups"])
+    return {**arm.stats, "shards": shards, "start": start}, _SplitPlan(arm.plans, arm.buffer_starts,
+                                                                       split["row_groups"])
 
 
 def _shard_plan(plan: PackPlan, lo: int, hi: int) -> PackPlan:
@@ -570,7 +522,7 @@ def pack_shards(split: _SplitPlan, shards: list[_Shard], holdout_keys: np.ndarra
         used, piece_sample = np.unique(local, return_inverse=True)
         rows = pack_rows(PackPlan(piece_sample.astype(np.int64), plan.piece_start, plan.piece_end, plan.row_offsets),
                          [tokens[i] for i in used], attention)
-        supervised = np.array([np.count_nonzero(r["labels"] != IGNORE_INDEX) for r in rows], dtype=np.int64)
+        supervised = row_supervised_tokens(rows)
         table = _rows_table(rows, supervised, keys[local], pieces[local], plan.row_offsets, s.first_row)
         path = Path(out) / f"part-{s.buffer:05d}-{s.chunk:03d}.parquet"
         pq.write_table(table, path)
@@ -866,7 +818,7 @@ def prepare(cfg: Config) -> dict:
             num_cpus=cfg.prepare.pack_num_cpus, num_returns=2).remote(
             files, holdout_ref, select, spec, window, cfg.pack.group_buffer,
             str(packed_groups) if packed_groups else None, cfg.data.max_seq_len,
-            cfg.train.micro_batch_size, cfg.prepare.rows_per_shard))
+            cfg.train.micro_batch_size, cfg.prepare.rows_per_shard, cfg.seed))
     # Every split plans at once; a split's packing tasks start as soon as its plan is known.
     for name, (partial, job_hash, spec, window, refs) in pending.items():
         stats, join_ref = _pack_split(refs, jobs[name].select, spec, holdout_ref, cfg.prepare, partial)
@@ -882,8 +834,10 @@ def prepare(cfg: Config) -> dict:
 
 def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: str | None, window: int,
               job_hash: str, tokenize_seconds: float, split: str, num_val_conversations: int) -> Manifest:
-    """manifest.json: the tokenization pass's counts (whole input), this split's row counts and what went
-    into its packs (stats["composition"]: a key Manifest lacks is a TypeError here, so add the field)."""
+    """manifest.json: the tokenization pass's counts (whole input), this split's row counts and, for a train
+    arm, what went into its packs (the record's COMPOSITION_KEYS: a key Manifest lacks is a TypeError here, so
+    add the field)."""
+    composition = {key: stats[key] for key in COMPOSITION_KEYS if key in stats} if split == "train" else {}
     return Manifest(
         version=MANIFEST_VERSION,
         **{key: counts[key] for key in ("num_input_rows", "num_rejected_rows", "rejected_reasons", "num_conversations",
@@ -896,4 +850,4 @@ def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: 
                                        "seconds")},
         max_seq_len=cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, strategy=strategy,
         attention=None if strategy == "padding" else attention, pack_window=window, config_hash=job_hash,
-        tokenize_seconds=tokenize_seconds, **stats["composition"])
+        tokenize_seconds=tokenize_seconds, **composition)
