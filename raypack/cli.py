@@ -340,7 +340,8 @@ def _checkpoints(cfg: Config) -> dict[str, str]:
     else:
         from raypack.train.launch import run_dir
 
-        models = {arm: str(run_dir(cfg, arm) / "model") for arm in ([cfg.train.arm] if cfg.train.arm else cfg.pack.arms)}
+        arms = [cfg.train.arm] if cfg.train.arm else cfg.pack.arms
+        models = {arm: str(run_dir(cfg, arm) / "model") for arm in arms}
     for name, folder in models.items():
         if not (Path(folder) / "config.json").is_file():
             todo = ("give eval.model_dir=<the folder a trained model was saved to>" if cfg.eval.model_dir else
