@@ -316,7 +316,7 @@ def cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_analyze(cfg: None, args: argparse.Namespace) -> int:
+def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
     from raypack.tune.analyze import analyze
 
     if not Path(args.sweep_dir).is_dir():
@@ -642,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                  for line in describe_keys(command.reads)]
         p = subs[group].add_parser(leaf, help=command.help, description=command.help,
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog="config keys it reads (in CONFIG or as KEY=VALUE):\n" + "\n".join(reads)
+                                   epilog="config keys that steer it (in CONFIG or as KEY=VALUE; every key: "
+                                   "raypack config --fields):\n" + "\n".join(reads)
                                    if reads else None)
         if command.config != "none":
             p.add_argument("config", metavar="CONFIG", nargs="?" if command.config == "optional" else None,

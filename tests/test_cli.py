@@ -185,6 +185,13 @@ def test_help_documents_the_keys_a_command_reads_from_their_declarations(capsys)
     assert "eval.model_dir (str, default '')" in out and "--json F" in out and "--num-samples" not in out
 
 
+def test_settings_are_config_keys_not_flags():
+    """eval, probe and synth take their settings as config keys; their only flags say where output goes."""
+    flags = {c.name: {names[0] for names, _ in c.flags} for c in COMMANDS}
+    assert flags["eval"] == flags["probe"] == {"--json"} and flags["synth"] == {"--out"}
+    assert all(c.config == "required" for c in COMMANDS if c.name not in ("analyze", "config"))
+
+
 ROOT = Path(__file__).parents[1]
 BUG = """import dataclasses, sys
 from raypack import cli
