@@ -497,14 +497,15 @@ def cmd_bench_pipeline(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.pipeline import bench_pipeline, format_pipeline_result
 
     pack_workers = _comma_ints(args.pack_workers, "--pack-workers", "1,2")
-    result = bench_pipeline(cfg, args.work_dir, arm=args.arm, bare=not args.skip_bare, pack_workers=pack_workers)
+    result = bench_pipeline(cfg, _work_dir(cfg, args), arm=args.arm, bare=not args.skip_bare,
+                            pack_workers=pack_workers)
     return _report(format_pipeline_result(result), result, args.json)
 
 
 def cmd_bench_train(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.train import bench_train, format_train_result
 
-    result = bench_train(args.config, args.overrides, args.work_dir)
+    result = bench_train(args.config, args.overrides, _work_dir(cfg, args))
     return _report(format_train_result(result), result, args.json)
 
 
@@ -512,7 +513,7 @@ def cmd_bench_loader(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.loader import bench_loader, format_loader_result
 
     sizes = _comma_ints(args.sizes, "--sizes", "2000,20000,190000")
-    result = bench_loader(sizes, args.work_dir, max_seq_len=cfg.data.max_seq_len, workers=cfg.train.num_workers,
+    result = bench_loader(sizes, _work_dir(cfg, args), max_seq_len=cfg.data.max_seq_len, workers=cfg.train.num_workers,
                           fetches=args.fetches, micro_batch=cfg.train.micro_batch_size, old_fetches=args.old_fetches,
                           cold=args.cold, keep=args.keep, seed=cfg.seed)
     return _report(format_loader_result(result), result, args.json)
@@ -536,8 +537,12 @@ def flag(*names: str, **options) -> tuple:
     return names, options
 
 
-def work_dir(default: str, what: str) -> tuple:
-    return flag("--work-dir", default=default, help=f"{what} go here")
+def work_dir(what: str) -> tuple:
+    return flag("--work-dir", help=f"{what} go here; default <output_dir>/bench_<benchmark>, e.g. out/bench_train")
+
+
+def _work_dir(cfg: Config, args: argparse.Namespace) -> str:
+    return args.work_dir or str(Path(cfg.output_dir) / args.entry.name.replace(" ", "_"))
 
 
 JSON = flag("--json", metavar="F", help="also write the figures to this JSON file")
@@ -599,13 +604,13 @@ COMMANDS = (
     Command("bench pipeline", cmd_bench_pipeline, "raypack prepare end to end on synth.* shards vs the bare "
             "tokenizer, rows, memory", reads=("synth", "data.max_seq_len", "pack.window", "prepare"),
             flags=(flag("--arm", default="bfd-isolated", help="the one arm prepared"),
-                   work_dir("out/bench_pipeline", "synthetic shards and prepared output"),
+                   work_dir("synthetic shards and prepared output"),
                    flag("--skip-bare", action="store_true", help="skip the bare-tokenizer reference (long runs)"),
                    flag("--pack-workers", default="", help="e.g. 1,2: then time the packing stage alone again on "
                         "the same tokenized cache with each number of packing tasks per split "
                         "(prepare.pack_workers)"), JSON)),
     Command("bench train", cmd_bench_train, "one epoch of padding vs bfd-isolated on the same samples (tiny "
-            "model)", flags=(work_dir("out/bench_train", "runs (a fresh name each time)"), JSON)),
+            "model)", flags=(work_dir("runs (a fresh name each time)"), JSON)),
     Command("bench loader", cmd_bench_loader, "what the training loop's row fetch costs (time per micro-batch, "
             "worker PSS/RSS) as the split grows, on synthetic packed rows: train.num_workers processes read "
             "micro-batches of train.micro_batch_size rows at once",
@@ -615,7 +620,7 @@ COMMANDS = (
                    flag("--old-fetches", type=int, default=20, help="micro-batches read the old way (chunked "
                         "Arrow table take); 0 skips it"),
                    flag("--cold", action="store_true", help="evict each arm from the page cache before reading it"),
-                   work_dir("out/bench_loader", "the synthetic arms (~8 bytes a token)"),
+                   work_dir("the synthetic arms (~8 bytes a token)"),
                    flag("--keep", action="store_true", help="keep the arms (reused by the next run)"), JSON)),
     Command("config", cmd_config, "print the resolved config, or document every key", config="optional",
             flags=(flag("--fields", action="store_true", help="list every config key with its type and help"),)),
