@@ -1,8 +1,8 @@
 """The `raypack` command line: a table of commands (COMMANDS) over the library.
 
 Every command but `analyze` takes a YAML config and dotted `key=value` overrides, the
-one override mechanism of raypack.config (a Ray Tune trial is one too); its own flags
-are only outputs and benchmark sizes. `raypack COMMAND --help` lists the config keys
+one override mechanism of raypack.config (a Ray Tune trial is one too); the only flags
+are plan's and the benchmarks' own (outputs, sizes), none a copy of a config field. `raypack COMMAND --help` lists the config keys
 the command reads, with the help text they are declared with.
 
     raypack compare jobs/quickstart.yaml [key=value ...]   # every arm's packing counts side by side
@@ -13,10 +13,10 @@ the command reads, with the help text they are declared with.
     raypack study jobs/quickstart.yaml [key=value ...]     # every arm prepared, trained, evaluated, compared
     raypack sweep jobs/sweep-quick.yaml [key=value ...] [--resume DIR]   # Ray Tune: lr x batch size per arm
     raypack analyze out/sweep/sweep-quick                  # the sweep's table, plots and lr* ∝ batch^alpha
-    raypack eval jobs/quickstart.yaml [eval.preset=paper eval.tasks=[gsm8k:4] eval.limit=N eval.ray=true] [--json F]
+    raypack eval jobs/quickstart.yaml [eval.preset=paper eval.tasks=[gsm8k:4] eval.limit=N eval.ray=true eval.out=F]
     raypack eval jobs/quickstart.yaml eval.model_dir=out/model eval.preset=none   # + eval.val_dir=FOLDER
-    raypack probe jobs/quickstart.yaml train.arm=bfd-cross probe.num_samples=64 [--json F]
-    raypack synth jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=1000 --out data.jsonl
+    raypack probe jobs/quickstart.yaml train.arm=bfd-cross probe.num_samples=64 [probe.out=F.json]
+    raypack synth jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=1000 synth.out=data.jsonl
     raypack bench pack jobs/compare.yaml synth.num_samples=1200000 [--no-trl] --json out/bench_pack.json
     raypack bench grouping jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=100000 [--clusters 16]
     raypack bench pipeline jobs/compare.yaml synth.num_samples=100000 pack.window=100000 --json out/bench_pipeline.json
@@ -388,7 +388,7 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
         if len(models) > 1:
             print(f"[{name}] {model_dir}", flush=True)
         results[name] = _eval_model(ev, model_dir, specs, val)
-    return _write_json(results, args.json)
+    return _write_json(results, ev.out)
 
 
 def _eval_model(ev, model_dir: str, specs: list, val: str | None) -> dict:
@@ -434,15 +434,16 @@ def cmd_probe(cfg: Config, args: argparse.Namespace) -> int:
         result["seconds"] = round(time.perf_counter() - start, 1)
         print(format_probe(result))
         results[name] = result
-    return _write_json(results, args.json)
+    return _write_json(results, cfg.probe.out)
 
 
 def cmd_synth(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.synth import synth_conversations, write_jsonl
 
     s = cfg.synth
-    n = write_jsonl(synth_conversations(s.preset, s.num_samples, s.seed), args.out)
-    print(f"wrote {n} conversations ({s.preset}, seed {s.seed}) to {args.out}")
+    out = s.out or Path(cfg.output_dir) / "synth" / f"{s.preset}-{s.num_samples}-seed{s.seed}.jsonl"
+    n = write_jsonl(synth_conversations(s.preset, s.num_samples, s.seed), out)
+    print(f"wrote {n} conversations ({s.preset}, seed {s.seed}) to {out}")
     return 0
 
 
@@ -588,12 +589,12 @@ COMMANDS = (
             config="none", flags=(flag("sweep_dir", help="the sweep folder (sweep.out, default "
                                        "<output_dir>/sweep/<name>)"),)),
     Command("eval", cmd_eval, "score checkpoints with lm-evaluation-harness and the validation loss; print the "
-            "table", reads=("eval", "train.arm"), flags=(JSON,)),
+            "table", reads=("eval", "train.arm")),
     Command("probe", cmd_probe, "does the model use its context? a held-out sample's loss alone vs after an "
             "unrelated or a related sample in the same row",
-            reads=("probe", "eval.model_dir", "eval.val_dir", "train.arm", "seed"), flags=(JSON,)),
+            reads=("probe", "eval.model_dir", "eval.val_dir", "train.arm", "seed")),
     Command("synth", cmd_synth, "write synthetic conversations with a paper dataset's length profile (JSONL)",
-            reads=("synth",), flags=(flag("--out", required=True, metavar="FILE", help="the JSONL file to write"),)),
+            reads=("synth",)),
     Command("bench pack", cmd_bench_pack, "plan every packing strategy on the same synthetic lengths (synth.*) "
             "and TRL's bfd", reads=("synth", "data.max_seq_len", "pack.window"),
             flags=(flag("--no-trl", action="store_true", help="skip TRL's pack_dataset reference run"), JSON)),

@@ -50,6 +50,8 @@ class SynthConfig:
     preset: str = _field("opensource-1.2m", "length distribution to imitate", SYNTH_PRESETS)
     num_samples: int = _field(2000, "number of conversations to synthesise")
     seed: int = _field(0, "seed of the synthetic data")
+    out: str = _field("", "the JSONL file `raypack synth` writes; '' is "
+                      "<output_dir>/synth/<preset>-<num_samples>-seed<seed>.jsonl")
 
 
 @dataclass
@@ -254,6 +256,8 @@ class EvalConfig:
                          "visible", DEVICES)
     ray: bool = _field(False, "`raypack eval` runs as one Ray task holding num_gpus / num_cpus (joins "
                        "RAY_ADDRESS or starts Ray locally); a study always does")
+    out: str = _field("", "`raypack eval` also writes the scores to this JSON file ('' writes none); several "
+                      "checkpoints (one per arm) as {arm: scores}")
 
 
 @dataclass
@@ -270,6 +274,8 @@ class ProbeConfig:
     micro_batch_size: int = _field(8, "probe rows per forward pass")
     device: str = _field("cpu", "where `raypack probe` runs: auto is cuda when a GPU is visible (a study "
                          "probes on a GPU when eval.num_gpus > 0)", DEVICES)
+    out: str = _field("", "`raypack probe` also writes the result to this JSON file ('' writes none); several "
+                      "checkpoints (one per arm) as {arm: result}")
 
 
 STUDY_MATCH = ("epochs", "steps", "tokens")

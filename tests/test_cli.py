@@ -68,7 +68,9 @@ def test_config_errors_exit_2_and_name_the_key(capsys):
 def test_synth_writes_messages_jsonl(tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     assert main(["synth", "jobs/compare.yaml", "synth.preset=tulu-326k", "synth.num_samples=25", "synth.seed=1",
-                 "--out", str(out)]) == 0
+                 f"synth.out={out}"]) == 0
+    assert main(["synth", "jobs/compare.yaml", f"output_dir={tmp_path}", "synth.num_samples=3"]) == 0
+    assert len((tmp_path / "synth" / "opensource-1.2m-3-seed0.jsonl").read_text().splitlines()) == 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 25 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
 
@@ -105,9 +107,9 @@ def one_line_error(rc, err: str) -> str | None:
 
 
 def command_argv(command, *args: str) -> list[str]:
-    """`raypack <command> <args>` plus the command's required flags, so that only `args` can be wrong."""
-    required = [arg for names, options in command.flags if options.get("required") for arg in (names[0], "x")]
-    return [*command.name.split(), *args, *required]
+    """`raypack <command> <args>`; no command has a required flag, so only `args` can be wrong."""
+    assert not any(options.get("required") for _, options in command.flags)
+    return [*command.name.split(), *args]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.name for c in COMMANDS])
@@ -169,12 +171,13 @@ def test_a_bad_flag_is_one_line_that_points_to_the_help(tmp_path, capsys):
     assert line == ("raypack probe: error: unrecognized arguments: --num-samples 3; settings are config keys "
                     "(KEY=VALUE), see raypack probe --help")
     with pytest.raises(SystemExit) as stop:
-        main(["synth", "jobs/compare.yaml"])
-    assert "required: --out" in one_line_error(stop.value.code, capsys.readouterr().err)
+        main(["bench"])
+    assert one_line_error(stop.value.code, capsys.readouterr().err) == (
+        "raypack bench: error: the following arguments are required: BENCH; see raypack bench --help")
     # Overrides may also follow a flag.
-    out = tmp_path / "s.jsonl"
-    assert main(["synth", "jobs/compare.yaml", "--out", str(out), "synth.num_samples=3"]) == 0
-    assert len(out.read_text().splitlines()) == 3
+    out = tmp_path / "plan.json"
+    assert main(["plan", "jobs/quickstart.yaml", "--json", str(out), f"output_dir={tmp_path}", "name=late"]) == 0
+    assert json.loads(out.read_text())["config"]["name"] == "late"
 
 
 def test_help_documents_the_keys_a_command_reads_from_their_declarations(capsys):
@@ -182,13 +185,13 @@ def test_help_documents_the_keys_a_command_reads_from_their_declarations(capsys)
         main(["probe", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "probe.num_samples (int, default 256): held-out targets to probe" in out
-    assert "eval.model_dir (str, default '')" in out and "--json F" in out and "--num-samples" not in out
+    assert "eval.model_dir (str, default '')" in out and "probe.out (str" in out and "--num-samples" not in out
 
 
 def test_settings_are_config_keys_not_flags():
-    """eval, probe and synth take their settings as config keys; their only flags say where output goes."""
+    """eval, probe and synth take every setting, their output file included, as config keys: no flags."""
     flags = {c.name: {names[0] for names, _ in c.flags} for c in COMMANDS}
-    assert flags["eval"] == flags["probe"] == {"--json"} and flags["synth"] == {"--out"}
+    assert flags["eval"] == flags["probe"] == flags["synth"] == set()
     assert all(c.config == "required" for c in COMMANDS if c.name not in ("analyze", "config"))
 
 

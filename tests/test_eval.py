@@ -188,7 +188,7 @@ def test_cli_prints_the_table_and_writes_json(checkpoints, tmp_path, capsys):
     out = tmp_path / "scores" / "eval.json"
     settings = [f"eval.model_dir={checkpoints[1]}", f"prepare.output_dir={tmp_path}"]  # no validation split there
     assert main(["eval", "jobs/quickstart.yaml", *settings, "eval.limit=4", "eval.tasks=[raypack_arithmetic:1]",
-                 "eval.preset=none", "--json", str(out)]) == 0
+                 "eval.preset=none", f"eval.out={out}"]) == 0
     written = json.loads(out.read_text())
     assert {(r["task"], r["metric"], r["num_fewshot"]) for r in written["results"]} == {
         ("raypack_arithmetic", "acc", 1), ("raypack_arithmetic", "acc_norm", 1)}

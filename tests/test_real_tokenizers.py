@@ -257,9 +257,9 @@ def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_p
 
     # Both score the model this config's run exported (train.arm) on the config's own validation split.
     result = tmp_path / "eval.json"
-    assert main(["eval", "jobs/real-files.yaml", *overrides, "eval.preset=none", "--json", str(result)]) == 0
+    assert main(["eval", "jobs/real-files.yaml", *overrides, "eval.preset=none", f"eval.out={result}"]) == 0
     assert json.loads(result.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
     # The probe collates with the same pad fallback.
     probe = tmp_path / "probe.json"
-    assert main(["probe", "jobs/real-files.yaml", *overrides, "probe.num_samples=4", "--json", str(probe)]) == 0
+    assert main(["probe", "jobs/real-files.yaml", *overrides, "probe.num_samples=4", f"probe.out={probe}"]) == 0
     assert json.loads(probe.read_text())["num_val_samples"] == 6

@@ -110,7 +110,7 @@ def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(r
     (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
     out = tmp_path / "eval.json"
     assert main(["eval", "jobs/quickstart.yaml", f"eval.model_dir={summary['model_dir']}", f"eval.val_dir={val_folder}",
-                 "eval.preset=none", "--json", str(out)]) == 0
+                 "eval.preset=none", f"eval.out={out}"]) == 0
     assert json.loads(out.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
 
 

@@ -17,7 +17,7 @@ shows ~0 for all three; one that relies on it drops with related context and,
 if it copies blindly, rises with unrelated context.
 
     raypack probe jobs/quickstart.yaml train.arm=bfd-cross [probe.num_samples=256 probe.num_clusters=0 ...]
-    raypack probe CONFIG eval.model_dir=out/model eval.val_dir=prepared/tok-<hash>/val-<hash> [--json F.json]
+    raypack probe CONFIG eval.model_dir=MODEL eval.val_dir=out/prepared/tok-<hash>/val-<hash> [probe.out=F.json]
 
     result = probe_model(model_dir, val_folder, cfg.probe, seed=cfg.seed)   # one process, saved HF model
     result = run_probe(forward, samples, clusters, num_samples, seed, max_seq_len, pad_token_id)  # pure core
