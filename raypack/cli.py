@@ -1,4 +1,9 @@
-"""The `raypack` command line: a thin shell over the library.
+"""The `raypack` command line: a table of commands (COMMANDS) over the library.
+
+Every command but `analyze` takes a YAML config and dotted `key=value` overrides, the
+one override mechanism of raypack.config (a Ray Tune trial is one too); the only flags
+are plan's and the benchmarks' own (outputs, sizes), none a copy of a config field. `raypack COMMAND --help` lists the config keys
+the command reads, with the help text they are declared with.
 
     raypack compare jobs/quickstart.yaml [key=value ...]   # every arm's packing counts side by side
     raypack prepare jobs/quickstart.yaml [key=value ...]   # the same on Ray Data, into Parquet shards
@@ -8,16 +13,24 @@
     raypack study jobs/quickstart.yaml [key=value ...]     # every arm prepared, trained, evaluated, compared
     raypack sweep jobs/sweep-quick.yaml [key=value ...] [--resume DIR]   # Ray Tune: lr x batch size per arm
     raypack analyze out/sweep/sweep-quick                  # the sweep's table, plots and lr* ∝ batch^alpha
-    raypack eval out/model [--preset offline|paper|none] [--tasks gsm8k:4 ...] [--limit N] [--ray] [--out F.json]
-    raypack synth --preset tulu-326k --num-samples 1000 --out data.jsonl
-    raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
-    raypack bench grouping --preset tulu-326k --num-samples 100000 [--window 1000] [--clusters 16]
-    raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
-    raypack bench pipeline --num-samples 20000 --window 2000 --skip-bare --pack-workers 1,2   # + the packing stage per pack_workers
-    raypack bench train [--json F] jobs/quickstart.yaml [key=value ...]   # padding vs bfd-isolated, one epoch, tiny model
-    raypack bench loader --sizes 2000,20000,190000 --json out/bench_loader.json   # fetch cost and memory vs split size
+    raypack eval jobs/quickstart.yaml [eval.preset=paper eval.tasks=[gsm8k:4] eval.limit=N eval.ray=true eval.out=F]
+    raypack eval jobs/quickstart.yaml eval.model_dir=out/model eval.preset=none   # + eval.val_dir=FOLDER
+    raypack probe jobs/quickstart.yaml train.arm=bfd-cross probe.num_samples=64 [probe.out=F.json]
+    raypack synth jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=1000 synth.out=data.jsonl
+    raypack bench pack jobs/compare.yaml synth.num_samples=1200000 [--no-trl] --json out/bench_pack.json
+    raypack bench grouping jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=100000 [--clusters 16]
+    raypack bench pipeline jobs/compare.yaml synth.num_samples=100000 pack.window=100000 --json out/bench_pipeline.json
+    raypack bench pipeline jobs/compare.yaml synth.num_samples=20000 pack.window=2000 --skip-bare --pack-workers 1,2
+    raypack bench train jobs/quickstart.yaml [key=value ...] [--json F]   # padding vs bfd-isolated, one epoch
+    raypack bench loader jobs/compare.yaml --sizes 2000,20000,190000 --json out/bench_loader.json
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
     raypack config --fields                                 # every config key, documented
+
+`eval` and `probe` score eval.model_dir, or by default the model `raypack train` exported
+for train.arm (every arm of pack.arms when it is ''), on eval.val_dir or by default the
+config's own validation split. A user error (a config file, key or value that cannot be
+used, a missing checkpoint or folder, a bad flag) is one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,12 +39,14 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from raypack.config import EVAL_PRESETS, SYNTH_PRESETS, ConfigError, EvalConfig, describe_fields, load_config, to_dict
+from raypack.config import Config, ConfigError, describe_fields, describe_keys, load_config, to_dict
 
 COMPARE_COLUMNS = (
     ("rows", "num_rows"), ("lower bound", "lower_bound_rows"), ("rows/LB", "rows_over_lower_bound"),
@@ -50,10 +65,9 @@ def format_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.local import prepare_local
 
-    cfg = load_config(args.config, args.overrides)
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -105,11 +119,10 @@ def _print_composition(arms: dict) -> None:
         print(format_table(["arm"] + [c for c, _ in COMPOSITION_COLUMNS], table))
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
+def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.pipeline import prepare
     from raypack.data.prepared import read_manifest
 
-    cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
     folders = prepare(cfg)
     manifests = {name: read_manifest(folder) for name, folder in folders.items()}
@@ -128,10 +141,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.train.launch import train
 
-    cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
     summaries = train(cfg)
     rows = [[s["arm"], s["num_steps"], round(s["last"].get("loss", float("nan")), 4),
@@ -203,11 +215,10 @@ def _plan_header(cfg, shape, precision: str, attention: str, limits) -> list[str
     return [model, run, f"usable after {p.headroom_fraction:.0%} headroom: {gpu}{limits.host / GIB:.0f} GiB per node"]
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.pipeline import prepare, prepared_folders
     from raypack.train import memory
 
-    cfg = load_config(args.config, args.overrides)
     shape = memory.model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
     if args.prepare:
         prepare(cfg)
@@ -279,10 +290,9 @@ def _plan_verdict(cfg, figures: dict) -> list[str]:
     return lines + ([f"to lower it, try: {', '.join(tips)}"] if tips else [])
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def cmd_study(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.study.run import run_study
 
-    cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
     out = run_study(cfg)
     print((out / "report.md").read_text())
@@ -290,11 +300,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.tune.analyze import load_trials
     from raypack.tune.sweep import run_sweep
 
-    cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
     out = run_sweep(cfg, resume=args.resume)
     statuses = [t["status"] for t in load_trials(out)]
@@ -307,9 +316,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
+def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
     from raypack.tune.analyze import analyze
 
+    if not Path(args.sweep_dir).is_dir():
+        raise ConfigError(f"{args.sweep_dir}: no such folder; give the folder `raypack sweep` wrote (it prints it; "
+                          "sweep.out, default <output_dir>/sweep/<name>)")
     result = analyze(args.sweep_dir)
     print((Path(args.sweep_dir) / "analysis.md").read_text())
     for arm, a in result["alpha"].items():
@@ -320,303 +332,356 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _checkpoints(cfg: Config) -> dict[str, str]:
+    """What `eval` and `probe` score, by name: eval.model_dir, else the model `raypack train` exported for
+    train.arm or each arm of pack.arms. Each must be a Hugging Face folder."""
+    if cfg.eval.model_dir:
+        models = {cfg.eval.model_dir: cfg.eval.model_dir}
+    else:
+        from raypack.train.launch import run_dir
+
+        arms = [cfg.train.arm] if cfg.train.arm else cfg.pack.arms
+        models = {arm: str(run_dir(cfg, arm) / "model") for arm in arms}
+    for name, folder in models.items():
+        if not (Path(folder) / "config.json").is_file():
+            todo = ("give eval.model_dir=<the folder a trained model was saved to>" if cfg.eval.model_dir else
+                    f"train it first (raypack train with this config, train.arm={name}), or give "
+                    "eval.model_dir=<a checkpoint folder>")
+            raise ConfigError(f"{folder}: no Hugging Face checkpoint there (no config.json); {todo}")
+    return models
+
+
+def _val_split(cfg: Config) -> str | None:
+    """eval.val_dir, which must hold a prepared split; else this config's validation split, None until prepared."""
+    if cfg.eval.val_dir:
+        folder = Path(cfg.eval.val_dir)
+        if not folder.is_dir() or not (any(folder.glob("*.parquet")) or (folder / "flat").is_dir()):
+            raise ConfigError(f"eval.val_dir: {folder} holds no prepared split; give the val-<hash> folder "
+                              "`raypack prepare` wrote (under prepare.output_dir/tok-<hash>/)")
+        return str(folder)
+    from raypack.data.pipeline import prepared_folders
+
+    folder = prepared_folders(cfg)["val"]
+    return str(folder) if (folder / "manifest.json").is_file() else None
+
+
+NO_VAL_SPLIT = ("this config's validation split is not prepared: run raypack prepare with the same config and "
+                "overrides, or give eval.val_dir=<a val-<hash> folder>")
+
+
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.eval.tasks import refuse_code_execution, resolve_tasks
 
-    specs = resolve_tasks(args.preset, args.tasks)
-    if not specs and not args.val:
-        raise ValueError("nothing to evaluate: --preset none, no --tasks and no --val")
-    refuse_code_execution(specs, args.allow_code_execution)  # before Ray or lm-eval start
-    from raypack.eval.harness import evaluate, evaluate_on_ray, format_results
-
-    result: dict = {"model": args.model_dir, "results": []}
-    if args.val:  # the held-out loss every arm is compared on (raypack.train.validate)
-        from raypack.train.validate import validation_loss_of_model
-
-        import torch
-
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        val = validation_loss_of_model(args.model_dir, args.val, device=device)
-        print(f"validation loss {val['val_loss']:.4f} over {val['val_tokens']:,} supervised tokens "
-              f"({val['val_rows']:,} held-out samples in {args.val})")
-        if not specs:
-            return _report("", {**result, **val}, args.out)
-    options = {"limit": args.limit, "batch_size": args.batch_size, "allow_code_execution": args.allow_code_execution}
-    if args.ray:
+    ev = cfg.eval
+    specs = resolve_tasks(ev.preset, ev.tasks)
+    refuse_code_execution(specs, ev.allow_code_execution)  # before Ray or lm-eval start
+    models = _checkpoints(cfg)
+    val = _val_split(cfg)
+    if not specs and not val:
+        raise ConfigError(f"nothing to evaluate: eval.preset=none and no eval.tasks, and {NO_VAL_SPLIT}")
+    if specs and ev.ray:
         from raypack.ray_start import ensure_ray
 
         ensure_ray()
-        result = evaluate_on_ray(args.model_dir, specs, num_gpus=args.num_gpus, num_cpus=args.num_cpus, **options)
+    results = {}
+    for name, model_dir in models.items():
+        if len(models) > 1:
+            print(f"[{name}] {model_dir}", flush=True)
+        results[name] = _eval_model(ev, model_dir, specs, val)
+    return _write_json(results, ev.out)
+
+
+def _eval_model(ev, model_dir: str, specs: list, val: str | None) -> dict:
+    """One checkpoint's lm-eval scores and validation loss, printed; returns them as JSON-ready data."""
+    loss = {}
+    if val:  # the held-out loss every arm is compared on (raypack.train.validate)
+        import torch
+
+        from raypack.train.validate import validation_loss_of_model
+
+        device = ev.device if ev.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        loss = validation_loss_of_model(model_dir, val, device=device)
+        print(f"validation loss {loss['val_loss']:.4f} over {loss['val_tokens']:,} supervised tokens "
+              f"({loss['val_rows']:,} held-out samples in {val})")
+    if not specs:
+        return {"model": model_dir, "results": [], **loss}
+    from raypack.eval.harness import evaluate, evaluate_on_ray, format_results
+
+    options = {"limit": ev.limit, "batch_size": ev.batch_size, "allow_code_execution": ev.allow_code_execution}
+    if ev.ray:
+        result = evaluate_on_ray(model_dir, specs, num_gpus=ev.num_gpus, num_cpus=ev.num_cpus, **options)
     else:
-        result = evaluate(args.model_dir, specs, device=args.device, **options)
-    if args.val:
-        result.update(val)
-    return _report(format_results(result), result, args.out)
+        result = evaluate(model_dir, specs, device=ev.device, **options)
+    print(format_results(result))
+    return {**result, **loss}
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    import torch
-
+def cmd_probe(cfg: Config, args: argparse.Namespace) -> int:
+    if not cfg.probe.num_samples:
+        raise ConfigError("probe.num_samples=0: nothing to probe; give the number of held-out targets, e.g. 256")
+    models = _checkpoints(cfg)
+    val = _val_split(cfg)
+    if not val:
+        raise ConfigError(f"the probe needs held-out samples: {NO_VAL_SPLIT}")
     from raypack.eval.probe import format_probe, probe_model
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    result = probe_model(args.model_dir, args.val, num_samples=args.num_samples, num_clusters=args.num_clusters,
-                         seed=args.seed, max_seq_len=args.max_seq_len, device=device,
-                         micro_batch_size=args.micro_batch_size, log=lambda line: print(line, flush=True))
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    return _report(format_probe(result), result, args.out)
+    results = {}
+    for name, model_dir in models.items():
+        if len(models) > 1:
+            print(f"[{name}] {model_dir}", flush=True)
+        start = time.perf_counter()
+        result = probe_model(model_dir, val, cfg.probe, seed=cfg.seed, log=lambda line: print(line, flush=True))
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        print(format_probe(result))
+        results[name] = result
+    return _write_json(results, cfg.probe.out)
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def cmd_synth(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.synth import synth_conversations, write_jsonl
 
-    n = write_jsonl(synth_conversations(args.preset, args.num_samples, args.seed), args.out)
-    print(f"wrote {n} conversations ({args.preset}, seed {args.seed}) to {args.out}")
+    s = cfg.synth
+    out = s.out or Path(cfg.output_dir) / "synth" / f"{s.preset}-{s.num_samples}-seed{s.seed}.jsonl"
+    n = write_jsonl(synth_conversations(s.preset, s.num_samples, s.seed), out)
+    print(f"wrote {n} conversations ({s.preset}, seed {s.seed}) to {out}")
     return 0
 
 
-def _report(text: str, result: dict, json_path: str | None) -> int:
-    """Print a benchmark's table and, when asked, write its figures as JSON."""
-    print(text)
+def _write_json(results: dict, json_path: str | None) -> int:
+    """Write one result as it is, several as {name: result} (eval and probe of several checkpoints)."""
     if json_path:
+        result = next(iter(results.values())) if len(results) == 1 else results
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2, default=float))
         print(f"wrote {json_path}")
     return 0
 
 
-def cmd_bench_pack(args: argparse.Namespace) -> int:
+def _report(text: str, result: dict, json_path: str | None) -> int:
+    """Print a benchmark's table and, when asked, write its figures as JSON."""
+    print(text)
+    return _write_json({"": result}, json_path)
+
+
+def _comma_ints(text: str, flag: str, example: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")] if text else []
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give whole numbers separated by commas, e.g. {example}") from None
+
+
+def cmd_bench_pack(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.pack import bench_pack, format_pack_table
     from raypack.data.synth import sample_lengths
 
-    lengths = sample_lengths(args.preset, args.num_samples, args.seed)
-    print(f"bench pack: {args.preset}, {len(lengths)} samples, mean {lengths.mean():.0f} tokens, "
-          f"{int((lengths > args.max_seq_len).sum())} over {args.max_seq_len}", flush=True)
-    result = bench_pack(lengths, args.max_seq_len, window=args.window, trl=not args.no_trl)
-    result["preset"], result["seed"] = args.preset, args.seed
+    s, max_seq_len = cfg.synth, cfg.data.max_seq_len
+    lengths = sample_lengths(s.preset, s.num_samples, s.seed)
+    print(f"bench pack: {s.preset}, {len(lengths)} samples, mean {lengths.mean():.0f} tokens, "
+          f"{int((lengths > max_seq_len).sum())} over {max_seq_len}", flush=True)
+    result = bench_pack(lengths, max_seq_len, window=cfg.pack.window, trl=not args.no_trl)
+    result["preset"], result["seed"] = s.preset, s.seed
     return _report(format_pack_table(result), result, args.json)
 
 
-def cmd_bench_grouping(args: argparse.Namespace) -> int:
+def cmd_bench_grouping(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.pack import bench_grouping, format_grouping_table
     from raypack.data.synth import sample_lengths
 
-    lengths = sample_lengths(args.preset, args.num_samples, args.seed)
-    result = bench_grouping(lengths, args.max_seq_len, window=args.window, k=args.clusters, seed=args.seed)
-    result["preset"] = args.preset
+    s = cfg.synth
+    lengths = sample_lengths(s.preset, s.num_samples, s.seed)
+    result = bench_grouping(lengths, cfg.data.max_seq_len, window=cfg.pack.window, k=args.clusters, seed=s.seed)
+    result["preset"] = s.preset
     return _report(format_grouping_table(result), result, args.json)
 
 
-def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+def cmd_bench_pipeline(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.pipeline import bench_pipeline, format_pipeline_result
 
-    try:
-        pack_workers = [int(w) for w in args.pack_workers.split(",")] if args.pack_workers else []
-    except ValueError:
-        raise ValueError(f"--pack-workers {args.pack_workers!r}: give task counts separated by commas, e.g. 1,2")
-    result = bench_pipeline(args.preset, args.num_samples, args.seed, args.work_dir, arm=args.arm,
-                            window=args.window, max_seq_len=args.max_seq_len, overrides=args.overrides,
-                            bare=not args.skip_bare, pack_workers=pack_workers)
+    pack_workers = _comma_ints(args.pack_workers, "--pack-workers", "1,2")
+    result = bench_pipeline(cfg, _work_dir(cfg, args), arm=args.arm, bare=not args.skip_bare,
+                            pack_workers=pack_workers)
     return _report(format_pipeline_result(result), result, args.json)
 
 
-def cmd_bench_train(args: argparse.Namespace) -> int:
+def cmd_bench_train(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.train import bench_train, format_train_result
 
-    result = bench_train(args.config, args.overrides, args.work_dir)
+    result = bench_train(args.config, args.overrides, _work_dir(cfg, args))
     return _report(format_train_result(result), result, args.json)
 
 
-def cmd_bench_loader(args: argparse.Namespace) -> int:
+def cmd_bench_loader(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.loader import bench_loader, format_loader_result
 
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        raise ValueError(f"--sizes {args.sizes!r}: give row counts separated by commas, e.g. 2000,20000,190000")
-    result = bench_loader(sizes, args.work_dir, max_seq_len=args.max_seq_len, workers=args.workers,
-                          fetches=args.fetches, micro_batch=args.micro_batch, old_fetches=args.old_fetches,
-                          cold=args.cold, keep=args.keep, seed=args.seed)
+    sizes = _comma_ints(args.sizes, "--sizes", "2000,20000,190000")
+    result = bench_loader(sizes, _work_dir(cfg, args), max_seq_len=cfg.data.max_seq_len, workers=cfg.train.num_workers,
+                          fetches=args.fetches, micro_batch=cfg.train.micro_batch_size, old_fetches=args.old_fetches,
+                          cold=args.cold, keep=args.keep, seed=cfg.seed)
     return _report(format_loader_result(result), result, args.json)
 
 
-def cmd_config(args: argparse.Namespace) -> int:
+def cmd_config(cfg: Config | None, args: argparse.Namespace) -> int:
     if args.fields:
         print("\n".join(describe_fields()))
         return 0
-    if not args.config:
+    if cfg is None:
         raise ConfigError("give a config file (for example jobs/quickstart.yaml) or --fields")
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
+# ---------------------------------------------------------------- the table
+
+
+def flag(*names: str, **options) -> tuple:
+    """One of a command's own arguments, as argparse's add_argument takes it."""
+    return names, options
+
+
+def work_dir(what: str) -> tuple:
+    return flag("--work-dir", help=f"{what} go here; default <output_dir>/bench_<benchmark>, e.g. out/bench_train")
+
+
+def _work_dir(cfg: Config, args: argparse.Namespace) -> str:
+    return args.work_dir or str(Path(cfg.output_dir) / args.entry.name.replace(" ", "_"))
+
+
+JSON = flag("--json", metavar="F", help="also write the figures to this JSON file")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A `raypack` command: `name` ("bench pack" is pack under bench), what runs it, its help.
+
+    config: "required" takes CONFIG [key=value ...] (the command gets the loaded Config),
+    "optional" the same with CONFIG optional, "none" no config. `reads` are the config
+    keys or sections --help documents, from their declarations; `flags` the command's own
+    arguments: outputs and benchmark sizes, never a copy of a config field.
+    """
+
+    name: str
+    run: Callable[[Config | None, argparse.Namespace], int]
+    help: str
+    reads: tuple[str, ...] = ()
+    flags: tuple = ()
+    config: str = "required"
+
+
+GROUPS = {"bench": "benchmarks that print figures"}
+COMMANDS = (
+    Command("compare", cmd_compare, "tokenize once and pack every arm; print their counts side by side",
+            reads=("data.max_seq_len", "synth", "pack.arms", "pack.window")),
+    Command("prepare", cmd_prepare, "tokenize and pack every arm on Ray Data into Parquet shards",
+            reads=("prepare",)),
+    Command("train", cmd_train, "prepare (cached) and train every arm, or train.arm=<arm>, on Ray Train",
+            reads=("train.arm",)),
+    Command("plan", cmd_plan, "will it fit? per arm: rows, steps, tokens, FLOPs and the per-GPU memory estimate; "
+            "exit 1 when an arm does not fit plan.* (GPU and node memory)", reads=("plan",),
+            flags=(flag("--prepare", action="store_true", help="run raypack prepare first (starts Ray) so that "
+                        "every arm has counts"), JSON)),
+    Command("study", cmd_study, "prepare, train, evaluate and compare every arm; writes the study report",
+            reads=("study", "probe.num_samples")),
+    Command("sweep", cmd_sweep, "Ray Tune over learning rate x global batch size (x seed) for each arm",
+            reads=("sweep",), flags=(flag("--resume", metavar="DIR", help="finish the sweep in DIR (its folder, "
+                                          "sweep.out): finished trials are kept, unfinished and errored ones run "
+                                          "again"),)),
+    Command("analyze", cmd_analyze, "a sweep's trials as trials.csv, analysis.md and plots (lr* per batch size)",
+            config="none", flags=(flag("sweep_dir", help="the sweep folder (sweep.out, default "
+                                       "<output_dir>/sweep/<name>)"),)),
+    Command("eval", cmd_eval, "score checkpoints with lm-evaluation-harness and the validation loss; print the "
+            "table", reads=("eval", "train.arm")),
+    Command("probe", cmd_probe, "does the model use its context? a held-out sample's loss alone vs after an "
+            "unrelated or a related sample in the same row",
+            reads=("probe", "eval.model_dir", "eval.val_dir", "train.arm", "seed")),
+    Command("synth", cmd_synth, "write synthetic conversations with a paper dataset's length profile (JSONL)",
+            reads=("synth",)),
+    Command("bench pack", cmd_bench_pack, "plan every packing strategy on the same synthetic lengths (synth.*) "
+            "and TRL's bfd", reads=("synth", "data.max_seq_len", "pack.window"),
+            flags=(flag("--no-trl", action="store_true", help="skip TRL's pack_dataset reference run"), JSON)),
+    Command("bench grouping", cmd_bench_grouping, "bfd with pack.grouping none/related/unrelated: rows vs the "
+            "lower bound, planning time, packs mixing or repeating clusters (random cluster labels)",
+            reads=("synth", "data.max_seq_len", "pack.window"),
+            flags=(flag("--clusters", type=int, default=16, help="random cluster labels drawn"), JSON)),
+    Command("bench pipeline", cmd_bench_pipeline, "raypack prepare end to end on synth.* shards vs the bare "
+            "tokenizer, rows, memory", reads=("synth", "data.max_seq_len", "pack.window", "prepare"),
+            flags=(flag("--arm", default="bfd-isolated", help="the one arm prepared"),
+                   work_dir("synthetic shards and prepared output"),
+                   flag("--skip-bare", action="store_true", help="skip the bare-tokenizer reference (long runs)"),
+                   flag("--pack-workers", default="", help="e.g. 1,2: then time the packing stage alone again on "
+                        "the same tokenized cache with each number of packing tasks per split "
+                        "(prepare.pack_workers)"), JSON)),
+    Command("bench train", cmd_bench_train, "one epoch of padding vs bfd-isolated on the same samples (tiny "
+            "model)", flags=(work_dir("runs (a fresh name each time)"), JSON)),
+    Command("bench loader", cmd_bench_loader, "what the training loop's row fetch costs (time per micro-batch, "
+            "worker PSS/RSS) as the split grows, on synthetic packed rows: train.num_workers processes read "
+            "micro-batches of train.micro_batch_size rows at once",
+            reads=("data.max_seq_len", "train.num_workers", "train.micro_batch_size", "seed"),
+            flags=(flag("--sizes", default="2000,20000,190000", help="rows per arm, comma separated"),
+                   flag("--fetches", type=int, default=500, help="micro-batches each worker fetches"),
+                   flag("--old-fetches", type=int, default=20, help="micro-batches read the old way (chunked "
+                        "Arrow table take); 0 skips it"),
+                   flag("--cold", action="store_true", help="evict each arm from the page cache before reading it"),
+                   work_dir("the synthetic arms (~8 bytes a token)"),
+                   flag("--keep", action="store_true", help="keep the arms (reused by the next run)"), JSON)),
+    Command("config", cmd_config, "print the resolved config, or document every key", config="optional",
+            flags=(flag("--fields", action="store_true", help="list every config key with its type and help"),)),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raypack", description="Padding or packing? SFT at scale on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    overrides_help = "dotted key=value overrides, e.g. pack.window=1000 (see `raypack config --fields`)"
-
-    p = sub.add_parser("compare", help="tokenize once and pack every arm; print their counts side by side")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("prepare", help="tokenize and pack every arm on Ray Data into Parquet shards")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser("train", help="prepare (cached) and train every arm, or train.arm=<arm>, on Ray Train")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("plan", help="will it fit? per arm: rows, steps, tokens, FLOPs and the per-GPU memory "
-                       "estimate; exit 1 when an arm does not fit plan.* (GPU and node memory)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--prepare", action="store_true", help="run raypack prepare first (starts Ray) so that every "
-                   "arm has counts")
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("study", help="prepare, train, evaluate and compare every arm; writes the study report")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("sweep", help="Ray Tune over learning rate x global batch size (x seed) for each arm")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--resume", metavar="DIR", help="finish the sweep in DIR (its folder, sweep.out): finished "
-                   "trials are kept, unfinished and errored ones run again")
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("analyze", help="a sweep's trials as trials.csv, analysis.md and plots (lr* per batch size)")
-    p.add_argument("sweep_dir", help="the sweep folder (sweep.out, default <output_dir>/sweep/<name>)")
-    p.set_defaults(func=cmd_analyze)
-
-    ev, ev_help = EvalConfig(), {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
-    p = sub.add_parser("eval", help="score a saved checkpoint with lm-evaluation-harness; print the table")
-    p.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
-    p.add_argument("--preset", default=ev.preset, choices=EVAL_PRESETS, help=ev_help["preset"])
-    p.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="TASK[:N]", help=ev_help["tasks"])
-    p.add_argument("--limit", type=int, default=ev.limit, help=ev_help["limit"])
-    p.add_argument("--batch-size", type=int, default=ev.batch_size, help=ev_help["batch_size"])
-    p.add_argument("--allow-code-execution", action="store_true", help=ev_help["allow_code_execution"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="without --ray: auto is cuda "
-                   "when a GPU is visible")
-    p.add_argument("--ray", action="store_true", help="run as a Ray task (joins RAY_ADDRESS or starts Ray locally)")
-    p.add_argument("--num-gpus", type=float, default=ev.num_gpus, help=ev_help["num_gpus"])
-    p.add_argument("--num-cpus", type=float, default=ev.num_cpus, help=ev_help["num_cpus"])
-    p.add_argument("--val", metavar="FOLDER", help="also the per-token loss on a prepared validation split "
-                   "(the val-<hash> folder `raypack prepare` writes), computed as for every study arm")
-    p.add_argument("--out", help="also write the scores to this JSON file")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("probe", help="does the model use its context? a held-out sample's loss alone vs after "
-                       "an unrelated or a related sample in the same row")
-    p.add_argument("model_dir", help="Hugging Face checkpoint folder (config.json, safetensors, tokenizer files)")
-    p.add_argument("--val", metavar="FOLDER", required=True, help="a prepared validation split (the val-<hash> "
-                   "folder `raypack prepare` writes), one sample per row")
-    p.add_argument("--num-samples", type=int, default=256, help="held-out targets to probe (fewer if fewer qualify)")
-    p.add_argument("--num-clusters", type=int, default=0, help="k-means clusters that define related samples; "
-                   "0 picks k from the number of samples")
-    p.add_argument("--seed", type=int, default=0, help="seeds the clustering, the pairs and the bootstrap")
-    p.add_argument("--max-seq-len", type=int, help="row length (context + target); targets are at most half of "
-                   "it. Default: the longest validation row, capped at the model's max positions")
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="auto is cuda when a GPU is "
-                   "visible")
-    p.add_argument("--out", help="also write the result to this JSON file")
-    p.set_defaults(func=cmd_probe)
-
-    p = sub.add_parser("synth", help="write synthetic conversations with a paper dataset's length profile")
-    p.add_argument("--preset", required=True, choices=SYNTH_PRESETS)
-    p.add_argument("--num-samples", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_synth)
-
-    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="what", required=True)
-    p = bench.add_parser("pack", help="plan every packing strategy on the same lengths (and TRL's bfd)")
-    p.add_argument("--preset", default="opensource-1.2m", choices=SYNTH_PRESETS)
-    p.add_argument("--num-samples", type=int, default=1_200_000)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--window", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-trl", action="store_true", help="skip TRL's pack_dataset reference run")
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.set_defaults(func=cmd_bench_pack)
-
-    p = bench.add_parser("grouping", help="bfd with pack.grouping none/related/unrelated: rows vs the lower "
-                         "bound, planning time, packs mixing or repeating clusters (random cluster labels)")
-    p.add_argument("--preset", default="tulu-326k", choices=SYNTH_PRESETS)
-    p.add_argument("--num-samples", type=int, default=100_000)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--window", type=int, default=0)
-    p.add_argument("--clusters", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.set_defaults(func=cmd_bench_grouping)
-
-    p = bench.add_parser("pipeline", help="raypack prepare end to end vs the bare tokenizer, rows, memory")
-    p.add_argument("--preset", default="opensource-1.2m", choices=SYNTH_PRESETS)
-    p.add_argument("--num-samples", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arm", default="bfd-isolated")
-    p.add_argument("--window", type=int, default=100_000)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--work-dir", default="out/bench_pipeline", help="synthetic shards and prepared output go here")
-    p.add_argument("--skip-bare", action="store_true", help="skip the bare-tokenizer reference (long runs)")
-    p.add_argument("--pack-workers", default="", help="e.g. 1,2: then time the packing stage alone again on the "
-                   "same tokenized cache with each number of packing tasks per split (prepare.pack_workers)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. prepare.num_tokenizer_actors=2")
-    p.set_defaults(func=cmd_bench_pipeline)
-
-    p = bench.add_parser("train", help="one epoch of padding vs bfd-isolated on the same samples (tiny model)")
-    p.add_argument("config")
-    p.add_argument("--work-dir", default="out/bench_train", help="runs go here (a fresh name each time)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. synth.num_samples=2000")
-    p.set_defaults(func=cmd_bench_train)
-
-    p = bench.add_parser("loader", help="what the training loop's row fetch costs (time per micro-batch, worker "
-                         "PSS/RSS) as the split grows, on synthetic packed rows")
-    p.add_argument("--sizes", default="2000,20000,190000", help="rows per arm, comma separated")
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=2, help="processes reading at once")
-    p.add_argument("--fetches", type=int, default=500, help="micro-batches each worker fetches")
-    p.add_argument("--micro-batch", type=int, default=2, help="rows per micro-batch")
-    p.add_argument("--old-fetches", type=int, default=20,
-                   help="micro-batches read the old way (chunked Arrow table take); 0 skips it")
-    p.add_argument("--cold", action="store_true", help="evict each arm from the page cache before reading it")
-    p.add_argument("--work-dir", default="out/bench_loader", help="the synthetic arms go here (~8 bytes a token)")
-    p.add_argument("--keep", action="store_true", help="keep the arms (reused by the next run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.set_defaults(func=cmd_bench_loader)
-
-    p = sub.add_parser("config", help="print the resolved config, or document every key")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
-    p.add_argument("--fields", action="store_true", help="list every config key with its type and help")
-    p.set_defaults(func=cmd_config)
+    parser = _Parser(prog="raypack", description="Padding or packing? SFT at scale on Ray.")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subs = {"": top}
+    for command in COMMANDS:
+        group, _, leaf = command.name.rpartition(" ")
+        if group not in subs:
+            subs[group] = top.add_parser(group, help=GROUPS[group]).add_subparsers(dest=group, required=True,
+                                                                                   metavar=group.upper())
+        reads = [textwrap.fill(line.strip(), 110, initial_indent="  ", subsequent_indent="      ")
+                 for line in describe_keys(command.reads)]
+        p = subs[group].add_parser(leaf, help=command.help, description=command.help,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="config keys that steer it (in CONFIG or as KEY=VALUE; every key: "
+                                   "raypack config --fields):\n" + "\n".join(reads)
+                                   if reads else None)
+        if command.config != "none":
+            p.add_argument("config", metavar="CONFIG", nargs="?" if command.config == "optional" else None,
+                           help="a YAML config, e.g. jobs/quickstart.yaml")
+            p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. "
+                           "pack.window=1000 (every key: raypack config --fields)")
+        for names, options in command.flags:
+            p.add_argument(*names, **options)
+        p.set_defaults(entry=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    command: Command = args.entry
+    if command.config != "none":  # overrides after a flag (argparse stops at the first flag)
+        args.overrides += [arg for arg in unknown if "=" in arg and not arg.startswith("-")]
+        unknown = [arg for arg in unknown if arg not in args.overrides]
+    if unknown:  # said by the command, which lists what it takes: its flags and the config keys it reads
+        parser.exit(2, f"raypack {command.name}: error: unrecognized arguments: {' '.join(unknown)}; settings are "
+                       f"config keys (KEY=VALUE), see raypack {command.name} --help\n")
     from raypack.train.resume import PREEMPTED_EXIT_CODE, Preempted
 
     try:
-        return args.func(args)
-    except (ConfigError, ValueError) as err:
-        print(f"raypack {args.command}: error: {err}", file=sys.stderr)
+        cfg = load_config(args.config, args.overrides) if getattr(args, "config", None) else None
+        return command.run(cfg, args)
+    except ValueError as err:  # user input and config (ConfigError is one): what to change, in one line
+        print(f"raypack {command.name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Preempted as stop:
-        print(f"raypack {args.command}: {stop}", file=sys.stderr)
+        print(f"raypack {command.name}: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
 
 

@@ -50,6 +50,8 @@ class SynthConfig:
     preset: str = _field("opensource-1.2m", "length distribution to imitate", SYNTH_PRESETS)
     num_samples: int = _field(2000, "number of conversations to synthesise")
     seed: int = _field(0, "seed of the synthetic data")
+    out: str = _field("", "the JSONL file `raypack synth` writes; '' is "
+                      "<output_dir>/synth/<preset>-<num_samples>-seed<seed>.jsonl")
 
 
 @dataclass
@@ -226,6 +228,7 @@ class OptimConfig:
 
 
 EVAL_PRESETS = ("offline", "paper", "none")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -242,6 +245,37 @@ class EvalConfig:
     allow_code_execution: bool = _field(False, "run model-written code (HumanEval); off unless you opt in")
     num_gpus: float = _field(0.0, "GPUs per evaluation Ray task (1 on a GPU cluster, 0 on CPU)")
     num_cpus: float = _field(0.5, "CPUs per evaluation Ray task")
+    model_dir: str = _field("", "the checkpoint `raypack eval` and `raypack probe` score: a Hugging Face folder "
+                            "(config.json, safetensors, tokenizer files); '' scores the model `raypack train` "
+                            "exported for train.arm, or for every arm of pack.arms (a study ignores it)")
+    val_dir: str = _field("", "a prepared validation split (the val-<hash> folder `raypack prepare` writes): "
+                          "`raypack eval` adds the per-token loss on it, computed as for every study arm, and "
+                          "`raypack probe` draws its held-out samples from it; '' is this config's own split "
+                          "(eval skips the loss while it is not prepared)")
+    device: str = _field("auto", "where `raypack eval` scores without eval.ray: auto is cuda when a GPU is "
+                         "visible", DEVICES)
+    ray: bool = _field(False, "`raypack eval` runs as one Ray task holding num_gpus / num_cpus (joins "
+                       "RAY_ADDRESS or starts Ray locally); a study always does")
+    out: str = _field("", "`raypack eval` also writes the scores to this JSON file ('' writes none); several "
+                      "checkpoints (one per arm) as {arm: scores}")
+
+
+@dataclass
+class ProbeConfig:
+    """The context-reliance probe (`raypack probe`, and every study arm's model): a held-out sample's loss
+    alone vs after an unrelated or a related sample in the same row (raypack.eval.probe)."""
+
+    num_samples: int = _field(256, "held-out targets to probe (fewer if fewer qualify); 0 skips the probe "
+                              "in a study")
+    num_clusters: int = _field(0, "k-means clusters of the held-out samples that define related and "
+                               "unrelated contexts; 0 picks k from the number of samples")
+    max_seq_len: int = _field(0, "row length (context + target); targets are at most half of it. 0: the "
+                              "longest validation row, capped at the model's max positions")
+    micro_batch_size: int = _field(8, "probe rows per forward pass")
+    device: str = _field("cpu", "where `raypack probe` runs: auto is cuda when a GPU is visible (a study "
+                         "probes on a GPU when eval.num_gpus > 0)", DEVICES)
+    out: str = _field("", "`raypack probe` also writes the result to this JSON file ('' writes none); several "
+                      "checkpoints (one per arm) as {arm: result}")
 
 
 STUDY_MATCH = ("epochs", "steps", "tokens")
@@ -259,10 +293,6 @@ class StudyConfig:
                         "spread")
     out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
                       "finished arms are not rerun")
-    probe_samples: int = _field(256, "held-out targets of the context-reliance probe run on every arm's model "
-                                "(raypack probe); 0 skips it")
-    probe_clusters: int = _field(0, "k-means clusters of the held-out samples that define related and unrelated "
-                                 "contexts for the probe; 0 is automatic")
 
 
 SWEEP_METRICS = ("val_loss", "loss")
@@ -327,6 +357,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -422,6 +453,10 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     return value
 
 
+# Keys that moved, so an old config is told where to (rather than only that the key is unknown).
+RENAMED = {"study.probe_samples": "probe.num_samples", "study.probe_clusters": "probe.num_clusters"}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, checking keys and types."""
     if not isinstance(data, dict):
@@ -429,6 +464,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    moved = [prefix + key for key in unknown if prefix + key in RENAMED]
+    if moved:
+        raise ConfigError(f"{moved[0]} is now {RENAMED[moved[0]]}; rename it")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
@@ -454,8 +492,37 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); fix it, "
+                              "or quote it as a YAML string") from None
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a file that is missing, unreadable or not YAML is a ConfigError saying so."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file; give the path of a YAML config such as "
+                          "jobs/quickstart.yaml") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML config such as jobs/quickstart.yaml") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({getattr(err, 'strerror', None) or err}); give a readable "
+                          "YAML config") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)}); fix the file") from None
 
 
 def _validate_train(train: TrainConfig) -> None:
@@ -518,8 +585,11 @@ def validate(cfg: Config) -> Config:
                        ("prepare.pack_workers", cfg.prepare.pack_workers)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if cfg.study.probe_samples < 0 or cfg.study.probe_clusters < 0:
-        raise ConfigError("study.probe_samples / probe_clusters: must be >= 0 (0 skips the probe / is automatic)")
+    for key in ("num_samples", "num_clusters", "max_seq_len"):
+        if getattr(cfg.probe, key) < 0:
+            raise ConfigError(f"probe.{key}: must be >= 0 (0 skips / is automatic), got {getattr(cfg.probe, key)}")
+    if cfg.probe.micro_batch_size < 1:
+        raise ConfigError(f"probe.micro_batch_size: must be >= 1, got {cfg.probe.micro_batch_size}")
     for key in ("num_clusters", "group_buffer"):
         if getattr(cfg.pack, key) < 0:
             raise ConfigError(f"pack.{key}: must be >= 0 (0 is automatic / everything), got {getattr(cfg.pack, key)}")
@@ -576,8 +646,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Load a YAML config (or the defaults when path is None) and apply overrides."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
@@ -587,6 +656,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain data, to save beside every output."""
     return dataclasses.asdict(cfg)
+
+
+def describe_keys(keys: tuple[str, ...]) -> list[str]:
+    """describe_fields' lines of some keys: a section ("probe") gives all of its fields, a dotted key one line.
+
+    >>> describe_keys(("seed",))
+    ['  seed (int, default 0): global seed']
+    """
+    lines = describe_fields()
+    picked = [[line for line in lines if line.lstrip().startswith((f"{key} (", f"{key}."))] for key in keys]
+    missing = [key for key, found in zip(keys, picked) if not found]
+    if missing:
+        raise KeyError(f"no config key or section {missing}")  # a bug in the caller's list, not user input
+    return [line for found in picked for line in found]
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[str]:

@@ -90,8 +90,10 @@ def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
 
 _Dumper.add_representer(str, _represent_str)
 HEADER = ("# Written by scripts/build_eval_tasks.py. data_files is relative to this folder: run it by name\n"
-          "# (raypack eval --tasks {name}), which renders an absolute path; lm-eval alone resolves it from cwd.\n")
-GROUP_HEADER = "# Written by scripts/build_eval_tasks.py: raypack's offline preset (raypack eval --preset offline).\n"
+          "# (raypack eval CONFIG eval.tasks=[{name}]), which renders an absolute path; lm-eval alone resolves it "
+          "from cwd.\n")
+GROUP_HEADER = ("# Written by scripts/build_eval_tasks.py: raypack's offline preset (raypack eval CONFIG "
+                "eval.preset=offline).\n")
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

@@ -3,11 +3,17 @@
     .venv/bin/pytest tests/test_cli.py -q
 """
 
+import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from raypack.cli import main
+import pytest
+
+from raypack import cli
+from raypack.cli import COMMANDS, main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -61,14 +67,17 @@ def test_config_errors_exit_2_and_name_the_key(capsys):
 
 def test_synth_writes_messages_jsonl(tmp_path, capsys):
     out = tmp_path / "s.jsonl"
-    assert main(["synth", "--preset", "tulu-326k", "--num-samples", "25", "--seed", "1", "--out", str(out)]) == 0
+    assert main(["synth", "jobs/compare.yaml", "synth.preset=tulu-326k", "synth.num_samples=25", "synth.seed=1",
+                 f"synth.out={out}"]) == 0
+    assert main(["synth", "jobs/compare.yaml", f"output_dir={tmp_path}", "synth.num_samples=3"]) == 0
+    assert len((tmp_path / "synth" / "opensource-1.2m-3-seed0.jsonl").read_text().splitlines()) == 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 25 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
 
 
 def test_bench_pack_prints_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert main(["bench", "pack", "--num-samples", "2000", "--max-seq-len", "2048", "--no-trl",
+    assert main(["bench", "pack", "jobs/compare.yaml", "synth.num_samples=2000", "data.max_seq_len=2048", "--no-trl",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["strategies"]) == {"padding", "random", "greedy", "bfd"}
@@ -77,11 +86,144 @@ def test_bench_pack_prints_and_writes_json(tmp_path, capsys):
 
 def test_bench_loader_prints_and_writes_json_and_cleans_up(tmp_path, capsys):
     out, work = tmp_path / "b.json", tmp_path / "work"
-    assert main(["bench", "loader", "--sizes", "50,200", "--max-seq-len", "256", "--fetches", "20",
-                 "--old-fetches", "3", "--workers", "1", "--work-dir", str(work), "--json", str(out)]) == 0
+    assert main(["bench", "loader", "jobs/compare.yaml", "data.max_seq_len=256", "train.num_workers=1", "--sizes",
+                 "50,200", "--fetches", "20", "--old-fetches", "3", "--work-dir", str(work), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["num_rows"] for r in result["results"]] == [50, 200]
     assert all(r["fetch_ms_median"] > 0 and r["pss_mb"] > 0 and r["old_fetch_ms_median"] > 0
                for r in result["results"])
     assert "fetch_ratio" in result and "target <= 1.2" in capsys.readouterr().out
     assert list(work.iterdir()) == []  # the arms are removed without --keep
+
+
+# ---------------------------------------------------------------- user errors: one line, exit 2; bugs: a traceback
+
+
+def one_line_error(rc, err: str) -> str | None:
+    """The line of a user error as the CLI must report it (exit code 2, one line on stderr, no traceback);
+    None when the failure is not that, e.g. a bug's traceback."""
+    lines = err.strip("\n").splitlines()
+    return lines[0] if rc == 2 and len(lines) == 1 and "Traceback" not in err else None
+
+
+def command_argv(command, *args: str) -> list[str]:
+    """`raypack <command> <args>`; no command has a required flag, so only `args` can be wrong."""
+    assert not any(options.get("required") for _, options in command.flags)
+    return [*command.name.split(), *args]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.name for c in COMMANDS])
+def test_every_command_names_a_missing_config_or_folder_in_one_line(command, tmp_path, capsys):
+    missing = str(tmp_path / ("no-sweep" if command.config == "none" else "missing.yaml"))
+    line = one_line_error(main(command_argv(command, missing)), capsys.readouterr().err)
+    assert line and line.startswith(f"raypack {command.name}: error: {missing}: no such"), line
+    assert "give" in line  # what to do
+
+
+BROKEN = {  # how a config goes wrong -> what the one line must name
+    "bad yaml": ("data:\n  max_seq_len: [1024\n", [], "not valid YAML"),
+    "not a mapping": ("- a\n- b\n", [], "top level must be a mapping"),
+    "unknown key in the file": ("pack:\n  windw: 3\n", [], "pack.windw"),
+    "unknown override key": ("name: x\n", ["probe.num_sample=3"], "probe.num_sample"),
+    "bad override value": ("name: x\n", ["probe.num_samples=many"], "probe.num_samples: expected int"),
+    "override not valid yaml": ("name: x\n", ["pack.arms=[padding"], "not valid YAML"),
+    "not key=value": ("name: x\n", ["pack.window"], "is not key=value"),
+    "a moved key": ("study:\n  probe_samples: 3\n", [], "study.probe_samples is now probe.num_samples"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.config != "none"], ids=lambda c: c.name)
+def test_a_broken_config_is_one_line_for_every_command(command, case, tmp_path, capsys):
+    text, overrides, says = BROKEN[case]
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    line = one_line_error(main(command_argv(command, str(path), *overrides)), capsys.readouterr().err)
+    assert line and says in line, line
+
+
+def test_missing_checkpoints_and_splits_of_eval_and_probe_are_one_line(tmp_path, capsys):
+    job = ["jobs/quickstart.yaml", f"train.storage_path={tmp_path / 'runs'}", f"prepare.output_dir={tmp_path}"]
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    cases = [
+        (["eval", *job, f"eval.model_dir={tmp_path / 'nope'}"], f"{tmp_path / 'nope'}: no Hugging Face checkpoint"),
+        (["probe", *job, f"eval.model_dir={tmp_path / 'nope'}"], "give eval.model_dir="),
+        (["probe", *job, "train.arm=bfd-cross"], f"{tmp_path / 'runs'}/quickstart-bfd-cross/raypack/model: no "
+                                                  "Hugging Face checkpoint there (no config.json); train it first"),
+        (["eval", *job, f"eval.model_dir={checkpoint}", f"eval.val_dir={tmp_path / 'nope'}"],
+         "eval.val_dir: " + str(tmp_path / "nope") + " holds no prepared split"),
+        (["eval", *job, f"eval.model_dir={checkpoint}", "eval.preset=none"], "nothing to evaluate"),
+        (["probe", *job, f"eval.model_dir={checkpoint}"], "the probe needs held-out samples"),
+        (["probe", *job, f"eval.model_dir={checkpoint}", "probe.num_samples=0"], "nothing to probe"),
+        (["analyze", str(tmp_path)], "no trials found"),
+    ]
+    for argv, says in cases:
+        line = one_line_error(main(argv), capsys.readouterr().err)
+        assert line and says in line, (argv, line)
+
+
+def test_a_bad_flag_is_one_line_that_points_to_the_help(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["probe", "jobs/quickstart.yaml", "--num-samples", "3"])
+    line = one_line_error(stop.value.code, capsys.readouterr().err)
+    assert line == ("raypack probe: error: unrecognized arguments: --num-samples 3; settings are config keys "
+                    "(KEY=VALUE), see raypack probe --help")
+    with pytest.raises(SystemExit) as stop:
+        main(["bench"])
+    assert one_line_error(stop.value.code, capsys.readouterr().err) == (
+        "raypack bench: error: the following arguments are required: BENCH; see raypack bench --help")
+    # Overrides may also follow a flag.
+    out = tmp_path / "plan.json"
+    assert main(["plan", "jobs/quickstart.yaml", "--json", str(out), f"output_dir={tmp_path}", "name=late"]) == 0
+    assert json.loads(out.read_text())["config"]["name"] == "late"
+
+
+def test_help_documents_the_keys_a_command_reads_from_their_declarations(capsys):
+    with pytest.raises(SystemExit):
+        main(["probe", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "probe.num_samples (int, default 256): held-out targets to probe" in out
+    assert "eval.model_dir (str, default '')" in out and "probe.out (str" in out and "--num-samples" not in out
+
+
+def test_settings_are_config_keys_not_flags():
+    """eval, probe and synth take every setting, their output file included, as config keys: no flags."""
+    flags = {c.name: {names[0] for names, _ in c.flags} for c in COMMANDS}
+    assert flags["eval"] == flags["probe"] == flags["synth"] == set()
+    assert all(c.config == "required" for c in COMMANDS if c.name not in ("analyze", "config"))
+
+
+ROOT = Path(__file__).parents[1]
+BUG = """import dataclasses, sys
+from raypack import cli
+def bug(cfg, args):
+    raise RuntimeError("a bug, not a user error")
+cli.COMMANDS = tuple(dataclasses.replace(c, run=bug) if c.name == "config" else c for c in cli.COMMANDS)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_the_real_entry_point_prints_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    """The same detector on the process a user runs; and its negative control: a command that raises a bug's
+    exception is not swallowed into one line (the detector sees the traceback)."""
+    run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    user = run("-m", "raypack.cli", "study", "missing.yaml")
+    assert one_line_error(user.returncode, user.stderr) == (
+        "raypack study: error: missing.yaml: no such config file; give the path of a YAML config such as "
+        "jobs/quickstart.yaml"), user.stderr
+    bug = run("-c", BUG, "config", "jobs/quickstart.yaml")
+    assert one_line_error(bug.returncode, bug.stderr) is None
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+    fine = run("-c", BUG, "config", "missing.yaml")  # the bug is in the command: a user error still comes first
+    assert one_line_error(fine.returncode, fine.stderr)
+
+
+def test_in_process_a_bug_propagates(monkeypatch):
+    def bug(cfg, args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "COMMANDS", tuple(dataclasses.replace(c, run=bug) for c in COMMANDS))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["compare", "jobs/compare.yaml"])

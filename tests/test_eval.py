@@ -186,12 +186,13 @@ def test_evaluate_on_ray_gives_the_same_scores(ray_local, checkpoints, offline):
 
 def test_cli_prints_the_table_and_writes_json(checkpoints, tmp_path, capsys):
     out = tmp_path / "scores" / "eval.json"
-    assert main(["eval", str(checkpoints[1]), "--limit", "4", "--tasks", "raypack_arithmetic:1",
-                 "--preset", "none", "--out", str(out)]) == 0
+    settings = [f"eval.model_dir={checkpoints[1]}", f"prepare.output_dir={tmp_path}"]  # no validation split there
+    assert main(["eval", "jobs/quickstart.yaml", *settings, "eval.limit=4", "eval.tasks=[raypack_arithmetic:1]",
+                 "eval.preset=none", f"eval.out={out}"]) == 0
     written = json.loads(out.read_text())
     assert {(r["task"], r["metric"], r["num_fewshot"]) for r in written["results"]} == {
         ("raypack_arithmetic", "acc", 1), ("raypack_arithmetic", "acc_norm", 1)}
     assert written["num_samples"] == {"raypack_arithmetic": 4}
     assert "raypack_arithmetic" in capsys.readouterr().out
-    assert main(["eval", str(checkpoints[1]), "--preset", "paper"]) == 2
+    assert main(["eval", "jobs/quickstart.yaml", *settings, "eval.preset=paper"]) == 2
     assert "humaneval" in capsys.readouterr().err

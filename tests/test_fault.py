@@ -48,7 +48,7 @@ def base_overrides(root: Path) -> list[str]:
             f"pack.arms={json.dumps(ARMS)}", "train.num_workers=2", "train.micro_batch_size=2",
             "train.global_batch_size=8", "train.epochs=1", "optim.lr=0.001", "optim.warmup_ratio=0.0",
             "prepare.num_tokenizer_actors=1", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
-            "eval.preset=none", "study.probe_samples=0", "train.worker_cpus=1", "train.max_failures=2"]
+            "eval.preset=none", "probe.num_samples=0", "train.worker_cpus=1", "train.max_failures=2"]
 
 
 def train_overrides(root: Path, name: str) -> list[str]:

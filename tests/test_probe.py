@@ -238,8 +238,8 @@ def test_cli_probe_end_to_end(tmp_path, capsys):
     samples.append(sample(rng, rng.integers(100, 500, 40), rng.integers(3000, 4000, 6)))  # sets max_seq_len
     write_val_folder(tmp_path / "val", samples)
     out = tmp_path / "probe.json"
-    assert main(["probe", str(model_dir), "--val", str(tmp_path / "val"), "--num-samples", "12",
-                 "--num-clusters", "4", "--out", str(out)]) == 0
+    assert main(["probe", "jobs/quickstart.yaml", f"eval.model_dir={model_dir}", f"eval.val_dir={tmp_path / 'val'}",
+                 "probe.num_samples=12", "probe.num_clusters=4", f"probe.out={out}"]) == 0
     printed = capsys.readouterr().out
     for word in ("context probe: 12 targets, 4 clusters", "alone", "unrelated", "related", "95% CI"):
         assert word in printed, printed

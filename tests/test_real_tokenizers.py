@@ -231,7 +231,7 @@ def test_prepare_reconciles(prepared, tokenizers, conversations):
 def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_path, request):
     """What a user runs with a hub checkout of the tokenizer and a model: `raypack train ... train.arm=ARM
     train.max_steps=3` on 2 workers; the exported folder loads with Auto* classes, has a pad token, and
-    `raypack eval --val` from it gives the loop's last validation loss; `raypack probe` runs on it."""
+    `raypack eval` of it gives the loop's last validation loss; `raypack probe` runs on it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raypack.cli import main
@@ -255,11 +255,11 @@ def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_p
     assert tokenizer.pad_token_id is not None and model.config.pad_token_id == tokenizer.pad_token_id
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
 
-    (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
+    # Both score the model this config's run exported (train.arm) on the config's own validation split.
     result = tmp_path / "eval.json"
-    assert main(["eval", str(exported), "--preset", "none", "--val", str(val_folder), "--out", str(result)]) == 0
+    assert main(["eval", "jobs/real-files.yaml", *overrides, "eval.preset=none", f"eval.out={result}"]) == 0
     assert json.loads(result.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
     # The probe collates with the same pad fallback.
     probe = tmp_path / "probe.json"
-    assert main(["probe", str(exported), "--val", str(val_folder), "--num-samples", "4", "--out", str(probe)]) == 0
+    assert main(["probe", "jobs/real-files.yaml", *overrides, "probe.num_samples=4", f"probe.out={probe}"]) == 0
     assert json.loads(probe.read_text())["num_val_samples"] == 6

@@ -83,7 +83,7 @@ def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, 
 
     record = json.loads((out / "runs" / "bfd-isolated" / "seed0" / "result.json").read_text())
     (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
-    direct = probe_model(record["model_dir"], str(val_folder), num_samples=cfg.study.probe_samples, seed=cfg.seed)
+    direct = probe_model(record["model_dir"], str(val_folder), cfg.probe, seed=cfg.seed)
     assert record["probe"]["num_samples"] > 0
     for key in ("loss_alone", "delta_unrelated", "delta_related", "related_minus_unrelated"):
         assert record["probe"][key] == pytest.approx(direct[key], rel=1e-6), key
@@ -99,7 +99,7 @@ def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, 
 
 
 def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(ray_local, tmp_path):
-    """`raypack eval MODEL --val FOLDER` (one process, from the saved model) gives the number the training
+    """`raypack eval CONFIG eval.model_dir=MODEL eval.val_dir=FOLDER` (one process, from the saved model) gives the number the training
     loop computed on the same split with the DeepSpeed engine at the last step."""
     from raypack.cli import main
     from raypack.train.launch import train
@@ -109,7 +109,8 @@ def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(r
     metrics = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
     out = tmp_path / "eval.json"
-    assert main(["eval", summary["model_dir"], "--preset", "none", "--val", str(val_folder), "--out", str(out)]) == 0
+    assert main(["eval", "jobs/quickstart.yaml", f"eval.model_dir={summary['model_dir']}", f"eval.val_dir={val_folder}",
+                 "eval.preset=none", f"eval.out={out}"]) == 0
     assert json.loads(out.read_text())["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-4)
 
 

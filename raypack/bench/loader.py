@@ -6,9 +6,9 @@ For each size (2k, 20k and 190k rows by default), in one run:
    training loop memory-maps (raypack.data.prepared): lengths like packed rows
    (90% within 200 tokens of max_seq_len, the rest anywhere), 1-8 samples per
    row, random token ids; not timed;
-2. start `--workers` processes (2 by default) that open the arm as the loop does
-   (RowStore.open) and fetch + collate (isolated mode) `--fetches` micro-batches
-   of `--micro-batch` rows each, in a random order of their own, all at once;
+2. start train.num_workers processes (2 by default) that open the arm as the loop
+   does (RowStore.open) and fetch + collate (isolated mode) `--fetches` micro-batches
+   of train.micro_batch_size rows each, in a random order of their own, all at once;
    per fetch the time of `store.take(idx)` + `collate`; after the last fetch,
    each worker's PSS and RSS from /proc/self/smaps_rollup (PSS splits a page
    shared by several processes between them: the memory really in use);
@@ -24,7 +24,7 @@ The arms are written just before they are read, so the page cache is warm (the
 190k arm is ~6 GB); `--cold` evicts each arm's token files from the page cache
 first (posix_fadvise), so every fetch reads from disk.
 
-    raypack bench loader --sizes 2000,20000,190000 --json out/bench_loader.json
+    raypack bench loader jobs/compare.yaml --sizes 2000,20000,190000 --json out/bench_loader.json
 """
 
 from __future__ import annotations

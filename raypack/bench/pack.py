@@ -7,7 +7,7 @@ figures are comparable. `bench_grouping` plans bfd with each pack composition
 labels, and says what grouping costs in rows and seconds. Measure on one core:
 
     taskset -c 0 env NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        raypack bench pack --preset opensource-1.2m --num-samples 1200000 --json out/bench_pack.json
+        raypack bench pack jobs/compare.yaml synth.num_samples=1200000 --json out/bench_pack.json
 
 What is measured, so the numbers are read right:
 

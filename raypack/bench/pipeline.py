@@ -16,8 +16,8 @@ On the same synthetic text and the same cores, in one run:
    cache (best of 2 runs), per number of packing tasks per split
    (`prepare.pack_workers`), checking that every run writes the same bytes.
 
-    raypack bench pipeline --preset opensource-1.2m --num-samples 100000 --json out/bench_pipeline.json
-    raypack bench pipeline --num-samples 20000 --window 2000 --skip-bare --pack-workers 1,2
+    raypack bench pipeline jobs/compare.yaml synth.num_samples=100000 pack.window=100000 --json out/bench_pipeline.json
+    raypack bench pipeline jobs/compare.yaml synth.num_samples=20000 pack.window=2000 --skip-bare --pack-workers 1,2
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import ray
 
-from raypack.config import load_config
+from raypack.config import Config, validate
 from raypack.data import formats, synth
 from raypack.data.pipeline import prepare
 from raypack.ray_start import ensure_ray
@@ -109,17 +110,20 @@ class _PeakRss:
         self._thread.join()
 
 
-def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm: str = "bfd-isolated",
-                   window: int = 100_000, max_seq_len: int = 4096, overrides: list[str] | None = None,
-                   bare: bool = True, pack_workers: list[int] | None = None) -> dict:
-    """Measure the pipeline and the bare tokenizer on the same shards; returns JSON-ready figures."""
+def bench_pipeline(cfg: Config, work_dir: str, arm: str = "bfd-isolated", bare: bool = True,
+                   pack_workers: list[int] | None = None) -> dict:
+    """Measure the pipeline and the bare tokenizer on the same shards; returns JSON-ready figures.
+
+    cfg.synth says what to write (preset, num_samples, seed); the pipeline runs with cfg's
+    settings (data.max_seq_len, pack.window, prepare.*) on those shards, for `arm` alone.
+    """
     ensure_ray()
     work = Path(work_dir)
+    preset, num_samples, seed, window = cfg.synth.preset, cfg.synth.num_samples, cfg.synth.seed, cfg.pack.window
     paths = write_synth_shards(preset, num_samples, seed, work / "text")
-    settings = [f"data.sources=[{', '.join(paths)}]", "data.format=messages", f"data.max_seq_len={max_seq_len}",
-                f"pack.arms=[{arm}]", f"pack.window={window}", f"prepare.output_dir={work / 'prepared'}",
-                "data.val_fraction=0.0", *(overrides or [])]
-    cfg = load_config(None, [*settings, "prepare.reuse=false"])
+    cfg = validate(replace(cfg, data=replace(cfg.data, sources=paths, format="messages", val_fraction=0.0),
+                           pack=replace(cfg.pack, arms=[arm]),
+                           prepare=replace(cfg.prepare, output_dir=str(work / "prepared"), reuse=False)))
     with _PeakRss() as rss:
         start = time.perf_counter()
         folders = prepare(cfg)
@@ -142,11 +146,11 @@ def bench_pipeline(preset: str, num_samples: int, seed: int, work_dir: str, arm:
         "rows_over_lower_bound": manifest.rows_over_lower_bound,
         "num_truncated": manifest.num_truncated, "peak_rss_sum_mb": rss.peak / 2**20,
         "peak_pss_sum_mb": rss.peak_pss / 2**20,
-        "pack_workers": [bench_pack_workers(settings, w, folders, arm) for w in pack_workers or []],
+        "pack_workers": [bench_pack_workers(cfg, w, folders, arm) for w in pack_workers or []],
     }
 
 
-def bench_pack_workers(settings: list[str], workers: int, folders: dict, arm: str, repeats: int = 2) -> dict:
+def bench_pack_workers(cfg: Config, workers: int, folders: dict, arm: str, repeats: int = 2) -> dict:
     """The packing stage alone, on the tokenized cache already there, with `workers` tasks per split.
 
     Best of `repeats` runs: pack_seconds is the arm's manifest `seconds` (planning to
@@ -154,7 +158,7 @@ def bench_pack_workers(settings: list[str], workers: int, folders: dict, arm: st
     hold-out, the empty val split, the manifests); sha256 covers every file but the
     manifests, to show the output does not change.
     """
-    cfg = load_config(None, [*settings, "prepare.reuse=true", f"prepare.pack_workers={workers}"])
+    cfg = replace(cfg, prepare=replace(cfg.prepare, reuse=True, pack_workers=workers))
     pack_seconds, seconds = [], []
     for _ in range(repeats):
         for folder in folders.values():

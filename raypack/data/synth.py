@@ -14,7 +14,7 @@ Generation is done in blocks of `BLOCK_SIZE` samples, each with its own RNG seed
 by (seed, block index), so any block can be made on its own, in any worker, and the
 output is the same however the work is split.
 
-    raypack synth --preset tulu-326k --num-samples 1000 --seed 0 --out tulu.jsonl
+    raypack synth jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=1000 synth.seed=0 synth.out=tulu.jsonl
 """
 
 from __future__ import annotations

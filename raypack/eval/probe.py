@@ -16,10 +16,10 @@ bootstrap confidence interval over targets. A model that ignores its context
 shows ~0 for all three; one that relies on it drops with related context and,
 if it copies blindly, rises with unrelated context.
 
-    raypack probe out/quickstart/bfd-cross/model --val out/quickstart/prepared/val-<hash> \\
-        [--num-samples 256] [--num-clusters 0] [--seed 0] [--max-seq-len N] [--device cpu] [--out F.json]
+    raypack probe jobs/quickstart.yaml train.arm=bfd-cross [probe.num_samples=256 probe.num_clusters=0 ...]
+    raypack probe CONFIG eval.model_dir=MODEL eval.val_dir=out/prepared/tok-<hash>/val-<hash> [probe.out=F.json]
 
-    result = probe_model(model_dir, val_folder, num_samples=256)     # one process, saved HF model
+    result = probe_model(model_dir, val_folder, cfg.probe, seed=cfg.seed)   # one process, saved HF model
     result = run_probe(forward, samples, clusters, num_samples, seed, max_seq_len, pad_token_id)  # pure core
 
 Rules:
@@ -50,11 +50,13 @@ The result is JSON-ready:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from raypack.config import ProbeConfig
 from raypack.data.collate import collate
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.train.loss import token_losses
@@ -206,10 +208,9 @@ def cluster_samples(samples: list[np.ndarray], num_clusters: int, seed: int) -> 
     return np.asarray(clusters), int(k)
 
 
-def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clusters: int = 0, seed: int = 0,
-                max_seq_len: int | None = None, device: str = "cpu", micro_batch_size: int = 8,
+def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
                 log: Callable[[str], None] | None = None) -> dict:
-    """The probe of a saved Hugging Face model on a prepared validation split (one process)."""
+    """The probe of a saved Hugging Face model on a prepared validation split (one process, on probe.device)."""
     from transformers import AutoModelForCausalLM
 
     from raypack.data.prepared import RowStore
@@ -222,25 +223,27 @@ def probe_model(model_dir: str, val_folder: str, num_samples: int = 256, num_clu
                for r in rows.take(np.arange(rows.num_rows))]
     if len(samples) < 3:
         raise ValueError(f"{val_folder} has {len(samples)} samples; the probe needs at least 3")
+    device = probe.device if probe.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    if max_seq_len is None:
+    max_seq_len = probe.max_seq_len
+    if not max_seq_len:
         longest = max(len(s["input_ids"]) for s in samples)
         max_seq_len = min(longest, getattr(model.config, "max_position_embeddings", None) or longest)
-    clusters, k = cluster_samples([s["input_ids"] for s in samples], num_clusters, seed)
+    clusters, k = cluster_samples([s["input_ids"] for s in samples], probe.num_clusters, seed)
 
     def forward(batch: dict) -> torch.Tensor:
         inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
         return model(**inputs, use_cache=False).logits
 
-    result = run_probe(forward, samples, clusters, num_samples, seed, max_seq_len, tokenizer.pad_token_id,
-                       micro_batch_size, log)
+    result = run_probe(forward, samples, clusters, probe.num_samples, seed, max_seq_len, tokenizer.pad_token_id,
+                       probe.micro_batch_size, log)
     return {"model": str(model_dir), "val": str(val_folder), "num_clusters": k,
             "num_nonempty_clusters": len(np.unique(clusters)), **result}
 
 
-def probe_on_ray(model_dir: str, val_folder: str, num_samples: int = 256, num_clusters: int = 0, seed: int = 0,
-                 num_gpus: float = 0.0, num_cpus: float = 0.5) -> dict:
+def probe_on_ray(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int, num_gpus: float,
+                 num_cpus: float) -> dict:
     """`probe_model` as one Ray task holding `num_gpus` GPUs (device cuda when > 0) and `num_cpus` CPUs.
 
     What `raypack study` runs for every arm; paths are made absolute, so they must be
@@ -249,9 +252,8 @@ def probe_on_ray(model_dir: str, val_folder: str, num_samples: int = 256, num_cl
     import ray  # only this entry point needs Ray
 
     remote = ray.remote(probe_model).options(num_gpus=num_gpus, num_cpus=num_cpus)
-    return ray.get(remote.remote(str(Path(model_dir).resolve()), str(Path(val_folder).resolve()),
-                                 num_samples=num_samples, num_clusters=num_clusters, seed=seed,
-                                 device="cuda" if num_gpus > 0 else "cpu"))
+    probe = replace(probe, device="cuda" if num_gpus > 0 else "cpu")
+    return ray.get(remote.remote(str(Path(model_dir).resolve()), str(Path(val_folder).resolve()), probe, seed=seed))
 
 
 def format_probe(result: dict) -> str:

@@ -113,5 +113,5 @@ def refuse_code_execution(specs: list[TaskSpec], allow_code_execution: bool, uns
     if risky and not allow_code_execution:
         raise ValueError(
             f"{', '.join(risky)} would run code written by the model being evaluated; set "
-            "eval.allow_code_execution=true (raypack eval --allow-code-execution) to allow it, "
+            "eval.allow_code_execution=true (in the config or as an override) to allow it, "
             "preferably in a sandboxed container, or drop the task")

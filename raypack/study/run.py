@@ -13,7 +13,7 @@
 3. per seed (train.seed, train.seed + 1, ...) and arm: train on Ray Train
    (validation loss every train.eval_every_steps, about 10 points by default),
    export the model, score it with lm-eval (eval.*) as a Ray task, run the
-   context-reliance probe on the held-out split (study.probe_samples,
+   context-reliance probe on the held-out split (probe.*,
    raypack.eval.probe), and write <study>/runs/<arm>/seed<k>/result.json;
 4. report.md, report.json and PNG plots in <study> (raypack.study.report).
 
@@ -125,7 +125,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
                if line]
     scores = _evaluate(run_cfg, summary["model_dir"], specs) if specs else {}
-    probe = _probe(run_cfg, summary["model_dir"], folders["val"]) if cfg.study.probe_samples else None
+    probe = _probe(run_cfg, summary["model_dir"], folders["val"]) if cfg.probe.num_samples else None
     elapsed, curve = 0.0, []
     for m in metrics:
         elapsed += m["step_time_s"]
@@ -161,8 +161,7 @@ def _probe(cfg: Config, model_dir: str, val_folder: str) -> dict:
     """The context-reliance probe of the exported model (a Ray task with the eval task's resources)."""
     from raypack.eval.probe import probe_on_ray
 
-    return probe_on_ray(model_dir, val_folder, num_samples=cfg.study.probe_samples,
-                        num_clusters=cfg.study.probe_clusters, seed=cfg.seed, num_gpus=cfg.eval.num_gpus,
+    return probe_on_ray(model_dir, val_folder, cfg.probe, seed=cfg.seed, num_gpus=cfg.eval.num_gpus,
                         num_cpus=cfg.eval.num_cpus)
 
 
