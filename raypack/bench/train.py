@@ -27,6 +27,7 @@ from pathlib import Path
 from raypack.config import Config, load_config
 from raypack.data.pipeline import prepare
 from raypack.train.launch import train_arm
+from raypack.train.metrics import read_metrics
 
 ARMS = ("padding", "bfd-isolated")
 
@@ -45,7 +46,7 @@ def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
         start = time.perf_counter()
         summary = train_arm(cfg, arm, folders[arm])
         fit_s = time.perf_counter() - start
-        metrics = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+        metrics = read_metrics(summary["run_dir"])
         epoch_s = sum(m["step_time_s"] for m in metrics)
         replay = json.loads((Path(summary["run_dir"]) / "replay.json").read_text())
         timed_row_tps = replay["real_row_tokens_per_sec"]  # the replayed steps as they ran: all but the first

@@ -11,9 +11,9 @@ node share one page-cache copy, and a micro-batch reads only its own rows' token
 and takes its share of each step from `raypack.data.order`: a permutation of the
 rows drawn from (train.seed, epoch), cut into whole steps, each rank a disjoint
 equal slice.
-Every rank therefore takes epochs x steps_per_epoch steps (computed from the
-manifest, never from an iterator running dry), and a step's rows follow from
-its number alone, which makes a resume exact.
+Every rank therefore takes epochs x steps_per_epoch steps (the run plan,
+raypack.train.plan, computed from the manifest, never from an iterator running
+dry), and a step's rows follow from its number alone, which makes a resume exact.
 
 The model: weights are loaded in the training precision (bf16 on GPU, never an
 fp32 copy first). Under ZeRO-3 it is built inside deepspeed.zero.Init (transformers
@@ -29,7 +29,7 @@ size 1), [B, T] rows with restarting positions for sdpa, eager and flex_attentio
 Per step, on each rank:
     fetch and collate its gradient_accumulation micro-batches
     D = all_reduce_sum(step_denominator(micro_batches))       (raypack.train.loss)
-    set the LR to lr_at(step, total_steps) on every param group
+    set the LR to lr_at(step, schedule_steps) on every param group  (raypack.train.plan)
     for each micro-batch: forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False)
                           -> engine.step()   (DeepSpeed updates at the last one)
 
@@ -90,13 +90,15 @@ import torch.distributed as dist
 from raypack.config import Config, from_dict, to_dict
 from raypack.data.collate import collate, flatten_isolated
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
-from raypack.data.prepared import RowStore, read_manifest, steps_per_epoch
+from raypack.data.prepared import RowStore, read_manifest
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer,
                            resolve_attn_implementation)
-from raypack.train.engine import (full_state_dict, gradient_accumulation_steps, initialize, load_into_partitions,
-                                  local_parameter_elements, lr_at, partitioned_construction, resolve_precision)
+from raypack.train.engine import (full_state_dict, initialize, load_into_partitions, local_parameter_elements,
+                                  partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
+from raypack.train.plan import lr_at, run_plan
 from raypack.train.resume import PREEMPT_FILE, step_identity
 from raypack.train.validate import validation_groups, validation_sums
 
@@ -114,14 +116,12 @@ def train_loop_per_worker(config: dict) -> None:
     device = "cuda" if train.use_gpu else "cpu"
     torch.manual_seed(train.seed)
 
-    # Rows: the manifest fixes the step count; the mode follows the arm's packing.
+    # Rows: the manifest fixes the run plan (raypack.train.plan); the mode follows the arm's packing.
     manifest = read_manifest(config["folder"])
+    plan = run_plan(train, cfg.optim, manifest, world_size)
+    assert plan.rows_per_step == train.global_batch_size, "raypack.train.launch.arm_config resolves the rows per step"
     mode = "padding" if manifest.strategy == "padding" else manifest.attention
-    grad_accum = gradient_accumulation_steps(train, world_size)
-    num_steps_per_epoch = steps_per_epoch(manifest.num_rows, world_size, train.micro_batch_size, grad_accum)
-    total_steps = train.epochs * num_steps_per_epoch
-    stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
-    schedule_steps = train.schedule_steps or total_steps
+    grad_accum, num_steps_per_epoch, stop_step = plan.grad_accum, plan.steps_per_epoch, plan.stop_step
     rows = RowStore.open(config["folder"])
     tokens_of_row = rows.num_tokens
     pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
@@ -170,7 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
-                "total_steps": total_steps, "stop_step": stop_step, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
+                "total_steps": plan.total_steps, "stop_step": stop_step, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
                 "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode, "precision": precision,
                 "flat_isolated_rows": flatten and mode == "isolated",
                 "gradient_checkpointing": train.gradient_checkpointing, **memory})
@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
         micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction, flatten)
                          for mb_rows in picked]
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
-        lr = lr_at(step, schedule_steps, cfg.optim)
+        lr = lr_at(step, plan.schedule_steps, cfg.optim)
         token_loss_sum, num_supervised = _optimizer_step(engine, optimizer, micro_batches, denominator, lr, train,
                                                          world_size)
 
@@ -224,15 +224,14 @@ def train_loop_per_worker(config: dict) -> None:
             "mfu": mfu(totals[5], step_time_s, world_size, peak),
         }
         done = step + 1
-        if val and ((train.eval_every_steps and done % train.eval_every_steps == 0) or done == stop_step):
+        if val and plan.evaluates_at(done):
             metrics["val_loss"] = _validation_loss(engine, val, pad_token_id)
         if replay is not None and step > start_step:
             replay.append((_replay_step(engine, optimizer, micro_batches, denominator, lr, train, world_size),
                            step_time_s, int(totals[2]), int(totals[3])))
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
 
-        if (train.checkpoint_every_steps and done % train.checkpoint_every_steps == 0) \
-                or done % num_steps_per_epoch == 0 or done == stop_step or preempted:
+        if plan.checkpoints_at(done) or preempted:
             _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank, identity)
             logs.event({"event": "checkpoint", "step": done})
         elif "val_loss" in metrics:
@@ -461,8 +460,8 @@ class _Logs:
         self.rows = _open_log(run_dir / f"rows-rank{rank}.jsonl", start_step, resumed)
         self.metrics = self.events = self.tensorboard = None
         if rank == 0:
-            self.metrics = _open_log(run_dir / "metrics.jsonl", start_step, resumed)
-            self.events = (run_dir / "events.jsonl").open("a")  # every launch and restart: the run's history
+            self.metrics = _open_log(run_dir / METRICS_FILE, start_step, resumed)
+            self.events = (run_dir / EVENTS_FILE).open("a")  # every launch and restart: the run's history
             self.tensorboard = _tensorboard(run_dir / "tensorboard")
 
     def step(self, metrics: dict, epoch: int, row_index: list[int]) -> None:
@@ -489,11 +488,9 @@ class _Logs:
 
 def _open_log(path: Path, start_step: int, resumed: bool):
     """Append to a per-step log, first dropping the lines of steps after `start_step` (redone on resume)."""
-    kept = []
-    if resumed and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    kept = [entry for entry in read_jsonl(path) if entry["step"] <= start_step] if resumed else []
     f = path.open("w")
-    f.writelines(line + "\n" for line in kept)
+    f.writelines(json.dumps(entry) + "\n" for entry in kept)
     f.flush()
     return f
 
