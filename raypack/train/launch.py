@@ -74,9 +74,10 @@ def run_dir(cfg: Config, arm: str) -> Path:
 
 
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, loop=train_loop_per_worker) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
-    RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback)."""
+    RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback). `loop` is another worker function
+    taking the same config (raypack.bench.train's limit run)."""
     train = cfg.train
     scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                             resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
@@ -85,7 +86,7 @@ def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = N
                     checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
                    "val_folder": str(val_folder) if val_folder else None}
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling,
                         run_config=run)
 
 
