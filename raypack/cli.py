@@ -172,16 +172,12 @@ def _plan_counts(cfg, folder: str, shape) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raypack.data.prepared import read_manifest, steps_per_epoch
-    from raypack.train.engine import gradient_accumulation_steps
+    from raypack.data.prepared import read_manifest
     from raypack.train.flops import step_flops
-    from raypack.train.launch import arm_config
+    from raypack.train.plan import run_plan
 
     manifest = read_manifest(folder)
-    train = arm_config(cfg, folder).train  # rows per step under train.global_batch_tokens
-    grad_accum = gradient_accumulation_steps(train, train.num_workers)
-    per_epoch = steps_per_epoch(manifest.num_rows, train.num_workers, train.micro_batch_size, grad_accum)
-    steps = min(train.epochs * per_epoch, train.max_steps or train.epochs * per_epoch)
+    plan = run_plan(cfg.train, cfg.optim, manifest, cfg.train.num_workers)  # rows per step, steps: as training
     # Attention segments (raypack.train.flops): whole rows in cross arms, else samples.
     cross = manifest.attention == "cross"
     column = pq.read_table(sorted(str(f) for f in Path(folder).glob("*.parquet")),
@@ -190,9 +186,9 @@ def _plan_counts(cfg, folder: str, shape) -> dict:
     epoch_flops = step_flops(shape.matmul_params, shape.num_hidden_layers, shape.hidden_size, manifest.num_tokens,
                              segments)
     # The run trains on steps x rows-per-step rows: epochs' worth, of average rows.
-    run_epochs = steps * train.global_batch_size / manifest.num_rows
-    return {"num_rows": manifest.num_rows, "rows_per_step": train.global_batch_size, "steps_per_epoch": per_epoch,
-            "steps": steps, "num_tokens": manifest.num_tokens,
+    run_epochs = plan.stop_step * plan.rows_per_step / manifest.num_rows
+    return {"num_rows": manifest.num_rows, "rows_per_step": plan.rows_per_step,
+            "steps_per_epoch": plan.steps_per_epoch, "steps": plan.stop_step, "num_tokens": manifest.num_tokens,
             "num_supervised_tokens": manifest.num_supervised_tokens, "pflop": epoch_flops * run_epochs / 1e15}
 
 

@@ -194,9 +194,6 @@ class TrainConfig:
     peak_tflops: float = _field(0.0, "peak dense TFLOPS of one accelerator at the training precision, for "
                                 "the MFU metric; 0 looks the GPU up (H100/H200/A100/L40S/L4) and leaves "
                                 "MFU out on CPU or an unknown card")
-    bench_replay: bool = _field(False, "BENCHMARK AID: after the last step, run the arm's steps again from "
-                                "micro-batches kept in memory (no data loading or collation) and write "
-                                "replay.json; used by `raypack bench train`")
 
 
 @dataclass

@@ -18,8 +18,12 @@ import pytest
 CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
         "raypack.data.bins", "raypack.data.pack", "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
-        "raypack.bench.pack", "raypack.train.memory", "raypack.train.resume"]
+        "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory", "raypack.train.resume",
+        "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss", "raypack.train.flops",
+        "raypack.eval.tasks", "raypack.eval.scores", "raypack.study.report", "raypack.tune.analyze"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
+# What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.
+TORCH_FREE = ("raypack.data.prepared", "raypack.train.plan", "raypack.train.metrics", "raypack.eval.scores")
 
 
 @pytest.mark.parametrize("module", CORE)
@@ -41,7 +45,7 @@ def imported_roots(module: str) -> set[str]:
 
 @pytest.mark.parametrize("module", CORE)
 def test_core_module_source_has_no_engine_import_even_inside_a_function(module):
-    forbidden = FORBIDDEN + (("torch",) if module == "raypack.data.prepared" else ())
+    forbidden = FORBIDDEN + (("torch",) if module in TORCH_FREE else ())
     assert not imported_roots(module) & set(forbidden), f"{module} imports {imported_roots(module) & set(forbidden)}"
 
 
@@ -58,13 +62,14 @@ def test_data_worker_modules_do_not_import_torch(module):
     assert out.stdout.strip() == "False", f"{module} imports torch"
 
 
-def test_prepared_rows_import_neither_ray_nor_torch():
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_prepared_rows_plan_and_logs_import_neither_ray_nor_torch(module):
     """raypack.data.prepared (rows and manifest) is what training reads: a worker or a notebook opens them with
-    numpy alone."""
-    code = ("import sys, raypack.data.prepared; "
+    numpy alone; the run plan, the log reader and the benchmark scores need no more."""
+    code = (f"import sys, {module}; "
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"raypack.data.prepared pulls in {out.stdout.strip()}"
+    assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
 
 
 def test_training_loop_does_not_import_the_data_pipeline():

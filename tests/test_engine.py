@@ -1,4 +1,4 @@
-"""DeepSpeed config, LR schedule, optimizer groups, and one real DeepSpeed engine on CPU.
+"""DeepSpeed config, optimizer groups, and one real DeepSpeed engine on CPU (the LR schedule: test_plan.py).
 
     .venv/bin/pytest tests/test_engine.py -q
 
@@ -20,25 +20,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers.optimization import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
 
 from raypack.config import ConfigError, OptimConfig, TrainConfig, load_config
 from raypack.data.collate import collate
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import TINY_PAD_ID, build_tiny_model
-from raypack.train.engine import (
-    rows_for_token_batch,
-    build_optimizer,
-    deepspeed_config,
-    gradient_accumulation_steps,
-    initialize,
-    lr_at,
-    resolve_precision,
-)
+from raypack.train.engine import build_optimizer, deepspeed_config, initialize, resolve_precision
 from raypack.train.loss import micro_batch_loss, step_denominator
+from raypack.train.plan import gradient_accumulation_steps, lr_at
 
 
 def test_engine_module_imports_deepspeed_only_when_initialising():
@@ -52,19 +41,12 @@ def test_engine_module_imports_deepspeed_only_when_initialising():
 
 
 @pytest.mark.parametrize("global_batch, micro, world, expected", [(128, 2, 32, 2), (128, 2, 1, 64), (4, 2, 2, 1)])
-def test_gradient_accumulation_steps(global_batch, micro, world, expected):
+def test_deepspeed_config_accumulates_as_the_run_plan(global_batch, micro, world, expected):
     train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro)
-    assert gradient_accumulation_steps(train, world) == expected
+    assert gradient_accumulation_steps(global_batch, micro, world) == expected
     config = deepspeed_config(train, world, "cpu")
     assert config["gradient_accumulation_steps"] == expected
     assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * expected * world
-
-
-@pytest.mark.parametrize("global_batch, micro, world", [(128, 3, 2), (2, 2, 2), (128, 2, 0)])
-def test_gradient_accumulation_steps_must_divide(global_batch, micro, world):
-    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro)
-    with pytest.raises(ValueError, match="train.global_batch_size.*train.micro_batch_size or train.num_workers"):
-        gradient_accumulation_steps(train, world)
 
 
 def test_config_section_checks():
@@ -126,17 +108,6 @@ def test_offload_needs_the_right_stage():
     assert "offload_param" not in deepspeed_config(TrainConfig(zero_stage=3), 2, "cpu")["zero_optimization"]
 
 
-def test_token_defined_batch_gives_each_arm_rows_holding_about_the_same_tokens():
-    # 4 rows per pass (2 workers x micro-batch 2). Packed rows hold ~4000 tokens, padded rows ~600.
-    packed = rows_for_token_batch(65536, num_tokens=4000 * 100, num_rows=100, rows_per_pass=4)
-    padded = rows_for_token_batch(65536, num_tokens=600 * 700, num_rows=700, rows_per_pass=4)
-    assert (packed, padded) == (16, 108)
-    assert packed * 4000 == pytest.approx(65536, rel=0.05) and padded * 600 == pytest.approx(65536, rel=0.05)
-    assert rows_for_token_batch(10, num_tokens=4000, num_rows=1, rows_per_pass=4) == 4  # at least one pass
-    with pytest.raises(ValueError):
-        rows_for_token_batch(0, 10, 1, 4)
-
-
 def write_json(tmp_path, data) -> str:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(data))
@@ -169,54 +140,6 @@ def test_user_json_cannot_break_consistency(tmp_path, user, message):
 def test_missing_user_json_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="cannot read .*nope.json"):
         deepspeed_config(TrainConfig(deepspeed_json=str(tmp_path / "nope.json")), 2, "cpu")
-
-
-# ------------------------------------------------------------------ LR schedule
-
-
-def test_cosine_schedule_values():
-    optim = OptimConfig(lr=1e-5, warmup_ratio=0.2, min_lr_ratio=0.0)
-    assert lr_at(0, 10, optim) == 0.0  # warmup starts at 0, as in transformers
-    assert lr_at(1, 10, optim) == pytest.approx(5e-6)
-    assert lr_at(2, 10, optim) == pytest.approx(1e-5)  # end of warmup: the peak
-    assert lr_at(6, 10, optim) == pytest.approx(5e-6)  # half way through the decay
-    assert lr_at(9, 10, optim) == pytest.approx(1e-5 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))  # the last step
-    assert lr_at(10, 10, optim) == pytest.approx(0.0, abs=1e-20)
-    assert lr_at(10, 10, OptimConfig(lr=1e-5, min_lr_ratio=0.1)) == pytest.approx(1e-6)
-
-
-def test_schedule_follows_the_arms_own_step_count():
-    """Pitfall 5: a packed arm with fewer steps still warms up and decays fully."""
-    optim = OptimConfig(lr=1e-5, warmup_ratio=0.2)
-    for total in (7, 1000):
-        lrs = [lr_at(s, total, optim) for s in range(total + 1)]
-        assert max(lrs) == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.0, abs=1e-20)
-
-
-def test_constant_schedule_values():
-    optim = OptimConfig(lr=2e-5, schedule="constant", warmup_ratio=0.25)
-    assert [lr_at(s, 8, optim) for s in range(9)] == pytest.approx([0, 1e-5] + [2e-5] * 7)
-    assert lr_at(0, 8, OptimConfig(schedule="constant", warmup_ratio=0.0)) == 1e-5
-
-
-@pytest.mark.parametrize("total, warmup_ratio", [(10, 0.2), (37, 0.2), (5, 0.0), (3, 1.0)])
-def test_schedules_match_transformers(total, warmup_ratio):
-    lr = 1e-5
-    warmup = int(np.ceil(warmup_ratio * total))
-    for schedule, make in [
-        ("cosine", lambda opt: get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1)),
-        ("constant", lambda opt: get_constant_schedule_with_warmup(opt, warmup)),
-    ]:
-        scheduler = make(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr))
-        optim = OptimConfig(lr=lr, schedule=schedule, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
-        expected = [lr * scheduler.lr_lambdas[0](s) for s in range(total + 1)]
-        assert [lr_at(s, total, optim) for s in range(total + 1)] == pytest.approx(expected, rel=1e-12, abs=1e-20)
-
-
-def test_lr_at_refuses_steps_out_of_range():
-    for step, total in ((-1, 10), (11, 10), (0, 0)):
-        with pytest.raises(ValueError, match="step"):
-            lr_at(step, total, OptimConfig())
 
 
 def test_optimizer_decays_matrices_only():

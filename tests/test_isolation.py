@@ -7,7 +7,7 @@ only when a batch holds ONE row (`_is_packed_sequence(position_ids, batch_size)`
 so the loop hands flash_attention_2 each isolated micro-batch as one padding-free
 row, and sdpa, eager and flex_attention [B, T] rows (cheaper masks), as
 `raypack.data.collate.flatten_isolated` decides. These tests take the micro-batches
-the training loop itself builds (`raypack.train.loop._micro_batch`) for
+the training loop itself builds (`raypack.train.loop.micro_batch`) for
 micro_batch_size 1, 2 and 4 and check:
 - flash_attention_2 (not installable on CPU) would see them as packed: transformers'
   own detection accepts them and its cu_seqlens are exactly the samples' boundaries;
@@ -32,7 +32,7 @@ from transformers.modeling_flash_attention_utils import _is_packed_sequence, pre
 from raypack.data.collate import collate, flatten_isolated
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import build_tiny_model
-from raypack.train.loop import _micro_batch
+from raypack.train.loop import micro_batch
 
 PAD = 5
 TOLERANCE = 1e-5
@@ -88,7 +88,7 @@ def test_flash_attention_gets_flat_rows_and_the_row_isolating_kernels_rows():
 def test_loop_isolated_micro_batches_are_packed_for_flash_attention(micro_batch_size):
     rows = micro_batch_rows(micro_batch_size)
     flatten = flatten_isolated("flash_attention_2")
-    batch = _micro_batch([packed_row(r) for r in rows], "isolated", PAD, "token", flatten)
+    batch = micro_batch([packed_row(r) for r in rows], "isolated", PAD, "token", flatten)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert _is_packed_sequence(batch["position_ids"], batch["input_ids"].shape[0])
     (cu_q, _), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
@@ -109,7 +109,7 @@ def test_a_two_row_isolated_layout_would_not_be_packed_for_flash_attention():
 @pytest.mark.parametrize("micro_batch_size", MICRO_BATCH_SIZES)
 def test_cross_micro_batches_are_never_read_as_packed(micro_batch_size):
     rows = [packed_row(r, cross=True) for r in micro_batch_rows(micro_batch_size)]
-    batch = _micro_batch(rows, "cross", PAD, "token")
+    batch = micro_batch(rows, "cross", PAD, "token")
     assert not _is_packed_sequence(batch["position_ids"][:1], 1)  # each row alone: one causal sequence
     assert batch["input_ids"].shape[0] == micro_batch_size
 
@@ -121,7 +121,7 @@ def isolated_and_controls(model, reference_model, micro_batch_size: int, flatten
     """Per-sample gaps to the samples alone: (isolated, isolated with an all-ones mask, cross)."""
     rows = micro_batch_rows(micro_batch_size)
     reference = [[alone(reference_model, s) for s in row] for row in rows]
-    batch = _micro_batch([packed_row(r) for r in rows], "isolated", PAD, "token", flatten)
+    batch = micro_batch([packed_row(r) for r in rows], "isolated", PAD, "token", flatten)
     if pad_to:
         batch = collate([packed_row(r) for r in rows], "isolated", PAD, pad_to_multiple_of=pad_to, flatten=flatten)
 

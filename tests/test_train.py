@@ -71,6 +71,30 @@ def test_arms_train_with_finite_loss_and_checkpoint(trained):
         assert (checkpoints[-1] / "ds").is_dir() and (checkpoints[-1] / "config.json").is_file()
 
 
+def test_the_loop_takes_the_steps_of_the_run_plan(trained):
+    """The steps, LRs, validation and checkpoint steps the loop logged are those the run plan gives
+    (raypack.train.plan, which `raypack plan`, a study and a sweep read too)."""
+    from raypack.data.pipeline import prepared_folders
+    from raypack.data.prepared import read_manifest
+    from raypack.train.metrics import read_events
+    from raypack.train.plan import lr_at, run_plan
+
+    cfg, run_dirs = trained
+    folders = prepared_folders(cfg)
+    for arm in ARMS:
+        plan = run_plan(cfg.train, cfg.optim, read_manifest(folders[arm]), cfg.train.num_workers)
+        assert plan.stop_step == 3 < plan.total_steps  # train.max_steps stops the run
+        (start,) = [e for e in read_events(run_dirs[arm]) if e["event"] == "start"]
+        assert (start["total_steps"], start["stop_step"], start["steps_per_epoch"], start["grad_accum"]) == \
+            (plan.total_steps, plan.stop_step, plan.steps_per_epoch, plan.grad_accum)
+        metrics = read_jsonl(run_dirs[arm] / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == list(range(1, plan.stop_step + 1))
+        assert [m["lr"] for m in metrics] == [lr_at(s, plan.schedule_steps, cfg.optim) for s in range(plan.stop_step)]
+        assert [m["step"] for m in metrics if "val_loss" in m] == [d for d in range(1, 4) if plan.evaluates_at(d)]
+        checkpoints = [e["step"] for e in read_events(run_dirs[arm]) if e["event"] == "checkpoint"]
+        assert checkpoints == [d for d in range(1, 4) if plan.checkpoints_at(d)] == [2, 3]
+
+
 # Losses of steps 1-3 observed with the current code (2 workers, ZeRO-2, fp32 CPU, seed 0, lr 1e-3):
 # they pin today's numbers so that a refactor that changes them is noticed.
 PINNED_LOSSES = {"padding": [8.321032, 8.310322, 8.251352], "bfd-isolated": [8.325032, 8.298679, 8.230278]}
@@ -100,22 +124,25 @@ def test_exported_model_loads_and_generates(trained):
 def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_local, tmp_path):
     """cross rows carry segment_ids for the `sample` loss only; the model must not receive them.
     train.storage_path is a URI (file:// here, s3:// on a cluster): the checkpoints go there through
-    Ray Train's storage layer, the logs under output_dir/runs."""
+    Ray Train's storage layer, the logs under output_dir/runs. `raypack bench train`'s limit run
+    (raypack.bench.train) takes the same steps with the loop's public pieces: the same rows, collated alike."""
+    from raypack.bench.train import limit_run
+    from raypack.data.pipeline import prepared_folders
     from raypack.train.launch import train
 
     cfg = train_config(tmp_path, "pack.arms=[bfd-cross]", "train.loss_reduction=sample", "train.max_steps=2",
-                       "train.export=false", "train.balance_tokens=true", "train.bench_replay=true",
+                       "train.export=false", "train.balance_tokens=true",
                        f"train.storage_path=file://{tmp_path / 'bucket'}",
                        f"output_dir={tmp_path / 'out'}")
     (summary,) = train(cfg)
     assert Path(summary["run_dir"]).is_relative_to(tmp_path / "out" / "runs")
     metrics = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
-    replay = json.loads((Path(summary["run_dir"]) / "replay.json").read_text())  # step 2 replayed, not step 1
-    assert replay["steps"] == 1 and replay["row_tokens"] == metrics[1]["num_row_tokens"]
-    assert replay["real_seconds"] == pytest.approx(metrics[1]["step_time_s"]) and replay["seconds"] > 0
     (checkpoint,) = [p for p in (tmp_path / "bucket").glob("*/checkpoint_*") if p.is_dir()]
     assert json.loads((checkpoint / "position.json").read_text())["step"] == 2
+    limit = limit_run(cfg, "bfd-cross", str(prepared_folders(cfg)["bfd-cross"]))  # step 2 timed, not step 1
+    assert limit["steps"] == 1 and limit["row_tokens"] == metrics[1]["num_row_tokens"]
+    assert limit["tokens"] == metrics[1]["num_tokens"] and limit["seconds"] > 0 and limit["real_seconds"] > 0
 
 
 def read_tensorboard_scalars(folder: Path) -> dict:

@@ -1,40 +1,50 @@
 """Benchmark of `raypack train`: padding vs bfd-isolated on the same samples, tiny model.
 
-In one run, on the same prepared samples and the same cores:
-
-1. train one epoch of each arm on Ray Train (train.num_workers workers, DeepSpeed)
-   and read the loop's metrics.jsonl back: steps, epoch time (sum of step times,
-   without worker start-up), real tokens/s, row tokens/s, padding fraction, and
-   the wall time of the whole `fit()` (start-up included);
-2. the limit (`train.bench_replay`): right after each step, the same workers and
-   DeepSpeed engine run that step again from its collated micro-batches:
-   forward, backward and optimizer step on rows of exactly the same shapes, with
-   no data loading, collation, metric all-reduce or logging. Interleaved, so a
-   change in the machine's load hits both alike. The arm's row-token throughput
-   over the same steps (step 1, the warm-up, left out of both) divided by the
-   replay's is the share data handling leaves (target >= 0.9). The replayed
-   updates change the model, so a bench run's losses are not a normal run's.
-
     raypack bench train jobs/quickstart.yaml synth.num_samples=2000 data.max_seq_len=1024
+
+For each arm, on the same prepared samples and the same cores:
+
+1. train one epoch on Ray Train (train.num_workers workers, DeepSpeed), a normal
+   `raypack train` run, and read its metrics.jsonl back: steps, epoch time (sum
+   of step times, without worker start-up), real tokens/s, row tokens/s, padding
+   fraction, last loss, and the wall time of the whole `fit()` (start-up included);
+2. the limit, in a run of its own (`limit_loop_per_worker`, launched like the
+   training loop): the loop's set-up and steps (raypack.train.loop: set_up,
+   Worker.step_batches, optimizer_step), each step taken as the loop takes it
+   (its rows fetched and collated, the loss denominator all-reduced, the
+   optimizer step) and right after run again from the same collated
+   micro-batches: forward, backward and optimizer step on rows of exactly the
+   same shapes, with no data loading or collation. Interleaved, so a change in
+   the machine's load hits both alike. The row-token throughput of the steps as
+   taken (step 1, the warm-up, left out of both) divided by the replay's is the
+   share data handling leaves (target >= 0.9). The limit run's losses are not a
+   normal run's (each step updates the model twice); the training run's are.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from raypack.config import Config, load_config
+import torch.distributed as dist
+
+from raypack.config import Config, from_dict, load_config
 from raypack.data.pipeline import prepare
-from raypack.train.launch import train_arm
+from raypack.train.launch import arm_config, build_trainer, run_dir, train_arm
+from raypack.train.loop import optimizer_step, set_up
+from raypack.train.loss import all_reduce_sum, step_denominator
+from raypack.train.metrics import read_metrics
+from raypack.train.plan import lr_at
 
 ARMS = ("padding", "bfd-isolated")
+LIMIT_FILE = "limit.json"
 
 
 def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
     run = time.strftime("%Y%m%d-%H%M%S")
     cfg = load_config(config, [f"pack.arms={json.dumps(list(ARMS))}", "train.epochs=1", "train.export=false",
-                               "train.bench_replay=true",
                                f"train.storage_path={Path(work_dir).resolve() / 'runs'}", f"name=bench-{run}",
                                *overrides])
     folders = prepare(cfg)
@@ -45,10 +55,10 @@ def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
         start = time.perf_counter()
         summary = train_arm(cfg, arm, folders[arm])
         fit_s = time.perf_counter() - start
-        metrics = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+        metrics = read_metrics(summary["run_dir"])
         epoch_s = sum(m["step_time_s"] for m in metrics)
-        replay = json.loads((Path(summary["run_dir"]) / "replay.json").read_text())
-        timed_row_tps = replay["real_row_tokens_per_sec"]  # the replayed steps as they ran: all but the first
+        replay = limit_run(cfg, arm, folders[arm])
+        timed_row_tps = replay["real_row_tokens_per_sec"]  # the steps as taken, right before their replays
         out["arms"][arm] = {
             "steps": len(metrics), "epoch_s": epoch_s, "fit_s": fit_s,
             "tokens_per_sec": sum(m["num_tokens"] for m in metrics) / epoch_s,
@@ -62,6 +72,55 @@ def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
     return out
 
 
+def limit_run(cfg: Config, arm: str, folder: str) -> dict:
+    """The limit of one arm (module docstring, 2.) in a Ray Train run of its own, <name>-limit-<arm>; returns its
+    limit.json: steps, seconds (the replays), real_seconds (the steps as taken), tokens, row_tokens and rates."""
+    cfg = arm_config(cfg, folder)
+    cfg = replace(cfg, name=f"{cfg.name}-limit")
+    build_trainer(cfg, arm, folder, loop=limit_loop_per_worker).fit()
+    return json.loads((run_dir(cfg, arm) / LIMIT_FILE).read_text())
+
+
+def limit_loop_per_worker(config: dict) -> None:
+    """Every rank: take the arm's steps as the training loop does, each followed by its replay (module docstring);
+    rank 0 writes limit.json into config["run_dir"]. `config` is the training loop's (raypack.train.launch)."""
+    cfg = from_dict(Config, config["config"])
+    train = cfg.train
+    w = set_up(config["folder"], train, cfg.optim, cfg.model, cfg.data.tokenizer)
+    seconds = real_seconds = tokens = row_tokens = 0.0
+    for step in range(w.plan.stop_step):
+        _barrier()
+        start = time.perf_counter()
+        _, picked, micro_batches = w.step_batches(step)
+        denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
+        lr = lr_at(step, w.plan.schedule_steps, cfg.optim)
+        optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size)
+        _barrier()
+        taken = time.perf_counter() - start
+        start = time.perf_counter()
+        optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size)
+        _barrier()
+        replayed = time.perf_counter() - start
+        step_tokens = all_reduce_sum(float(sum(r["num_tokens"] for mb in picked for r in mb)))
+        step_row_tokens = all_reduce_sum(float(sum(b["input_ids"].numel() for b in micro_batches)))
+        if step > 0:  # the first step warms up
+            seconds, real_seconds = seconds + replayed, real_seconds + taken
+            tokens, row_tokens = tokens + step_tokens, row_tokens + step_row_tokens
+    if w.rank == 0:
+        out = Path(config["run_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LIMIT_FILE).write_text(json.dumps({
+            "steps": w.plan.stop_step - 1, "seconds": seconds, "real_seconds": real_seconds, "tokens": int(tokens),
+            "row_tokens": int(row_tokens), "tokens_per_sec": tokens / seconds,
+            "row_tokens_per_sec": row_tokens / seconds, "real_row_tokens_per_sec": row_tokens / real_seconds},
+            indent=2))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def format_train_result(r: dict) -> str:
     header = (f"{'arm':<14}{'steps':>6}{'epoch s':>9}{'fit s':>8}{'tok/s':>9}{'row tok/s':>11}{'pad':>7}"
               f"{'replay row tok/s':>18}{'ratio':>7}")
@@ -70,8 +129,8 @@ def format_train_result(r: dict) -> str:
         lines.append(f"{arm:<14}{a['steps']:>6}{a['epoch_s']:>9.1f}{a['fit_s']:>8.1f}{a['tokens_per_sec']:>9.0f}"
                      f"{a['row_tokens_per_sec']:>11.0f}{a['padding_fraction']:>7.1%}"
                      f"{a['replay']['row_tokens_per_sec']:>18.0f}{a['ratio_to_replay']:>7.3f}")
-    lines.append("ratio: row tokens/s of steps 2.. over the replay of the same steps with no data loading "
-                 "(target >= 0.9)")
+    lines.append("ratio: row tokens/s of steps 2.. as taken (rows fetched and collated) over their replays with no "
+                 "data loading, interleaved in a run of their own (target >= 0.9)")
     if set(ARMS) <= set(r["arms"]):
         p, b = r["arms"]["padding"], r["arms"]["bfd-isolated"]
         row_p = p["row_tokens_per_sec"] * p["epoch_s"]

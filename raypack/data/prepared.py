@@ -1,4 +1,5 @@
-"""Prepared data as training reads it: the manifest, the step count and the rows (pure core: no Ray, no torch).
+"""Prepared data as training reads it: the manifest and the rows (pure core: no Ray, no torch); the step count
+follows from the manifest in raypack.train.plan.
 
 A prepared split is a folder that `raypack prepare` (raypack.data.pipeline) writes:
 
@@ -224,17 +225,6 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST
     path.write_text(json.dumps(manifest.to_dict(), indent=2))
     return path
-
-
-def steps_per_epoch(num_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps per epoch, from the manifest's row count (never 'until the iterator runs out')."""
-    rows_per_step = world_size * micro_batch_size * grad_accum
-    steps = num_rows // rows_per_step
-    if steps == 0:
-        raise ValueError(f"{num_rows} rows cannot fill one optimizer step of {rows_per_step} rows "
-                         f"({world_size} workers x {micro_batch_size} micro-batch x {grad_accum} accumulation); "
-                         "lower the global batch size or add data")
-    return steps
 
 
 def shard_files(folder: str | Path) -> list[str]:

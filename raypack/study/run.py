@@ -25,7 +25,6 @@ With RAY_ADDRESS set it runs on that cluster, else on a local Ray instance.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,13 +32,13 @@ from pathlib import Path
 from raypack.config import Config, to_dict
 from raypack.data.pipeline import prepare
 from raypack.ray_start import ensure_ray
-from raypack.data.prepared import read_manifest, steps_per_epoch
+from raypack.data.prepared import read_manifest
+from raypack.eval.scores import benchmark_scores
 from raypack.eval.tasks import resolve_tasks
 from raypack.study.report import write_report
-from raypack.train.engine import gradient_accumulation_steps
 from raypack.train.launch import arm_config, train_arm
-
-EVAL_POINTS = 10
+from raypack.train.metrics import read_metrics
+from raypack.train.plan import EVAL_POINTS, run_plan
 
 
 def study_dir(cfg: Config) -> Path:
@@ -58,26 +57,17 @@ def arm_plan(cfg: Config, folders: dict) -> tuple[dict[str, Config], list[str]]:
         train = replace(train, global_batch_tokens=tokens)
         notes.append(f"match tokens: every optimizer step holds about {tokens:,} real tokens "
                      "(padding's step of train.global_batch_size rows).")
-    # Each arm's rows per step under train.global_batch_tokens: the rule train_arm itself applies.
-    plans = {arm: arm_config(replace(cfg, train=train), folders[arm]) for arm in manifests}
-    total = {arm: c.train.epochs * steps_per_epoch(
-        manifests[arm].num_rows, c.train.num_workers, c.train.micro_batch_size,
-        gradient_accumulation_steps(c.train, c.train.num_workers)) for arm, c in plans.items()}
     if cfg.study.match == "steps":
-        fewest = min(total.values())
-        plans = {arm: replace(c, train=replace(c.train, max_steps=fewest, schedule_steps=fewest))
-                 for arm, c in plans.items()}
-        total = dict.fromkeys(total, fewest)
+        # Each arm's steps under the run plan train_arm applies (rows per step, train.global_batch_tokens).
+        fewest = min(run_plan(train, cfg.optim, m, train.num_workers).total_steps for m in manifests.values())
+        train = replace(train, max_steps=fewest, schedule_steps=fewest)
         notes.append(f"match steps: every arm takes {fewest} optimizer steps (the fewest of any arm at "
                      f"{cfg.train.epochs} epochs), its LR schedule spanning them.")
     elif cfg.study.match == "epochs":
         notes.append(f"match epochs: every arm trains {cfg.train.epochs} epochs, so packed arms take fewer, "
                      "larger steps (the paper's setting).")
-    if cfg.train.max_steps and cfg.study.match != "steps":
-        total = {arm: min(t, cfg.train.max_steps) for arm, t in total.items()}
-    for arm, c in plans.items():
-        every = c.train.eval_every_steps or max(1, math.ceil(total[arm] / EVAL_POINTS))
-        plans[arm] = replace(c, train=replace(c.train, eval_every_steps=every, export=True))
+    plans = {arm: arm_config(replace(cfg, train=replace(train, export=True)), folders[arm], EVAL_POINTS)
+             for arm in manifests}
     return plans, notes
 
 
@@ -122,8 +112,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     start = time.perf_counter()
     summary = train_arm(run_cfg, arm, folders[arm], folders["val"])
     fit_seconds = time.perf_counter() - start
-    metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-               if line]
+    metrics = read_metrics(summary["run_dir"])
     scores = _evaluate(run_cfg, summary["model_dir"], specs) if specs else {}
     probe = _probe(run_cfg, summary["model_dir"], folders["val"]) if cfg.probe.num_samples else None
     elapsed, curve = 0.0, []
@@ -164,30 +153,3 @@ def _probe(cfg: Config, model_dir: str, val_folder: str) -> dict:
     return probe_on_ray(model_dir, val_folder, cfg.probe, seed=cfg.seed, num_gpus=cfg.eval.num_gpus,
                         num_cpus=cfg.eval.num_cpus)
 
-
-def benchmark_scores(result: dict, specs) -> dict:
-    """One score per benchmark, as the paper's table: {"task/metric": value}.
-
-    For each requested task or group: its own first metric when lm-eval reports
-    one (a group with an aggregate, e.g. mmlu's acc), else the first metric of each
-    leaf task under it (a group without an aggregate, e.g. raypack_offline).
-    """
-    first: dict[str, tuple[str, float | None]] = {}
-    for row in result["results"]:
-        first.setdefault(row["task"], (row["metric"], row["value"]))
-    groups = result.get("group_subtasks", {})
-
-    def leaves(name: str) -> list[str]:
-        return [leaf for kid in groups[name] for leaf in leaves(kid)] if name in groups else [name]
-
-    scores = {}
-    for spec in specs:
-        name = Path(spec.name).stem if spec.is_path else spec.name
-        chosen = [name] if name in first else leaves(name)
-        if spec.is_path and name not in first and name not in groups:  # a YAML's task name differs from its file
-            chosen = [t for t in first if not any(t in kids for kids in groups.values()) and t not in groups]
-        for task in chosen:
-            if task in first:
-                metric, value = first[task]
-                scores[f"{task}/{metric}"] = value
-    return scores

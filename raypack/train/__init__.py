@@ -1,1 +1,1 @@
-"""How a step is taken: loss, engine, loop, launch."""
+"""How a step is taken: the run plan, loss, engine, loop, launch, and reading the run's logs back."""

@@ -1,10 +1,11 @@
-"""DeepSpeed for raypack: the config it is given, the LR schedule, and the engine it builds.
+"""DeepSpeed for raypack: the config it is given and the engine it builds.
 
 The only module that imports deepspeed, and only inside `initialize`, so building
 and testing a config stays cheap. The optimizer is a plain `torch.optim.AdamW`
 built here (no DeepSpeed "optimizer" or "scheduler" block: DeepSpeed's own Adam
-would JIT-build a fused op on CPU) and the learning rate comes from `lr_at`,
-counted in the arm's own optimizer steps; the loop sets it on
+would JIT-build a fused op on CPU) and the learning rate comes from
+`raypack.train.plan.lr_at`, counted in the arm's own optimizer steps (the run
+plan's schedule_steps); the loop sets it on
 `optimizer.param_groups` before each `engine.step()`.
 
 `deepspeed_config(train, world_size=2, device="cpu")` with the defaults
@@ -68,6 +69,7 @@ from pathlib import Path
 import torch
 
 from raypack.config import OptimConfig, TrainConfig
+from raypack.train.plan import gradient_accumulation_steps
 
 DEVICES = ("cpu", "cuda")
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -86,33 +88,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def gradient_accumulation_steps(train: TrainConfig, world_size: int) -> int:
-    """global_batch_size / (micro_batch_size * world_size), which must be a whole number >= 1."""
-    rows_per_pass = train.micro_batch_size * world_size
-    if world_size < 1 or train.micro_batch_size < 1 or train.global_batch_size % rows_per_pass \
-            or train.global_batch_size < rows_per_pass:
-        raise ValueError(
-            f"train.global_batch_size={train.global_batch_size} must be a positive multiple of "
-            f"train.micro_batch_size * workers = {train.micro_batch_size} * {world_size} = {rows_per_pass}; "
-            "change train.global_batch_size, train.micro_batch_size or train.num_workers")
-    return train.global_batch_size // rows_per_pass
-
-
-def rows_for_token_batch(global_batch_tokens: int, num_tokens: int, num_rows: int, rows_per_pass: int) -> int:
-    """The global batch in rows that holds about `global_batch_tokens` real tokens for an arm whose
-    `num_rows` rows hold `num_tokens` tokens: a multiple of rows_per_pass (micro-batch x workers), >= 1 pass.
-
-    A packed arm (rows near max_seq_len) gets few rows per step, padding many, so
-    arms compared at equal tokens per step take the same optimizer steps per epoch.
-    """
-    if global_batch_tokens < 1 or num_rows < 1 or rows_per_pass < 1:
-        raise ValueError(f"global_batch_tokens={global_batch_tokens}, num_rows={num_rows} and "
-                         f"rows_per_pass={rows_per_pass} must all be >= 1")
-    mean_tokens = num_tokens / num_rows
-    passes = max(1, round(global_batch_tokens / (mean_tokens * rows_per_pass)))
-    return passes * rows_per_pass
-
-
 def deepspeed_config(train: TrainConfig, world_size: int, device: str) -> dict:
     """The DeepSpeed config dict for this section (module docstring), user JSON merged over it."""
     if train.offload_params and train.zero_stage != 3:
@@ -128,7 +103,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: str) -> dict:
         zero["offload_param"] = dict(offload)
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(train, world_size),
+        "gradient_accumulation_steps": gradient_accumulation_steps(train.global_batch_size, train.micro_batch_size,
+                                                                   world_size),
         "train_batch_size": train.global_batch_size,
         "gradient_clipping": train.gradient_clipping,
         "zero_optimization": zero,
@@ -181,31 +157,6 @@ def _check_merged(config: dict, built: dict, device: str) -> None:
         raise ValueError("train.deepspeed_json: offload_param needs zero_optimization.stage 3")
     if device == "cpu" and config.get("bf16", {}).get("enabled"):
         raise ValueError("train.deepspeed_json: bf16 is enabled but training runs on CPU")
-
-
-def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based) out of the arm's `total_steps`.
-
-    As transformers' get_cosine_with_min_lr_schedule_with_warmup /
-    get_constant_schedule_with_warmup (what the paper's LLaMA-Factory ran): with
-    W = ceil(warmup_ratio * total_steps), the LR rises linearly as lr * step / W
-    (so step 0 runs at 0 when W > 0), then decays by a half cosine from lr at step
-    W to min_lr_ratio * lr at step total_steps (or stays at lr for constant).
-    lr=1e-5, 10 steps, warmup 0.2: steps 0, 1, 2 -> 0, 5e-6, 1e-5; step 9 -> 3.8e-7.
-    """
-    if total_steps < 1 or not 0 <= step <= total_steps:
-        raise ValueError(f"need 0 <= step <= total_steps and total_steps >= 1, got step={step}, "
-                         f"total_steps={total_steps}")
-    warmup = math.ceil(optim.warmup_ratio * total_steps)
-    if step < warmup:
-        return optim.lr * step / warmup
-    if optim.schedule == "constant":
-        return optim.lr
-    if optim.schedule != "cosine":
-        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of cosine, constant")
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:

@@ -47,8 +47,9 @@ from ray.train.torch import TorchTrainer
 from raypack.config import Config, ConfigError, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
-from raypack.train.engine import rows_for_token_batch
 from raypack.train.loop import train_loop_per_worker
+from raypack.train.metrics import METRICS_FILE, read_events, read_metrics
+from raypack.train.plan import run_plan
 from raypack.train.resume import PREEMPT_FILE, Preempted, resume_mismatch, step_identity
 
 
@@ -73,9 +74,10 @@ def run_dir(cfg: Config, arm: str) -> Path:
 
 
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, loop=train_loop_per_worker) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
-    RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback)."""
+    RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback). `loop` is another worker function
+    taking the same config (raypack.bench.train's limit run)."""
     train = cfg.train
     scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                             resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
@@ -84,20 +86,17 @@ def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = N
                     checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
                    "val_folder": str(val_folder) if val_folder else None}
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling,
                         run_config=run)
 
 
-def arm_config(cfg: Config, folder: str) -> Config:
-    """cfg for one arm: with train.global_batch_tokens set, the arm's global_batch_size in rows follows
-    from its manifest (about that many real tokens per step)."""
-    train = cfg.train
-    if not train.global_batch_tokens:
-        return cfg
-    manifest = read_manifest(folder)
-    rows = rows_for_token_batch(train.global_batch_tokens, manifest.num_tokens, manifest.num_rows,
-                                train.micro_batch_size * train.num_workers)
-    return replace(cfg, train=replace(train, global_batch_size=rows))
+def arm_config(cfg: Config, folder: str, eval_points: int = 0) -> Config:
+    """cfg for the arm prepared in `folder`, with what its run plan (raypack.train.plan) resolves: the
+    global_batch_size in rows (under train.global_batch_tokens, about that many real tokens per step) and,
+    given eval_points (a study arm, a sweep trial), eval_every_steps when it is 0."""
+    plan = run_plan(cfg.train, cfg.optim, read_manifest(folder), cfg.train.num_workers, eval_points)
+    return replace(cfg, train=replace(cfg.train, global_batch_size=plan.rows_per_step,
+                                      eval_every_steps=plan.eval_every_steps))
 
 
 def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None) -> dict:
@@ -111,10 +110,10 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None)
     (out / PREEMPT_FILE).unlink(missing_ok=True)  # a notice the last launch already acted on
     with _Progress(out, arm, cfg.train.log_every), _sigterm_checkpoints(out / PREEMPT_FILE):
         result = build_trainer(cfg, arm, folder, val_folder).fit()
-    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line]
+    events = read_events(out)
     if events and events[-1]["event"] == "preempted":
         raise Preempted(arm, events[-1]["step"])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = read_metrics(out)
     return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics),
             "global_batch_size": cfg.train.global_batch_size, "last": metrics[-1] if metrics else {},
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -200,7 +199,7 @@ class _Progress:
     """
 
     def __init__(self, run_dir: Path, arm: str, every: int, interval_s: float = 1.0):
-        self.metrics, self.events, self.arm = run_dir / "metrics.jsonl", run_dir / "events.jsonl", arm
+        self.run_dir, self.metrics, self.arm = run_dir, run_dir / METRICS_FILE, arm
         self.every, self.interval_s = max(1, every), interval_s
         self.offset = self.metrics.stat().st_size if self.metrics.exists() else 0
         self.stop = threading.Event()
@@ -218,10 +217,9 @@ class _Progress:
 
     def _total(self) -> int | None:
         try:
-            starts = [json.loads(x) for x in self.events.read_text().splitlines() if x]
-        except (OSError, ValueError):
+            starts = [e for e in read_events(self.run_dir) if e.get("event") in ("start", "resume")]
+        except OSError:
             return None
-        starts = [e for e in starts if e.get("event") in ("start", "resume")]
         return starts[-1].get("stop_step") or starts[-1].get("total_steps") if starts else None
 
     def _run(self) -> None:

@@ -3,7 +3,13 @@
 `train_loop_per_worker(config)` reads top to bottom: rows, model, engine, resume,
 then one optimizer step after another. Launched by raypack.train.launch; the
 config it gets is {"config": <resolved Config as a dict>, "arm": name,
-"folder": prepared rows of the arm, "run_dir": where logs and the model go}.
+"folder": prepared rows of the arm, "run_dir": where logs and the model go,
+"val_folder": the shared validation split or None}.
+
+Its pieces are public so that a benchmark takes exactly its steps without a flag
+in the loop (raypack.bench.train measures the step without data handling):
+`set_up` (rows, run plan, model and engine: a `Worker`), `Worker.step_batches`
+(a step's rows, fetched and collated by `micro_batch`) and `optimizer_step`.
 
 How rows reach each worker: every worker memory-maps the arm's flat token buffers
 (`raypack.data.prepared.RowStore`, a path all workers can reach: the workers of a
@@ -11,9 +17,9 @@ node share one page-cache copy, and a micro-batch reads only its own rows' token
 and takes its share of each step from `raypack.data.order`: a permutation of the
 rows drawn from (train.seed, epoch), cut into whole steps, each rank a disjoint
 equal slice.
-Every rank therefore takes epochs x steps_per_epoch steps (computed from the
-manifest, never from an iterator running dry), and a step's rows follow from
-its number alone, which makes a resume exact.
+Every rank therefore takes epochs x steps_per_epoch steps (the run plan,
+raypack.train.plan, computed from the manifest, never from an iterator running
+dry), and a step's rows follow from its number alone, which makes a resume exact.
 
 The model: weights are loaded in the training precision (bf16 on GPU, never an
 fp32 copy first). Under ZeRO-3 it is built inside deepspeed.zero.Init (transformers
@@ -29,7 +35,7 @@ size 1), [B, T] rows with restarting positions for sdpa, eager and flex_attentio
 Per step, on each rank:
     fetch and collate its gradient_accumulation micro-batches
     D = all_reduce_sum(step_denominator(micro_batches))       (raypack.train.loss)
-    set the LR to lr_at(step, total_steps) on every param group
+    set the LR to lr_at(step, schedule_steps) on every param group  (raypack.train.plan)
     for each micro-batch: forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False)
                           -> engine.step()   (DeepSpeed updates at the last one)
 
@@ -37,9 +43,10 @@ Outputs under run_dir (rank 0 unless noted):
     metrics.jsonl            one line per step: loss (per-token mean, the same definition in every
                              arm), lr, grad_norm, step_time_s, tokens_per_sec (real tokens),
                              row_tokens_per_sec (padding included), supervised tokens, samples,
-                             padding_fraction, peak_memory_mb, val_loss (at evaluation steps:
-                             train.eval_every_steps and the last), model_tflops_per_sec (real tokens'
-                             FLOPs, raypack.train.flops), mfu (null on CPU or an unknown accelerator)
+                             padding_fraction, peak_memory_mb, val_loss (at the plan's evaluation steps,
+                             RunPlan.evaluates_at: every train.eval_every_steps and the last),
+                             model_tflops_per_sec (real tokens' FLOPs, raypack.train.flops), mfu (null on CPU
+                             or an unknown accelerator)
     rows-rank<r>.jsonl       every rank: {"step", "epoch", "row_index": [...]} per step
     init-rank<r>.json        every rank: what building the model cost it: RSS before, peak RSS after the
                              model is built and loaded and after DeepSpeed's initialize, parameter elements
@@ -47,8 +54,6 @@ Outputs under run_dir (rank 0 unless noted):
     events.jsonl             start / resume / checkpoint / preempted / done, appended by every launch and
                              restart (the run's whole history)
     tensorboard/             the same scalars as TensorBoard event files (`tensorboard --logdir`)
-    replay.json              with train.bench_replay: each step (but the first) run again right after
-                             itself from its collated micro-batches: the no-data-loading limit
     model/                   the final model (safetensors + tokenizer), when train.export
 On a resume the logs are cut back to the steps the restored state has trained,
 so they always describe the model's real history.
@@ -77,7 +82,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
@@ -87,16 +94,18 @@ from ray.train import CheckpointUploadMode
 import torch
 import torch.distributed as dist
 
-from raypack.config import Config, from_dict, to_dict
+from raypack.config import Config, ModelConfig, OptimConfig, TrainConfig, from_dict, to_dict
 from raypack.data.collate import collate, flatten_isolated
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
-from raypack.data.prepared import RowStore, read_manifest, steps_per_epoch
+from raypack.data.prepared import Manifest, RowStore, read_manifest
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer,
                            resolve_attn_implementation)
-from raypack.train.engine import (full_state_dict, gradient_accumulation_steps, initialize, load_into_partitions,
-                                  local_parameter_elements, lr_at, partitioned_construction, resolve_precision)
+from raypack.train.engine import (full_state_dict, initialize, load_into_partitions, local_parameter_elements,
+                                  partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
+from raypack.train.plan import RunPlan, lr_at, run_plan
 from raypack.train.resume import PREEMPT_FILE, step_identity
 from raypack.train.validate import validation_groups, validation_sums
 
@@ -111,55 +120,17 @@ def train_loop_per_worker(config: dict) -> None:
     train, arm, run_dir = cfg.train, config["arm"], Path(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = "cuda" if train.use_gpu else "cpu"
-    torch.manual_seed(train.seed)
-
-    # Rows: the manifest fixes the step count; the mode follows the arm's packing.
-    manifest = read_manifest(config["folder"])
-    mode = "padding" if manifest.strategy == "padding" else manifest.attention
-    grad_accum = gradient_accumulation_steps(train, world_size)
-    num_steps_per_epoch = steps_per_epoch(manifest.num_rows, world_size, train.micro_batch_size, grad_accum)
-    total_steps = train.epochs * num_steps_per_epoch
-    stop_step = min(total_steps, train.max_steps) if train.max_steps else total_steps
-    schedule_steps = train.schedule_steps or total_steps
-    rows = RowStore.open(config["folder"])
-    tokens_of_row = rows.num_tokens
-    pad_token_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
     val = None
     if config.get("val_folder") and read_manifest(config["val_folder"]).num_rows > 0:
         val_rows = RowStore.open(config["val_folder"])
         val = (val_rows, *validation_groups(val_rows, train.micro_batch_size, rank, world_size))
 
-    # Model and engine: weights loaded in the training precision; under ZeRO-3 built already partitioned
-    # (`zero3` must stay referenced while training runs); DeepSpeed moves the module to the device.
-    precision = resolve_precision(train.precision, device)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, device, precision)
-    flatten = flatten_isolated(attn)
-    if device == "cuda":
-        torch.cuda.set_device(ray.train.torch.get_device())  # zero.Init places partitions on the current device
-    if device == "cpu":
-        _return_freed_tensors_to_the_os()
-    zero3 = partitioned_construction(train, world_size, device)
-    import_model_code(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    memory = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-              "rss_mb_before_model": _rss_mb(reset_peak=True)}
-    sliced = zero3 is not None and has_local_safetensors(cfg.model.name_or_path)
-    model = build_model(cfg.model.name_or_path, attn, train.seed, cfg.model.trust_remote_code,
-                        dtype=torch.bfloat16 if precision == "bf16" else torch.float32, load_weights=not sliced)
-    if sliced:
-        memory.update(load_into_partitions(model, cfg.model.name_or_path))
-    memory["peak_rss_mb_after_model"] = _peak_rss_mb()
-    if train.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shape = _model_shape(model)
-    peak = peak_tflops(torch.cuda.get_device_name() if device == "cuda" else "cpu", precision, train.peak_tflops)
-    engine, optimizer = initialize(model, train, cfg.optim, world_size, device)
-    memory["param_elements_local"], memory["param_elements_total"] = local_parameter_elements(engine.module)
-    memory["peak_rss_mb_after_engine"] = _peak_rss_mb()
-    if device == "cuda":
-        memory["peak_gpu_mb_after_engine"] = _peak_memory_mb(device)
-    _write_json(run_dir / f"init-rank{rank}.json", {"rank": rank, "zero_stage": train.zero_stage, **memory})
+    # Rows, model and engine: the manifest fixes the run plan (raypack.train.plan), the weights are loaded in
+    # the training precision (under ZeRO-3 already partitioned), DeepSpeed wraps them (set_up).
+    w = set_up(config["folder"], train, cfg.optim, cfg.model, cfg.data.tokenizer)
+    plan, engine = w.plan, w.engine
+    peak = peak_tflops(torch.cuda.get_device_name() if w.device == "cuda" else "cpu", w.precision, train.peak_tflops)
+    _write_json(run_dir / f"init-rank{rank}.json", {"rank": rank, "zero_stage": train.zero_stage, **w.memory})
 
     # Resume: the latest checkpoint gives the DeepSpeed state and the data position.
     start_step = 0
@@ -170,47 +141,37 @@ def train_loop_per_worker(config: dict) -> None:
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
-                "total_steps": total_steps, "stop_step": stop_step, "steps_per_epoch": num_steps_per_epoch, "world_size": world_size,
-                "grad_accum": grad_accum, "attn_implementation": attn, "mode": mode, "precision": precision,
-                "flat_isolated_rows": flatten and mode == "isolated",
-                "gradient_checkpointing": train.gradient_checkpointing, **memory})
+                "total_steps": plan.total_steps, "stop_step": plan.stop_step, "steps_per_epoch": plan.steps_per_epoch,
+                "world_size": world_size, "grad_accum": plan.grad_accum, "attn_implementation": w.attn,
+                "mode": w.mode, "precision": w.precision, "flat_isolated_rows": w.flatten and w.mode == "isolated",
+                "gradient_checkpointing": train.gradient_checkpointing, **w.memory})
 
-    order, order_epoch = None, -1
-    replay = [] if train.bench_replay else None
     run_start = time.perf_counter()
-    identity = step_identity(train, arm, manifest.config_hash)
-    for step in range(start_step, stop_step):
-        epoch, step_in_epoch = divmod(step, num_steps_per_epoch)
+    identity = step_identity(train, arm, w.manifest.config_hash)
+    for step in range(start_step, plan.stop_step):
+        epoch = step // plan.steps_per_epoch
         step_start = time.perf_counter()
 
         # This step's micro-batches, fetched up front for the step's loss denominator.
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(manifest.num_rows, train.seed, epoch), epoch
-        if train.balance_tokens:
-            indices = balanced_step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size,
-                                         grad_accum, tokens_of_row)
-        else:
-            indices = step_rows(order, step_in_epoch, rank, world_size, train.micro_batch_size, grad_accum)
-        picked = [rows.take(idx) for idx in indices]
-        micro_batches = [_micro_batch(mb_rows, mode, pad_token_id, train.loss_reduction, flatten)
-                         for mb_rows in picked]
+        indices, picked, micro_batches = w.step_batches(step)
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
-        lr = lr_at(step, schedule_steps, cfg.optim)
-        token_loss_sum, num_supervised = _optimizer_step(engine, optimizer, micro_batches, denominator, lr, train,
-                                                         world_size)
+        lr = lr_at(step, plan.schedule_steps, cfg.optim)
+        token_loss_sum, num_supervised = optimizer_step(engine, w.optimizer, micro_batches, denominator, lr,
+                                                        train.loss_reduction, world_size)
 
         # Metrics: sums over ranks, then rates.
         real_tokens = sum(r["num_tokens"] for mb in picked for r in mb)
         row_tokens = sum(b["input_ids"].numel() for b in micro_batches)
         num_samples = sum(len(r["seq_lens"]) for mb in picked for r in mb)
-        segments = [r["num_tokens"] for mb in picked for r in mb] if mode == "cross" else \
+        segments = [r["num_tokens"] for mb in picked for r in mb] if w.mode == "cross" else \
             [s for mb in picked for r in mb for s in r["seq_lens"]]
-        flops = step_flops(shape["matmul_params"], shape["num_layers"], shape["hidden_size"], real_tokens, segments)
+        flops = step_flops(w.shape["matmul_params"], w.shape["num_layers"], w.shape["hidden_size"], real_tokens,
+                           segments)
         # The preemption flag rides on the step's all-reduce, so every rank stops after the same step.
         preempt = rank == 0 and (run_dir / PREEMPT_FILE).exists()
         totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples, flops,
                                   float(preempt)])
-        preempted = totals[6] > 0 and step + 1 < stop_step
+        preempted = totals[6] > 0 and step + 1 < plan.stop_step
         step_time_s = time.perf_counter() - step_start
         grad_norm = engine.get_global_grad_norm()
         metrics = {
@@ -219,21 +180,17 @@ def train_loop_per_worker(config: dict) -> None:
             "step_time_s": step_time_s, "tokens_per_sec": totals[2] / step_time_s,
             "row_tokens_per_sec": totals[3] / step_time_s, "num_supervised_tokens": int(totals[1]),
             "num_samples": int(totals[4]), "num_tokens": int(totals[2]), "num_row_tokens": int(totals[3]),
-            "padding_fraction": 1.0 - totals[2] / max(totals[3], 1.0), "peak_memory_mb": _peak_memory_mb(device),
+            "padding_fraction": 1.0 - totals[2] / max(totals[3], 1.0), "peak_memory_mb": _peak_memory_mb(w.device),
             "model_tflops_per_sec": totals[5] / step_time_s / 1e12,
             "mfu": mfu(totals[5], step_time_s, world_size, peak),
         }
         done = step + 1
-        if val and ((train.eval_every_steps and done % train.eval_every_steps == 0) or done == stop_step):
-            metrics["val_loss"] = _validation_loss(engine, val, pad_token_id)
-        if replay is not None and step > start_step:
-            replay.append((_replay_step(engine, optimizer, micro_batches, denominator, lr, train, world_size),
-                           step_time_s, int(totals[2]), int(totals[3])))
+        if val and plan.evaluates_at(done):
+            metrics["val_loss"] = _validation_loss(engine, val, w.pad_token_id)
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
 
-        if (train.checkpoint_every_steps and done % train.checkpoint_every_steps == 0) \
-                or done % num_steps_per_epoch == 0 or done == stop_step or preempted:
-            _save_checkpoint(engine, cfg, done, num_steps_per_epoch, metrics, rank, identity)
+        if plan.checkpoints_at(done) or preempted:
+            _save_checkpoint(engine, cfg, done, plan.steps_per_epoch, metrics, rank, identity)
             logs.event({"event": "checkpoint", "step": done})
         elif "val_loss" in metrics:
             # Without a checkpoint the report misses Result.metrics but reaches the run's callbacks, so Ray
@@ -244,12 +201,135 @@ def train_loop_per_worker(config: dict) -> None:
             logs.close()
             return
 
-    if replay and rank == 0:
-        _write_replay(replay, run_dir)
     if train.export:
         _export(engine, cfg, run_dir / "model", rank)
-    logs.event({"event": "done", "step": stop_step, "seconds": time.perf_counter() - run_start})
+    logs.event({"event": "done", "step": plan.stop_step, "seconds": time.perf_counter() - run_start})
     logs.close()
+
+
+@dataclass
+class Worker:
+    """One rank set up to train an arm (set_up): its run plan and rows, how they are collated, the engine."""
+
+    train: TrainConfig
+    rank: int
+    world_size: int
+    device: str
+    manifest: Manifest
+    plan: RunPlan
+    rows: RowStore
+    mode: str  # padding, isolated or cross: how rows are collated (raypack.data.collate)
+    flatten: bool  # isolated micro-batches as one flat row (raypack.data.collate.flatten_isolated)
+    pad_token_id: int
+    attn: str
+    precision: str
+    engine: Any
+    optimizer: Any
+    shape: dict  # what the FLOPs estimate needs (_model_shape)
+    memory: dict  # what building the model cost this rank (init-rank<r>.json)
+    zero3: Any = None  # under ZeRO-3, transformers holds the DeepSpeed config weakly: keep it while training runs
+    order: tuple = (-1, None)  # (epoch, that epoch's row order), drawn once per epoch
+
+    def step_batches(self, step: int) -> tuple[list[list[int]], list[list[dict]], list[dict]]:
+        """This rank's share of optimizer step `step` (0-based): its row indices per micro-batch and those rows
+        (raypack.data.order, module docstring), and the micro-batches collated from them (micro_batch)."""
+        t, plan = self.train, self.plan
+        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        if epoch != self.order[0]:
+            self.order = (epoch, epoch_order(self.manifest.num_rows, t.seed, epoch))
+        if t.balance_tokens:
+            indices = balanced_step_rows(self.order[1], step_in_epoch, self.rank, self.world_size, t.micro_batch_size,
+                                         plan.grad_accum, self.rows.num_tokens)
+        else:
+            indices = step_rows(self.order[1], step_in_epoch, self.rank, self.world_size, t.micro_batch_size,
+                                plan.grad_accum)
+        picked = [self.rows.take(idx) for idx in indices]
+        batches = [micro_batch(mb_rows, self.mode, self.pad_token_id, t.loss_reduction, self.flatten)
+                   for mb_rows in picked]
+        return indices, picked, batches
+
+
+def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: ModelConfig, tokenizer: str) -> Worker:
+    """This rank, ready to take the steps of the arm prepared in `folder` (the module docstring's rows and model).
+
+    Under Ray Train (it reads the rank and world size from its context). Seeds torch
+    with train.seed, opens the rows, builds the model in the training precision
+    (under ZeRO-3 already partitioned, a local safetensors folder read slice by
+    slice) and wraps it in DeepSpeed, measuring what that costs this rank's memory.
+    """
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cuda" if train.use_gpu else "cpu"
+    torch.manual_seed(train.seed)
+
+    # Rows: the manifest fixes the plan; the mode follows the arm's packing.
+    manifest = read_manifest(folder)
+    plan = run_plan(train, optim, manifest, world_size)
+    assert plan.rows_per_step == train.global_batch_size, "raypack.train.launch.arm_config resolves the rows per step"
+    mode = "padding" if manifest.strategy == "padding" else manifest.attention
+    rows = RowStore.open(folder)
+    pad_token_id = load_tokenizer(tokenizer).pad_token_id
+
+    # Model and engine: weights loaded in the training precision; under ZeRO-3 built already partitioned
+    # (`zero3` must stay referenced while training runs); DeepSpeed moves the module to the device.
+    precision = resolve_precision(train.precision, device)
+    attn = resolve_attn_implementation(model_config.attn_implementation, device, precision)
+    if device == "cuda":
+        torch.cuda.set_device(ray.train.torch.get_device())  # zero.Init places partitions on the current device
+    if device == "cpu":
+        _return_freed_tensors_to_the_os()
+    zero3 = partitioned_construction(train, world_size, device)
+    import_model_code(model_config.name_or_path, model_config.trust_remote_code)
+    memory = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+              "rss_mb_before_model": _rss_mb(reset_peak=True)}
+    sliced = zero3 is not None and has_local_safetensors(model_config.name_or_path)
+    model = build_model(model_config.name_or_path, attn, train.seed, model_config.trust_remote_code,
+                        dtype=torch.bfloat16 if precision == "bf16" else torch.float32, load_weights=not sliced)
+    if sliced:
+        memory.update(load_into_partitions(model, model_config.name_or_path))
+    memory["peak_rss_mb_after_model"] = _peak_rss_mb()
+    if train.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shape = _model_shape(model)
+    engine, optimizer = initialize(model, train, optim, world_size, device)
+    memory["param_elements_local"], memory["param_elements_total"] = local_parameter_elements(engine.module)
+    memory["peak_rss_mb_after_engine"] = _peak_rss_mb()
+    if device == "cuda":
+        memory["peak_gpu_mb_after_engine"] = _peak_memory_mb(device)
+    return Worker(train=train, rank=rank, world_size=world_size, device=device, manifest=manifest, plan=plan,
+                  rows=rows, mode=mode, flatten=flatten_isolated(attn), pad_token_id=pad_token_id, attn=attn,
+                  precision=precision, engine=engine, optimizer=optimizer, shape=shape, memory=memory, zero3=zero3)
+
+
+def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: float, lr: float,
+                   loss_reduction: str, world_size: int) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches: the LR set on every param group, then per micro-batch
+    forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False) -> engine.step() (DeepSpeed
+    updates at the last one; raypack.train.engine states the contract). `denominator` is the step's loss
+    denominator summed over ranks (raypack.train.loss.step_denominator). Returns the sum of the micro-batches'
+    token losses and their number of supervised tokens (this rank's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    token_loss_sum = num_supervised = 0.0
+    for batch in micro_batches:
+        inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
+        logits = engine(**inputs, use_cache=False).logits
+        out = micro_batch_loss(logits, batch, loss_reduction, denominator, world_size)
+        engine.backward(out.loss, scale_wrt_gas=False)
+        engine.step()
+        token_loss_sum += out.token_loss_sum
+        num_supervised += out.num_tokens
+    return token_loss_sum, num_supervised
+
+
+def micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, flatten: bool = True) -> dict:
+    """Collate rows (isolated ones flat for attention kernels that need it, raypack.data.collate); cross rows
+    under `sample` weighting also carry segment_ids (for the loss only)."""
+    batch = collate(rows, mode, pad_token_id, flatten=flatten)
+    if mode == "cross" and reduction == "sample":
+        batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
+    return batch
 
 
 @contextmanager
@@ -303,57 +383,9 @@ def _validation_loss(engine, val: tuple, pad_token_id: int) -> float:
     return loss_sum / num_tokens if num_tokens else float("nan")
 
 
-def _replay_step(engine, optimizer, micro_batches: list, denominator: float, lr: float, train,
-                 world_size: int) -> float:
-    """train.bench_replay: run a step again from its collated micro-batches (no data loading, collation
-    or metric bookkeeping) right after it ran, so both see the same machine load; returns its seconds."""
-    _barrier()
-    start = time.perf_counter()
-    _optimizer_step(engine, optimizer, micro_batches, denominator, lr, train, world_size)
-    _barrier()
-    return time.perf_counter() - start
-
-
-def _optimizer_step(engine, optimizer, micro_batches: list, denominator: float, lr: float, train,
-                    world_size: int) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches (module docstring); returns the sum of their
-    token losses and their number of supervised tokens."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    token_loss_sum = num_supervised = 0.0
-    for batch in micro_batches:
-        inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
-        logits = engine(**inputs, use_cache=False).logits
-        out = micro_batch_loss(logits, batch, train.loss_reduction, denominator, world_size)
-        engine.backward(out.loss, scale_wrt_gas=False)
-        engine.step()
-        token_loss_sum += out.token_loss_sum
-        num_supervised += out.num_tokens
-    return token_loss_sum, num_supervised
-
-
-def _write_replay(replay: list, run_dir: Path) -> None:
-    """replay.json: the replayed steps (all but the first, the warm-up) against the same steps as run."""
-    seconds, real_seconds = sum(r[0] for r in replay), sum(r[1] for r in replay)
-    tokens, row_tokens = sum(r[2] for r in replay), sum(r[3] for r in replay)
-    (run_dir / "replay.json").write_text(json.dumps({
-        "steps": len(replay), "seconds": seconds, "real_seconds": real_seconds, "tokens": tokens,
-        "row_tokens": row_tokens, "tokens_per_sec": tokens / seconds, "row_tokens_per_sec": row_tokens / seconds,
-        "real_row_tokens_per_sec": row_tokens / real_seconds}, indent=2))
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, flatten: bool = True) -> dict:
-    """Collate rows (isolated ones flat for attention kernels that need it, raypack.data.collate); cross rows
-    under `sample` weighting also carry segment_ids (for the loss only)."""
-    batch = collate(rows, mode, pad_token_id, flatten=flatten)
-    if mode == "cross" and reduction == "sample":
-        batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
-    return batch
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:
@@ -461,8 +493,8 @@ class _Logs:
         self.rows = _open_log(run_dir / f"rows-rank{rank}.jsonl", start_step, resumed)
         self.metrics = self.events = self.tensorboard = None
         if rank == 0:
-            self.metrics = _open_log(run_dir / "metrics.jsonl", start_step, resumed)
-            self.events = (run_dir / "events.jsonl").open("a")  # every launch and restart: the run's history
+            self.metrics = _open_log(run_dir / METRICS_FILE, start_step, resumed)
+            self.events = (run_dir / EVENTS_FILE).open("a")  # every launch and restart: the run's history
             self.tensorboard = _tensorboard(run_dir / "tensorboard")
 
     def step(self, metrics: dict, epoch: int, row_index: list[int]) -> None:
@@ -489,11 +521,9 @@ class _Logs:
 
 def _open_log(path: Path, start_step: int, resumed: bool):
     """Append to a per-step log, first dropping the lines of steps after `start_step` (redone on resume)."""
-    kept = []
-    if resumed and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    kept = [entry for entry in read_jsonl(path) if entry["step"] <= start_step] if resumed else []
     f = path.open("w")
-    f.writelines(line + "\n" for line in kept)
+    f.writelines(json.dumps(entry) + "\n" for entry in kept)
     f.flush()
     return f
 

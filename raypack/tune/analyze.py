@@ -39,23 +39,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from raypack.train.metrics import read_events, read_jsonl, read_metrics
+
 DONE = ("finished", "stopped early")
 BOOTSTRAP_RESAMPLES = 1000
 COLUMNS = ["trial_id", "arm", "lr", "global_batch_size", "seed", "status", "steps", "planned_steps", "tokens",
            "supervised_tokens", "samples", "train_seconds", "wall_seconds", "final_train_loss", "best_val_loss",
            "best_val_step", "final_val_loss", "objective", "run_dir"]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass  # empty, or cut short by a killed writer
-    return rows
 
 
 def run_summary(metrics: list[dict]) -> dict:
@@ -108,11 +98,11 @@ def load_trials(sweep_dir: str | Path) -> list[dict]:
     records = []
     for params_path in sorted(sweep.glob("*/params.json")):
         params = {**defaults, **json.loads(params_path.read_text())}
-        results = _read_jsonl(params_path.parent / "result.json")
+        results = read_jsonl(params_path.parent / "result.json")
         trial_id = results[-1].get("trial_id", params_path.parent.name) if results else params_path.parent.name
         run = sweep / "runs" / f"{trial_id}-{params['arm']}" / "raypack"
-        summary = run_summary(_read_jsonl(run / "metrics.jsonl"))
-        starts = [e for e in _read_jsonl(run / "events.jsonl") if e.get("event") in ("start", "resume")]
+        summary = run_summary(read_metrics(run))
+        starts = [e for e in read_events(run) if e.get("event") in ("start", "resume")]
         planned = starts[-1].get("stop_step") if starts else None
         tune_status = statuses.get(trial_id) or ("TERMINATED" if results and results[-1].get("done") else None)
         records.append({
@@ -439,7 +429,7 @@ def _lr_star_vs_batch(plt, estimates: dict, path: Path) -> None:
 def _best_curves(plt, best: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (arm, trial) in enumerate(best.items()):
-        metrics, colour = _read_jsonl(Path(trial["run_dir"]) / "raypack" / "metrics.jsonl"), plt.cm.tab10(i % 10)
+        metrics, colour = read_metrics(Path(trial["run_dir"]) / "raypack"), plt.cm.tab10(i % 10)
         tag = f"{arm} (lr {trial['lr']:.2g}, batch {trial['global_batch_size']})"
         tokens = np.cumsum([m["num_tokens"] for m in metrics])
         val = [(m["step"], t, m["val_loss"]) for m, t in zip(metrics, tokens) if m.get("val_loss") is not None]

@@ -20,7 +20,8 @@ touching Ray Tune. `raypack analyze` (raypack.tune.analyze) reads what it leaves
        <trial_id>/                    Tune's trial folder: params.json (the overrides), result.json
        runs/<trial_id>-<arm>/         the trial's Ray Train run: checkpoints, raypack/metrics.jsonl, events
        experiment_state-*.json, ...   Tune's experiment state, what --resume restores
-       best_eval.json                 with sweep.eval_best: lm-eval scores of each arm's best trial
+       best_eval.json                 with sweep.eval_best: lm-eval scores of each arm's best trial, one per
+                                      benchmark as a study reports them (raypack.eval.scores)
 
 Resources: a trial's driver reserves sweep.trial_cpus / trial_gpus; the Ray Train workers it starts reserve
 their own (train.worker_cpus each on CPU, one GPU each on GPU). At most sweep.max_concurrent_trials run at
@@ -38,7 +39,6 @@ One Ray instance per machine (or a real cluster) avoids it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import replace
@@ -50,11 +50,12 @@ from raypack.tune.analyze import best_trials, load_trials, run_summary
 from raypack.config import Config, ConfigError, apply_overrides, from_dict, to_dict, validate
 from raypack.data.pipeline import prepare
 from raypack.ray_start import ensure_ray
-from raypack.data.prepared import read_manifest, steps_per_epoch
-from raypack.train.engine import gradient_accumulation_steps
+from raypack.data.prepared import read_manifest
+from raypack.eval.scores import benchmark_scores
 from raypack.train.launch import arm_config, build_trainer, run_dir
+from raypack.train.metrics import read_metrics
+from raypack.train.plan import EVAL_POINTS, run_plan
 
-EVAL_POINTS = 10  # validation points per trial when train.eval_every_steps is 0
 # Keys that may differ between a sweep and its --resume: where things run, not what is trained.
 RESUME_MAY_CHANGE = ("sweep.trial_cpus", "sweep.trial_gpus", "sweep.eval_best", "sweep.out", "prepare.",
                      "eval.", "output_dir")
@@ -87,15 +88,6 @@ def trial_config(base: Config, params: dict) -> Config:
     return validate(from_dict(Config, apply_overrides(to_dict(base), trial_overrides(params))))
 
 
-def planned_steps(cfg: Config, folder: str) -> int:
-    """Optimizer steps a run of this config takes on this arm's rows (as the loop counts them)."""
-    t = cfg.train
-    rows = read_manifest(folder).num_rows
-    total = t.epochs * steps_per_epoch(rows, t.num_workers, t.micro_batch_size,
-                                       gradient_accumulation_steps(t, t.num_workers))
-    return min(total, t.max_steps) if t.max_steps else total
-
-
 def search_space(cfg: Config) -> tuple[dict, int]:
     """Tune's param_space and num_samples (how many draws of sweep.lr when it is log-uniform)."""
     from ray import tune
@@ -120,15 +112,13 @@ def run_trial(params: dict, base: dict, folders: dict, out: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     arm, trial_id = params["arm"], tune.get_context().get_trial_id()
-    cfg = arm_config(trial_config(from_dict(Config, base), params), folders[arm])  # train.global_batch_tokens
-    steps = planned_steps(cfg, folders[arm])
-    cfg = replace(cfg, name=trial_id, train=replace(
-        cfg.train, storage_path=str(Path(out) / "runs"), export=cfg.sweep.eval_best,
-        eval_every_steps=cfg.train.eval_every_steps or max(1, math.ceil(steps / EVAL_POINTS))))
+    # The run plan's rows per step (train.global_batch_tokens) and about EVAL_POINTS validation points.
+    cfg = arm_config(trial_config(from_dict(Config, base), params), folders[arm], EVAL_POINTS)
+    cfg = replace(cfg, name=trial_id, train=replace(cfg.train, storage_path=str(Path(out) / "runs"),
+                                                    export=cfg.sweep.eval_best))
     start = time.perf_counter()
     build_trainer(cfg, arm, folders[arm], folders["val"], callbacks=[TuneReportCallback()]).fit()
-    metrics = [json.loads(x) for x in (run_dir(cfg, arm) / "metrics.jsonl").read_text().splitlines() if x]
-    tune.report({**run_summary(metrics), "fit_seconds": time.perf_counter() - start})
+    tune.report({**run_summary(read_metrics(run_dir(cfg, arm))), "fit_seconds": time.perf_counter() - start})
 
 
 def _trial_dirname(trial) -> str:
@@ -224,9 +214,10 @@ def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
     space, num_samples = search_space(cfg)
     scheduler = None
     if cfg.sweep.asha:
-        max_t = max(planned_steps(arm_config(trial_config(cfg, {"train.global_batch_size": b}), folders[arm]),
-                                  folders[arm])
-                    for arm in sweep_arms(cfg) for b in cfg.sweep.global_batch_size or [cfg.train.global_batch_size])
+        trials = [trial_config(cfg, {"train.global_batch_size": b})
+                  for b in cfg.sweep.global_batch_size or [cfg.train.global_batch_size]]
+        max_t = max(run_plan(t.train, t.optim, read_manifest(folders[arm]), t.train.num_workers).stop_step
+                    for arm in sweep_arms(cfg) for t in trials)
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
                                   reduction_factor=3)
     return tune.Tuner(
@@ -260,5 +251,5 @@ def _evaluate_best(cfg: Config, out: Path, specs) -> None:
                                  allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
                                  num_cpus=ev.num_cpus)
         scores[arm] = {**{k: trial[k] for k in ("trial_id", "lr", "global_batch_size", "seed")},
-                       "scores": {f"{r['task']}/{r['metric']}": r["value"] for r in result["results"]}}
+                       "scores": benchmark_scores(result, specs)}
     (out / "best_eval.json").write_text(json.dumps(scores, indent=2))
