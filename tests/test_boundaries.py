@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-CORE = ["raypack.config", "raypack.model", "raypack.data.formats", "raypack.data.tokenize",
-        "raypack.data.bins", "raypack.data.pack", "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
+CORE = ["raypack.config", "raypack.model", "raypack.tables",
+        "raypack.data.formats", "raypack.data.tokenize", "raypack.data.bins", "raypack.data.pack",
+        "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
-        "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory", "raypack.train.resume",
-        "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss", "raypack.train.flops",
-        "raypack.eval.tasks", "raypack.eval.scores", "raypack.study.report", "raypack.tune.analyze"]
+        "raypack.data.summary", "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory",
+        "raypack.train.resume", "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss",
+        "raypack.train.flops", "raypack.eval.tasks", "raypack.eval.scores", "raypack.study.report",
+        "raypack.tune.analyze"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 # What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.
 TORCH_FREE = ("raypack.data.prepared", "raypack.train.plan", "raypack.train.metrics", "raypack.eval.scores")
@@ -128,3 +130,37 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{path.relative_to(root.parent)}:{node.lineno} {alias.name}" for alias in node.names
                           if alias.name.startswith("_")]
     assert found == [], f"private names imported across modules: {found}"
+
+
+# Each outside engine and the one module that touches it (STYLE.md): Ray Data by the pipeline, Ray Train by the
+# launcher and the loop, Ray Tune by the sweep, DeepSpeed by its engine module, lm-eval by the harness.
+ENGINE_OWNERS = {"ray.data": {"raypack/data/pipeline.py"}, "ray.train": {"raypack/train/launch.py",
+                 "raypack/train/loop.py"}, "ray.tune": {"raypack/tune/sweep.py"},
+                 "deepspeed": {"raypack/train/engine.py"}, "lm_eval": {"raypack/eval/harness.py"}}
+
+
+def engine_importers(root: Path) -> dict[str, set[str]]:
+    """{engine: the raypack files whose source imports it, at any depth}; `from ray import tune` counts as ray.tune."""
+    found = {engine: set() for engine in ENGINE_OWNERS}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for engine in found:
+                if any(name == engine or name.startswith(engine + ".") for name in names):
+                    found[engine].add(str(path.relative_to(root.parent)))
+    return found
+
+
+def test_each_engine_is_imported_by_its_one_module(tmp_path):
+    root = Path(importlib.util.find_spec("raypack").origin).parent
+    assert engine_importers(root) == ENGINE_OWNERS
+    # Negative control: a second module importing an engine is seen.
+    stray = tmp_path / "raypack"
+    (stray / "study").mkdir(parents=True)
+    (stray / "study" / "run.py").write_text("def f():\n    from ray import tune\n")
+    assert engine_importers(stray)["ray.tune"] == {"raypack/study/run.py"}

@@ -9,21 +9,25 @@ arms hold the train split; this holds out nothing).
 
     from raypack.config import load_config
     report = prepare_local(load_config("jobs/quickstart.yaml"))
+    compare(load_config("jobs/quickstart.yaml"))   # `raypack compare`: prints, writes <output_dir>/<name>/
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from raypack.config import Config, DataConfig, PackConfig, SynthConfig, arm_spec
+from raypack.config import Config, DataConfig, PackConfig, SynthConfig, arm_spec, to_dict
 from raypack.data import features, formats, synth
 from raypack.data.arm import ContentGroups, plan_arm
 from raypack.data.pack import pack_rows, row_supervised_tokens
+from raypack.data.summary import COMPARE_COLUMNS, arms_table, composition_lines
 from raypack.data.tokenize import tokenize_conversations
 from raypack.model import load_tokenizer
 
@@ -91,6 +95,35 @@ def prepare_local(cfg: Config) -> LocalPrep:
         stats["seconds"] = time.perf_counter() - start
         arms.append(ArmResult(arm, rows, stats))
     return LocalPrep(load=load, token_counts=tok.counts, arms=arms)
+
+
+def compare(cfg: Config) -> Path:
+    """`raypack compare`: every arm's counts printed side by side and written to <output_dir>/<name>/compare.json
+    (with the resolved config.yaml and the rejected input rows); returns that folder."""
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    source = ", ".join(cfg.data.sources) or f"synthetic {cfg.synth.preset} x {cfg.synth.num_samples}"
+    print(f"raypack compare: {source}, max_seq_len {cfg.data.max_seq_len}, window {cfg.pack.window}", flush=True)
+    start = time.perf_counter()
+    prep = prepare_local(cfg)
+    load = prep.load
+    rejected = {k: v for k, v in load.rejected_reasons.items() if v}
+    print(f"input rows {load.num_input_rows}: {len(load.conversations)} conversations, "
+          f"{len(load.rejected)} rejected {rejected or ''}")
+    print("tokenized: " + ", ".join(f"{k} {v}" for k, v in prep.token_counts.items()))
+    arms = {a.arm: a.stats for a in prep.arms}
+    print("\n".join([arms_table(arms, COMPARE_COLUMNS), *composition_lines(arms)]))
+    report = {"config": to_dict(cfg), "num_input_rows": load.num_input_rows,
+              "num_rejected_rows": len(load.rejected), "rejected_reasons": load.rejected_reasons,
+              "tokenize": prep.token_counts, "arms": arms}
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    if load.rejected:
+        with (out / "rejected.jsonl").open("w") as f:
+            for r in load.rejected:
+                f.write(json.dumps(r) + "\n")
+    print(f"done in {time.perf_counter() - start:.1f} s; report: {out / 'compare.json'}")
+    return out
 
 
 def content_groups(samples: list[dict], pack: PackConfig, tokenizer: str, seed: int) -> ContentGroups:

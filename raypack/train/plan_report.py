@@ -1,0 +1,140 @@
+"""`raypack plan`: will a job fit? Per arm, the run plan's counts (rows, steps, tokens, FLOPs) from the prepared
+manifests, and the memory estimate per GPU and per node (raypack.train.memory), with a verdict and the
+settings that would lower it.
+
+    raypack plan jobs/paper-70b-tulu.yaml [key=value ...] [--prepare] [--json F]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raypack.config import Config, to_dict
+from raypack.data.prepared import read_manifest
+from raypack.tables import format_table, write_json
+from raypack.train import memory
+from raypack.train.flops import step_flops
+from raypack.train.plan import run_plan
+
+PLAN_COUNT_COLUMNS = (
+    ("rows", "num_rows"), ("rows/step", "rows_per_step"), ("steps/epoch", "steps_per_epoch"), ("steps", "steps"),
+    ("tokens/epoch", "num_tokens"), ("supervised/epoch", "num_supervised_tokens"), ("PFLOP (run)", "pflop"),
+)
+PLAN_MEMORY_COLUMNS = (
+    ("params", "params"), ("grads", "grads"), ("optimizer", "optimizer"), ("gathered", "gathered"),
+    ("layers", "layers"), ("loss", "loss"), ("total", "total"),
+)
+NOT_PREPARED = "not prepared (run raypack prepare, or raypack plan --prepare)"
+
+
+def _plan_counts(cfg: Config, folder: str, shape: memory.ModelShape) -> dict:
+    """A prepared arm's rows, optimizer steps, tokens and model FLOPs, computed as `raypack train` computes them."""
+    manifest = read_manifest(folder)
+    plan = run_plan(cfg.train, cfg.optim, manifest, cfg.train.num_workers)  # rows per step, steps: as training
+    # Attention segments (raypack.train.flops): whole rows in cross arms, else samples.
+    cross = manifest.attention == "cross"
+    column = pq.read_table(sorted(str(f) for f in Path(folder).glob("*.parquet")),
+                           columns=["num_tokens" if cross else "seq_lens"]).column(0).combine_chunks()
+    segments = np.asarray(column if cross else column.flatten(), dtype=np.int64)
+    epoch_flops = step_flops(shape.matmul_params, shape.num_hidden_layers, shape.hidden_size, manifest.num_tokens,
+                             segments)
+    # The run trains on steps x rows-per-step rows: epochs' worth, of average rows.
+    run_epochs = plan.stop_step * plan.rows_per_step / manifest.num_rows
+    return {"num_rows": manifest.num_rows, "rows_per_step": plan.rows_per_step,
+            "steps_per_epoch": plan.steps_per_epoch, "steps": plan.stop_step, "num_tokens": manifest.num_tokens,
+            "num_supervised_tokens": manifest.num_supervised_tokens, "pflop": epoch_flops * run_epochs / 1e15}
+
+
+def _plan_header(cfg, shape, precision: str, attention: str, limits) -> list[str]:
+    t, p = cfg.train, cfg.plan
+    offload = "+".join(n for n, on in (("optimizer", t.offload_optimizer), ("params", t.offload_params)) if on)
+    nodes = -(-t.num_workers // limits.workers_per_node)
+    where = (f"{t.num_workers} GPU workers ({nodes} node{'s' * (nodes > 1)} of {p.gpus_per_node} x "
+             f"{p.gpu_memory_gib:g} GiB GPUs, {p.cpu_memory_gib:g} GiB host memory)"
+             if t.use_gpu else f"{t.num_workers} CPU workers on one node ({p.cpu_memory_gib:g} GiB)")
+    size = f"{shape.num_params / 1e9:.2f}B" if shape.num_params >= 1e9 else f"{shape.num_params / 1e6:.2f}M"
+    model = (f"raypack plan {cfg.name}: {cfg.model.name_or_path}, {size} parameters ({shape.num_hidden_layers} "
+             f"layers, hidden {shape.hidden_size}, vocab {shape.vocab_size:,})")
+    run = (f"{where}; {precision}, ZeRO-{t.zero_stage}, offload {offload or 'none'}, gradient checkpointing "
+           f"{'on' if t.gradient_checkpointing else 'off'}, attention {attention}, micro-batch "
+           f"{t.micro_batch_size} x {cfg.data.max_seq_len}")
+    gpu = f"{limits.device / memory.GIB:.1f} GiB per GPU, " if t.use_gpu else ""
+    usable = f"usable after {p.headroom_fraction:.0%} headroom: {gpu}{limits.host / memory.GIB:.0f} GiB per node"
+    return [model, run, usable]
+
+
+def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None = None) -> int:
+    """`raypack plan`: print the counts and memory table and the verdict; 0 when every arm fits, else 1."""
+    from raypack.data.pipeline import prepare, prepared_folders
+
+    shape = memory.model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if prepare_first:
+        prepare(cfg)
+    folders = prepared_folders(cfg)
+    counts = {arm: _plan_counts(cfg, str(folders[arm]), shape) for arm in cfg.pack.arms
+              if (folders[arm] / "manifest.json").exists()}
+    arms = memory.estimate_job(cfg, shape, {arm: c["num_tokens"] for arm, c in counts.items()})
+    precision, attention = memory.precision_and_attention(cfg)
+    limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
+    lines = _plan_header(cfg, shape, precision, attention, limits)
+    lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]
+    if counts:
+        lines.append(format_table(["arm"] + [c for c, _ in PLAN_COUNT_COLUMNS],
+                                  [[arm] + [c[k] for _, k in PLAN_COUNT_COLUMNS] for arm, c in counts.items()]))
+    lines += [f"{arm}: {NOT_PREPARED}" for arm in cfg.pack.arms if arm not in counts]
+    figures = {arm: _plan_figures(a, use_gpu, limits) for arm, a in arms.items()}
+    where = "per GPU" if use_gpu else "per CPU worker (all of it in host memory)"
+    other = f"layers, ckpt {'off' if cfg.train.gradient_checkpointing else 'on'}"
+    lines += ["", f"memory {where}, GiB, at each arm's largest micro-batch:", format_table(
+        ["arm", "micro-batch"] + [c for c, _ in PLAN_MEMORY_COLUMNS] + [other, "host/node", "fits"],
+        [[arm, str(arms[arm].batch)] + [f"{f[k]:.2f}" for _, k in PLAN_MEMORY_COLUMNS]
+         + [f"{f['layers_other']:.2f}", f"{f['host_per_node']:.1f}", "yes" if f["fits"] else "NO"]
+         for arm, f in figures.items()])]
+    lines += ["", *PLAN_NOTES, *_plan_verdict(cfg, figures)]
+    print("\n".join(lines))
+    if json_path:
+        write_json({"config": to_dict(cfg), "shape": dataclasses.asdict(shape), "num_params": shape.num_params,
+                    "precision": precision, "attention": attention, "counts": counts, "memory_gib": figures}, json_path)
+    return 0 if all(f["fits"] for f in figures.values()) else 1
+
+
+def _plan_figures(arm, use_gpu: bool, limits) -> dict:
+    """One arm's estimate in GiB (2 decimals), the columns of `raypack plan`, and what is over budget."""
+    s, a = arm.states, arm.activations
+    raw = {"params": s.params, "grads": s.grads, "optimizer": s.optimizer, "gathered": s.gathered,
+           "layers": a.layers, "loss": a.head + a.loss, "total": arm.device_total, "layers_other": arm.other.layers,
+           "offloaded": s.offloaded, "rows": arm.rows,
+           "host_per_node": memory.host_per_node(arm, use_gpu, limits.workers_per_node)}
+    figures = {k: round(v / memory.GIB, 2) for k, v in raw.items()}
+    over = memory.over_budget(arm, limits, use_gpu)
+    figures["over"] = {k: [round(v / memory.GIB, 2) for v in pair] for k, pair in over.items()}
+    figures["fits"] = not figures["over"]
+    return figures
+
+
+PLAN_NOTES = [
+    "layers: what the decoder layers keep for backward (checkpointing: their inputs + one recomputed);",
+    "loss: final norm, logits, fp32 log-softmax and its gradients; host/node: the workers' rows + offloaded",
+    "states (or the model while it loads at ZeRO 0-2). Not counted: CUDA context, communication buffers,",
+    "fragmentation (the headroom). Formulas and assumptions: raypack/train/memory.py.",
+]
+
+
+def _plan_verdict(cfg, figures: dict) -> list[str]:
+    t, p = cfg.train, cfg.plan
+    over = {arm: f["over"] for arm, f in figures.items() if f["over"]}
+    if not over:
+        device = f"one {p.gpu_memory_gib:g} GiB GPU and " if t.use_gpu else ""
+        kept = f"{p.headroom_fraction:.0%} kept free"
+        return [f"fits: every arm fits {device}{p.cpu_memory_gib:g} GiB of host memory per node, with {kept}."]
+    where = {"GPU": "per GPU", "host": "of host memory per node"}
+    lines = [f"DOES NOT FIT: {arm} needs " + " and ".join(f"{need:.1f} GiB {where[k]} (usable {usable:.1f})"
+                                                          for k, (need, usable) in what.items())
+             for arm, what in over.items()]
+    tips = memory.hints(t)
+    return lines + ([f"to lower it, try: {', '.join(tips)}"] if tips else [])
+
