@@ -37,10 +37,10 @@ import ray
 from raypack.config import Config, validate
 from raypack.data import formats, synth
 from raypack.data.pipeline import prepare
-from raypack.ray_start import ensure_ray
 from raypack.data.prepared import read_manifest
 from raypack.data.tokenize import render_conversation
 from raypack.model import load_tokenizer
+from raypack.ray_start import ensure_ray
 
 SHARD_SAMPLES = 20_000
 

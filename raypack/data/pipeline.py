@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raypack.config import ArmSpec, Config, PrepareConfig, arm_spec
+from raypack.config import ArmSpec, Config, DataConfig, PackConfig, PrepareConfig, SynthConfig, arm_spec
 from raypack.data import features, formats, synth
 from raypack.data.arm import COMPOSITION_KEYS, ContentGroups, plan_arm
 from raypack.data.holdout import holdout_mask
@@ -76,14 +76,14 @@ def _config_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _source_fingerprint(cfg: Config) -> list:
+def _source_fingerprint(data: DataConfig, synth_cfg: SynthConfig) -> list:
     """What identifies the input: files with size and mtime, a hub id, or the synth settings."""
-    if not cfg.data.sources:
-        return ["synth", asdict(cfg.synth)]
+    if not data.sources:
+        return ["synth", asdict(synth_cfg)]
     fingerprint = []
-    for src in cfg.data.sources:
+    for src in data.sources:
         if src.startswith("hf:"):
-            fingerprint.append([src, cfg.data.hf_split])
+            fingerprint.append([src, data.hf_split])
         elif "://" in src:
             fingerprint.append([src])
         else:
@@ -655,11 +655,11 @@ def _fit_centroids(vector_files: list[str], k: int, max_samples: int, seed: int)
     return features.fit_kmeans(vectors, k, seed=seed, max_samples=max_samples)
 
 
-def _groups_dir(cfg: Config, tok_dir: Path) -> Path:
-    """Where build_groups writes the content clusters for cfg.pack's grouping settings."""
-    pack = cfg.pack
+def _groups_dir(pack: PackConfig, seed: int, tok_dir: Path) -> Path:
+    """Where build_groups writes the content clusters for the pack section's grouping settings."""
     model = pack.embedding_model if pack.group_backend == "embedding" else None
-    return tok_dir / f"groups-{_config_hash(pack.group_backend, model, pack.feature_dim, pack.num_clusters, pack.kmeans_samples, cfg.seed)}"
+    settings = _config_hash(pack.group_backend, model, pack.feature_dim, pack.num_clusters, pack.kmeans_samples, seed)
+    return tok_dir / f"groups-{settings}"
 
 
 def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
@@ -670,7 +670,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     """
     pack, prep = cfg.pack, cfg.prepare
     model = pack.embedding_model if pack.group_backend == "embedding" else None
-    out = _groups_dir(cfg, tok_dir)
+    out = _groups_dir(pack, cfg.seed, tok_dir)
     if prep.reuse and (out / "groups.json").exists():
         return out
     start = time.perf_counter()
@@ -732,18 +732,18 @@ def load_groups(folder: str | Path) -> dict:
 
 def _tok_hash(cfg: Config) -> str:
     d = cfg.data
-    return _config_hash(_source_fingerprint(cfg), d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
+    return _config_hash(_source_fingerprint(d, cfg.synth), d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
                         d.overlength, d.hf_split, CACHE_VERSION)
 
 
-def _holdout_keys(files: list[str], cfg: Config) -> np.ndarray:
+def _holdout_keys(files: list[str], data: DataConfig, seed: int) -> np.ndarray:
     table = pq.read_table(files, columns=["key", "piece", "status"])
     status = np.array(table.column("status").to_pylist(), dtype=object)
     first_kept = (table.column("piece").to_numpy() == 0) & np.isin(status, KEPT_STATUSES)
     conv_keys = table.column("key").to_numpy()[first_kept]
     if len(conv_keys) == 0:
         return conv_keys
-    mask = holdout_mask(conv_keys, cfg.seed, fraction=cfg.data.val_fraction, count=cfg.data.val_count)
+    mask = holdout_mask(conv_keys, seed, fraction=data.val_fraction, count=data.val_count)
     return conv_keys[mask]
 
 
@@ -766,7 +766,7 @@ def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
     split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
     specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
     grouped = any(spec.grouping != "none" for spec in specs.values())
-    groups_dir = _groups_dir(cfg, tok_dir) if grouped else None
+    groups_dir = _groups_dir(cfg.pack, cfg.seed, tok_dir) if grouped else None
     jobs = {"val": _Job("val", ArmSpec("padding", None), 0, None, split_hash, tok_dir / f"val-{split_hash}")}
     for arm, spec in specs.items():
         packed_groups = groups_dir if spec.strategy != "padding" else None
@@ -802,7 +802,7 @@ def prepare(cfg: Config) -> dict:
         counts = tokenize_to_cache(cfg, tok_dir)
     tokenize_seconds = time.perf_counter() - start
     files = _sorted_parquet_files(tok_dir / "tokenized")
-    holdout = _holdout_keys(files, cfg)
+    holdout = _holdout_keys(files, cfg.data, cfg.seed)
     if any(job.groups for job in jobs.values()):
         build_groups(cfg, tok_dir, files)
     holdout_ref = ray.put(holdout)
@@ -826,14 +826,16 @@ def prepare(cfg: Config) -> dict:
     for name, (partial, job_hash, spec, window, stats, join_ref) in pending.items():
         joined = ray.get(join_ref)
         stats.update(num_supervised_tokens=joined["num_supervised_tokens"], seconds=joined["end"] - stats.pop("start"))
-        manifest = _manifest(counts, stats, cfg, spec.strategy, spec.attention, window, job_hash, tokenize_seconds,
+        manifest = _manifest(counts, stats, cfg.data.max_seq_len, cfg.train.micro_batch_size, spec.strategy,
+                             spec.attention, window, job_hash, tokenize_seconds,
                              split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
         _finish(partial, folders[name], manifest)
     return {name: str(path) for name, path in folders.items()}
 
 
-def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: str | None, window: int,
-              job_hash: str, tokenize_seconds: float, split: str, num_val_conversations: int) -> Manifest:
+def _manifest(counts: dict, stats: dict, max_seq_len: int, micro_batch_size: int, strategy: str,
+              attention: str | None, window: int, job_hash: str, tokenize_seconds: float, split: str,
+              num_val_conversations: int) -> Manifest:
     """manifest.json: the tokenization pass's counts (whole input), this split's row counts and, for a train
     arm, what went into its packs (the record's COMPOSITION_KEYS: a key Manifest lacks is a TypeError here, so
     add the field)."""
@@ -848,6 +850,6 @@ def _manifest(counts: dict, stats: dict, cfg: Config, strategy: str, attention: 
                                        "num_supervised_tokens", "num_capacity_tokens", "num_batch_tokens",
                                        "padding_fraction", "efficiency", "lower_bound_rows", "rows_over_lower_bound",
                                        "seconds")},
-        max_seq_len=cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size, strategy=strategy,
+        max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, strategy=strategy,
         attention=None if strategy == "padding" else attention, pack_window=window, config_hash=job_hash,
         tokenize_seconds=tokenize_seconds, **composition)

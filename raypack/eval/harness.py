@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from raypack.config import EvalConfig
+from raypack.eval.scores import benchmark_scores
 from raypack.eval.tasks import TaskSpec, refuse_code_execution
 
 if TYPE_CHECKING:
@@ -102,6 +104,15 @@ def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch
                                    allow_code_execution=allow_code_execution, log_samples=log_samples))
     result["model"] = model_dir
     return result
+
+
+def score_on_ray(model_dir: str, specs: list[TaskSpec], ev: EvalConfig) -> dict:
+    """A checkpoint's benchmark scores as the study and the sweep report them ({"task/metric": value}): lm-eval as
+    one Ray task with the eval section's limit, batch size and resources (raypack.eval.scores picks the scores)."""
+    result = evaluate_on_ray(model_dir, specs, limit=ev.limit, batch_size=ev.batch_size,
+                             allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
+                             num_cpus=ev.num_cpus)
+    return benchmark_scores(result, specs)
 
 
 def load_tasks(specs: list[TaskSpec], allow_code_execution: bool) -> tuple[TaskManager, list]:

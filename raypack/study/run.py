@@ -29,12 +29,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from raypack.config import Config, to_dict
+from raypack.config import Config, DataConfig, SynthConfig, to_dict
 from raypack.data.pipeline import prepare
-from raypack.ray_start import ensure_ray
 from raypack.data.prepared import read_manifest
-from raypack.eval.scores import benchmark_scores
+from raypack.eval.harness import score_on_ray
 from raypack.eval.tasks import resolve_tasks
+from raypack.ray_start import ensure_ray
 from raypack.study.report import write_report
 from raypack.train.launch import arm_config, train_arm
 from raypack.train.metrics import read_metrics
@@ -86,7 +86,8 @@ def run_study(cfg: Config) -> Path:
         for arm, arm_cfg in plans.items():
             records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out))
     title = f"raypack study {cfg.name}: padding or packing?"
-    notes = [f"Data: {_describe_data(cfg)}; model {cfg.model.name_or_path}; max_seq_len {cfg.data.max_seq_len}; "
+    notes = [f"Data: {_describe_data(cfg.data, cfg.synth)}; model {cfg.model.name_or_path}; "
+             f"max_seq_len {cfg.data.max_seq_len}; "
              f"loss_reduction {cfg.train.loss_reduction}; {cfg.train.num_workers} workers; "
              f"validation: {read_manifest(folders['val']).num_rows} held-out samples, the same for every arm.",
              *notes]
@@ -95,10 +96,10 @@ def run_study(cfg: Config) -> Path:
     return out
 
 
-def _describe_data(cfg: Config) -> str:
-    if cfg.data.sources:
-        return ", ".join(cfg.data.sources)
-    return f"synthetic {cfg.synth.preset} x {cfg.synth.num_samples:,} (seed {cfg.synth.seed})"
+def _describe_data(data: DataConfig, synth: SynthConfig) -> str:
+    if data.sources:
+        return ", ".join(data.sources)
+    return f"synthetic {synth.preset} x {synth.num_samples:,} (seed {synth.seed})"
 
 
 def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) -> dict:
@@ -113,7 +114,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     summary = train_arm(run_cfg, arm, folders[arm], folders["val"])
     fit_seconds = time.perf_counter() - start
     metrics = read_metrics(summary["run_dir"])
-    scores = _evaluate(run_cfg, summary["model_dir"], specs) if specs else {}
+    scores = score_on_ray(summary["model_dir"], specs, run_cfg.eval) if specs else {}
     probe = _probe(run_cfg, summary["model_dir"], folders["val"]) if cfg.probe.num_samples else None
     elapsed, curve = 0.0, []
     for m in metrics:
@@ -133,17 +134,6 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(record, indent=2))
     return record
-
-
-def _evaluate(cfg: Config, model_dir: str, specs) -> dict:
-    """lm-eval scores of the exported model as {"task/metric": value} (a Ray task; eval.num_gpus each)."""
-    from raypack.eval.harness import evaluate_on_ray
-
-    ev = cfg.eval
-    result = evaluate_on_ray(model_dir, specs, limit=ev.limit, batch_size=ev.batch_size,
-                             allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
-                             num_cpus=ev.num_cpus)
-    return benchmark_scores(result, specs)
 
 
 def _probe(cfg: Config, model_dir: str, val_folder: str) -> dict:

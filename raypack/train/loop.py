@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
 
     if train.export:
-        _export(engine, cfg, run_dir / "model", rank)
+        _export(engine, cfg.data.tokenizer, run_dir / "model", rank)
     logs.event({"event": "done", "step": plan.stop_step, "seconds": time.perf_counter() - run_start})
     logs.close()
 
@@ -462,7 +462,7 @@ def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, m
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
-def _export(engine, cfg: Config, out: Path, rank: int) -> None:
+def _export(engine, tokenizer_name: str, out: Path, rank: int) -> None:
     """The final weights as a Hugging Face folder (safetensors + tokenizer), written by rank 0.
 
     The tokenizer is saved with its pad token set (raypack.model.load_tokenizer's
@@ -472,7 +472,7 @@ def _export(engine, cfg: Config, out: Path, rank: int) -> None:
     state = full_state_dict(engine)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_name)
         module = engine.module
         if module.config.pad_token_id is None:
             module.config.pad_token_id = tokenizer.pad_token_id

@@ -77,7 +77,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from raypack.config import Config, PackConfig, PlanConfig, TrainConfig, arm_spec
+from raypack.config import Config, ModelConfig, PackConfig, PlanConfig, TrainConfig, arm_spec
 from raypack.data.collate import flatten_isolated
 from raypack.train.engine import resolve_precision
 
@@ -344,15 +344,15 @@ def arm_mode(arm: str, pack: PackConfig) -> str:
     return "padding" if spec.strategy == "padding" else spec.attention
 
 
-def precision_and_attention(cfg: Config) -> tuple[str, str]:
+def precision_and_attention(train: TrainConfig, model: ModelConfig) -> tuple[str, str]:
     """The training precision and attention implementation the job's workers will use (resolved here)."""
-    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
-    return precision, resolve_attention(cfg.model.attn_implementation, cfg.train.use_gpu, precision)
+    precision = resolve_precision(train.precision, "cuda" if train.use_gpu else "cpu")
+    return precision, resolve_attention(model.attn_implementation, train.use_gpu, precision)
 
 
 def estimate_job(cfg: Config, shape: ModelShape, num_tokens: dict[str, int] | None = None) -> dict[str, ArmMemory]:
     """Every arm of cfg.pack.arms: {arm: ArmMemory}; num_tokens gives prepared arms' real tokens (host rows)."""
-    precision, attention = precision_and_attention(cfg)
+    precision, attention = precision_and_attention(cfg.train, cfg.model)
     return {arm: estimate_arm(shape, arm_mode(arm, cfg.pack), cfg.train, cfg.data.max_seq_len, precision, attention,
                               (num_tokens or {}).get(arm, 0))
             for arm in cfg.pack.arms}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from raypack.config import Config, to_dict
+from raypack.config import Config, OptimConfig, PlanConfig, TrainConfig, to_dict
 from raypack.data.prepared import read_manifest
 from raypack.tables import format_table, write_json
 from raypack.train import memory
@@ -31,10 +31,10 @@ PLAN_MEMORY_COLUMNS = (
 NOT_PREPARED = "not prepared (run raypack prepare, or raypack plan --prepare)"
 
 
-def _plan_counts(cfg: Config, folder: str, shape: memory.ModelShape) -> dict:
+def _plan_counts(train: TrainConfig, optim: OptimConfig, folder: str, shape: memory.ModelShape) -> dict:
     """A prepared arm's rows, optimizer steps, tokens and model FLOPs, computed as `raypack train` computes them."""
     manifest = read_manifest(folder)
-    plan = run_plan(cfg.train, cfg.optim, manifest, cfg.train.num_workers)  # rows per step, steps: as training
+    plan = run_plan(train, optim, manifest, train.num_workers)  # rows per step, steps: as training
     # Attention segments (raypack.train.flops): whole rows in cross arms, else samples.
     cross = manifest.attention == "cross"
     column = pq.read_table(sorted(str(f) for f in Path(folder).glob("*.parquet")),
@@ -75,10 +75,10 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
     if prepare_first:
         prepare(cfg)
     folders = prepared_folders(cfg)
-    counts = {arm: _plan_counts(cfg, str(folders[arm]), shape) for arm in cfg.pack.arms
+    counts = {arm: _plan_counts(cfg.train, cfg.optim, str(folders[arm]), shape) for arm in cfg.pack.arms
               if (folders[arm] / "manifest.json").exists()}
     arms = memory.estimate_job(cfg, shape, {arm: c["num_tokens"] for arm, c in counts.items()})
-    precision, attention = memory.precision_and_attention(cfg)
+    precision, attention = memory.precision_and_attention(cfg.train, cfg.model)
     limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
     lines = _plan_header(cfg, shape, precision, attention, limits)
     lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]
@@ -94,7 +94,7 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
         [[arm, str(arms[arm].batch)] + [f"{f[k]:.2f}" for _, k in PLAN_MEMORY_COLUMNS]
          + [f"{f['layers_other']:.2f}", f"{f['host_per_node']:.1f}", "yes" if f["fits"] else "NO"]
          for arm, f in figures.items()])]
-    lines += ["", *PLAN_NOTES, *_plan_verdict(cfg, figures)]
+    lines += ["", *PLAN_NOTES, *_plan_verdict(cfg.train, cfg.plan, figures)]
     print("\n".join(lines))
     if json_path:
         write_json({"config": to_dict(cfg), "shape": dataclasses.asdict(shape), "num_params": shape.num_params,
@@ -124,8 +124,7 @@ PLAN_NOTES = [
 ]
 
 
-def _plan_verdict(cfg, figures: dict) -> list[str]:
-    t, p = cfg.train, cfg.plan
+def _plan_verdict(t: TrainConfig, p: PlanConfig, figures: dict) -> list[str]:
     over = {arm: f["over"] for arm, f in figures.items() if f["over"]}
     if not over:
         device = f"one {p.gpu_memory_gib:g} GiB GPU and " if t.use_gpu else ""

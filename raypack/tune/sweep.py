@@ -46,15 +46,16 @@ from pathlib import Path
 
 import yaml
 
-from raypack.tune.analyze import best_trials, load_trials, run_summary
-from raypack.config import Config, ConfigError, apply_overrides, from_dict, to_dict, validate
+from raypack.config import (Config, ConfigError, EvalConfig, SweepConfig, TrainConfig, apply_overrides, from_dict,
+                            to_dict, validate)
 from raypack.data.pipeline import prepare
-from raypack.ray_start import ensure_ray
 from raypack.data.prepared import read_manifest
-from raypack.eval.scores import benchmark_scores
+from raypack.eval.harness import score_on_ray
+from raypack.ray_start import ensure_ray
 from raypack.train.launch import arm_config, build_trainer, run_dir
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import EVAL_POINTS, run_plan
+from raypack.tune.analyze import best_trials, load_trials, run_summary
 
 # Keys that may differ between a sweep and its --resume: where things run, not what is trained.
 RESUME_MAY_CHANGE = ("sweep.trial_cpus", "sweep.trial_gpus", "sweep.eval_best", "sweep.out", "prepare.",
@@ -158,11 +159,10 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _warn_if_trials_cannot_fit(cfg: Config) -> None:
+def _warn_if_trials_cannot_fit(s: SweepConfig, t: TrainConfig) -> None:
     """Trials' drivers holding what one trial's workers need would wait forever; say so up front."""
     import ray
 
-    s, t = cfg.sweep, cfg.train
     kind, per_worker, per_trial = ("GPU", 1.0, s.trial_gpus) if t.use_gpu else ("CPU", t.worker_cpus, s.trial_cpus)
     need = s.max_concurrent_trials * per_trial + t.num_workers * per_worker
     have = ray.cluster_resources().get(kind, 0.0)
@@ -183,14 +183,14 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     elif tune.Tuner.can_restore(str(out)):
         raise ValueError(f"a sweep already exists in {out}: finish it with --resume {out}, or set sweep.out "
                          "or name for a new one")
-    specs = _eval_specs(cfg)  # bad task names fail before any training
+    specs = _eval_specs(cfg.sweep, cfg.eval)  # bad task names fail before any training
     ensure_ray()
     folders = prepare(replace(cfg, pack=replace(cfg.pack, arms=sweep_arms(cfg))))
     folders = {name: str(Path(folder).resolve()) for name, folder in folders.items()}  # trials chdir
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    _warn_if_trials_cannot_fit(cfg)
+    _warn_if_trials_cannot_fit(cfg.sweep, cfg.train)
     # Checkpoint reports at epoch ends may carry no val_loss; Tune would reject them as incomplete results.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(
@@ -202,7 +202,7 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
         tuner = _new_tuner(cfg, trainable, folders, out)
     tuner.fit()
     if specs:
-        _evaluate_best(cfg, out, specs)
+        _evaluate_best(cfg.eval, out, specs)
     return out
 
 
@@ -228,28 +228,23 @@ def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
         run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent)))
 
 
-def _eval_specs(cfg: Config) -> list:
-    if not cfg.sweep.eval_best:
+def _eval_specs(sweep: SweepConfig, ev: EvalConfig) -> list:
+    if not sweep.eval_best:
         return []
     from raypack.eval.tasks import resolve_tasks
 
-    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)
+    specs = resolve_tasks(ev.preset, ev.tasks)
     if not specs:
         raise ConfigError("sweep.eval_best needs lm-eval tasks: eval.preset is none and eval.tasks is empty")
     return specs
 
 
-def _evaluate_best(cfg: Config, out: Path, specs) -> None:
+def _evaluate_best(ev: EvalConfig, out: Path, specs) -> None:
     """lm-eval scores of each arm's best trial (its exported model) into best_eval.json."""
-    from raypack.eval.harness import evaluate_on_ray
-
-    ev, scores = cfg.eval, {}
+    scores = {}
     for arm, trial in best_trials(load_trials(out)).items():
         model_dir = Path(trial["run_dir"]) / "raypack" / "model"
         print(f"[{arm}] lm-eval on the best trial {trial['trial_id']}: {model_dir}", flush=True)
-        result = evaluate_on_ray(str(model_dir), specs, limit=ev.limit, batch_size=ev.batch_size,
-                                 allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
-                                 num_cpus=ev.num_cpus)
         scores[arm] = {**{k: trial[k] for k in ("trial_id", "lr", "global_batch_size", "seed")},
-                       "scores": benchmark_scores(result, specs)}
+                       "scores": score_on_ray(str(model_dir), specs, ev)}
     (out / "best_eval.json").write_text(json.dumps(scores, indent=2))
