@@ -119,3 +119,10 @@ def test_runs_are_contiguous_balanced_and_never_empty():
     assert _runs([5, 5, 5, 5, 5, 5], 3) == [(0, 2), (2, 4), (4, 6)]
     assert _runs([100, 1, 1, 1], 2) == [(0, 1), (1, 4)]
     assert _runs([1, 1, 1], 8) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_where_synth_writes_stays_out_of_the_hash(tmp_path):
+    """synth.out (where `raypack synth` writes its file) does not change what is prepared; synth.seed does."""
+    base = prepared_folders(config(tmp_path, 1))
+    assert prepared_folders(config(tmp_path, 1, "synth.out=elsewhere.jsonl")) == base
+    assert prepared_folders(config(tmp_path, 1, "synth.seed=7"))["val"] != base["val"]

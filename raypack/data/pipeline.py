@@ -78,8 +78,8 @@ def _config_hash(*parts) -> str:
 
 def _source_fingerprint(data: DataConfig, synth_cfg: SynthConfig) -> list:
     """What identifies the input: files with size and mtime, a hub id, or the synth settings."""
-    if not data.sources:
-        return ["synth", asdict(synth_cfg)]
+    if not data.sources:  # what the samples are made of; where `raypack synth` writes them is not
+        return ["synth", {k: v for k, v in asdict(synth_cfg).items() if k != "out"}]
     fingerprint = []
     for src in data.sources:
         if src.startswith("hf:"):
