@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from raypack.data import formats, synth
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.data.tokenize import render_conversation
+from raypack.every import every
 from raypack.model import load_tokenizer
 from raypack.ray_start import ensure_ray
 
@@ -82,32 +82,21 @@ def bare_tokenizer(paths: list[str], tokenizer_name: str, batch_size: int = 256)
 
 
 class _PeakRss:
-    """Samples the summed RSS and PSS of this process and all its descendants (the local Ray processes)."""
+    """The peak summed RSS and PSS of this process and all its descendants (the local Ray processes)."""
 
-    def __init__(self, interval_s: float = 1.0):
-        self.interval_s, self.peak, self.peak_pss, self._stop = interval_s, 0, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self):
+        self.peak = self.peak_pss = 0
 
-    def _run(self) -> None:
+    def sample(self) -> None:
         me = psutil.Process()
-        while not self._stop.is_set():
-            rss = pss = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                except psutil.Error:
-                    continue
-                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        rss = pss = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except psutil.Error:
+                continue
+            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+        self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
 
 
 def bench_pipeline(cfg: Config, work_dir: str, arm: str = "bfd-isolated", bare: bool = True,
@@ -124,7 +113,8 @@ def bench_pipeline(cfg: Config, work_dir: str, arm: str = "bfd-isolated", bare: 
     cfg = validate(replace(cfg, data=replace(cfg.data, sources=paths, format="messages", val_fraction=0.0),
                            pack=replace(cfg.pack, arms=[arm]),
                            prepare=replace(cfg.prepare, output_dir=str(work / "prepared"), reuse=False)))
-    with _PeakRss() as rss:
+    rss = _PeakRss()
+    with every(1.0, rss.sample):
         start = time.perf_counter()
         folders = prepare(cfg)
         seconds = time.perf_counter() - start

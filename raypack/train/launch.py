@@ -47,6 +47,7 @@ from ray.train.torch import TorchTrainer
 from raypack.config import Config, ConfigError, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
+from raypack.every import every
 from raypack.train.loop import train_loop_per_worker
 from raypack.train.metrics import METRICS_FILE, read_events, read_metrics
 from raypack.train.plan import run_plan
@@ -108,7 +109,7 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None)
     _check_resume(cfg, arm, folder)
     out = run_dir(cfg, arm)
     (out / PREEMPT_FILE).unlink(missing_ok=True)  # a notice the last launch already acted on
-    with _Progress(out, arm, cfg.train.log_every), _sigterm_checkpoints(out / PREEMPT_FILE):
+    with every(1.0, _Progress(out, arm, cfg.train.log_every).poll), _sigterm_checkpoints(out / PREEMPT_FILE):
         result = build_trainer(cfg, arm, folder, val_folder).fit()
     events = read_events(out)
     if events and events[-1]["event"] == "preempted":
@@ -198,22 +199,12 @@ class _Progress:
     repeat lines) and also when the workers run on other nodes.
     """
 
-    def __init__(self, run_dir: Path, arm: str, every: int, interval_s: float = 1.0):
+    def __init__(self, run_dir: Path, arm: str, every: int):
         self.run_dir, self.metrics, self.arm = run_dir, run_dir / METRICS_FILE, arm
-        self.every, self.interval_s = max(1, every), interval_s
+        self.every = max(1, every)
         self.offset = self.metrics.stat().st_size if self.metrics.exists() else 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
         self.first_time = time.perf_counter()
         self.steps_seen = 0
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
     def _total(self) -> int | None:
         try:
@@ -222,14 +213,8 @@ class _Progress:
             return None
         return starts[-1].get("stop_step") or starts[-1].get("total_steps") if starts else None
 
-    def _run(self) -> None:
-        while True:
-            stopping = self.stop.wait(self.interval_s)
-            self._poll()
-            if stopping:
-                return
-
-    def _poll(self) -> None:
+    def poll(self) -> None:
+        """Print the progress lines of the steps logged since the last poll."""
         try:
             with self.metrics.open() as f:
                 if self.offset > os.path.getsize(self.metrics):  # cut back after a resume
