@@ -9,7 +9,7 @@
      steps   every arm takes the fewest optimizer steps any arm takes, its LR
              schedule spanning exactly those steps;
      tokens  every arm's optimizer step holds about as many real tokens as a
-             padding step (train.global_batch_tokens, see raypack.train.engine);
+             padding step (train.global_batch_tokens, see raypack.train.plan);
 3. per seed (train.seed, train.seed + 1, ...) and arm: train on Ray Train
    (validation loss every train.eval_every_steps, about 10 points by default),
    export the model, score it with lm-eval (eval.*) as a Ray task, run the
