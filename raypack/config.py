@@ -337,6 +337,12 @@ class PlanConfig:
     headroom_fraction: float = _field(0.1, "share of GPU and CPU memory kept free for what the estimate leaves "
                                       "out: CUDA context, NCCL and DeepSpeed communication buffers, allocator "
                                       "fragmentation")
+    gpu_peak_tflops: float = _field(989.0, "peak dense TFLOPS of one GPU at the training precision, for GPU-hours "
+                                    "(H100/H200 SXM bf16: 989; A100 bf16: 312)")
+    mfu: float = _field(0.35, "model FLOPs utilisation assumed for GPU-hours: the share of the peak training "
+                        "reaches (a finished run's measured MFU is the `mfu` of its metrics.jsonl)")
+    gpu_hour_usd: float = _field(0.0, "price of one GPU-hour in USD (an instance's price / its GPUs) for the "
+                                 "cost column; 0 prints no cost")
 
 
 @dataclass

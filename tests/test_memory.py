@@ -207,3 +207,35 @@ def test_plan_counts_prepared_arms_as_training_does(tmp_path, capsys, ray_local)
         assert counts[arm]["steps"] == cfg.train.epochs * per_epoch
         assert counts[arm]["num_tokens"] == manifest.num_tokens and counts[arm]["pflop"] > 0
     assert "not prepared" not in capsys.readouterr().out
+
+
+def test_the_bill_prices_each_arms_flops_and_a_study_prints_it(tmp_path, capsys, ray_local):
+    """GPU-hours = the run's model FLOPs / (plan.mfu x plan.gpu_peak_tflops), from `raypack plan`'s own FLOP
+    count; USD = GPU-hours x plan.gpu_hour_usd. A CPU plan prints no bill (negative control)."""
+    import doctest
+
+    from raypack.data.pipeline import prepare
+    from raypack.study.run import arm_plan
+    from raypack.train import flops
+    from raypack.train.plan_report import study_bill
+
+    assert doctest.testmod(flops).failed == 0
+    overrides = [f"prepare.output_dir={tmp_path}", "synth.num_samples=120", "pack.arms=[padding, bfd-isolated]"]
+    # A peak of 1 MFLOPS turns the tiny model's ~1e11 FLOPs into tens of GPU-hours: figures the test can miss.
+    gpu = ["train.use_gpu=true", "plan.mfu=0.5", "plan.gpu_peak_tflops=0.000001", "plan.gpu_hour_usd=2.5"]
+    assert main(["plan", "jobs/quickstart.yaml", *overrides, "--prepare", "--json", str(tmp_path / "cpu.json")]) == 0
+    assert "GPU-h" not in capsys.readouterr().out
+    assert main(["plan", "jobs/quickstart.yaml", *overrides, *gpu, "--json", str(tmp_path / "gpu.json")]) == 0
+    out = capsys.readouterr().out
+    counts = json.loads((tmp_path / "gpu.json").read_text())["counts"]
+    for c in counts.values():
+        hours = c["pflop"] * 1e15 / (0.5 * 1e6) / 3600
+        assert hours > 10 and c["gpu_hours"] == pytest.approx(hours) and c["usd"] == pytest.approx(hours * 2.5)
+    total = sum(c["gpu_hours"] for c in counts.values())
+    assert f"training bill, 2 arms: {total:,.1f} GPU-hours" in out and f"${total * 2.5:,.1f} at $2.5" in out
+
+    cfg = load_config("jobs/quickstart.yaml", overrides + gpu)
+    folders = prepare(cfg)
+    plans, _ = arm_plan(cfg, folders)
+    line = study_bill(plans, folders, seeds=3)[0]
+    assert f"2 arms x 3 seeds: {3 * total:,.1f} GPU-hours" in line

@@ -80,6 +80,10 @@ def run_study(cfg: Config) -> Path:
     ensure_ray()
     folders = prepare(cfg)
     plans, notes = arm_plan(cfg, folders)
+    if cfg.train.use_gpu:
+        from raypack.train.plan_report import study_bill
+
+        print("raypack study: " + "\n".join(study_bill(plans, folders, cfg.study.seeds)), flush=True)
     records = []
     for k in range(cfg.study.seeds):
         seed = cfg.train.seed + k

@@ -50,6 +50,15 @@ def step_flops(matmul_params: int, num_layers: int, hidden_size: int, real_token
     return 6.0 * matmul_params * real_tokens + 12.0 * num_layers * hidden_size * square
 
 
+def gpu_hours(flops: float, peak: float, utilisation: float) -> float:
+    """GPU-hours that `flops` take at `utilisation` of a `peak` TFLOPS GPU (raypack plan's bill).
+
+    >>> round(gpu_hours(3.56e18, peak=989.0, utilisation=0.35), 3)   # 3.56 EFLOP at 35% of an H100's bf16 peak
+    2.857
+    """
+    return flops / (peak * 1e12 * utilisation) / 3600
+
+
 def mfu(flops_all_ranks: float, step_time_s: float, world_size: int, peak: float | None) -> float | None:
     """Model FLOPs utilisation of one step, or None when no peak is known."""
     if not peak or step_time_s <= 0:

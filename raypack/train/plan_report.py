@@ -17,7 +17,7 @@ from raypack.config import Config, OptimConfig, PlanConfig, TrainConfig, to_dict
 from raypack.data.prepared import read_manifest
 from raypack.tables import format_table, write_json
 from raypack.train import memory
-from raypack.train.flops import step_flops
+from raypack.train.flops import gpu_hours, step_flops
 from raypack.train.plan import run_plan
 
 PLAN_COUNT_COLUMNS = (
@@ -31,7 +31,7 @@ PLAN_MEMORY_COLUMNS = (
 NOT_PREPARED = "not prepared (run raypack prepare, or raypack plan --prepare)"
 
 
-def _plan_counts(train: TrainConfig, optim: OptimConfig, folder: str, shape: memory.ModelShape) -> dict:
+def arm_counts(train: TrainConfig, optim: OptimConfig, folder: str, shape: memory.ModelShape) -> dict:
     """A prepared arm's rows, optimizer steps, tokens and model FLOPs, computed as `raypack train` computes them."""
     manifest = read_manifest(folder)
     plan = run_plan(train, optim, manifest, train.num_workers)  # rows per step, steps: as training
@@ -47,6 +47,47 @@ def _plan_counts(train: TrainConfig, optim: OptimConfig, folder: str, shape: mem
     return {"num_rows": manifest.num_rows, "rows_per_step": plan.rows_per_step,
             "steps_per_epoch": plan.steps_per_epoch, "steps": plan.stop_step, "num_tokens": manifest.num_tokens,
             "num_supervised_tokens": manifest.num_supervised_tokens, "pflop": epoch_flops * run_epochs / 1e15}
+
+
+def price(counts: dict[str, dict], plan: PlanConfig) -> None:
+    """Add each arm's GPU-hours (its run's model FLOPs at plan.mfu of plan.gpu_peak_tflops) and, with
+    plan.gpu_hour_usd, its cost in USD to its counts."""
+    if not 0 < plan.mfu <= 1:
+        raise ValueError(f"plan.mfu: must be in (0, 1], got {plan.mfu}")
+    if plan.gpu_peak_tflops <= 0 or plan.gpu_hour_usd < 0:
+        raise ValueError(f"plan.gpu_peak_tflops must be > 0 and plan.gpu_hour_usd >= 0, got "
+                         f"{plan.gpu_peak_tflops} and {plan.gpu_hour_usd}")
+    for c in counts.values():
+        c["gpu_hours"] = gpu_hours(c["pflop"] * 1e15, plan.gpu_peak_tflops, plan.mfu)
+        if plan.gpu_hour_usd:
+            c["usd"] = c["gpu_hours"] * plan.gpu_hour_usd
+
+
+def bill_lines(counts: dict[str, dict], train: TrainConfig, plan: PlanConfig, seeds: int = 1) -> list[str]:
+    """The training bill of the priced arms: GPU-hours, wall-clock hours on train.num_workers GPUs, and USD."""
+    hours = seeds * sum(c["gpu_hours"] for c in counts.values())
+    cost = f", ${_figure(hours * plan.gpu_hour_usd)} at ${plan.gpu_hour_usd:g} per GPU-hour" \
+        if plan.gpu_hour_usd else " (plan.gpu_hour_usd prices it)"
+    runs = f"{len(counts)} arm{'s' * (len(counts) > 1)}" + (f" x {seeds} seeds" if seeds > 1 else "")
+    return [f"training bill, {runs}: {_figure(hours)} GPU-hours, about {_figure(hours / train.num_workers)} h "
+            f"on {train.num_workers} GPUs{cost}; at {plan.mfu:.0%} MFU of {plan.gpu_peak_tflops:g} TFLOPS per "
+            "GPU (plan.mfu, plan.gpu_peak_tflops), model FLOPs only: evaluation, start-up and checkpoints not "
+            "counted"]
+
+
+def _figure(x: float) -> str:
+    """12,345.6 / 3.2 / 0.00042: one decimal from 1 up, two significant digits below."""
+    return f"{x:,.1f}" if x >= 1 else f"{x:.2g}"
+
+
+def study_bill(plans: dict[str, Config], folders: dict, seeds: int) -> list[str]:
+    """The training bill `raypack study` prints before it trains: each arm under its own plan (study.match)."""
+    first = next(iter(plans.values()))
+    shape = memory.model_shape(first.model.name_or_path, first.model.trust_remote_code)
+    counts = {arm: arm_counts(c.train, c.optim, str(folders[arm]), shape) for arm, c in plans.items()}
+    price(counts, first.plan)
+    per_arm = ", ".join(f"{arm} {_figure(c['gpu_hours'])}" for arm, c in counts.items())
+    return bill_lines(counts, first.train, first.plan, seeds) + [f"GPU-hours per arm and seed: {per_arm}"]
 
 
 def _plan_header(cfg, shape, precision: str, attention: str, limits) -> list[str]:
@@ -75,16 +116,22 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
     if prepare_first:
         prepare(cfg)
     folders = prepared_folders(cfg)
-    counts = {arm: _plan_counts(cfg.train, cfg.optim, str(folders[arm]), shape) for arm in cfg.pack.arms
+    counts = {arm: arm_counts(cfg.train, cfg.optim, str(folders[arm]), shape) for arm in cfg.pack.arms
               if (folders[arm] / "manifest.json").exists()}
     arms = memory.estimate_job(cfg, shape, {arm: c["num_tokens"] for arm, c in counts.items()})
     precision, attention = memory.precision_and_attention(cfg.train, cfg.model)
     limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
     lines = _plan_header(cfg, shape, precision, attention, limits)
     lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]
+    columns = PLAN_COUNT_COLUMNS
+    if counts and use_gpu:
+        price(counts, cfg.plan)
+        columns += (("GPU-h", "gpu_hours"),) + ((("USD", "usd"),) if cfg.plan.gpu_hour_usd else ())
     if counts:
-        lines.append(format_table(["arm"] + [c for c, _ in PLAN_COUNT_COLUMNS],
-                                  [[arm] + [c[k] for _, k in PLAN_COUNT_COLUMNS] for arm, c in counts.items()]))
+        lines.append(format_table(["arm"] + [c for c, _ in columns],
+                                  [[arm] + [c[k] for _, k in columns] for arm, c in counts.items()]))
+    if counts and use_gpu:
+        lines += bill_lines(counts, cfg.train, cfg.plan)
     lines += [f"{arm}: {NOT_PREPARED}" for arm in cfg.pack.arms if arm not in counts]
     figures = {arm: _plan_figures(a, use_gpu, limits) for arm, a in arms.items()}
     where = "per GPU" if use_gpu else "per CPU worker (all of it in host memory)"
