@@ -28,12 +28,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch.distributed as dist
-
 from raypack.config import Config, from_dict, load_config
 from raypack.data.pipeline import prepare
 from raypack.train.launch import arm_config, build_trainer, run_dir, train_arm
-from raypack.train.loop import optimizer_step, set_up
+from raypack.train.loop import barrier, optimizer_step, set_up
 from raypack.train.loss import all_reduce_sum, step_denominator
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import lr_at
@@ -89,17 +87,17 @@ def limit_loop_per_worker(config: dict) -> None:
     w = set_up(config["folder"], train, cfg.optim, cfg.model, cfg.data.tokenizer)
     seconds = real_seconds = tokens = row_tokens = 0.0
     for step in range(w.plan.stop_step):
-        _barrier()
+        barrier()
         start = time.perf_counter()
         _, picked, micro_batches = w.step_batches(step)
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, w.plan.schedule_steps, cfg.optim)
         optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size)
-        _barrier()
+        barrier()
         taken = time.perf_counter() - start
         start = time.perf_counter()
         optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size)
-        _barrier()
+        barrier()
         replayed = time.perf_counter() - start
         step_tokens = all_reduce_sum(float(sum(r["num_tokens"] for mb in picked for r in mb)))
         step_row_tokens = all_reduce_sum(float(sum(b["input_ids"].numel() for b in micro_batches)))
@@ -114,11 +112,6 @@ def limit_loop_per_worker(config: dict) -> None:
             "row_tokens": int(row_tokens), "tokens_per_sec": tokens / seconds,
             "row_tokens_per_sec": row_tokens / seconds, "real_row_tokens_per_sec": row_tokens / real_seconds},
             indent=2))
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def format_train_result(r: dict) -> str:

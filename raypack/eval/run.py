@@ -66,13 +66,17 @@ def evaluate_checkpoints(cfg: Config) -> dict:
         from raypack.ray_start import ensure_ray
 
         ensure_ray()
-    results = {}
+    results = {name: _eval_model(ev, model_dir, specs, val) for name, model_dir in _announced(models)}
+    write_results(results, ev.out)
+    return results
+
+
+def _announced(models: dict[str, str]):
+    """The checkpoints one by one, each named as its turn comes when there are several."""
     for name, model_dir in models.items():
         if len(models) > 1:
             print(f"[{name}] {model_dir}", flush=True)
-        results[name] = _eval_model(ev, model_dir, specs, val)
-    write_results(results, ev.out)
-    return results
+        yield name, model_dir
 
 
 def _eval_model(ev, model_dir: str, specs: list, val: str | None) -> dict:
@@ -111,9 +115,7 @@ def probe_checkpoints(cfg: Config) -> dict:
     from raypack.eval.probe import format_probe, probe_model  # torch
 
     results = {}
-    for name, model_dir in models.items():
-        if len(models) > 1:
-            print(f"[{name}] {model_dir}", flush=True)
+    for name, model_dir in _announced(models):
         start = time.perf_counter()
         result = probe_model(model_dir, val, cfg.probe, seed=cfg.seed, log=lambda line: print(line, flush=True))
         result["seconds"] = round(time.perf_counter() - start, 1)

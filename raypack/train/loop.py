@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with restored(checkpoint, ctx.get_local_rank(), _barrier) as ckpt_dir:
+        with restored(checkpoint, ctx.get_local_rank(), barrier) as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
@@ -383,7 +383,8 @@ def _validation_loss(engine, val: tuple, pad_token_id: int) -> float:
     return loss_sum / num_tokens if num_tokens else float("nan")
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Every rank waits here (a no-op outside a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
