@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-ARMS = ("padding", "bfd-isolated", "bfd-cross")
+ARMS = ("padding", "padfree", "bfd-isolated", "bfd-cross")
 BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
@@ -46,6 +46,7 @@ def test_isolated_equals_alone_and_cross_differs(report):
     for backend in ("sdpa", "eager"):
         check = report["isolation"]["fp32"][backend]
         assert check["isolated_max_abs_diff"] < 1e-5, check
+        assert check["isolated_flat_max_abs_diff"] < 1e-5, check  # padfree's layout on a row-isolating backend
         assert check["cross_max_abs_diff"] > 1e-3, check  # negative control: the check can fail
         assert check["ok"] is True
     flex = report["isolation"]["fp32"]["flex_attention"]
@@ -64,6 +65,10 @@ def test_arms_report_speed_and_padding(report):
                                                      arms["bfd-cross"]["padding_fraction"])
     # sdpa gets isolated [B, T] rows, as in the loop (flash_attention_2 would get one padding-free row).
     assert arms["bfd-isolated"]["padding_fraction"] == pytest.approx(arms["bfd-cross"]["padding_fraction"])
+    # padfree: padding's samples as one flat row, so every token computed is real (and as many as padding's).
+    assert arms["padfree"]["padding_fraction"] == 0.0
+    assert arms["padfree"]["tokens_per_sec"] * arms["padfree"]["step_time_s"] == \
+        pytest.approx(arms["padding"]["tokens_per_sec"] * arms["padding"]["step_time_s"])
 
 
 def test_no_ray_deepspeed_numba_or_pyarrow(report):
