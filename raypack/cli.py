@@ -45,13 +45,14 @@ from pathlib import Path
 
 import yaml
 
-from raypack.config import Config, ConfigError, describe_fields, describe_keys, load_config, to_dict
+from raypack.config import Config, ConfigError, describe_fields, describe_keys, load_config, setting_configs, to_dict
 from raypack.tables import format_table, write_json
 
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.local import compare
 
-    compare(cfg)
+    for variant in setting_configs(cfg):
+        compare(variant)
     return 0
 
 
@@ -61,7 +62,9 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.data.summary import prepared_summary
 
     start = time.perf_counter()
-    folders = prepare(cfg)
+    folders = {}
+    for variant in setting_configs(cfg):  # study.setting=both: the second reuses the first's tokenized cache
+        folders.update(prepare(variant))
     print(prepared_summary({name: read_manifest(folder) for name, folder in folders.items()}, folders))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -71,7 +74,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.train.launch import train
 
     start = time.perf_counter()
-    summaries = train(cfg)
+    summaries = [s for variant in setting_configs(cfg) if not cfg.train.arm or cfg.train.arm in variant.pack.arms
+                 for s in train(variant)]
     rows = [[s["arm"], s["num_steps"], round(s["last"].get("loss", float("nan")), 4),
              round(s["last"].get("tokens_per_sec", 0.0)), round(s["last"].get("padding_fraction", 0.0), 4)]
             for s in summaries]
@@ -85,7 +89,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.train.plan_report import plan_command
 
-    return plan_command(cfg, prepare_first=args.prepare, json_path=args.json)
+    variants = setting_configs(cfg)
+    for variant in variants:  # study.setting=both: F.json becomes F-corrected.json and F-paper.json
+        json_path = args.json if len(variants) == 1 or not args.json else \
+            str(Path(args.json).with_name(f"{Path(args.json).stem}-{variant.study.setting}.json"))
+        status = plan_command(variant, prepare_first=args.prepare, json_path=json_path)
+        if status:
+            return status
+    return 0
 
 
 def cmd_study(cfg: Config, args: argparse.Namespace) -> int:

@@ -65,8 +65,9 @@ class DataConfig:
     template: str = _field("auto", "auto: the tokenizer's chat template if it has one, else the built-in "
                            "Llama-3 template; builtin: always the built-in one", ("auto", "builtin"))
     max_seq_len: int = _field(4096, "maximum tokens per row (the paper: 4096)")
-    overlength: str = _field("truncate", "what to do with samples longer than max_seq_len",
-                             OVERLENGTH_POLICIES)
+    overlength: str = _field("truncate", "what to do with samples longer than max_seq_len: keep the first "
+                             "max_seq_len tokens, split into max_seq_len pieces, or drop; the validation split and "
+                             "every arm without a +truncate/+split/+drop suffix", OVERLENGTH_POLICIES)
     hf_split: str = _field("train", "split to load for sources given as hf:<dataset id>")
     val_fraction: float = _field(0.1, "share of conversations held out for validation, the same for "
                                  "every arm (the paper: 10%)")
@@ -80,9 +81,11 @@ class PackConfig:
     arms: list[str] = _field(["padding", "random-cross", "greedy-cross", "bfd-isolated", "bfd-cross"],
                              "arms as 'padding' or '<strategy>-<attention>', strategy in "
                              f"{'/'.join(s for s in STRATEGIES if s != 'padding')}, "
-                             f"attention in {'/'.join(ATTENTIONS)}; a packed arm may end in +related, "
-                             "+unrelated or +none (overrides grouping) and +single-turn or +all-turns "
-                             "(overrides only_single_turn), e.g. bfd-cross+related")
+                             f"attention in {'/'.join(ATTENTIONS)}; any arm may end in +truncate, +split or "
+                             "+drop (overrides data.overlength for that arm, from the same tokenized cache), "
+                             "a packed arm also in +related, +unrelated or +none (overrides grouping) and "
+                             "+single-turn or +all-turns (overrides only_single_turn), e.g. bfd-cross+related, "
+                             "greedy-cross+drop")
     window: int = _field(0, "samples packed together (the paper: 1000); 0 packs the whole dataset at once")
     grouping: str = _field("none", "what goes into a pack, for arms without a +related/+unrelated/+none "
                            "suffix: none (the packer's order), related (samples of one content cluster "
@@ -276,6 +279,11 @@ class ProbeConfig:
 
 
 STUDY_MATCH = ("epochs", "steps", "tokens")
+STUDY_SETTINGS = ("corrected", "paper", "both")
+# The paper's setting exactly (PAPER.md, its code): each arm with the over-length policy it had, packing decided per
+# 1000-sample window, the mean of micro-batch means as the loss, every arm the same epochs.
+PAPER_ARMS = ("padding+truncate", "random-cross+split", "greedy-cross+drop")
+PAPER_WINDOW = 1000
 
 
 @dataclass
@@ -288,6 +296,11 @@ class StudyConfig:
                         STUDY_MATCH)
     seeds: int = _field(1, "training seeds per arm (train.seed, train.seed + 1, ...); > 1 reports mean and "
                         "spread")
+    setting: str = _field("corrected", "corrected: the arms, window, loss and match of this config; paper: the "
+                          f"paper's setting exactly, arms {', '.join(PAPER_ARMS)} (each with the over-length policy "
+                          f"the paper's code had), pack.window {PAPER_WINDOW}, train.loss_reduction paper, match "
+                          "epochs, the rest (LR, epochs, batch) as configured; both: the two sets of arms in one "
+                          "study and one report, from one tokenization pass", STUDY_SETTINGS)
     out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
                       "finished arms are not rerun")
 
@@ -343,6 +356,11 @@ class PlanConfig:
                         "reaches (a finished run's measured MFU is the `mfu` of its metrics.jsonl)")
     gpu_hour_usd: float = _field(0.0, "price of one GPU-hour in USD (an instance's price / its GPUs) for the "
                                  "cost column; 0 prints no cost")
+    mfu_from: str = _field("", "a finished run or study folder of the same model: its measured MFU (the median "
+                           "`mfu` over the steps of every metrics.jsonl under it, first steps left out) replaces "
+                           "plan.mfu; '' uses plan.mfu")
+    gpu_hbm_tbps: float = _field(3.35, "memory bandwidth of one GPU in TB/s, for the evaluation bill (generation "
+                                 "reads the weights once per step; H100 SXM 3.35, H200 4.8, A100 80 GB 2.0)")
 
 
 @dataclass
@@ -380,16 +398,18 @@ def parse_arm(arm: str) -> tuple[str, str | None]:
     elif strategy not in STRATEGIES or strategy == "padding" or attention not in ATTENTIONS:
         packed = [f"{s}-{a}" for s in STRATEGIES if s != "padding" for a in ATTENTIONS]
         raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: padding, {', '.join(packed)}, each "
-                          f"packed one optionally with +{'/+'.join(GROUPINGS)} and +{'/+'.join(ARM_TURNS)}")
-    unknown = [s for s in suffixes if s not in GROUPINGS + ARM_TURNS]
+                          f"optionally with +{'/+'.join(OVERLENGTH_POLICIES)}, a packed one also with "
+                          f"+{'/+'.join(GROUPINGS)} and +{'/+'.join(ARM_TURNS)}")
+    allowed = GROUPINGS + ARM_TURNS + OVERLENGTH_POLICIES
+    unknown = [s for s in suffixes if s not in allowed]
     if unknown or len(suffixes) != len(set(suffixes)):
-        raise ConfigError(f"pack.arms: {arm!r}: suffixes must be distinct, from "
-                          f"+{'/+'.join(GROUPINGS + ARM_TURNS)}; got {suffixes}")
-    if strategy == "padding" and suffixes:
+        raise ConfigError(f"pack.arms: {arm!r}: suffixes must be distinct, from +{'/+'.join(allowed)}; got {suffixes}")
+    if strategy == "padding" and any(s not in OVERLENGTH_POLICIES for s in suffixes):
         raise ConfigError(f"pack.arms: {arm!r}: padding puts one sample per row, so nothing is grouped; "
-                          "drop the suffix")
-    if len([s for s in suffixes if s in GROUPINGS]) > 1 or len([s for s in suffixes if s in ARM_TURNS]) > 1:
-        raise ConfigError(f"pack.arms: {arm!r}: at most one grouping and one of {'/'.join(ARM_TURNS)}")
+                          f"only an over-length suffix (+{'/+'.join(OVERLENGTH_POLICIES)}) applies")
+    if any(len([s for s in suffixes if s in kind]) > 1 for kind in (GROUPINGS, ARM_TURNS, OVERLENGTH_POLICIES)):
+        raise ConfigError(f"pack.arms: {arm!r}: at most one grouping, one of {'/'.join(ARM_TURNS)} and one "
+                          f"over-length policy")
     return strategy, attention
 
 
@@ -401,24 +421,29 @@ class ArmSpec:
     attention: str | None
     grouping: str = "none"
     only_single_turn: bool = False
+    overlength: str | None = None  # from a +truncate/+split/+drop suffix; None: data.overlength
 
 
 def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
-    """The arm's settings: suffixes (+related, +single-turn, ...) override pack.grouping / pack.only_single_turn.
+    """The arm's settings: suffixes (+related, +single-turn, +split, ...) override pack.grouping,
+    pack.only_single_turn and data.overlength (an arm without an over-length suffix keeps None: the data default).
 
     >>> arm_spec("bfd-cross+related", PackConfig()).grouping
     'related'
     >>> arm_spec("padding", PackConfig(grouping="related", only_single_turn=True))
-    ArmSpec(strategy='padding', attention=None, grouping='none', only_single_turn=False)
+    ArmSpec(strategy='padding', attention=None, grouping='none', only_single_turn=False, overlength=None)
+    >>> arm_spec("greedy-cross+drop", PackConfig()).overlength
+    'drop'
     """
     strategy, attention = parse_arm(arm)
-    if strategy == "padding":
-        return ArmSpec(strategy, attention)
     suffixes = arm.split("+")[1:]
+    overlength = next((s for s in suffixes if s in OVERLENGTH_POLICIES), None)
+    if strategy == "padding":
+        return ArmSpec(strategy, attention, overlength=overlength)
     grouping = next((s for s in suffixes if s in GROUPINGS), pack.grouping)
     turns = next((s for s in suffixes if s in ARM_TURNS), None)
     single = pack.only_single_turn if turns is None else turns == "single-turn"
-    return ArmSpec(strategy, attention, grouping, single)
+    return ArmSpec(strategy, attention, grouping, single, overlength)
 
 
 def _type_name(tp: Any) -> str:
@@ -569,6 +594,21 @@ def _validate_optim(optim: OptimConfig) -> None:
             raise ConfigError(f"optim.{key}: must be in [0, 1], got {getattr(optim, key)}")
 
 
+def setting_configs(cfg: Config) -> list[Config]:
+    """The configs study.setting stands for, each with its own arms: [cfg] (corrected), [the paper's] (paper) or
+    both, corrected first. prepare, plan, compare, train and study run each (they share the tokenized cache).
+
+    >>> [c.pack.arms for c in setting_configs(load_config(None, ["pack.arms=[padding,bfd-isolated]", "study.setting=both"]))]
+    [['padding', 'bfd-isolated'], ['padding+truncate', 'random-cross+split', 'greedy-cross+drop']]
+    """
+    paper = dataclasses.replace(
+        cfg, pack=dataclasses.replace(cfg.pack, arms=list(PAPER_ARMS), window=PAPER_WINDOW),
+        train=dataclasses.replace(cfg.train, loss_reduction="paper"),
+        study=dataclasses.replace(cfg.study, match="epochs", setting="paper"))
+    corrected = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, setting="corrected"))
+    return {"corrected": [corrected], "paper": [paper], "both": [corrected, paper]}[cfg.study.setting]
+
+
 def validate(cfg: Config) -> Config:
     """Checks that span fields; single fields are checked by their declarations."""
     for arm in cfg.pack.arms:
@@ -603,8 +643,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"pack.window: must be >= 0 (0 packs everything at once), got {cfg.pack.window}")
     _validate_train(cfg.train)
     _validate_optim(cfg.optim)
-    if cfg.train.arm and cfg.train.arm not in cfg.pack.arms:
-        raise ConfigError(f"train.arm: {cfg.train.arm!r} is not in pack.arms {cfg.pack.arms}")
+    if cfg.study.setting == "both" and set(cfg.pack.arms) & set(PAPER_ARMS):
+        raise ConfigError(f"study.setting=both adds the paper's arms {list(PAPER_ARMS)} to pack.arms, which already "
+                          f"holds {sorted(set(cfg.pack.arms) & set(PAPER_ARMS))}; remove them from pack.arms")
+    arms = [arm for c in setting_configs(cfg) for arm in c.pack.arms]
+    if cfg.train.arm and cfg.train.arm not in arms:
+        raise ConfigError(f"train.arm: {cfg.train.arm!r} is not an arm of this config: {arms} "
+                          f"(pack.arms under study.setting={cfg.study.setting})")
     if cfg.model.attn_implementation == "flash_attention_2" and (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
         raise ConfigError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true and bf16 "
                           "(flash-attn has no fp32 kernels); use sdpa, or train.precision=auto/bf16 on GPU")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raypack.config import ConfigError, Config, describe_fields, load_config, parse_arm, to_dict
+from raypack.config import (ArmSpec, Config, ConfigError, PackConfig, arm_spec, describe_fields, load_config,
+                            parse_arm, setting_configs, to_dict)
 
 JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
 
@@ -79,6 +80,32 @@ def test_arms_are_parsed_and_validated():
             parse_arm(bad)
     with pytest.raises(ConfigError, match="duplicate"):
         load_config(None, ["pack.arms=[padding, padding]"])
+
+
+def test_overlength_suffixes_and_the_papers_setting():
+    """+truncate/+split/+drop on any arm; study.setting=paper swaps in the paper's arms, window and loss; both
+    keeps the configured arms beside them."""
+    assert arm_spec("padding+split", PackConfig()).overlength == "split"
+    assert arm_spec("bfd-isolated+related+drop", PackConfig()) == ArmSpec("bfd", "isolated", "related", False, "drop")
+    assert arm_spec("random-cross", PackConfig()).overlength is None  # data.overlength
+    for bad, message in (("padding+related", "only an over-length suffix"), ("padding+split+drop", "at most one"),
+                         ("greedy-cross+cut", "suffixes must be")):
+        with pytest.raises(ConfigError, match=message):
+            parse_arm(bad)
+    base = load_config("jobs/paper-8b-tulu.yaml")
+    paper = load_config("jobs/paper-8b-tulu.yaml", ["study.setting=paper"])
+    (corrected,), (exact,) = setting_configs(base), setting_configs(paper)
+    assert corrected == base
+    assert exact.pack.arms == ["padding+truncate", "random-cross+split", "greedy-cross+drop"]
+    assert (exact.pack.window, exact.train.loss_reduction, exact.study.match) == (1000, "paper", "epochs")
+    assert (exact.optim, exact.train.epochs, exact.data) == (base.optim, base.train.epochs, base.data)
+    both = setting_configs(load_config("jobs/paper-8b-tulu.yaml", ["study.setting=both"]))
+    assert [c.pack.arms for c in both] == [base.pack.arms, exact.pack.arms]
+    assert load_config("jobs/paper-8b-tulu.yaml", ["study.setting=paper", "train.arm=greedy-cross+drop"])
+    with pytest.raises(ConfigError, match="train.arm"):
+        load_config("jobs/paper-8b-tulu.yaml", ["train.arm=greedy-cross+drop"])  # not an arm of the corrected one
+    with pytest.raises(ConfigError, match="already holds"):
+        load_config(None, ["study.setting=both", "pack.arms=[padding, greedy-cross+drop]"])
 
 
 def test_ranges_are_checked():

@@ -239,3 +239,31 @@ def test_the_bill_prices_each_arms_flops_and_a_study_prints_it(tmp_path, capsys,
     plans, _ = arm_plan(cfg, folders)
     line = study_bill(plans, folders, seeds=3)[0]
     assert f"2 arms x 3 seeds: {3 * total:,.1f} GPU-hours" in line
+
+    # Evaluation: GSM8K's table entry (raypack/eval/cost.py) by hand; the offline tasks are not estimated.
+    from raypack.eval.cost import TASK_COSTS
+    from raypack.train.memory import model_shape
+
+    n, g = model_shape("tiny").num_params, TASK_COSTS["gsm8k"]
+    per_model = (2 * n * g.examples * g.tokens_read / (1e6 * 0.5)
+                 + g.examples * g.tokens_generated / 8 * 2 * n / 3.35e12) / 3600
+    assert main(["plan", "jobs/quickstart.yaml", *overrides, *gpu, "eval.tasks=[gsm8k:4]", "eval.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluation bill, 2 models: {2 * per_model:,.1f} GPU-hours" in out and "not estimated: raypack_offline" in out
+    assert f"whole bill with evaluation: {total + 2 * per_model:,.1f} GPU-hours" in out
+
+    # plan.mfu_from: the median MFU of an earlier run's steps (its first step left out) replaces plan.mfu.
+    run = tmp_path / "earlier" / "runs" / "padding"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "mfu": m}) + "\n"
+                                               for i, m in enumerate([0.9, 0.2, 0.3, 0.25])))
+    (tmp_path / "earlier" / "config.json").write_text(json.dumps({"model": {"name_or_path": "tiny"}}))
+    measured = [*overrides, *gpu, f"plan.mfu_from={tmp_path / 'earlier'}"]
+    assert main(["plan", "jobs/quickstart.yaml", *measured, "--json", str(tmp_path / "measured.json")]) == 0
+    assert "25.0% MFU (median of 3 steps" in capsys.readouterr().out
+    for arm, c in json.loads((tmp_path / "measured.json").read_text())["counts"].items():
+        assert c["gpu_hours"] == pytest.approx(counts[arm]["gpu_hours"] * 0.5 / 0.25)
+    # Negative control: an MFU measured on another model is refused.
+    (tmp_path / "earlier" / "config.json").write_text(json.dumps({"model": {"name_or_path": "other/model"}}))
+    assert main(["plan", "jobs/quickstart.yaml", *measured]) == 2
+    assert "trained other/model" in capsys.readouterr().err

@@ -13,10 +13,11 @@ import pytest
 
 from raypack.config import load_config
 from raypack.data.formats import FormatError
-from raypack.data.local import prepare_local
+from raypack.data.local import load_or_synth, prepare_local
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
-from raypack.data.tokenize import IGNORE_INDEX
+from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
+from raypack.model import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARMS = "[padding, random-cross, greedy-cross, bfd-isolated, bfd-cross]"
@@ -107,6 +108,33 @@ def test_rows_match_the_in_process_reference(ray_local, tmp_path):
         for got, want in zip(rows, arm.rows):
             for column in ("input_ids", "labels", "position_ids", "seq_lens"):
                 assert got[column] == want[column].tolist()
+
+
+def test_one_tokenization_serves_every_overlength_policy(ray_local, tmp_path):
+    """Arms with +truncate/+split/+drop share one tokenized cache; each arm's samples and counts are those of
+    tokenizing with its policy (the reference: tokenize_conversations applying the policy itself)."""
+    arms = ["padding+truncate", "padding+split", "padding+drop", "greedy-cross+drop"]
+    cfg = config(tmp_path, "synth.num_samples=300", "data.val_fraction=0.0", "data.max_seq_len=256",
+                 f"pack.arms=[{', '.join(arms)}]")
+    folders = prepare(cfg)
+    assert len({Path(folders[arm]).parent for arm in arms}) == 1  # one tok-<hash>/ folder
+    conversations = load_or_synth(cfg.data, cfg.synth).conversations
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    for arm in arms:
+        policy = arm.split("+")[1]
+        reference = tokenize_conversations(conversations, tokenizer, 256, overlength=policy)
+        manifest = read_manifest(folders[arm])
+        assert manifest.overlength == policy
+        for key in ("num_truncated", "num_split", "num_dropped_too_long", "num_dropped_no_supervised"):
+            assert getattr(manifest, key) == reference.counts[key], (arm, key)
+        assert manifest.num_samples == reference.counts["num_samples"]
+        assert manifest.num_supervised_tokens == reference.counts["num_supervised_tokens"]
+        if arm.startswith("padding"):  # one sample per row, in input order
+            assert [r["input_ids"] for r in shard_rows(folders[arm])] == \
+                [s["input_ids"].tolist() for s in reference.samples]
+    # Negative control: the policies do differ on this data.
+    rows = {arm: read_manifest(folders[arm]).num_rows for arm in arms[:3]}
+    assert rows["padding+drop"] < rows["padding+truncate"] < rows["padding+split"], rows
 
 
 def test_output_is_byte_identical_whatever_the_workers(ray_local, tmp_path):

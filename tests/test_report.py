@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from raypack.study.report import summarise, write_report
+from raypack.study.report import markdown, summarise, write_report
 
 
 def record(arm, seed, steps, seconds, tokens, row_tokens, val_loss, scores):
@@ -48,6 +48,28 @@ def test_one_seed_has_no_spread_and_missing_values_stay_missing():
     bfd = summary["arms"]["bfd-isolated"]
     assert bfd["val_loss"] != bfd["val_loss"]  # NaN: no value, not zero
     assert bfd["average"] != bfd["average"] and bfd["score:a/acc"] != bfd["score:a/acc"]
+
+
+def test_both_settings_compare_with_their_own_padding_and_data_differences_are_stated():
+    """study.setting=both: each arm's delta is against the padding arm of its setting; arms whose supervised
+    tokens differ (over-length policies) get a section saying by how much. Negative control: equal data, none."""
+    def arm(name, setting, score, supervised, policy):
+        r = record(name, 0, 4, 10.0, 1000, 1200, 2.0, {"a/acc": score})
+        r["manifest"].update(num_supervised_tokens=supervised, overlength=policy)
+        return {**r, "setting": setting}
+
+    records = [arm("padding", "corrected", 0.50, 1000, "truncate"), arm("greedy-cross", "corrected", 0.55, 1000,
+                                                                         "truncate"),
+               arm("padding+truncate", "paper", 0.40, 1000, "truncate"),
+               arm("greedy-cross+drop", "paper", 0.46, 900, "drop")]
+    summary = summarise(records)
+    arms = summary["arms"]
+    assert arms["greedy-cross"]["average_delta_vs_padding"] == pytest.approx(0.05)
+    assert arms["greedy-cross+drop"]["average_delta_vs_padding"] == pytest.approx(0.06)  # vs padding+truncate
+    md = markdown(summary, "t", [])
+    assert "## The arms saw different data" in md and "greedy-cross+drop 900 (-10.00% vs padding)" in md
+    assert "| drop |" in md  # the over-length column
+    assert "saw different data" not in markdown(summarise(records[:3]), "t", [])
 
 
 def test_write_report_gives_markdown_json_and_plots(tmp_path):

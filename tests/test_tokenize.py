@@ -12,7 +12,9 @@ from raypack.data.tokenize import (
     labels_from_spans,
     render_conversation,
     tokenize_conversations,
+    tokenize_pieces,
 )
+from raypack.data.overlength import POLICY_COUNT_KEYS, cache_columns, kept_rows, policy_counts
 from raypack.model import load_tokenizer
 
 EOT = "<|eot_id|>"
@@ -296,6 +298,39 @@ def test_accounting_invariant(tokenizer, overlength, max_seq_len):
     result = tokenize_conversations(conversations, tokenizer, max_seq_len, overlength=overlength)
     assert result.counts["num_conversations"] == len(conversations)
     assert_invariants(result, max_seq_len)
+
+
+def policy_from_pieces(conversations, tokenizer, max_seq_len: int, overlength: str):
+    """(samples, counts) of one policy chosen from a policy-free pass, the way prepare and compare choose them."""
+    pieces = tokenize_pieces(conversations, tokenizer, max_seq_len)
+    key, status, piece, num_tokens, num_supervised = cache_columns(pieces)
+    kept = kept_rows(status, piece, num_supervised, overlength)
+    samples = [s for s, k in zip(pieces.samples, kept) if k]  # the dropped records come last and are never kept
+    return samples, policy_counts(key, status, piece, num_tokens, num_supervised, overlength)
+
+
+@pytest.mark.parametrize("overlength", ["truncate", "drop", "split"])
+@pytest.mark.parametrize("max_seq_len", [2, 7, MAX_SEQ_LEN, 40, 500])
+def test_one_pass_then_any_policy_equals_the_policy_applied_while_tokenizing(tokenizer, overlength, max_seq_len):
+    """The tokenized cache keeps every piece and prepare picks an arm's policy from it; the samples and counts
+    must be those of tokenizing with that policy (the reference: tokenize_conversations' own policy code)."""
+    conversations = POLICY_CONVERSATIONS + [
+        conversation(("user", f"q{i}" * i), ("assistant", "a" * (3 * i)), ("user", "x"), source=f"extra:{i}")
+        for i in range(1, 8)
+    ]
+    reference = tokenize_conversations(conversations, tokenizer, max_seq_len, overlength=overlength)
+    samples, counts = policy_from_pieces(conversations, tokenizer, max_seq_len, overlength)
+    assert [(s["source"], s["input_ids"].tolist(), s["labels"].tolist()) for s in samples] == \
+        [(s["source"], s["input_ids"].tolist(), s["labels"].tolist()) for s in reference.samples]
+    assert counts == {key: reference.counts[key] for key in POLICY_COUNT_KEYS}
+
+
+def test_policies_from_one_pass_differ_where_they_should(tokenizer):
+    """Negative control of the test above: the policies really do choose different samples here."""
+    chosen = {p: [s["source"] for s in policy_from_pieces(POLICY_CONVERSATIONS, tokenizer, MAX_SEQ_LEN, p)[0]]
+              for p in ("truncate", "split", "drop")}
+    assert chosen == {"truncate": ["fits", "early"], "split": ["fits", "late", "early", "early", "early"],
+                      "drop": ["fits"]}
 
 
 # ---------------------------------------------------------------- API edges and the hot path

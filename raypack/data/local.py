@@ -2,7 +2,8 @@
 
 The reference path for small datasets, tests and the quickstart: read or
 synthesise conversations, tokenize them once, then pack the same samples for
-every arm and report each arm's counts side by side. Each arm is planned and
+every arm (each under its over-length policy: data.overlength or its +truncate/
++split/+drop suffix) and report each arm's counts side by side. Each arm is planned and
 counted by ``raypack.data.arm.plan_arm``, as the Ray Data pipeline plans it on a
 cluster, so both report the same counts for the same samples (the pipeline's
 arms hold the train split; this holds out nothing).
@@ -23,13 +24,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from raypack.config import Config, DataConfig, PackConfig, SynthConfig, arm_spec, to_dict
+from raypack.config import OVERLENGTH_POLICIES, Config, DataConfig, PackConfig, SynthConfig, arm_spec, to_dict
 from raypack.data import features, formats, synth
 from raypack.data.arm import ContentGroups, plan_arm
 from raypack.data.pack import pack_rows, row_supervised_tokens
 from raypack.data.summary import COMPARE_COLUMNS, arms_table, composition_lines
-from raypack.data.tokenize import tokenize_conversations
+from raypack.data.overlength import cache_columns, kept_rows, policy_counts
+from raypack.data.tokenize import tokenize_pieces
 from raypack.model import load_tokenizer
+
+
+OVERLENGTH_COUNTS = ("num_truncated", "num_split", "num_dropped_too_long", "num_dropped_no_supervised")
 
 
 @dataclass
@@ -72,29 +77,45 @@ def load_or_synth(data: DataConfig, synth_cfg: SynthConfig) -> formats.LoadResul
 
 
 def prepare_local(cfg: Config) -> LocalPrep:
-    """Tokenize once, pack every arm of cfg.pack.arms, and collect each arm's stats."""
+    """Tokenize once, pack every arm of cfg.pack.arms (each under its over-length policy), collect each arm's stats."""
     load = load_or_synth(cfg.data, cfg.synth)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    tok = tokenize_conversations(load.conversations, tokenizer, cfg.data.max_seq_len,
-                                 overlength=cfg.data.overlength, template=cfg.data.template)
-    lengths = np.array([len(s["input_ids"]) for s in tok.samples], dtype=np.int64)
-    turns = np.array([formats.num_assistant_turns(load.conversations[s["conversation"]]) for s in tok.samples],
+    tok = tokenize_pieces(load.conversations, tokenizer, cfg.data.max_seq_len, template=cfg.data.template)
+    columns = cache_columns(tok)
+    counts = {policy: policy_counts(*columns, policy) for policy in OVERLENGTH_POLICIES}
+    # As prepare: content groups cover every sample some policy may keep; each arm takes its policy's samples.
+    candidates = np.flatnonzero(_kept(columns, "split"))
+    samples = [tok.samples[i] for i in candidates]
+    lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+    turns = np.array([formats.num_assistant_turns(load.conversations[s["conversation"]]) for s in samples],
                      dtype=np.int64)
     specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
     groups = None
     if any(spec.grouping != "none" for spec in specs.values()):
-        groups = content_groups(tok.samples, cfg.pack, cfg.data.tokenizer, cfg.seed)
+        groups = content_groups(samples, cfg.pack, cfg.data.tokenizer, cfg.seed)
     arms = []
     for arm, spec in specs.items():
         start = time.perf_counter()
-        planned = plan_arm(lengths, spec, max_seq_len=cfg.data.max_seq_len, window=cfg.pack.window,
+        policy = spec.overlength or cfg.data.overlength
+        chosen = np.flatnonzero(_kept(columns, policy)[candidates])
+        arm_groups = groups and ContentGroups(groups.clusters[chosen], groups.vectors[chosen], groups.num_clusters,
+                                              groups.backend)
+        planned = plan_arm(lengths[chosen], spec, max_seq_len=cfg.data.max_seq_len, window=cfg.pack.window,
                            group_buffer=cfg.pack.group_buffer, micro_batch_size=cfg.train.micro_batch_size,
-                           seed=cfg.seed, turns=turns, groups=groups)
-        rows = pack_rows(planned.plan, tok.samples, spec.attention or "isolated")
-        stats = {**planned.stats, "num_supervised_tokens": int(row_supervised_tokens(rows).sum())}
+                           seed=cfg.seed, turns=turns[chosen], groups=arm_groups)
+        rows = pack_rows(planned.plan, [samples[i] for i in chosen], spec.attention or "isolated")
+        stats = {**planned.stats, "num_supervised_tokens": int(row_supervised_tokens(rows).sum()),
+                 "overlength": policy, **{key: counts[policy][key] for key in OVERLENGTH_COUNTS}}
         stats["seconds"] = time.perf_counter() - start
         arms.append(ArmResult(arm, rows, stats))
-    return LocalPrep(load=load, token_counts=tok.counts, arms=arms)
+    token_counts = {"num_conversations": len(load.conversations), "overlength": cfg.data.overlength,
+                    **counts[cfg.data.overlength]}
+    return LocalPrep(load=load, token_counts=token_counts, arms=arms)
+
+
+def _kept(columns: tuple[np.ndarray, ...], policy: str) -> np.ndarray:
+    key, status, piece, num_tokens, num_supervised = columns
+    return kept_rows(status, piece, num_supervised, policy)
 
 
 def compare(cfg: Config) -> Path:

@@ -4,9 +4,12 @@ The one module that imports ray.data. It only maps the pure core (formats,
 tokenize, holdout, pack) over a cluster:
 
     read (a task per file, synth block or HF dataset)
-      -> normalise + tokenize + over-length policy (an actor pool; the tokenizer loads once per actor)
-      -> tokenized cache (Parquet, in input order, reused by every arm and every later run)
+      -> normalise + tokenize (an actor pool; the tokenizer loads once per actor)
+      -> tokenized cache (Parquet, in input order, reused by every arm and every later run): a sample
+         longer than max_seq_len is kept as all its max_seq_len pieces, so one cache serves every
+         over-length policy (data.overlength, or an arm's +truncate/+split/+drop)
       -> hold out validation conversations by key (the same for every arm)
+      -> per split, its over-length policy chooses the cache's rows (raypack.data.overlength)
       -> plan every window from lengths alone (a task per split: lengths, clusters, turn counts)
       -> pack in parallel (prepare.pack_workers tasks per split, each a contiguous run of
          the split's shards, reading only the samples its rows hold)
@@ -36,7 +39,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,7 +49,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raypack.config import ArmSpec, Config, DataConfig, PackConfig, PrepareConfig, SynthConfig, arm_spec
+from raypack.config import OVERLENGTH_POLICIES, ArmSpec, Config, DataConfig, PackConfig, PrepareConfig, SynthConfig, arm_spec
 from raypack.data import features, formats, synth
 from raypack.data.arm import COMPOSITION_KEYS, ContentGroups, plan_arm
 from raypack.data.holdout import holdout_mask
@@ -54,20 +57,21 @@ from raypack.data.local import expand_sources
 from raypack.data.pack import PackPlan, pack_rows, row_supervised_tokens
 from raypack.data.prepared import (FLAT_DIR, MANIFEST_VERSION, Manifest, ShardConverter, first_fitting, join_flat,
                                    publish_flat, shard_files, write_flat, write_manifest)
-from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
+from raypack.data.overlength import LONG, kept_rows, policy_counts
+from raypack.data.tokenize import IGNORE_INDEX, tokenize_pieces
 from raypack.model import load_tokenizer
 from raypack.ray_start import ensure_ray
 
 KEY_ROW_BITS = 40  # key = file index << 40 | row number: input order, unique per record
 STATUS_REJECTED = "rejected"
-KEPT_STATUSES = ("whole", "truncated", "split")
 TOKENIZED_SCHEMA = pa.schema([
     ("key", pa.int64()), ("piece", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("source", pa.string()), ("num_tokens", pa.int32()),
     ("num_supervised_tokens", pa.int32()), ("num_turns", pa.int32()), ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),
 ])
-CACHE_VERSION = 2  # 2: num_turns (assistant messages of the sample's conversation)
+CACHE_VERSION = 3  # 2: num_turns (assistant messages of the sample's conversation); 3: every piece of a long
+# conversation, the over-length policy applied per split (raypack.data.overlength)
 RAW_COLUMNS = ("key", "source", "raw", "fmt", "reason", "detail")
 
 
@@ -208,7 +212,7 @@ def _list_column(arrays: list[np.ndarray]) -> pa.ListArray:
 
 
 class TokenizeBatch:
-    """Ray Data actor: normalise, tokenize and apply the over-length policy to a batch of records."""
+    """Ray Data actor: normalise and tokenize a batch of records (every piece of a long one: tokenize_pieces)."""
 
     def __init__(self, data_cfg: dict):
         self.data = data_cfg
@@ -230,12 +234,12 @@ class TokenizeBatch:
             if self.data["strict"]:
                 raise formats.FormatError(f"{rec['source']}: {reason}: {detail}")
             rows_of[i].append(self._row(rec, 0, STATUS_REJECTED, reason, detail))
-        result = tokenize_conversations(conversations, self.tokenizer, self.data["max_seq_len"],
-                                        overlength=self.data["overlength"], template=self.data["template"])
+        result = tokenize_pieces(conversations, self.tokenizer, self.data["max_seq_len"],
+                                 template=self.data["template"])
         for sample in result.samples:
             i = conv_record[sample["conversation"]]
             turns = formats.num_assistant_turns(conversations[sample["conversation"]])
-            rows_of[i].append(self._row(records[i], len(rows_of[i]), result.outcomes[sample["conversation"]],
+            rows_of[i].append(self._row(records[i], sample["piece"], result.outcomes[sample["conversation"]],
                                         "", "", sample, turns))
         for conv_index, outcome in enumerate(result.outcomes):
             i = conv_record[conv_index]
@@ -306,7 +310,11 @@ def tokenize_to_cache(cfg: Config, tok_dir: Path) -> dict:
 
 
 def summarise_tokenized(files: list[str]) -> dict:
-    """Counts of the tokenization pass, from the cache's small columns; checks the input order."""
+    """Counts of the tokenization pass, from the cache's small columns; checks the input order.
+
+    `num_long`: conversations longer than max_seq_len (kept as all their pieces); `num_tokens`: every token the
+    tokenizer produced; `policies`: what each over-length policy makes of the input (raypack.data.overlength).
+    """
     table = pq.read_table(files, columns=["key", "piece", "status", "reason", "num_tokens",
                                           "num_supervised_tokens"]) if files else TOKENIZED_SCHEMA.empty_table()
     key = table.column("key").to_numpy()
@@ -318,22 +326,17 @@ def summarise_tokenized(files: list[str]) -> dict:
     status = np.array(table.column("status").to_pylist(), dtype=object)
     first = piece == 0
     reasons = [r for r, s in zip(table.column("reason").to_pylist(), status) if s == STATUS_REJECTED]
-    kept = np.isin(status, KEPT_STATUSES)
+    num_tokens, num_supervised = (table.column(c).to_numpy() for c in ("num_tokens", "num_supervised_tokens"))
     return {
         "num_input_rows": int(first.sum()),
         "num_rejected_rows": int((status == STATUS_REJECTED).sum()),
         "rejected_reasons": {r: reasons.count(r) for r in formats.REJECT_REASONS},
         "num_conversations": int((first & (status != STATUS_REJECTED)).sum()),
-        "num_samples": int(kept.sum()),
-        "num_truncated": int((first & (status == "truncated")).sum()),
-        "num_split": int((first & (status == "split")).sum()),
-        "num_dropped_too_long": int((status == "dropped_too_long").sum()),
-        "num_dropped_no_supervised": int((status == "dropped_no_supervised").sum()),
-        "num_tokens": int(table.column("num_tokens").to_numpy()[kept].sum()),
-        "num_supervised_tokens": int(table.column("num_supervised_tokens").to_numpy()[kept].sum()),
+        "num_long": int((first & (status == LONG)).sum()),
+        "num_tokens": int(num_tokens.sum()),
+        "policies": {policy: policy_counts(key, status, piece, num_tokens, num_supervised, policy)
+                     for policy in OVERLENGTH_POLICIES},
     }
-
-
 def _write_rejected(files: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
@@ -356,16 +359,23 @@ def _write_rejected(files: list[str], out: Path) -> None:
 #   join_flat_parts  one task: joins the parts into flat/.
 
 
-def _kept(table) -> np.ndarray:
-    """Which rows of a cache table or batch are kept samples (not rejected or dropped)."""
-    return np.isin(np.array(table.column("status").to_pylist(), dtype=object), KEPT_STATUSES)
+def _kept(table, overlength: str) -> np.ndarray:
+    """Which rows of a cache table or batch are samples under the over-length policy."""
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    return kept_rows(status, table.column("piece").to_numpy(), table.column("num_supervised_tokens").to_numpy(),
+                     overlength)
 
 
-def _chosen(batch, holdout_keys: np.ndarray, select: str) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows of a cache batch are kept samples, and which of those belong to the train or val split."""
-    kept = _kept(batch)
+def _candidates(table) -> np.ndarray:
+    """Rows some policy may keep (every row that fits, every long piece with a target): what the content groups
+    cover, so that one grouping serves every arm."""
+    return _kept(table, "split")
+
+
+def _chosen(batch, holdout_keys: np.ndarray, select: str, overlength: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of a cache batch are candidates, and which of those are samples of the train or val split."""
     held = np.isin(batch.column("key").to_numpy(), holdout_keys)
-    return kept, kept & (held if select == "val" else ~held)
+    return _candidates(batch), _kept(batch, overlength) & (held if select == "val" else ~held)
 
 
 def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str]):
@@ -396,15 +406,15 @@ class _Shard(NamedTuple):
     num_tokens: int
 
 
-def _read_lengths(files: list[str], holdout_keys: np.ndarray, select: str) -> dict:
+def _read_lengths(files: list[str], holdout_keys: np.ndarray, select: str, overlength: str) -> dict:
     """The split's kept samples in cache order, from the cache's small columns: no tokens are read."""
-    columns = ["key", "piece", "status", "num_tokens", "num_turns"]
+    columns = ["key", "piece", "status", "num_tokens", "num_supervised_tokens", "num_turns"]
     groups = [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
     parts, row_groups, kept_base, ordinal = [], [], 0, 0
     for (path, group), batches in _row_group_batches(groups, columns):
         first = ordinal
         for batch in batches:
-            kept, chosen = _chosen(batch, holdout_keys, select)
+            kept, chosen = _chosen(batch, holdout_keys, select, overlength)
             kept_index = kept_base + np.cumsum(kept) - 1
             kept_base += int(kept.sum())
             parts.append({"key": batch.column("key").to_numpy()[chosen],
@@ -432,7 +442,7 @@ def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
     Call with num_returns=2: the driver reads the stats, the packing tasks the plans.
     """
     start = time.time()
-    split = _read_lengths(files, holdout_keys, select)
+    split = _read_lengths(files, holdout_keys, select, spec.overlength)
     groups = None
     if groups_dir:
         loaded = load_groups(groups_dir)
@@ -463,7 +473,7 @@ def _shard_plan(plan: PackPlan, lo: int, hi: int) -> PackPlan:
                     plan.row_offsets[lo:hi + 1] - p_lo)
 
 
-def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, needed: np.ndarray
+def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, overlength: str, needed: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Keys, pieces and tokens (copies) of the split's samples at the sorted ordinals `needed`.
 
@@ -474,11 +484,11 @@ def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, need
     wanted = [(path, group, first) for path, group, first, count in split.row_groups
               if np.searchsorted(needed, first) < np.searchsorted(needed, first + count)]
     firsts = {(path, group): first for path, group, first in wanted}
-    columns = ["key", "piece", "status", "input_ids", "labels"]
+    columns = ["key", "piece", "status", "num_supervised_tokens", "input_ids", "labels"]
     for (path, group), batches in _row_group_batches([(p, g) for p, g, _ in wanted], columns):
         ordinal = firsts[(path, group)]
         for batch in batches:
-            _, chosen = _chosen(batch, holdout_keys, select)
+            _, chosen = _chosen(batch, holdout_keys, select, overlength)
             rows = np.flatnonzero(chosen)
             ordinals = ordinal + np.arange(len(rows))
             ordinal += len(rows)
@@ -503,8 +513,8 @@ def _read_samples(split: _SplitPlan, holdout_keys: np.ndarray, select: str, need
 
 
 @ray.remote
-def pack_shards(split: _SplitPlan, shards: list[_Shard], holdout_keys: np.ndarray, select: str, attention: str,
-                out: str, part: str) -> dict:
+def pack_shards(split: _SplitPlan, shards: list[_Shard], holdout_keys: np.ndarray, select: str, overlength: str,
+                attention: str, out: str, part: str) -> dict:
     """Materialise and write these consecutive shards of a split, and their rows as a flat/ part.
 
     Holds only the samples its rows hold. Returns the rows' supervised tokens and the
@@ -513,7 +523,7 @@ def pack_shards(split: _SplitPlan, shards: list[_Shard], holdout_keys: np.ndarra
     needed = np.unique(np.concatenate(
         [split.buffer_starts[s.buffer] + _shard_plan(split.plans[s.buffer], s.lo, s.hi).piece_sample
          for s in shards]))
-    keys, pieces, tokens = _read_samples(split, holdout_keys, select, needed)
+    keys, pieces, tokens = _read_samples(split, holdout_keys, select, overlength, needed)
     converter = ShardConverter(part, first_row=shards[0].first_row)
     num_supervised = 0
     for s in shards:
@@ -564,7 +574,8 @@ def _pack_split(refs, select: str, spec: ArmSpec, holdout_ref, prep: PrepareConf
     for i, (lo, hi) in enumerate(_runs([s.num_tokens for s in shards], prep.pack_workers)):
         parts.append(str(out / ".flat-parts" / f"{i:03d}"))
         results.append(pack_shards.options(num_cpus=prep.pack_num_cpus).remote(
-            plan_ref, shards[lo:hi], holdout_ref, select, spec.attention or "isolated", str(out), parts[-1]))
+            plan_ref, shards[lo:hi], holdout_ref, select, spec.overlength, spec.attention or "isolated", str(out),
+            parts[-1]))
     return stats, join_flat_parts.options(num_cpus=prep.pack_num_cpus).remote(str(out), parts, *results)
 
 
@@ -595,8 +606,8 @@ def _finish(partial: Path, final: Path, manifest: Manifest) -> None:
 
 
 def _kept_token_lists(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Keys, pieces and token ids of the batch's kept samples (both splits), in order."""
-    batch = batch.filter(pa.array(_kept(batch)))
+    """Keys, pieces and token ids of the batch's candidate samples (both splits, any policy: _candidates)."""
+    batch = batch.filter(pa.array(_candidates(batch)))
     ids = batch.column("input_ids").combine_chunks()
     offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy(zero_copy_only=False)
     samples = [values[offsets[i]:offsets[i + 1]] for i in range(len(batch))]
@@ -666,7 +677,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     """Content vectors and k-means clusters of every kept sample, as Ray Data stages; reused when present.
 
     tok-<hash>/groups-<hash>/vectors/*.parquet (key, piece, vector in float16) and
-    clusters.npz (keys, pieces, clusters in kept-sample order), plus groups.json.
+    clusters.npz (keys, pieces, clusters in candidate-sample order), plus groups.json.
     """
     pack, prep = cfg.pack, cfg.prepare
     model = pack.embedding_model if pack.group_backend == "embedding" else None
@@ -677,7 +688,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
     print(f"raypack prepare: grouping samples by content ({pack.group_backend})", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    columns = ["key", "piece", "status", "input_ids"]
+    columns = ["key", "piece", "status", "num_supervised_tokens", "input_ids"]
     ds = ray.data.read_parquet(files).select_columns(columns)
     if pack.group_backend == "tfidf":
         num_buckets = features.NUM_BUCKETS
@@ -718,7 +729,7 @@ def build_groups(cfg: Config, tok_dir: Path, files: list[str]) -> Path:
 
 
 def load_groups(folder: str | Path) -> dict:
-    """What build_groups wrote: keys, pieces, clusters and float16 vectors in kept-sample order."""
+    """What build_groups wrote: keys, pieces, clusters and float16 vectors in candidate-sample order (_candidates)."""
     folder = Path(folder)
     arrays = np.load(folder / "clusters.npz")
     info = json.loads((folder / "groups.json").read_text())
@@ -731,16 +742,16 @@ def load_groups(folder: str | Path) -> dict:
 
 
 def _tok_hash(cfg: Config) -> str:
-    d = cfg.data
+    d = cfg.data  # not d.overlength: the cache keeps every piece and each split applies its own policy
     return _config_hash(_source_fingerprint(d, cfg.synth), d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
-                        d.overlength, d.hf_split, CACHE_VERSION)
+                        d.hf_split, CACHE_VERSION)
 
 
 def _holdout_keys(files: list[str], data: DataConfig, seed: int) -> np.ndarray:
-    table = pq.read_table(files, columns=["key", "piece", "status"])
-    status = np.array(table.column("status").to_pylist(), dtype=object)
-    first_kept = (table.column("piece").to_numpy() == 0) & np.isin(status, KEPT_STATUSES)
-    conv_keys = table.column("key").to_numpy()[first_kept]
+    """Validation conversations: drawn from those data.overlength keeps, the same whatever the arms' policies."""
+    table = pq.read_table(files, columns=["key", "piece", "status", "num_supervised_tokens"])
+    kept = _kept(table, data.overlength)
+    conv_keys = np.unique(table.column("key").to_numpy()[kept])
     if len(conv_keys) == 0:
         return conv_keys
     mask = holdout_mask(conv_keys, seed, fraction=data.val_fraction, count=data.val_count)
@@ -763,16 +774,21 @@ def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
     root = cfg.prepared_root()
     tok_hash = _tok_hash(cfg)
     tok_dir = root / f"tok-{tok_hash}"
-    split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count)
-    specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
+    # data.overlength chooses the conversations the validation split is drawn from (_holdout_keys).
+    split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count, cfg.data.overlength)
+    # Each split's over-length policy is its arm's suffix, else data.overlength (the validation split's too).
+    specs = {arm: replace(spec, overlength=spec.overlength or cfg.data.overlength)
+             for arm, spec in ((arm, arm_spec(arm, cfg.pack)) for arm in cfg.pack.arms)}
     grouped = any(spec.grouping != "none" for spec in specs.values())
     groups_dir = _groups_dir(cfg.pack, cfg.seed, tok_dir) if grouped else None
-    jobs = {"val": _Job("val", ArmSpec("padding", None), 0, None, split_hash, tok_dir / f"val-{split_hash}")}
+    jobs = {"val": _Job("val", ArmSpec("padding", None, overlength=cfg.data.overlength), 0, None, split_hash,
+                        tok_dir / f"val-{split_hash}")}
     for arm, spec in specs.items():
         packed_groups = groups_dir if spec.strategy != "padding" else None
         arm_hash = _config_hash(split_hash, spec.strategy, spec.attention, cfg.pack.window, cfg.train.micro_batch_size,
                                 cfg.prepare.rows_per_shard, spec.grouping, spec.only_single_turn,
-                                packed_groups and packed_groups.name, cfg.pack.group_buffer if spec.grouping != "none" else None)
+                                packed_groups and packed_groups.name, cfg.pack.group_buffer if spec.grouping != "none" else None,
+                                spec.overlength)
         jobs[arm] = _Job("train", spec, cfg.pack.window, packed_groups, arm_hash, tok_dir / f"{arm}-{arm_hash}")
     return tok_dir, jobs
 
@@ -826,30 +842,31 @@ def prepare(cfg: Config) -> dict:
     for name, (partial, job_hash, spec, window, stats, join_ref) in pending.items():
         joined = ray.get(join_ref)
         stats.update(num_supervised_tokens=joined["num_supervised_tokens"], seconds=joined["end"] - stats.pop("start"))
-        manifest = _manifest(counts, stats, cfg.data.max_seq_len, cfg.train.micro_batch_size, spec.strategy,
-                             spec.attention, window, job_hash, tokenize_seconds,
+        manifest = _manifest(counts, stats, cfg.data.max_seq_len, cfg.train.micro_batch_size, spec, window,
+                             job_hash, tokenize_seconds,
                              split="val" if name == "val" else "train", num_val_conversations=int(len(holdout)))
         _finish(partial, folders[name], manifest)
     return {name: str(path) for name, path in folders.items()}
 
 
-def _manifest(counts: dict, stats: dict, max_seq_len: int, micro_batch_size: int, strategy: str,
-              attention: str | None, window: int, job_hash: str, tokenize_seconds: float, split: str,
-              num_val_conversations: int) -> Manifest:
-    """manifest.json: the tokenization pass's counts (whole input), this split's row counts and, for a train
+def _manifest(counts: dict, stats: dict, max_seq_len: int, micro_batch_size: int, spec: ArmSpec, window: int,
+              job_hash: str, tokenize_seconds: float, split: str, num_val_conversations: int) -> Manifest:
+    """manifest.json: the tokenization pass's counts (whole input; what the split's over-length policy made of
+    it), this split's row counts and, for a train
     arm, what went into its packs (the record's COMPOSITION_KEYS: a key Manifest lacks is a TypeError here, so
     add the field)."""
     composition = {key: stats[key] for key in COMPOSITION_KEYS if key in stats} if split == "train" else {}
     return Manifest(
         version=MANIFEST_VERSION,
-        **{key: counts[key] for key in ("num_input_rows", "num_rejected_rows", "rejected_reasons", "num_conversations",
-                                        "num_truncated", "num_split", "num_dropped_too_long",
-                                        "num_dropped_no_supervised")},
+        **{key: counts[key] for key in ("num_input_rows", "num_rejected_rows", "rejected_reasons", "num_conversations")},
+        **{key: counts["policies"][spec.overlength][key]
+           for key in ("num_truncated", "num_split", "num_dropped_too_long", "num_dropped_no_supervised")},
+        overlength=spec.overlength,
         num_val_conversations=num_val_conversations, split=split,
         **{key: stats[key] for key in ("num_samples", "num_split_samples", "num_rows", "num_tokens",
                                        "num_supervised_tokens", "num_capacity_tokens", "num_batch_tokens",
                                        "padding_fraction", "efficiency", "lower_bound_rows", "rows_over_lower_bound",
                                        "seconds")},
-        max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, strategy=strategy,
-        attention=None if strategy == "padding" else attention, pack_window=window, config_hash=job_hash,
+        max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, strategy=spec.strategy,
+        attention=None if spec.strategy == "padding" else spec.attention, pack_window=window, config_hash=job_hash,
         tokenize_seconds=tokenize_seconds, **composition)

@@ -133,6 +133,9 @@ class Manifest:
     tokenize_seconds: float
     # What went into the packs (raypack.data.compose): grouping and only_single_turn for every train arm,
     # the single-turn counts for single-turn-only arms, the cluster ones for grouped arms.
+    # The over-length policy the split applied (its arm's +truncate/+split/+drop, else data.overlength);
+    # num_truncated ... num_dropped_no_supervised are what it made of the whole input. None: written before it.
+    overlength: str | None = None
     grouping: str | None = None
     only_single_turn: bool | None = None
     num_single_turn_samples: int | None = None

@@ -64,6 +64,11 @@ Over-length policies (`max_seq_len`, counted in `TokenizeResult.counts`)
     Conversations with no supervised token at all are dropped before any cut
     (`num_dropped_no_supervised`).
 
+    One pass, several policies: `tokenize_pieces` keeps every long conversation as all
+    its pieces (outcome `long`) and raypack.data.overlength chooses rows per policy
+    afterwards; the tokenized cache of `raypack prepare` is made this way, so arms with
+    different +truncate/+split/+drop suffixes share it.
+
 Accounting (tested)
     num_conversations == num_kept + num_dropped_too_long + num_dropped_no_supervised
     num_samples       == num_kept - num_split + num_split_pieces
@@ -304,17 +309,48 @@ def tokenize_conversations(
     _check_arguments(max_seq_len, overlength, template)
     result = TokenizeResult()
     result.counts["num_conversations"] = len(conversations)
-    if not conversations:
-        return result
-    rendered = [render_conversation(c, tokenizer, template) for c in conversations]
-    encoded = encode_with_labels(tokenizer, [text for text, _ in rendered], [spans for _, spans in rendered])
-    for conversation, (input_ids, labels) in zip(conversations, encoded):
-        source = conversation.get("source", "")
+    for conversation, (input_ids, labels) in zip(conversations, _encode(conversations, tokenizer, template)):
         pieces, outcome = _apply_overlength(input_ids, labels, max_seq_len, overlength, result.counts)
-        result.outcomes.append(outcome)
-        for piece_ids, piece_labels in pieces:
-            result.samples.append({"input_ids": piece_ids, "labels": piece_labels, "source": source,
-                                   "conversation": len(result.outcomes) - 1})
+        _add(result, conversation, pieces, outcome)
+    return _totals(result)
+
+
+def tokenize_pieces(conversations: list[dict], tokenizer, max_seq_len: int, template: str = "auto") -> TokenizeResult:
+    """Like tokenize_conversations, but with no over-length policy: a conversation longer than max_seq_len
+    gives ALL its consecutive pieces (`cut_pieces`, with or without a target) and the outcome `long`, one that
+    fits the outcome `whole`; raypack.data.overlength then applies any policy to them (one tokenization,
+    several policies). Each sample carries its `piece` number; counts hold num_conversations, num_samples
+    (pieces), num_tokens, num_supervised_tokens and num_dropped_no_supervised."""
+    _check_arguments(max_seq_len, OVERLENGTH_POLICIES[0], template)
+    result = TokenizeResult()
+    result.counts["num_conversations"] = len(conversations)
+    for conversation, (input_ids, labels) in zip(conversations, _encode(conversations, tokenizer, template)):
+        if not _has_target(labels):
+            pieces, outcome = [], "dropped_no_supervised"
+            result.counts["num_dropped_no_supervised"] += 1
+        elif len(input_ids) <= max_seq_len:
+            pieces, outcome = [(input_ids, labels)], "whole"
+        else:
+            pieces, outcome = cut_pieces(input_ids, labels, max_seq_len), "long"
+        _add(result, conversation, pieces, outcome)
+    return _totals(result)
+
+
+def _encode(conversations: list[dict], tokenizer, template: str) -> list[tuple]:
+    if not conversations:
+        return []
+    rendered = [render_conversation(c, tokenizer, template) for c in conversations]
+    return encode_with_labels(tokenizer, [text for text, _ in rendered], [spans for _, spans in rendered])
+
+
+def _add(result: TokenizeResult, conversation: dict, pieces: list, outcome: str) -> None:
+    result.outcomes.append(outcome)
+    for number, (piece_ids, piece_labels) in enumerate(pieces):
+        result.samples.append({"input_ids": piece_ids, "labels": piece_labels, "source": conversation.get("source", ""),
+                               "conversation": len(result.outcomes) - 1, "piece": number})
+
+
+def _totals(result: TokenizeResult) -> TokenizeResult:
     result.counts["num_samples"] = len(result.samples)
     result.counts["num_tokens"] = sum(len(s["input_ids"]) for s in result.samples)
     result.counts["num_supervised_tokens"] = sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in result.samples)
@@ -423,14 +459,23 @@ def _count(pieces: list, outcome: str, counts: dict) -> tuple[list, str]:
 
 
 def _split(input_ids, labels, max_seq_len: int, counts: dict) -> list[tuple]:
-    starts = range(0, len(input_ids), max_seq_len)
+    pieces = cut_pieces(input_ids, labels, max_seq_len)
     # A cut removes the target of the new piece's first token: it would be
     # predicted from the previous token, which now sits in another sample.
-    counts["num_cut_targets_lost"] += int((labels[list(starts)[1:]] != IGNORE_INDEX).sum())
-    pieces = []
-    for start in starts:
-        piece_labels = labels[start : start + max_seq_len].copy()
-        piece_labels[0] = IGNORE_INDEX
-        pieces.append((input_ids[start : start + max_seq_len].copy(), piece_labels))
+    counts["num_cut_targets_lost"] += int((labels[max_seq_len::max_seq_len] != IGNORE_INDEX).sum())
     counts["num_split_pieces_dropped"] += sum(not _has_target(lab) for _, lab in pieces)
+    return pieces
+
+
+def cut_pieces(input_ids: np.ndarray, labels: np.ndarray, max_seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive max_seq_len pieces (copies), labels[0] of each set to IGNORE_INDEX.
+
+    >>> [(i.tolist(), l.tolist()) for i, l in cut_pieces(np.arange(5), np.array([-100, 1, 2, 3, 4]), 2)]
+    [([0, 1], [-100, 1]), ([2, 3], [-100, 3]), ([4], [-100])]
+    """
+    pieces = []
+    for start in range(0, len(input_ids), max_seq_len):
+        piece_labels = labels[start: start + max_seq_len].copy()
+        piece_labels[0] = IGNORE_INDEX
+        pieces.append((input_ids[start: start + max_seq_len].copy(), piece_labels))
     return pieces

@@ -26,7 +26,8 @@ import math
 import statistics
 from pathlib import Path
 
-MANIFEST_COUNTS = ("num_rows", "num_truncated", "num_split", "num_dropped_too_long", "num_dropped_no_supervised")
+MANIFEST_COUNTS = ("num_rows", "num_supervised_tokens", "overlength", "num_truncated", "num_split",
+                   "num_dropped_too_long", "num_dropped_no_supervised")
 # What went into the packs (raypack.data.compose), from each arm's manifest.
 COMPOSITION_KEYS = ("grouping", "only_single_turn", "num_clusters", "within_pack_cosine", "across_pack_cosine",
                     "num_shared_rows", "num_mixed_cluster_rows", "num_single_turn_samples", "num_multi_turn_samples",
@@ -76,17 +77,28 @@ def summarise(records: list[dict]) -> dict:
             for key in ("delta_unrelated_ci", "delta_related_ci", "related_minus_unrelated_ci"):  # first seed's
                 row[f"probe_{key}"] = probes[0][key]
             row["probe_num_samples"] = probes[0]["num_samples"]
+        row["setting"] = runs[0].get("setting", "corrected")
         out["arms"][arm] = row
-    base = out["arms"].get("padding")
-    for row in out["arms"].values():
+    for arm, row in out["arms"].items():
+        base = out["arms"].get(padding_arm(out["arms"], row["setting"]))
         row["average_delta_vs_padding"] = (row["average"] - base["average"]
                                            if base and tasks and not math.isnan(base["average"]) else None)
     return out
 
 
+def padding_arm(arms: dict, setting: str) -> str | None:
+    """The padding arm the other arms of a setting are compared with: `padding` or `padding+<policy>` (not
+    padfree), of the same study.setting when a study holds two."""
+    padding = [arm for arm, row in arms.items() if arm.split("+")[0] == "padding"]
+    return next((arm for arm in padding if arms[arm].get("setting", "corrected") == setting), None) or \
+        next(iter(padding), None)
+
+
 def _fmt(value, spread=None, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, str):
+        return value
     if isinstance(value, float):
         text = f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
     else:
@@ -98,7 +110,8 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
     arms = summary["arms"]
     cols = [("steps", "optimizer steps", 0), ("train_seconds", "train time (s)", 1),
             ("samples_per_sec", "samples/s", 1), ("tokens_per_sec", "real tokens/s", 0),
-            ("padding_fraction", "padding", 3), ("num_rows", "rows", 0), ("num_truncated", "truncated", 0),
+            ("padding_fraction", "padding", 3), ("num_rows", "rows", 0), ("overlength", "over-length", 0),
+            ("num_truncated", "truncated", 0),
             ("num_split", "split", 0), ("num_dropped_too_long", "dropped (long)", 0),
             ("final_train_loss", "final train loss", 4), ("val_loss", "val loss", 4)]
     lines = [f"# {title}", "", *notes, "", "## Cost and loss (the paper's Table 3)", "",
@@ -114,11 +127,25 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
             cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_spread")) for t in tasks]
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row['average'], row.get('average_spread'))}"
                          f" | {_fmt(row['average_delta_vs_padding'])} |")
-    lines += _composition_lines(arms) + _probe_lines(arms)
+    lines += _data_lines(arms) + _composition_lines(arms) + _probe_lines(arms)
     if len(summary["seeds"]) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {summary['seeds']}."]
     lines += ["", "Plots: " + ", ".join(summary.get("plots", [])) + ".", ""]
     return "\n".join(lines)
+
+
+def _data_lines(arms: dict) -> list[str]:
+    """When the arms trained on different data (over-length policies, single-turn-only packing): by how much."""
+    tokens = {arm: row.get("num_supervised_tokens") for arm, row in arms.items()}
+    if None in tokens.values() or len(set(tokens.values())) < 2:
+        return []
+    first, ref = next(iter(tokens.items()))
+    cells = [f"{arm} {n:,}" + (f" ({(n - ref) / ref:+.2%} vs {first})" if arm != first else "")
+             for arm, n in tokens.items()]
+    return ["", "## The arms saw different data", "",
+            "Supervised tokens per epoch (train split, from each arm's manifest): " + "; ".join(cells) + ". "
+            "An arm's over-length policy (truncate, split or drop), and packing only single-turn conversations, "
+            "change what it trains on, so part of a difference in scores is a difference in data."]
 
 
 def _composition_lines(arms: dict) -> list[str]:

@@ -2,8 +2,10 @@
 
     raypack study jobs/quickstart.yaml [key=value ...]
 
-1. prepare every arm of pack.arms from one tokenization pass, with one shared
-   validation split (raypack.data.pipeline; reused when already prepared);
+1. prepare every arm of pack.arms (or of the paper's setting, or both: study.setting)
+   from one tokenization pass, with one shared validation split
+   (raypack.data.pipeline; reused when already prepared); an arm's over-length policy
+   is its +truncate/+split/+drop suffix, else data.overlength;
 2. fit the arms to the comparison asked for (study.match):
      epochs  every arm trains train.epochs epochs (the paper);
      steps   every arm takes the fewest optimizer steps any arm takes, its LR
@@ -29,7 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from raypack.config import Config, DataConfig, SynthConfig, to_dict
+from raypack.config import Config, DataConfig, SynthConfig, setting_configs, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.eval.harness import score_on_ray
@@ -78,8 +80,13 @@ def run_study(cfg: Config) -> Path:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)  # bad task names fail before any training
     ensure_ray()
-    folders = prepare(cfg)
-    plans, notes = arm_plan(cfg, folders)
+    folders, plans, notes = {}, {}, []
+    for variant in setting_configs(cfg):  # study.setting=both: the paper's arms reuse the tokenized cache
+        folders.update(prepare(variant))
+        variant_plans, variant_notes = arm_plan(variant, folders)
+        plans.update(variant_plans)
+        notes += [f"{variant.study.setting} setting: {note}" if cfg.study.setting == "both" else note
+                  for note in variant_notes]
     if cfg.train.use_gpu:
         from raypack.train.plan_report import study_bill
 
@@ -91,13 +98,19 @@ def run_study(cfg: Config) -> Path:
             records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out))
     title = f"raypack study {cfg.name}: padding or packing?"
     notes = [f"Data: {_describe_data(cfg.data, cfg.synth)}; model {cfg.model.name_or_path}; "
-             f"max_seq_len {cfg.data.max_seq_len}; "
-             f"loss_reduction {cfg.train.loss_reduction}; {cfg.train.num_workers} workers; "
+             f"max_seq_len {cfg.data.max_seq_len}; {cfg.train.num_workers} workers; "
              f"validation: {read_manifest(folders['val']).num_rows} held-out samples, the same for every arm.",
-             *notes]
+             *[_setting_note(variant) for variant in setting_configs(cfg)], *notes]
     write_report(records, out, title, notes)
     print(f"study report: {out / 'report.md'}", flush=True)
     return out
+
+
+def _setting_note(cfg: Config) -> str:
+    what = {"paper": "the paper's setting (its arms' over-length policies, window, loss and match)",
+            "corrected": "as configured"}[cfg.study.setting]
+    return (f"Arms {', '.join(cfg.pack.arms)}: {what}; pack.window {cfg.pack.window}, loss_reduction "
+            f"{cfg.train.loss_reduction}, match {cfg.study.match}.")
 
 
 def _describe_data(data: DataConfig, synth: SynthConfig) -> str:
@@ -126,7 +139,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
         curve.append({"step": m["step"], "loss": m["loss"], "time_s": elapsed,
                       **({"val_loss": m["val_loss"]} if "val_loss" in m else {})})
     record = {
-        "arm": arm, "seed": seed, "steps": len(metrics), "fit_seconds": fit_seconds,
+        "arm": arm, "setting": cfg.study.setting, "seed": seed, "steps": len(metrics), "fit_seconds": fit_seconds,
         "train_seconds": sum(m["step_time_s"] for m in metrics),
         "samples": sum(m["num_samples"] for m in metrics), "tokens": sum(m["num_tokens"] for m in metrics),
         "row_tokens": sum(m["num_row_tokens"] for m in metrics), "final_train_loss": metrics[-1]["loss"],

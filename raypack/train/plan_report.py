@@ -8,6 +8,7 @@ settings that would lower it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ import pyarrow.parquet as pq
 
 from raypack.config import Config, OptimConfig, PlanConfig, TrainConfig, to_dict
 from raypack.data.prepared import read_manifest
+from raypack.eval.cost import eval_gpu_hours
+from raypack.eval.tasks import resolve_tasks
 from raypack.tables import format_table, write_json
 from raypack.train import memory
 from raypack.train.flops import gpu_hours, step_flops
+from raypack.train.metrics import METRICS_FILE, read_jsonl
 from raypack.train.plan import run_plan
 
 PLAN_COUNT_COLUMNS = (
@@ -54,25 +58,78 @@ def price(counts: dict[str, dict], plan: PlanConfig) -> None:
     plan.gpu_hour_usd, its cost in USD to its counts."""
     if not 0 < plan.mfu <= 1:
         raise ValueError(f"plan.mfu: must be in (0, 1], got {plan.mfu}")
-    if plan.gpu_peak_tflops <= 0 or plan.gpu_hour_usd < 0:
-        raise ValueError(f"plan.gpu_peak_tflops must be > 0 and plan.gpu_hour_usd >= 0, got "
-                         f"{plan.gpu_peak_tflops} and {plan.gpu_hour_usd}")
+    if plan.gpu_peak_tflops <= 0 or plan.gpu_hour_usd < 0 or plan.gpu_hbm_tbps <= 0:
+        raise ValueError(f"plan.gpu_peak_tflops and plan.gpu_hbm_tbps must be > 0 and plan.gpu_hour_usd >= 0, "
+                         f"got {plan.gpu_peak_tflops}, {plan.gpu_hbm_tbps} and {plan.gpu_hour_usd}")
     for c in counts.values():
         c["gpu_hours"] = gpu_hours(c["pflop"] * 1e15, plan.gpu_peak_tflops, plan.mfu)
         if plan.gpu_hour_usd:
             c["usd"] = c["gpu_hours"] * plan.gpu_hour_usd
 
 
-def bill_lines(counts: dict[str, dict], train: TrainConfig, plan: PlanConfig, seeds: int = 1) -> list[str]:
-    """The training bill of the priced arms: GPU-hours, wall-clock hours on train.num_workers GPUs, and USD."""
+def measured_plan(cfg: Config) -> tuple[PlanConfig, str]:
+    """cfg.plan with plan.mfu measured by the run(s) under plan.mfu_from, when set; and where the MFU comes from."""
+    p = cfg.plan
+    if not p.mfu_from:
+        return p, f"{p.mfu:.0%} MFU (plan.mfu)"
+    folder = Path(p.mfu_from)
+    files = sorted(folder.rglob(METRICS_FILE)) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"plan.mfu_from: {folder} holds no {METRICS_FILE} (give a finished run's or study's folder)")
+    model = _trained_model(folder)
+    if model and model != cfg.model.name_or_path:
+        raise ValueError(f"plan.mfu_from: {folder} trained {model}, this job trains {cfg.model.name_or_path}; an "
+                         "MFU measured on another model does not carry over")
+    values = [m["mfu"] for f in files for m in read_jsonl(f)[1:] if m.get("mfu")]  # step 1 warms up
+    if not values:
+        raise ValueError(f"plan.mfu_from: no measured MFU in {folder} (CPU runs, and GPUs of unknown peak "
+                         "without train.peak_tflops, log none)")
+    mfu = float(np.median(values))
+    return dataclasses.replace(p, mfu=mfu), f"{mfu:.1%} MFU (median of {len(values):,} steps under {folder})"
+
+
+def _trained_model(folder: Path) -> str | None:
+    """model.name_or_path of the study or run config saved in `folder` or a folder above it, if any."""
+    for parent in (folder, *folder.parents):
+        path = parent / "config.json"
+        if path.exists():
+            return json.loads(path.read_text()).get("model", {}).get("name_or_path")
+    return None
+
+
+def eval_bill(cfg: Config, num_params: int, num_models: int) -> tuple[float, list[str]]:
+    """GPU-hours of scoring num_models models on cfg.eval's benchmarks (raypack.eval.cost), and the bill line."""
+    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)
+    if not specs:
+        return 0.0, []
+    per_model, unknown = eval_gpu_hours(specs, num_params, cfg.plan.gpu_peak_tflops, cfg.plan.mfu,
+                                        cfg.plan.gpu_hbm_tbps, cfg.eval.batch_size)
+    skipped = f"; not estimated: {', '.join(unknown)}" if unknown else ""
+    return per_model * num_models, [
+        f"evaluation bill, {num_models} model{'s' * (num_models > 1)}: {_figure(per_model * num_models)} GPU-hours "
+        f"({_figure(per_model)} per model on {', '.join(s.name for s in specs)}: prompts at the MFU, generation "
+        f"at {cfg.plan.gpu_hbm_tbps:g} TB/s, raypack/eval/cost.py{skipped})"]
+
+
+def bill_lines(counts: dict[str, dict], train: TrainConfig, plan: PlanConfig, seeds: int = 1,
+               mfu_source: str = "", eval_hours: float = 0.0) -> list[str]:
+    """The bill of the priced arms: training GPU-hours, wall-clock hours on train.num_workers GPUs, USD; and the
+    whole with evaluation."""
     hours = seeds * sum(c["gpu_hours"] for c in counts.values())
-    cost = f", ${_figure(hours * plan.gpu_hour_usd)} at ${plan.gpu_hour_usd:g} per GPU-hour" \
-        if plan.gpu_hour_usd else " (plan.gpu_hour_usd prices it)"
     runs = f"{len(counts)} arm{'s' * (len(counts) > 1)}" + (f" x {seeds} seeds" if seeds > 1 else "")
-    return [f"training bill, {runs}: {_figure(hours)} GPU-hours, about {_figure(hours / train.num_workers)} h "
-            f"on {train.num_workers} GPUs{cost}; at {plan.mfu:.0%} MFU of {plan.gpu_peak_tflops:g} TFLOPS per "
-            "GPU (plan.mfu, plan.gpu_peak_tflops), model FLOPs only: evaluation, start-up and checkpoints not "
-            "counted"]
+    lines = [f"training bill, {runs}: {_figure(hours)} GPU-hours, about {_figure(hours / train.num_workers)} h "
+             f"on {train.num_workers} GPUs{_cost(hours, plan)}; at {mfu_source or f'{plan.mfu:.0%} MFU'} of "
+             f"{plan.gpu_peak_tflops:g} TFLOPS per GPU (plan.gpu_peak_tflops), model FLOPs only: start-up and "
+             "checkpoints not counted"]
+    if eval_hours:
+        lines.append(f"whole bill with evaluation: {_figure(hours + eval_hours)} GPU-hours"
+                     f"{_cost(hours + eval_hours, plan)}")
+    return lines
+
+
+def _cost(hours: float, plan: PlanConfig) -> str:
+    return f", ${_figure(hours * plan.gpu_hour_usd)} at ${plan.gpu_hour_usd:g} per GPU-hour" \
+        if plan.gpu_hour_usd else " (plan.gpu_hour_usd prices it)"
 
 
 def _figure(x: float) -> str:
@@ -81,13 +138,17 @@ def _figure(x: float) -> str:
 
 
 def study_bill(plans: dict[str, Config], folders: dict, seeds: int) -> list[str]:
-    """The training bill `raypack study` prints before it trains: each arm under its own plan (study.match)."""
+    """The bill `raypack study` prints before it trains: each arm under its own plan (study.match), then the
+    evaluation of every arm's model per seed."""
     first = next(iter(plans.values()))
     shape = memory.model_shape(first.model.name_or_path, first.model.trust_remote_code)
+    plan, source = measured_plan(first)
     counts = {arm: arm_counts(c.train, c.optim, str(folders[arm]), shape) for arm, c in plans.items()}
-    price(counts, first.plan)
+    price(counts, plan)
+    eval_hours, eval_lines = eval_bill(dataclasses.replace(first, plan=plan), shape.num_params, len(plans) * seeds)
     per_arm = ", ".join(f"{arm} {_figure(c['gpu_hours'])}" for arm, c in counts.items())
-    return bill_lines(counts, first.train, first.plan, seeds) + [f"GPU-hours per arm and seed: {per_arm}"]
+    training = bill_lines(counts, first.train, plan, seeds, source, eval_hours)
+    return training[:1] + eval_lines + training[1:] + [f"training GPU-hours per arm and seed: {per_arm}"]
 
 
 def _plan_header(cfg, shape, precision: str, attention: str, limits) -> list[str]:
@@ -125,13 +186,16 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
     lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]
     columns = PLAN_COUNT_COLUMNS
     if counts and use_gpu:
-        price(counts, cfg.plan)
+        plan, mfu_source = measured_plan(cfg)
+        price(counts, plan)
         columns += (("GPU-h", "gpu_hours"),) + ((("USD", "usd"),) if cfg.plan.gpu_hour_usd else ())
     if counts:
         lines.append(format_table(["arm"] + [c for c, _ in columns],
                                   [[arm] + [c[k] for _, k in columns] for arm, c in counts.items()]))
     if counts and use_gpu:
-        lines += bill_lines(counts, cfg.train, cfg.plan)
+        eval_hours, eval_lines = eval_bill(dataclasses.replace(cfg, plan=plan), shape.num_params, len(counts))
+        training = bill_lines(counts, cfg.train, plan, 1, mfu_source, eval_hours)
+        lines += training[:1] + eval_lines + training[1:]
     lines += [f"{arm}: {NOT_PREPARED}" for arm in cfg.pack.arms if arm not in counts]
     figures = {arm: _plan_figures(a, use_gpu, limits) for arm, a in arms.items()}
     where = "per GPU" if use_gpu else "per CPU worker (all of it in host memory)"
