@@ -47,6 +47,18 @@ def mean_spread(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def describe_data(config: dict) -> str:
+    """What a study trained on, from its resolved config (config.json): its sources, or the synthetic preset.
+
+    >>> describe_data({"data": {"sources": []}, "synth": {"preset": "tulu-326k", "num_samples": 1000, "seed": 0}})
+    'synthetic tulu-326k x 1,000 (seed 0)'
+    """
+    data, synth = config["data"], config["synth"]
+    if data["sources"]:
+        return ", ".join(data["sources"])
+    return f"synthetic {synth['preset']} x {synth['num_samples']:,} (seed {synth['seed']})"
+
+
 def average_score(scores: dict, tasks: list[str]) -> float | None:
     """One run's benchmark average: the mean of its scores over the study's tasks, None when one is missing."""
     return statistics.fmean(scores[t] for t in tasks) if tasks and all(t in scores for t in tasks) else None
