@@ -1,6 +1,6 @@
 """The `raypack` command line: a table of commands (COMMANDS) over the library.
 
-Every command but `analyze` takes a YAML config and dotted `key=value` overrides, the
+Every command but `analyze` and `report` takes a YAML config and dotted `key=value` overrides, the
 one override mechanism of raypack.config (a Ray Tune trial is one too); the only flags
 are plan's and the benchmarks' own (outputs, sizes), none a copy of a config field. `raypack COMMAND --help` lists the config keys
 the command reads, with the help text they are declared with.
@@ -13,6 +13,7 @@ the command reads, with the help text they are declared with.
     raypack study jobs/quickstart.yaml [key=value ...]     # every arm prepared, trained, evaluated, compared
     raypack sweep jobs/sweep-quick.yaml [key=value ...] [--resume DIR]   # Ray Tune: lr x batch size per arm
     raypack analyze out/sweep/sweep-quick                  # the sweep's table, plots and lr* ∝ batch^alpha
+    raypack report out/study/quickstart out/study/other [--out DIR]   # finished studies in the paper's grid
     raypack eval jobs/quickstart.yaml [eval.preset=paper eval.tasks=[gsm8k:4] eval.limit=N eval.ray=true eval.out=F]
     raypack eval jobs/quickstart.yaml eval.model_dir=out/model eval.preset=none   # + eval.val_dir=FOLDER
     raypack probe jobs/quickstart.yaml train.arm=bfd-cross probe.num_samples=64 [probe.out=F.json]
@@ -138,6 +139,16 @@ def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
         print(f"alpha {arm}: {a['alpha']:.3f} (grid lr*: {a['alpha_grid']:.3f}; {a['num_batch_sizes']} batch "
               f"sizes{boot})" if a["num_batch_sizes"] > 1 else f"alpha {arm}: n/a (one batch size)")
     print(f"wrote trials.csv, trials.parquet, analysis.md, {', '.join(result['plots'])} in {args.sweep_dir}")
+    return 0
+
+
+def cmd_report(cfg: Config | None, args: argparse.Namespace) -> int:
+    from raypack.study.grid import default_out, write_grid
+
+    out = Path(args.out) if args.out else default_out(args.study_dirs)
+    write_grid(args.study_dirs, out)
+    print((out / "grid.md").read_text())
+    print(f"wrote grid.md, grid.json, grid.png in {out}")
     return 0
 
 
@@ -298,6 +309,13 @@ COMMANDS = (
     Command("analyze", cmd_analyze, "a sweep's trials as trials.csv, analysis.md and plots (lr* per batch size)",
             config="none", flags=(flag("sweep_dir", help="the sweep folder (sweep.out, default "
                                        "<output_dir>/sweep/<name>)"),)),
+    Command("report", cmd_report, "finished studies in the paper's layout: one row per model x dataset; per arm "
+            "steps, GPU-hours (CPU: worker-hours), benchmark average and delta vs padding, beside the paper's "
+            "published deltas", config="none",
+            flags=(flag("study_dirs", nargs="+", metavar="STUDY_DIR", help="a folder `raypack study` wrote "
+                        "(study.out, default <output_dir>/study/<name>)"),
+                   flag("--out", metavar="DIR", help="grid.md, grid.json and grid.png go here; default: grid "
+                        "beside the first study"))),
     Command("eval", cmd_eval, "score checkpoints with lm-evaluation-harness and the validation loss; print the "
             "table", reads=("eval", "train.arm")),
     Command("probe", cmd_probe, "does the model use its context? a held-out sample's loss alone vs after an "

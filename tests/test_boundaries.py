@@ -22,7 +22,7 @@ CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
         "raypack.data.summary", "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory",
         "raypack.train.resume", "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss",
         "raypack.train.flops", "raypack.eval.tasks", "raypack.eval.scores", "raypack.study.report",
-        "raypack.tune.analyze"]
+        "raypack.study.grid", "raypack.tune.analyze"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 # What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.
 TORCH_FREE = ("raypack.data.prepared", "raypack.train.plan", "raypack.train.metrics", "raypack.eval.scores")

@@ -58,12 +58,21 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
     assert abs(bfd_rows * bfd_row_tokens - tokens_per_step) <= 2 * bfd_row_tokens + 1
 
 
-def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished_study(ray_local, tmp_path_factory):
+    """One study of both arms, 3 steps each, scored and probed: (its config, its folder)."""
     from raypack.study.run import run_study
 
+    tmp = tmp_path_factory.mktemp("study")
     # 512 tokens and 40% held out, so the probe finds held-out targets of at most half a row.
-    cfg = study_config(tmp_path, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4")
-    out = run_study(cfg)
+    cfg = study_config(tmp, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4")
+    return cfg, run_study(cfg)
+
+
+def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsys):
+    from raypack.study.run import run_study
+
+    cfg, out = finished_study
     report = json.loads((out / "report.json").read_text())
     assert list(report["arms"]) == ARMS
     assert report["tasks"], "offline lm-eval scores missing"
@@ -82,7 +91,7 @@ def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, 
     from raypack.eval.probe import probe_model
 
     record = json.loads((out / "runs" / "bfd-isolated" / "seed0" / "result.json").read_text())
-    (val_folder,) = (tmp_path / "prepared").glob("tok-*/val-*")
+    (val_folder,) = Path(cfg.prepare.output_dir).glob("tok-*/val-*")
     direct = probe_model(record["model_dir"], str(val_folder), cfg.probe, seed=cfg.seed)
     assert record["probe"]["num_samples"] > 0
     for key in ("loss_alone", "delta_unrelated", "delta_related", "related_minus_unrelated"):
@@ -96,6 +105,39 @@ def test_study_runs_reports_and_resumes_without_retraining(ray_local, tmp_path, 
     printed = capsys.readouterr().out
     assert printed.count("done before") == 2
     assert before == {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}
+
+
+def test_report_puts_the_study_beside_another_in_one_grid(finished_study, tmp_path, capsys):
+    """`raypack report` on this real study and a second one (the paper's 8B TULU job, written by hand as a
+    study leaves it: tests/test_grid.py): the real row's figures recomputed from its runs' own logs."""
+    from test_grid import CORRECTED, config_of, write_study
+
+    from raypack.cli import main
+
+    cfg, out = finished_study
+    other = tmp_path / "paper-8b-tulu"
+    write_study(other, config_of("jobs/paper-8b-tulu.yaml", "paper-8b-tulu", list(CORRECTED)), CORRECTED)
+    assert main(["report", str(out), str(other), "--out", str(tmp_path / "grid")]) == 0
+    grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
+    ours, paper = grid["rows"]
+    assert (ours["model"], ours["dataset"]) == ("tiny", "synthetic opensource-1.2m x 120 (seed 0)")
+    assert ours["paper_delta"] is None
+    assert paper["paper_delta"] == {"random": 0.94, "greedy": 1.59} and ours["hours_unit"] == "CPU worker-hours"
+    report = json.loads((out / "report.json").read_text())
+    average = {}
+    for arm in ARMS:
+        record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
+        logged = (Path(record["model_dir"]).parent / "metrics.jsonl").read_text().splitlines()
+        row = ours["arms"][arm]
+        assert row["steps"] == len(logged) == 3
+        seconds = sum(json.loads(line)["step_time_s"] for line in logged)
+        assert row["device_hours"] == pytest.approx(seconds * cfg.train.num_workers / 3600)
+        average[arm] = 100 * sum(record["scores"][t] for t in report["tasks"]) / len(report["tasks"])
+        assert row["average_points"] == pytest.approx(average[arm])
+        assert row["average_points"] == pytest.approx(100 * report["arms"][arm]["average"])  # the study's own rule
+    assert ours["arms"]["bfd-isolated"]["delta_points"] == pytest.approx(average["bfd-isolated"] - average["padding"])
+    md = (tmp_path / "grid" / "grid.md").read_text()
+    assert f"| {cfg.name} | tiny |" in md and "| paper-8b-tulu | meta-llama/Meta-Llama-3-8B |" in md
 
 
 def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(ray_local, tmp_path):

@@ -35,11 +35,34 @@ COMPOSITION_KEYS = ("grouping", "only_single_turn", "num_clusters", "within_pack
 PROBE_KEYS = ("loss_alone", "delta_unrelated", "delta_related", "related_minus_unrelated")
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float | None]:
+def mean_spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation of the values given (None and NaN left out); (NaN, None) when there
+    are none, spread None when there is one. The rule for every figure over seeds (this report, raypack report).
+
+    >>> mean_spread([1.0, 3.0, None])
+    (2.0, 1.4142135623730951)
+    """
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return float("nan"), None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def describe_data(config: dict) -> str:
+    """What a study trained on, from its resolved config (config.json): its sources, or the synthetic preset.
+
+    >>> describe_data({"data": {"sources": []}, "synth": {"preset": "tulu-326k", "num_samples": 1000, "seed": 0}})
+    'synthetic tulu-326k x 1,000 (seed 0)'
+    """
+    data, synth = config["data"], config["synth"]
+    if data["sources"]:
+        return ", ".join(data["sources"])
+    return f"synthetic {synth['preset']} x {synth['num_samples']:,} (seed {synth['seed']})"
+
+
+def average_score(scores: dict, tasks: list[str]) -> float | None:
+    """One run's benchmark average: the mean of its scores over the study's tasks, None when one is missing."""
+    return statistics.fmean(scores[t] for t in tasks) if tasks and all(t in scores for t in tasks) else None
 
 
 def summarise(records: list[dict]) -> dict:
@@ -64,16 +87,15 @@ def summarise(records: list[dict]) -> dict:
         for task in tasks:
             per_run[f"score:{task}"] = [r.get("scores", {}).get(task) for r in runs]
         if tasks:
-            per_run["average"] = [statistics.fmean(r["scores"][t] for t in tasks) if all(
-                t in r.get("scores", {}) for t in tasks) else None for r in runs]
+            per_run["average"] = [average_score(r.get("scores", {}), tasks) for r in runs]
         for key, values in per_run.items():
-            row[key], row[f"{key}_spread"] = _mean_spread(values)
+            row[key], row[f"{key}_spread"] = mean_spread(values)
         for key in MANIFEST_COUNTS + COMPOSITION_KEYS:
             row[key] = runs[0]["manifest"].get(key)
         probes = [r["probe"] for r in runs if r.get("probe")]
         if probes:
             for key in PROBE_KEYS:
-                row[f"probe_{key}"], row[f"probe_{key}_spread"] = _mean_spread([p[key] for p in probes])
+                row[f"probe_{key}"], row[f"probe_{key}_spread"] = mean_spread([p[key] for p in probes])
             for key in ("delta_unrelated_ci", "delta_related_ci", "related_minus_unrelated_ci"):  # first seed's
                 row[f"probe_{key}"] = probes[0][key]
             row["probe_num_samples"] = probes[0]["num_samples"]

@@ -31,13 +31,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from raypack.config import Config, DataConfig, SynthConfig, setting_configs, to_dict
+from raypack.config import Config, setting_configs, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.eval.harness import score_on_ray
 from raypack.eval.tasks import resolve_tasks
 from raypack.ray_start import ensure_ray
-from raypack.study.report import write_report
+from raypack.study.report import describe_data, write_report
 from raypack.train.launch import arm_config, train_arm
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import EVAL_POINTS, run_plan
@@ -97,7 +97,7 @@ def run_study(cfg: Config) -> Path:
         for arm, arm_cfg in plans.items():
             records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out))
     title = f"raypack study {cfg.name}: padding or packing?"
-    notes = [f"Data: {_describe_data(cfg.data, cfg.synth)}; model {cfg.model.name_or_path}; "
+    notes = [f"Data: {describe_data(to_dict(cfg))}; model {cfg.model.name_or_path}; "
              f"max_seq_len {cfg.data.max_seq_len}; {cfg.train.num_workers} workers; "
              f"validation: {read_manifest(folders['val']).num_rows} held-out samples, the same for every arm.",
              *[_setting_note(variant) for variant in setting_configs(cfg)], *notes]
@@ -111,12 +111,6 @@ def _setting_note(cfg: Config) -> str:
             "corrected": "as configured"}[cfg.study.setting]
     return (f"Arms {', '.join(cfg.pack.arms)}: {what}; pack.window {cfg.pack.window}, loss_reduction "
             f"{cfg.train.loss_reduction}, match {cfg.study.match}.")
-
-
-def _describe_data(data: DataConfig, synth: SynthConfig) -> str:
-    if data.sources:
-        return ", ".join(data.sources)
-    return f"synthetic {synth.preset} x {synth.num_samples:,} (seed {synth.seed})"
 
 
 def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) -> dict:

@@ -1,0 +1,190 @@
+"""`raypack report`: finished studies combined into the paper's grid (pure: no Ray; studies written by hand
+in the format `raypack study` writes, checked against plain-Python arithmetic on their records).
+
+    .venv/bin/pytest tests/test_grid.py -q
+"""
+
+import doctest
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from raypack.cli import main
+from raypack.config import load_config, to_dict
+from raypack.study.report import summarise
+
+# The paper's Llama-3-8B on TULU deltas, random / greedy (PAPER.md, "Headline results"), copied here by hand.
+PAPER_8B_TULU = (0.94, 1.59)
+
+
+def write_study(folder: Path, config: dict, runs: dict) -> dict:
+    """A finished study as raypack.study.run leaves it: config.json, runs/<arm>/seed<k>/result.json and
+    report.json; runs: {arm: [(seed, steps, train_seconds, scores)]}. Returns {arm: {seed: record}}."""
+    records = {}
+    for arm, per_seed in runs.items():
+        for seed, steps, seconds, scores in per_seed:
+            record = {"arm": arm, "seed": seed, "steps": steps, "fit_seconds": seconds + 30.0,
+                      "train_seconds": seconds, "samples": 100, "tokens": 1000, "row_tokens": 1200,
+                      "final_train_loss": 1.0, "val_loss": 1.0, "scores": scores, "manifest": {},
+                      "curve": [{"step": steps, "loss": 1.0, "time_s": seconds}]}
+            path = folder / "runs" / arm / f"seed{seed}" / "result.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(record))
+            records.setdefault(arm, {})[seed] = record
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "report.json").write_text(json.dumps(summarise([r for a in records.values() for r in a.values()])))
+    return records
+
+
+def config_of(job: str, name: str, arms: list[str], *overrides: str) -> dict:
+    config = to_dict(load_config(job, [f"name={name}", *overrides]))
+    config["pack"]["arms"] = arms  # the over-length suffixes of another branch's arms, as config.json holds them
+    return config
+
+
+def scores(a: float, b: float) -> dict:
+    return {"mmlu/acc": a, "gsm8k/exact_match": b}
+
+
+# A GPU study of the paper's job holding both sets of arms, 2 seeds; another of the same job, 1 seed.
+BOTH = {
+    "padding": [(0, 400, 7200.0, scores(0.50, 0.30)), (1, 400, 7300.0, scores(0.52, 0.30))],
+    "random-cross": [(0, 100, 1800.0, scores(0.51, 0.31)), (1, 100, 1900.0, scores(0.50, 0.34))],
+    "padfree": [(0, 400, 5000.0, scores(0.50, 0.28)), (1, 400, 5100.0, scores(0.53, 0.29))],
+    "bfd-isolated": [(0, 90, 1700.0, scores(0.52, 0.33)), (1, 90, 1750.0, scores(0.54, 0.31))],
+    "padding+truncate": [(0, 400, 7150.0, scores(0.49, 0.30)), (1, 400, 7250.0, scores(0.50, 0.29))],
+    "random-cross+split": [(0, 110, 1850.0, scores(0.50, 0.32)), (1, 110, 1950.0, scores(0.51, 0.30))],
+    "greedy-cross+drop": [(0, 95, 1700.0, scores(0.52, 0.33)), (1, 95, 1800.0, scores(0.51, 0.35))],
+}
+CORRECTED = {"padding": [(0, 400, 7000.0, scores(0.5, 0.3))], "random-cross": [(0, 100, 1700.0, scores(0.5, 0.4))]}
+# Each arm's padding arm, decided here by hand from the rule (same over-length suffix, else a suffixed one).
+BASELINE = {"padding": "padding", "random-cross": "padding", "padfree": "padding", "bfd-isolated": "padding",
+            "padding+truncate": "padding+truncate", "random-cross+split": "padding+truncate",
+            "greedy-cross+drop": "padding+truncate"}
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid-studies")
+    paper = write_study(root / "both", config_of("jobs/paper-8b-tulu.yaml", "paper-8b-tulu", list(BOTH),
+                                                 "study.seeds=2"), BOTH)
+    fixed = write_study(root / "corrected", config_of("jobs/paper-8b-tulu.yaml", "corrected", list(CORRECTED),
+                                                      "study.match=steps"), CORRECTED)
+    # Negative control for the reference: the paper's model on synthetic data with TULU's length profile, on CPU.
+    cpu = {"padding": [(0, 44, 36.0, scores(0.2, 0.0))], "random-cross": [(0, 21, 18.0, scores(0.25, 0.0))]}
+    synthetic = write_study(root / "synthetic", config_of("jobs/quickstart.yaml", "synthetic-tulu", list(cpu),
+                                                          "synth.preset=tulu-326k",
+                                                          "model.name_or_path=meta-llama/Meta-Llama-3-8B"), cpu)
+    return root, {"both": paper, "corrected": fixed, "synthetic": synthetic}
+
+
+def points(record: dict) -> float:
+    return 100 * statistics.fmean(record["scores"].values())
+
+
+def test_grid_rows_figures_and_the_papers_reference_against_the_records(studies, tmp_path, capsys):
+    root, records = studies
+    out = tmp_path / "grid"
+    order = [root / "both", root / "synthetic", root / "corrected"]
+    assert main(["report", *map(str, order), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("read ")] == [
+        f"read {f}" for f in order]
+    grid = json.loads((out / "grid.json").read_text())
+    # Rows of one model x dataset together, in the order first given.
+    assert [r["study"] for r in grid["rows"]] == ["paper-8b-tulu", "corrected", "synthetic-tulu"]
+    both, corrected, synthetic = grid["rows"]
+    assert both["dataset"] == corrected["dataset"] == "hf:Super-shuhe/packing-tulu"
+    for arm, row in both["arms"].items():
+        runs = records["both"][arm]
+        base = records["both"][BASELINE[arm]]
+        assert row["baseline"] == BASELINE[arm]
+        assert row["steps"] == statistics.fmean(r["steps"] for r in runs.values())
+        hours = [r["train_seconds"] * 32 / 3600 for r in runs.values()]  # 32 GPUs, one per worker
+        assert row["device_hours"] == pytest.approx(statistics.fmean(hours))
+        assert row["device_hours_spread"] == pytest.approx(statistics.stdev(hours))
+        assert row["average_points"] == pytest.approx(statistics.fmean(points(r) for r in runs.values()))
+        deltas = [points(runs[s]) - points(base[s]) for s in (0, 1)]
+        assert row["delta_points"] == pytest.approx(statistics.fmean(deltas), abs=1e-9)
+        assert row["delta_points_spread"] == pytest.approx(statistics.stdev(deltas), abs=1e-9)
+    assert {a: r["paper_arm"] for a, r in both["arms"].items()} == {
+        "padding": "padding", "random-cross": "random", "padfree": None, "bfd-isolated": None,
+        "padding+truncate": "padding", "random-cross+split": "random", "greedy-cross+drop": "greedy"}
+    assert both["arms"]["padfree"]["delta_points"] != 0  # padfree is an arm of its own, not padding
+    assert both["paper_delta"] == corrected["paper_delta"] == dict(zip(("random", "greedy"), PAPER_8B_TULU))
+    assert both["hours_unit"] == "GPU-hours" and corrected["arms"]["random-cross"]["delta_points"] == pytest.approx(5.0)
+    assert corrected["arms"]["random-cross"]["delta_points_spread"] is None  # one seed: no spread
+    # The negative control: the paper's model on synthetic data is not the paper's job, and CPU time is not GPU time.
+    assert synthetic["paper_job"] is None and synthetic["paper_delta"] is None
+    assert synthetic["hours_unit"] == "CPU worker-hours"
+    assert synthetic["arms"]["random-cross"]["device_hours"] == pytest.approx(18.0 * 2 / 3600)
+    md = (out / "grid.md").read_text()
+    assert "| meta-llama/Meta-Llama-3-8B | hf:Super-shuhe/packing-tulu | corrected | +5.00 | - | - | - | - | " \
+           "+0.94 / +1.59 |" in md
+    cost = md[md.index("## Training cost (CPU worker-hours / GPU-hours)"):]
+    assert "| synthetic-tulu | 0.02 | 0.01 | - | - | - | - | - | CPU worker-hours |" in cost
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_paper_job_gets_its_published_deltas_and_the_quickstart_none():
+    from raypack.study.grid import PAPER_DELTAS, paper_job
+
+    jobs = sorted(Path("jobs").glob("paper-*.yaml"))
+    found = {}
+    for job in jobs:
+        cfg = load_config(job)
+        found[job.stem] = paper_job(cfg.model.name_or_path, cfg.data.sources)
+    assert len(jobs) == 8 and set(found.values()) == set(PAPER_DELTAS)
+    assert found["paper-70b-wildchatgpt4"] == ("70B", "69K") and found["paper-8b-opensource1m"] == ("8B", "1.2M")
+    cfg = load_config("jobs/quickstart.yaml")
+    assert paper_job(cfg.model.name_or_path, cfg.data.sources) is None
+
+
+def one_line(rc: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_folder_that_is_not_a_finished_study_is_one_line_naming_it(studies, tmp_path, capsys):
+    root, _ = studies
+    unfinished = tmp_path / "unfinished"  # config.json and a run, no report.json yet: still training
+    (unfinished / "runs" / "padding" / "seed0").mkdir(parents=True)
+    (unfinished / "config.json").write_text((root / "corrected" / "config.json").read_text())
+    torn = tmp_path / "torn"  # report.json lists seed 1 of padding, whose record is gone
+    (torn / "runs").mkdir(parents=True)
+    for name in ("config.json", "report.json"):
+        (torn / name).write_text((root / "both" / name).read_text())
+    modelless = tmp_path / "modelless"  # a config.json from something else
+    shutil.copytree(root / "corrected", modelless)
+    config = json.loads((modelless / "config.json").read_text())
+    del config["model"]
+    (modelless / "config.json").write_text(json.dumps(config))
+    cases = [([str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such folder; give a folder `raypack study` wrote"),
+             ([str(root / "both"), str(unfinished)], f"{unfinished}: not a finished study: no report.json"),
+             ([str(tmp_path)], f"{tmp_path}: not a finished study: no config.json"),
+             ([str(torn)], f"{torn}: not a finished study: no runs/padding/seed0/result.json"),
+             ([str(root / "both"), str(root / "both") + "/"], "given twice"),
+             ([str(modelless)], f"{modelless}: not a study `raypack study` wrote: config.json: model.name_or_path "
+                                "missing")]
+    for folders, says in cases:
+        line = one_line(main(["report", *folders, "--out", str(tmp_path / "grid")]), capsys.readouterr().err)
+        assert line.startswith("raypack report: error: ") and says in line, line
+    assert not (tmp_path / "grid").exists()  # nothing written when a study cannot be read
+
+
+def test_the_grid_goes_beside_the_first_study_by_default(studies, capsys):
+    root, _ = studies
+    assert main(["report", str(root / "corrected")]) == 0
+    assert "| corrected |" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "grid").iterdir()) == ["grid.json", "grid.md", "grid.png"]
+
+
+def test_examples_in_the_docstrings():
+    """paper_arm and baseline on the arm names of both settings; mean_spread and describe_data."""
+    from raypack.study import grid, report
+
+    assert doctest.testmod(grid).failed == 0 and doctest.testmod(report).failed == 0
