@@ -20,8 +20,8 @@ import yaml
 
 from raypack.cli import main
 from raypack.config import EVAL_PRESETS, EvalConfig
-from raypack.eval.harness import evaluate, evaluate_on_ray, format_results, task_manager
 from raypack.eval import tasks as tasks_module
+from raypack.eval.harness import evaluate, evaluate_on_ray, format_results, task_manager
 from raypack.eval.tasks import (
     HEADLINE_METRICS,
     PRESETS,
