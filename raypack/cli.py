@@ -317,7 +317,7 @@ COMMANDS = (
                    flag("--out", metavar="DIR", help="grid.md, grid.json and grid.png go here; default: grid "
                         "beside the first study"))),
     Command("eval", cmd_eval, "score checkpoints with lm-evaluation-harness and the validation loss; print the "
-            "table", reads=("eval", "train.arm")),
+            "table", reads=("eval", "train.arm", "data.max_seq_len")),
     Command("probe", cmd_probe, "does the model use its context? a held-out sample's loss alone vs after an "
             "unrelated or a related sample in the same row",
             reads=("probe", "eval.model_dir", "eval.val_dir", "train.arm", "seed")),

@@ -228,6 +228,8 @@ class OptimConfig:
 
 
 EVAL_PRESETS = ("offline", "paper", "none")
+EVAL_BACKENDS = ("hf", "vllm")
+EVAL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -241,9 +243,27 @@ class EvalConfig:
     tasks: list[str] = _field([], "lm-eval task names or local task YAML paths, run after the preset's; "
                               "'task:N' sets N-shot")
     limit: int = _field(0, "at most this many examples per task (0: all); for smoke runs only")
-    batch_size: int = _field(8, "lm-eval batch size")
+    batch_size: int = _field(8, "lm-eval batch size (backend hf; vllm schedules its own batches)")
     allow_code_execution: bool = _field(False, "run model-written code (HumanEval); off unless you opt in")
-    num_gpus: float = _field(0.0, "GPUs per evaluation Ray task (1 on a GPU cluster, 0 on CPU)")
+    apply_chat_template: bool = _field(False, "render every prompt with the checkpoint tokenizer's chat template, "
+                                       "as SFT models are prompted (on in the paper jobs); a model `raypack "
+                                       "train` exported carries the template it was trained with (the built-in "
+                                       "Llama-3 one included), a checkpoint without one is refused. The paper "
+                                       "preset then runs humaneval_instruct for humaneval")
+    fewshot_as_multiturn: bool = _field(False, "few-shot examples as alternating user/assistant turns instead of "
+                                        "one user message; needs apply_chat_template")
+    system_instruction: str = _field("", "a system message before every prompt ('' none): a system turn with "
+                                     "apply_chat_template, else text before the prompt")
+    backend: str = _field("hf", "lm-eval's model backend: hf (transformers; one device, or with model_parallel "
+                          "the task's GPUs) or vllm (tensor parallel over num_gpus GPUs, max_model_len "
+                          "data.max_seq_len; GPU only, pip install 'raypack[vllm]')", EVAL_BACKENDS)
+    model_parallel: bool = _field(False, "backend hf: spread the model's layers over the num_gpus GPUs of the one "
+                                  "evaluation task (lm-eval's parallelize=True, device_map auto), for a model that "
+                                  "does not fit one GPU; num_gpus >= 2, at most a node's GPUs")
+    dtype: str = _field("auto", "weights' dtype when scoring: auto is the checkpoint's own (bf16 for a model "
+                        "trained in bf16)", EVAL_DTYPES)
+    num_gpus: float = _field(0.0, "GPUs per evaluation Ray task (1 on a GPU cluster, 0 on CPU; with "
+                             "model_parallel or vllm, the GPUs the model is split over, all on one node)")
     num_cpus: float = _field(0.5, "CPUs per evaluation Ray task")
     model_dir: str = _field("", "the checkpoint `raypack eval` and `raypack probe` score: a Hugging Face folder "
                             "(config.json, safetensors, tokenizer files); '' scores the model `raypack train` "
@@ -655,8 +675,32 @@ def validate(cfg: Config) -> Config:
                           "(flash-attn has no fp32 kernels); use sdpa, or train.precision=auto/bf16 on GPU")
     if cfg.model.name_or_path == "tiny" and cfg.data.tokenizer != "tiny":
         raise ConfigError("model.name_or_path=tiny needs data.tokenizer=tiny (its vocabulary is sized for it)")
+    validate_eval(cfg.eval)
     _validate_sweep(cfg)
     return cfg
+
+
+def validate_eval(ev: EvalConfig) -> None:
+    """The eval section's cross-field rules; raypack.eval.backend checks them again for sections built in code."""
+    if ev.fewshot_as_multiturn and not ev.apply_chat_template:
+        raise ConfigError("eval.fewshot_as_multiturn needs eval.apply_chat_template=true (the few-shot turns are "
+                          "rendered with the chat template); set both, or drop fewshot_as_multiturn")
+    if ev.num_gpus < 0 or ev.num_cpus <= 0:
+        raise ConfigError(f"eval.num_gpus must be >= 0 and eval.num_cpus > 0, got {ev.num_gpus} / {ev.num_cpus}")
+    split = "eval.backend=vllm" if ev.backend == "vllm" else "eval.model_parallel=true" if ev.model_parallel else ""
+    if not split:
+        return
+    if ev.backend == "vllm" and ev.model_parallel:
+        raise ConfigError("eval.model_parallel is the hf backend's; vllm splits the model over eval.num_gpus by "
+                          "tensor parallelism: drop eval.model_parallel")
+    least = 1 if ev.backend == "vllm" else 2
+    if ev.num_gpus < least or ev.num_gpus != int(ev.num_gpus):
+        raise ConfigError(f"{split} splits the model over eval.num_gpus GPUs: set eval.num_gpus to a whole number "
+                          f">= {least} (the GPUs of one node, e.g. eval.num_gpus=8 for 70B in bf16), got "
+                          f"{ev.num_gpus}" + ("" if ev.backend == "vllm" else "; or turn eval.model_parallel off"))
+    if ev.device == "cpu":
+        raise ConfigError(f"{split} runs on GPUs: set eval.device=auto or cuda (or eval.backend=hf, "
+                          "eval.model_parallel=false to score on CPU)")
 
 
 def _validate_sweep(cfg: Config) -> None:

@@ -70,6 +70,34 @@ def with_pad_token(tokenizer: PreTrainedTokenizerFast, name: str = "tokenizer") 
     return tokenizer
 
 
+def prepare_export(module, tokenizer_name: str, template: str = "auto") -> PreTrainedTokenizerFast:
+    """The tokenizer to save beside a trained model, after setting the model's pad and stop tokens (in place).
+
+    The tokenizer is load_tokenizer's (pad token set) carrying the chat template its
+    conversations were rendered with; the model config and generation config name
+    the same pad id, and generation stops at the template's end-of-turn token
+    (Llama-3's `<|eot_id|>`, which the base tokenizer's eos `<|end_of_text|>` is not).
+    """
+    from raypack.data.tokenize import chat_template_used, end_of_turn
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer.chat_template = chat_template_used(tokenizer, template)
+    if module.config.pad_token_id is None:
+        module.config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(module, "generation_config", None)
+    if generation is not None:
+        if generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+        stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        stops = [i for i in stops if i is not None]
+        turn_end = (end_of_turn(tokenizer, template) or "").strip()
+        ids = tokenizer.encode(turn_end, add_special_tokens=False) if turn_end else []
+        if len(ids) == 1 and ids[0] in tokenizer.added_tokens_decoder and ids[0] not in stops:  # not plain text
+            stops.append(ids[0])
+        generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+    return tokenizer
+
+
 def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     """A 2-layer Llama small enough for CPU tests; keyword overrides win.
 

@@ -177,6 +177,14 @@ def test_paper_jobs_fit_the_cluster(path, config):
     # Memory, not only counts: every arm fits one GPU and one node's host memory as configured.
     assert cfg.train.gradient_checkpointing
     assert all(arms_that_fit(cfg, node_plan(gpus)).values()), arms_that_fit(cfg, node_plan(gpus))
+    # Evaluation: chat models prompted as trained; the bf16 weights, over the GPUs the one evaluation task splits
+    # them on (all on one node), leave a fifth of each GPU for activations and the KV cache. 70B on one GPU would
+    # not (the check can fail).
+    assert cfg.eval.apply_chat_template and cfg.eval.fewshot_as_multiturn
+    split = cfg.eval.num_gpus if cfg.eval.model_parallel or cfg.eval.backend == "vllm" else 1
+    gpu_bytes = node_plan(gpus).gpu_memory_gib * 2**30
+    assert 2 * model_shape(cfg.model.name_or_path).num_params / split < 0.8 * gpu_bytes
+    assert 2 * model_shape("meta-llama/Meta-Llama-3-70B").num_params > gpu_bytes
 
 
 @pytest.mark.parametrize("overrides", [

@@ -22,7 +22,7 @@ from raypack.data.collate import collate
 from raypack.data.formats import load_conversations
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
-from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
+from raypack.data.tokenize import BUILTIN_CHAT_TEMPLATE, IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer, with_pad_token
 from raypack.train.loss import token_losses
 
@@ -254,6 +254,12 @@ def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_p
     tokenizer, model = AutoTokenizer.from_pretrained(exported), AutoModelForCausalLM.from_pretrained(exported)
     assert tokenizer.pad_token_id is not None and model.config.pad_token_id == tokenizer.pad_token_id
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    # It carries the chat template training rendered with, and generation stops where its answers were taught to
+    # end (tests/test_eval.py checks the prompts; here that the loop's export writes them).
+    own = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    assert tokenizer.chat_template == (own or BUILTIN_CHAT_TEMPLATE)
+    end = "<|eot_id|>" if name == "llama3" else "<|im_end|>"
+    assert tokenizer.convert_tokens_to_ids(end) in np.atleast_1d(model.generation_config.eos_token_id)
 
     # Both score the model this config's run exported (train.arm) on the config's own validation split.
     result = tmp_path / "eval.json"

@@ -43,6 +43,16 @@ Supervision
     arm and keeps a packed row from holding a target that crosses a sample
     boundary.
 
+Scoring with the same template
+    `chat_template_used` is the Jinja template that renders what training rendered:
+    the tokenizer's own, or `BUILTIN_CHAT_TEMPLATE`, the built-in template written
+    as Jinja (tools aside: the evaluation harness passes none). raypack's export
+    saves it with the model's tokenizer, so lm-eval's `apply_chat_template` gives a
+    trained model its prompts exactly as training rendered the conversation's
+    prefix, generation prompt included (tested against `render_conversation`).
+    `end_of_turn` is the text that closes an assistant turn, the token generation
+    must stop at.
+
 BOS
     Rendered text is encoded with add_special_tokens=False, so the template's own
     `<|begin_of_text|>` (the built-in one's, or `{{ bos_token }}` in an own
@@ -100,6 +110,13 @@ END_HEADER = "<|end_header_id|>"
 END_OF_TURN = "<|eot_id|>"
 BUILTIN_SPECIAL_TOKENS = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)
 TOOLS_HEADER = "Available tools:\n"
+# The built-in template as Jinja, for tokenizer.apply_chat_template (lm-eval and generation): the same text as
+# _render_builtin, plus the assistant header as the generation prompt.
+BUILTIN_CHAT_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 # The assistant content of the probe that finds an own template's end-of-turn text.
 PROBE_SENTINEL = "RAYPACK_PROBE_SENTINEL"
 
@@ -151,6 +168,25 @@ def render_conversation(conversation: dict, tokenizer, template: str = "auto") -
         return _render_own(messages, tools, tokenizer, conversation.get("source", "?"))
     check_builtin_tokens(tokenizer)
     return _render_builtin(_fold_tools(messages, tools))
+
+
+def chat_template_used(tokenizer, template: str = "auto") -> str:
+    """The Jinja chat template that renders conversations as `render_conversation(.., template)` does: the
+    tokenizer's own under "auto" when it has one, else BUILTIN_CHAT_TEMPLATE."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} is not one of {TEMPLATES}; use 'auto' or 'builtin'")
+    if template == "auto" and getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    check_builtin_tokens(tokenizer)
+    return BUILTIN_CHAT_TEMPLATE
+
+
+def end_of_turn(tokenizer, template: str = "auto") -> str | None:
+    """The text the template writes after an assistant turn's content (supervised, so a trained model writes
+    it when its answer ends): '<|eot_id|>' for the built-in one; None if an own template hides the content."""
+    if template == "auto" and getattr(tokenizer, "chat_template", None):
+        return _own_end_of_turn(tokenizer)
+    return END_OF_TURN
 
 
 # What is learnt once per tokenizer (weak keys: a tokenizer that goes away takes its entry along).

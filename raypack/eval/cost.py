@@ -41,6 +41,7 @@ TASK_COSTS = {
     "bbh_cot_fewshot": TaskCost(6_511, 900, 150),
     "ifeval": TaskCost(541, 80, 400),
     "humaneval": TaskCost(164, 150, 200),
+    "humaneval_instruct": TaskCost(164, 200, 250),  # the chat variant (eval.apply_chat_template): a user turn
 }
 
 

@@ -1,13 +1,17 @@
 """lm-evaluation-harness scores of a local checkpoint, in this process or as a Ray task.
 
+    from raypack.config import EvalConfig
     from raypack.eval.tasks import resolve_tasks
-    result = evaluate("out/quickstart/model", resolve_tasks("offline"), limit=20)
+    result = evaluate("out/quickstart/model", resolve_tasks("offline"), EvalConfig(limit=20))
     print(format_results(result))
-    result = evaluate_on_ray("out/quickstart/model", resolve_tasks("paper"), num_gpus=1,
-                             allow_code_execution=True)
+    ev = EvalConfig(num_gpus=8, model_parallel=True, apply_chat_template=True, fewshot_as_multiturn=True,
+                    allow_code_execution=True)
+    result = evaluate_on_ray("out/paper-70b/model", resolve_tasks("paper", chat=True), ev, max_seq_len=4096)
 
 `model_dir` is a Hugging Face checkpoint folder (config.json, safetensors, tokenizer
-files), scored with lm-eval's `hf` backend. The result is JSON-ready:
+files), scored with lm-eval's `hf` backend, or `vllm` (eval.backend); what lm-eval
+is given for each setting (model arguments, chat settings, the Ray task's GPUs) comes
+from raypack.eval.backend.eval_launch. The result is JSON-ready:
 
     {"model": "out/quickstart/model", "seconds": 6.1, "limit": 20,
      "results": [{"task": "raypack_arithmetic", "metric": "acc", "value": 0.25, "stderr": 0.099,
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from raypack.config import EvalConfig
+from raypack.eval.backend import eval_launch
 from raypack.eval.scores import benchmark_scores
 from raypack.eval.tasks import TaskSpec, refuse_code_execution
 
@@ -45,40 +50,49 @@ ASSET_DIR = Path(__file__).parents[1] / "assets" / "eval_tasks"
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def evaluate(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: int = 8, device: str = "cpu",
-             allow_code_execution: bool = False, log_samples: bool = False) -> dict:
-    """Score the checkpoint in `model_dir` on `specs`; one result row per task (and group) and metric.
+def evaluate(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None, max_seq_len: int = 4096,
+             on_ray: bool = False, log_samples: bool = False) -> dict:
+    """Score the checkpoint in `model_dir` on `specs` as the eval section says; one result row per task (and
+    group) and metric.
 
-    `limit` > 0 scores at most that many examples per task (smoke runs). With
-    `log_samples`, the result also holds lm-eval's per-example records under "samples".
-    Unknown task names, missing checkpoint files and refused code execution are
-    ValueErrors raised before the model is loaded.
+    ev.limit > 0 scores at most that many examples per task (smoke runs);
+    `max_seq_len` is the trained length (vllm's max_model_len); `on_ray`: this runs
+    as the Ray task evaluate_on_ray started. With `log_samples`, the result also holds
+    lm-eval's per-example records under "samples". Unknown task names, missing
+    checkpoint files, a checkpoint without the chat template eval.apply_chat_template
+    needs and refused code execution are ValueErrors raised before the model is loaded.
     """
     start = time.perf_counter()
+    ev = ev or EvalConfig()
     specs = list(specs)
     if not specs:
         raise ValueError("no tasks to evaluate: choose a preset other than 'none' or name tasks")
-    refuse_code_execution(specs, allow_code_execution)
+    refuse_code_execution(specs, ev.allow_code_execution)
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json); give the folder "
                          "a trained model was saved to")
-    manager, objects = load_tasks(specs, allow_code_execution)
+    launch = eval_launch(ev, str(Path(model_dir).resolve()), max_seq_len, on_ray)
+    if ev.apply_chat_template:
+        check_chat_template(model_dir)
+    manager, objects = load_tasks(specs, ev.allow_code_execution)
 
     import lm_eval
 
+    device = _device(launch.device) if launch.device else None
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(Path(model_dir).resolve())}, tasks=objects,
-        limit=limit or None, batch_size=batch_size, device=_device(device), task_manager=manager,
-        log_samples=log_samples, confirm_run_unsafe_code=allow_code_execution)
+        model=launch.model, model_args=launch.model_args, tasks=objects, limit=ev.limit or None,
+        batch_size=launch.batch_size, device=device, task_manager=manager, log_samples=log_samples,
+        confirm_run_unsafe_code=ev.allow_code_execution, **launch.chat)
     result = {
         "model": model_dir,
         "tasks": [{"name": s.name, "num_fewshot": s.num_fewshot} for s in specs],
-        "limit": limit,
+        "limit": ev.limit,
+        "backend": {"model": launch.model, "model_args": launch.model_args, **launch.chat},
         "results": result_rows(out),
         "group_subtasks": {g: list(kids) for g, kids in out.get("group_subtasks", {}).items()},
         "num_samples": {task: n["effective"] for task, n in out.get("n-samples", {}).items()},
         "lm_eval_version": lm_eval.__version__,
-        "device": _device(device),
+        "device": device,
     }
     if log_samples:
         result["samples"] = json.loads(json.dumps(out["samples"], default=_to_json))
@@ -86,33 +100,43 @@ def evaluate(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: 
     return result
 
 
-def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], limit: int = 0, batch_size: int = 8,
-                    allow_code_execution: bool = False, num_gpus: float = 0.0, num_cpus: float = 0.5,
+def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None, max_seq_len: int = 4096,
                     log_samples: bool = False) -> dict:
-    """`evaluate` as one Ray task holding `num_gpus` GPUs (device cuda when > 0) and `num_cpus` CPUs.
+    """`evaluate` as one Ray task holding the GPUs and CPUs raypack.eval.backend.eval_launch gives the section
+    (eval.num_gpus, all on one node; device cuda when > 0).
 
     Ray must already be initialized (the CLI calls `raypack.ray_start.ensure_ray`).
     Local paths are made absolute here, so they must be visible from the worker's node.
     """
     import ray
 
-    refuse_code_execution(list(specs), allow_code_execution)
+    ev = ev or EvalConfig()
+    refuse_code_execution(list(specs), ev.allow_code_execution)
+    launch = eval_launch(ev, model_dir, max_seq_len, on_ray=True)  # its rules are checked before Ray waits for GPUs
     specs = [TaskSpec(str(Path(s.name).resolve()), s.num_fewshot) if s.is_path else s for s in specs]
-    remote = ray.remote(evaluate).options(num_gpus=num_gpus, num_cpus=num_cpus)
-    result = ray.get(remote.remote(str(Path(model_dir).resolve()), specs, limit=limit, batch_size=batch_size,
-                                   device="cuda" if num_gpus > 0 else "cpu",
-                                   allow_code_execution=allow_code_execution, log_samples=log_samples))
+    remote = ray.remote(evaluate).options(num_gpus=launch.num_gpus, num_cpus=launch.num_cpus)
+    result = ray.get(remote.remote(str(Path(model_dir).resolve()), specs, ev, max_seq_len, on_ray=True,
+                                   log_samples=log_samples))
     result["model"] = model_dir
     return result
 
 
-def score_on_ray(model_dir: str, specs: list[TaskSpec], ev: EvalConfig) -> dict:
+def score_on_ray(model_dir: str, specs: list[TaskSpec], ev: EvalConfig, max_seq_len: int) -> dict:
     """A checkpoint's benchmark scores as the study and the sweep report them ({"task/metric": value}): lm-eval as
-    one Ray task with the eval section's limit, batch size and resources (raypack.eval.scores picks the scores)."""
-    result = evaluate_on_ray(model_dir, specs, limit=ev.limit, batch_size=ev.batch_size,
-                             allow_code_execution=ev.allow_code_execution, num_gpus=ev.num_gpus,
-                             num_cpus=ev.num_cpus)
-    return benchmark_scores(result, specs)
+    one Ray task with the eval section's settings and resources (raypack.eval.scores picks the scores)."""
+    return benchmark_scores(evaluate_on_ray(model_dir, specs, ev, max_seq_len), specs)
+
+
+def check_chat_template(model_dir: str) -> None:
+    """ValueError unless the checkpoint's tokenizer has a chat template (eval.apply_chat_template renders with it)."""
+    from transformers import AutoTokenizer
+
+    if not getattr(AutoTokenizer.from_pretrained(model_dir), "chat_template", None):
+        raise ValueError(
+            f"{model_dir}: its tokenizer has no chat template, so eval.apply_chat_template cannot prompt the model "
+            "as it was trained. A model `raypack train` exports carries the template it was trained with; save "
+            "another checkpoint's tokenizer with the template its training used (tokenizer.chat_template, then "
+            "save_pretrained into the folder), or set eval.apply_chat_template=false and eval.fewshot_as_multiturn=false")
 
 
 def load_tasks(specs: list[TaskSpec], allow_code_execution: bool) -> tuple[TaskManager, list]:
@@ -252,6 +276,7 @@ def _to_json(value):
 
 
 def _device(device: str) -> str:
+    """cuda or cpu for "auto" (where torch runs: the Ray task's node), else `device` as it is."""
     if device != "auto":
         return device
     import torch

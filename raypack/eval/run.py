@@ -56,7 +56,7 @@ NO_VAL_SPLIT = ("this config's validation split is not prepared: run raypack pre
 def evaluate_checkpoints(cfg: Config) -> dict:
     """`raypack eval`: every checkpoint's lm-eval scores and validation loss, printed and written to eval.out."""
     ev = cfg.eval
-    specs = resolve_tasks(ev.preset, ev.tasks)
+    specs = resolve_tasks(ev.preset, ev.tasks, chat=ev.apply_chat_template)
     refuse_code_execution(specs, ev.allow_code_execution)  # before Ray or lm-eval start
     models = checkpoints(cfg)
     val = val_split(cfg)
@@ -66,7 +66,8 @@ def evaluate_checkpoints(cfg: Config) -> dict:
         from raypack.ray_start import ensure_ray
 
         ensure_ray()
-    results = {name: _eval_model(ev, model_dir, specs, val) for name, model_dir in _announced(models)}
+    results = {name: _eval_model(ev, model_dir, specs, val, cfg.data.max_seq_len)
+               for name, model_dir in _announced(models)}
     write_results(results, ev.out)
     return results
 
@@ -79,7 +80,7 @@ def _announced(models: dict[str, str]):
         yield name, model_dir
 
 
-def _eval_model(ev, model_dir: str, specs: list, val: str | None) -> dict:
+def _eval_model(ev, model_dir: str, specs: list, val: str | None, max_seq_len: int) -> dict:
     """One checkpoint's lm-eval scores and validation loss, printed; returns them as JSON-ready data."""
     loss = {}
     if val:  # the held-out loss every arm is compared on (raypack.train.validate)
@@ -95,11 +96,8 @@ def _eval_model(ev, model_dir: str, specs: list, val: str | None) -> dict:
         return {"model": model_dir, "results": [], **loss}
     from raypack.eval.harness import evaluate, evaluate_on_ray, format_results
 
-    options = {"limit": ev.limit, "batch_size": ev.batch_size, "allow_code_execution": ev.allow_code_execution}
-    if ev.ray:
-        result = evaluate_on_ray(model_dir, specs, num_gpus=ev.num_gpus, num_cpus=ev.num_cpus, **options)
-    else:
-        result = evaluate(model_dir, specs, device=ev.device, **options)
+    run = evaluate_on_ray if ev.ray else evaluate
+    result = run(model_dir, specs, ev, max_seq_len)
     print(format_results(result))
     return {**result, **loss}
 

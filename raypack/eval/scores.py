@@ -12,26 +12,32 @@ raypack.eval.harness.evaluate returns: {"results": [{"task", "metric", "value", 
     ...                       {"task": "gsm8k", "metric": "exact_match,flexible-extract", "value": 0.35}],
     ...           "group_subtasks": {"mmlu": ["mmlu_law"]}}
     >>> benchmark_scores(result, [TaskSpec("mmlu", 5), TaskSpec("gsm8k", 4)])
-    {'mmlu/acc': 0.6, 'gsm8k/exact_match,strict-match': 0.3}
+    {'mmlu/acc': 0.6, 'gsm8k/exact_match,flexible-extract': 0.35}
+
+Which metric counts for each benchmark is declared, with the reason, in
+raypack.eval.tasks (HEADLINE_METRICS and the table of its docstring): GSM8K's
+flexible-extract above, though lm-eval reports strict-match first.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from raypack.eval.tasks import TaskSpec
+from raypack.eval.tasks import HEADLINE_METRICS, TaskSpec
 
 
 def benchmark_scores(result: dict, specs: list[TaskSpec]) -> dict:
     """One score per benchmark, as the paper's table: {"task/metric": value}.
 
-    For each requested task or group: its own first metric when lm-eval reports
-    one (a group with an aggregate, e.g. mmlu's acc), else the first metric of each
-    leaf task under it (a group without an aggregate, e.g. raypack_offline).
+    For each requested task or group: its headline metric (HEADLINE_METRICS) when it
+    declares one and lm-eval reported it, else its own first metric when lm-eval
+    reports one (a group with an aggregate), else the same for each leaf task under
+    it (a group without an aggregate, e.g. raypack_offline). The key names the
+    metric used, so a fallback is visible.
     """
-    first: dict[str, tuple[str, float | None]] = {}
+    reported: dict[str, dict[str, float | None]] = {}
     for row in result["results"]:
-        first.setdefault(row["task"], (row["metric"], row["value"]))
+        reported.setdefault(row["task"], {}).setdefault(row["metric"], row["value"])
     groups = result.get("group_subtasks", {})
 
     def leaves(name: str) -> list[str]:
@@ -40,11 +46,13 @@ def benchmark_scores(result: dict, specs: list[TaskSpec]) -> dict:
     scores = {}
     for spec in specs:
         name = Path(spec.name).stem if spec.is_path else spec.name
-        chosen = [name] if name in first else leaves(name)
-        if spec.is_path and name not in first and name not in groups:  # a YAML's task name differs from its file
-            chosen = [t for t in first if not any(t in kids for kids in groups.values()) and t not in groups]
+        chosen = [name] if name in reported else leaves(name)
+        if spec.is_path and name not in reported and name not in groups:  # a YAML's task name differs from its file
+            chosen = [t for t in reported if not any(t in kids for kids in groups.values()) and t not in groups]
         for task in chosen:
-            if task in first:
-                metric, value = first[task]
-                scores[f"{task}/{metric}"] = value
+            if task in reported:
+                metrics = reported[task]
+                metric = HEADLINE_METRICS.get(task)
+                metric = metric if metric in metrics else next(iter(metrics))
+                scores[f"{task}/{metric}"] = metrics[metric]
     return scores

@@ -17,7 +17,37 @@ exists in the installed registry):
     BBH 3-shot        bbh_cot_fewshot   the 3 chain-of-thought shots of Suzgun et al.
                                         (lm-eval's `bbh` group is the same tasks)
     IFEval 0-shot     ifeval
-    HumanEval 0-shot  humaneval         pass@1; runs model-written code
+    HumanEval 0-shot  humaneval         pass@1; runs model-written code. Under a chat
+                                        template (chat=True) humaneval_instruct: the
+                                        prompt asks for the function and the answer
+                                        starts with its signature, since a chat model
+                                        does not continue bare code (lm-eval's variant
+                                        for instruct models, the Llama-3 evals' prompt)
+
+Headline metrics (HEADLINE_METRICS): lm-eval reports several metrics or filters
+for some benchmarks; the study's score of each is the one below, named as result
+rows name it ("metric" under lm-eval's filter "none", else "metric,filter"). The
+paper's table gives one number per benchmark without naming the variant, so each
+is the common practice for chat-tuned models, and every other metric stays in the
+full lm-eval result (`raypack eval`):
+
+    benchmark           metric                        why
+    mmlu                acc                           the only metric: accuracy over all questions
+                                                      (lm-eval's group average, weighted by subject size)
+    gsm8k               exact_match,flexible-extract  the last number of the answer; strict-match needs
+                                                      the shots' "#### N" form, so it scores a chat model's
+                                                      format, not its arithmetic (IFEval measures format)
+    minerva_math        exact_match                   Minerva's normalised final-answer equivalence, the
+                                                      metric of the prompt's paper (math_verify is newer)
+    bbh_cot_fewshot     exact_match,get-answer        the answer after "the answer is", Suzgun et al.'s
+                                                      chain-of-thought protocol
+    bbh                 exact_match,get-answer        the same tasks as bbh_cot_fewshot
+    ifeval              prompt_level_strict_acc       Zhou et al.'s headline: a prompt counts only when
+                                                      every instruction in it is followed, checked strictly
+    humaneval           pass@1,create_test            Chen et al.'s pass@1, greedy, one sample per problem
+    humaneval_instruct  pass@1,create_test            the same, prompted for a chat model
+
+A task without an entry (raypack's offline tasks, any other) scores its first metric.
 """
 
 from __future__ import annotations
@@ -72,16 +102,38 @@ PRESETS: dict[str, tuple[TaskSpec, ...]] = {
 }
 
 
-def resolve_tasks(preset: str, tasks: list[str] | tuple[str, ...] = ()) -> list[TaskSpec]:
-    """The preset's tasks, then `tasks` ('name' or 'name:N').
+# A preset's task and the variant it runs under a chat template (eval.apply_chat_template).
+CHAT_VARIANTS = {"humaneval": "humaneval_instruct"}
+
+
+# The headline metric of each benchmark, as raypack.eval.harness.result_rows names it; why each: the table of the
+# module docstring (a test checks the two agree, and that each exists in the installed lm-eval).
+HEADLINE_METRICS: dict[str, str] = {
+    "mmlu": "acc",
+    "gsm8k": "exact_match,flexible-extract",
+    "minerva_math": "exact_match",
+    "bbh_cot_fewshot": "exact_match,get-answer",
+    "bbh": "exact_match,get-answer",
+    "ifeval": "prompt_level_strict_acc",
+    "humaneval": "pass@1,create_test",
+    "humaneval_instruct": "pass@1,create_test",
+}
+
+
+def resolve_tasks(preset: str, tasks: list[str] | tuple[str, ...] = (), chat: bool = False) -> list[TaskSpec]:
+    """The preset's tasks (with `chat`, each of CHAT_VARIANTS as its chat variant), then `tasks` ('name' or
+    'name:N').
 
     A task also in the preset replaces the preset's entry in place, so
     `resolve_tasks("paper", ["gsm8k:8"])` runs GSM8K 8-shot; naming a task twice in
     `tasks` is an error.
+
+        >>> [s.name for s in resolve_tasks("paper", chat=True)][-1]
+        'humaneval_instruct'
     """
     if preset not in PRESETS:
         raise ValueError(f"eval.preset: unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    specs = list(PRESETS[preset])
+    specs = [TaskSpec(CHAT_VARIANTS.get(s.name, s.name) if chat else s.name, s.num_fewshot) for s in PRESETS[preset]]
     seen: set[str] = set()
     for text in tasks:
         spec = TaskSpec.parse(text)

@@ -78,7 +78,8 @@ def run_study(cfg: Config) -> Path:
     out = study_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)  # bad task names fail before any training
+    # bad task names fail before any training
+    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks, chat=cfg.eval.apply_chat_template)
     ensure_ray()
     folders, plans, notes = {}, {}, []
     for variant in setting_configs(cfg):  # study.setting=both: the paper's arms reuse the tokenized cache
@@ -125,7 +126,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     summary = train_arm(run_cfg, arm, folders[arm], folders["val"])
     fit_seconds = time.perf_counter() - start
     metrics = read_metrics(summary["run_dir"])
-    scores = score_on_ray(summary["model_dir"], specs, run_cfg.eval) if specs else {}
+    scores = score_on_ray(summary["model_dir"], specs, run_cfg.eval, run_cfg.data.max_seq_len) if specs else {}
     probe = _probe(run_cfg, summary["model_dir"], folders["val"]) if cfg.probe.num_samples else None
     elapsed, curve = 0.0, []
     for m in metrics:

@@ -94,11 +94,11 @@ from ray.train import CheckpointUploadMode
 import torch
 import torch.distributed as dist
 
-from raypack.config import Config, ModelConfig, OptimConfig, TrainConfig, from_dict, to_dict
+from raypack.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, from_dict, to_dict
 from raypack.data.collate import collate, flatten_isolated
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
-from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer,
+from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer, prepare_export,
                            resolve_attn_implementation)
 from raypack.train.engine import (full_state_dict, initialize, load_into_partitions, local_parameter_elements,
                                   partitioned_construction, resolve_precision)
@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
 
     if train.export:
-        _export(engine, cfg.data.tokenizer, run_dir / "model", rank)
+        _export(engine, cfg.data, run_dir / "model", rank)
     logs.event({"event": "done", "step": plan.stop_step, "seconds": time.perf_counter() - run_start})
     logs.close()
 
@@ -463,23 +463,18 @@ def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, m
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
-def _export(engine, tokenizer_name: str, out: Path, rank: int) -> None:
+def _export(engine, data: DataConfig, out: Path, rank: int) -> None:
     """The final weights as a Hugging Face folder (safetensors + tokenizer), written by rank 0.
 
-    The tokenizer is saved with its pad token set (raypack.model.load_tokenizer's
-    fallback for tokenizers that have none, such as Llama-3's) and the model
-    config names the same id, so lm-eval and generation can batch.
+    The tokenizer carries its pad token and the chat template training used, and the
+    configs name the pad id and the end-of-turn stop (raypack.model.prepare_export),
+    so lm-eval and generation can batch and prompt the model as it was trained.
     """
     state = full_state_dict(engine)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
-        tokenizer = load_tokenizer(tokenizer_name)
-        module = engine.module
-        if module.config.pad_token_id is None:
-            module.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(module, "generation_config", None) is not None and module.generation_config.pad_token_id is None:
-            module.generation_config.pad_token_id = tokenizer.pad_token_id
-        module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer = prepare_export(engine.module, data.tokenizer, data.template)
+        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
     if dist.is_initialized():
         dist.barrier()

@@ -99,7 +99,7 @@ def _trained_model(folder: Path) -> str | None:
 
 def eval_bill(cfg: Config, num_params: int, num_models: int) -> tuple[float, list[str]]:
     """GPU-hours of scoring num_models models on cfg.eval's benchmarks (raypack.eval.cost), and the bill line."""
-    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks)
+    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks, chat=cfg.eval.apply_chat_template)
     if not specs:
         return 0.0, []
     per_model, unknown = eval_gpu_hours(specs, num_params, cfg.plan.gpu_peak_tflops, cfg.plan.mfu,

@@ -202,7 +202,7 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
         tuner = _new_tuner(cfg, trainable, folders, out)
     tuner.fit()
     if specs:
-        _evaluate_best(cfg.eval, out, specs)
+        _evaluate_best(cfg.eval, out, specs, cfg.data.max_seq_len)
     return out
 
 
@@ -233,18 +233,18 @@ def _eval_specs(sweep: SweepConfig, ev: EvalConfig) -> list:
         return []
     from raypack.eval.tasks import resolve_tasks
 
-    specs = resolve_tasks(ev.preset, ev.tasks)
+    specs = resolve_tasks(ev.preset, ev.tasks, chat=ev.apply_chat_template)
     if not specs:
         raise ConfigError("sweep.eval_best needs lm-eval tasks: eval.preset is none and eval.tasks is empty")
     return specs
 
 
-def _evaluate_best(ev: EvalConfig, out: Path, specs) -> None:
+def _evaluate_best(ev: EvalConfig, out: Path, specs, max_seq_len: int) -> None:
     """lm-eval scores of each arm's best trial (its exported model) into best_eval.json."""
     scores = {}
     for arm, trial in best_trials(load_trials(out)).items():
         model_dir = Path(trial["run_dir"]) / "raypack" / "model"
         print(f"[{arm}] lm-eval on the best trial {trial['trial_id']}: {model_dir}", flush=True)
         scores[arm] = {**{k: trial[k] for k in ("trial_id", "lr", "global_batch_size", "seed")},
-                       "scores": score_on_ray(str(model_dir), specs, ev)}
+                       "scores": score_on_ray(str(model_dir), specs, ev, max_seq_len)}
     (out / "best_eval.json").write_text(json.dumps(scores, indent=2))
