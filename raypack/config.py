@@ -25,6 +25,9 @@ import yaml
 FORMATS = ("messages", "sharegpt", "alpaca")  # raypack.data.formats
 OVERLENGTH_POLICIES = ("truncate", "drop", "split")  # raypack.data.tokenize
 STRATEGIES = ("padding", "random", "greedy", "bfd")  # raypack.data.pack
+# Arms of one sample per row, taking no suffix, and their attention: padding (pads, attention_mask) and padfree
+# (padding's rows and micro-batches, each micro-batch laid end to end in one flat isolated row: no pad computed).
+UNPACKED_ARMS = {"padding": None, "padfree": "isolated"}
 ATTENTIONS = ("isolated", "cross")  # raypack.data.pack
 GROUPINGS = ("none", "related", "unrelated")  # raypack.data.compose
 SYNTH_PRESETS = ("wildchat-gpt4-69k", "tulu-326k", "wildchat-652k", "opensource-1.2m")  # raypack.data.synth
@@ -78,7 +81,8 @@ class PackConfig:
     """The arms of the study and how their rows are built."""
 
     arms: list[str] = _field(["padding", "random-cross", "greedy-cross", "bfd-isolated", "bfd-cross"],
-                             "arms as 'padding' or '<strategy>-<attention>', strategy in "
+                             "arms as 'padding', 'padfree' (padding's micro-batches without their pads: one "
+                             "flat row each, samples isolated) or '<strategy>-<attention>', strategy in "
                              f"{'/'.join(s for s in STRATEGIES if s != 'padding')}, "
                              f"attention in {'/'.join(ATTENTIONS)}; a packed arm may end in +related, "
                              "+unrelated or +none (overrides grouping) and +single-turn or +all-turns "
@@ -372,21 +376,23 @@ class Config:
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
-    """'bfd-isolated' -> ('bfd', 'isolated'); 'padding' -> ('padding', None); suffixes are checked, not returned."""
+    """'bfd-isolated' -> ('bfd', 'isolated'); 'padding' -> ('padding', None); 'padfree' -> ('padfree', 'isolated');
+    suffixes are checked, not returned."""
     base, *suffixes = arm.split("+")
     strategy, _, attention = base.partition("-")
-    if strategy == "padding" and not attention:
-        strategy, attention = "padding", None
+    if strategy in UNPACKED_ARMS and not attention:
+        attention = UNPACKED_ARMS[strategy]
     elif strategy not in STRATEGIES or strategy == "padding" or attention not in ATTENTIONS:
         packed = [f"{s}-{a}" for s in STRATEGIES if s != "padding" for a in ATTENTIONS]
-        raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: padding, {', '.join(packed)}, each "
-                          f"packed one optionally with +{'/+'.join(GROUPINGS)} and +{'/+'.join(ARM_TURNS)}")
+        raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: {', '.join(UNPACKED_ARMS)}, "
+                          f"{', '.join(packed)}, each packed one optionally with +{'/+'.join(GROUPINGS)} and "
+                          f"+{'/+'.join(ARM_TURNS)}")
     unknown = [s for s in suffixes if s not in GROUPINGS + ARM_TURNS]
     if unknown or len(suffixes) != len(set(suffixes)):
         raise ConfigError(f"pack.arms: {arm!r}: suffixes must be distinct, from "
                           f"+{'/+'.join(GROUPINGS + ARM_TURNS)}; got {suffixes}")
-    if strategy == "padding" and suffixes:
-        raise ConfigError(f"pack.arms: {arm!r}: padding puts one sample per row, so nothing is grouped; "
+    if strategy in UNPACKED_ARMS and suffixes:
+        raise ConfigError(f"pack.arms: {arm!r}: {strategy} puts one sample per row, so nothing is grouped; "
                           "drop the suffix")
     if len([s for s in suffixes if s in GROUPINGS]) > 1 or len([s for s in suffixes if s in ARM_TURNS]) > 1:
         raise ConfigError(f"pack.arms: {arm!r}: at most one grouping and one of {'/'.join(ARM_TURNS)}")
@@ -402,6 +408,11 @@ class ArmSpec:
     grouping: str = "none"
     only_single_turn: bool = False
 
+    @property
+    def packer(self) -> str:
+        """The strategy that plans the rows (raypack.data.pack): padfree's rows are padding's."""
+        return "padding" if self.strategy in UNPACKED_ARMS else self.strategy
+
 
 def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
     """The arm's settings: suffixes (+related, +single-turn, ...) override pack.grouping / pack.only_single_turn.
@@ -410,9 +421,11 @@ def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
     'related'
     >>> arm_spec("padding", PackConfig(grouping="related", only_single_turn=True))
     ArmSpec(strategy='padding', attention=None, grouping='none', only_single_turn=False)
+    >>> arm_spec("padfree", PackConfig()).packer
+    'padding'
     """
     strategy, attention = parse_arm(arm)
-    if strategy == "padding":
+    if strategy in UNPACKED_ARMS:
         return ArmSpec(strategy, attention)
     suffixes = arm.split("+")[1:]
     grouping = next((s for s in suffixes if s in GROUPINGS), pack.grouping)
