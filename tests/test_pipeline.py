@@ -127,7 +127,8 @@ def test_padfree_takes_paddings_steps_through_the_loop(prepared_real):
         for rank in range(2):
             pad_rows, _, pad_batches = workers["padding"][rank].step_batches(step)
             free_rows, picked, free_batches = workers["padfree"][rank].step_batches(step)
-            assert free_rows == pad_rows and len(free_batches) == plan.grad_accum
+            assert [list(i) for i in free_rows] == [list(i) for i in pad_rows]
+            assert len(free_batches) == plan.grad_accum
             for rows, batch in zip(picked, free_batches):
                 assert batch["input_ids"].shape == (1, sum(int(r["num_tokens"]) for r in rows))
             assert sum(b["input_ids"].numel() for b in pad_batches) >= sum(b["input_ids"].numel() for b in free_batches)
@@ -152,13 +153,12 @@ def test_padfree_takes_paddings_steps_through_the_loop(prepared_real):
         def step(self):
             pass
 
-    results = {}
+    results = {}  # rank 0's share of step 0 (the step's denominator counts both ranks)
     for arm in ("padding", "padfree", "cross"):
         model = build_tiny_model(seed=0, attn_implementation="sdpa")
         engine, optimizer = OneProcessEngine(model), torch.optim.AdamW(model.parameters())
         denominator = sum(step_denominator(step0[r][arm], "token") for r in range(2))
-        loss_sum, num_supervised = map(sum, zip(*(optimizer_step(engine, optimizer, step0[r][arm], denominator, 1e-3,
-                                                                 "token", 2) for r in range(2))))
+        loss_sum, num_supervised = optimizer_step(engine, optimizer, step0[0][arm], denominator, 1e-3, "token", 2)
         results[arm] = loss_sum / num_supervised, torch.cat([p.grad.flatten() for p in model.parameters()])
     (pad_loss, pad_grad), (free_loss, free_grad) = results["padding"], results["padfree"]
     assert abs(free_loss - pad_loss) < 1e-5
