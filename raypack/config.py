@@ -25,6 +25,9 @@ import yaml
 FORMATS = ("messages", "sharegpt", "alpaca")  # raypack.data.formats
 OVERLENGTH_POLICIES = ("truncate", "drop", "split")  # raypack.data.tokenize
 STRATEGIES = ("padding", "random", "greedy", "bfd")  # raypack.data.pack
+# Arms of one sample per row, taking no suffix, and their attention: padding (pads, attention_mask) and padfree
+# (padding's rows and micro-batches, each micro-batch laid end to end in one flat isolated row: no pad computed).
+UNPACKED_ARMS = {"padding": None, "padfree": "isolated"}
 ATTENTIONS = ("isolated", "cross")  # raypack.data.pack
 GROUPINGS = ("none", "related", "unrelated")  # raypack.data.compose
 SYNTH_PRESETS = ("wildchat-gpt4-69k", "tulu-326k", "wildchat-652k", "opensource-1.2m")  # raypack.data.synth
@@ -79,7 +82,8 @@ class PackConfig:
     """The arms of the study and how their rows are built."""
 
     arms: list[str] = _field(["padding", "random-cross", "greedy-cross", "bfd-isolated", "bfd-cross"],
-                             "arms as 'padding' or '<strategy>-<attention>', strategy in "
+                             "arms as 'padding', 'padfree' (padding's micro-batches without their pads: one "
+                             "flat row each, samples isolated) or '<strategy>-<attention>', strategy in "
                              f"{'/'.join(s for s in STRATEGIES if s != 'padding')}, "
                              f"attention in {'/'.join(ATTENTIONS)}; any arm may end in +truncate, +split or "
                              "+drop (overrides data.overlength for that arm, from the same tokenized cache), "
@@ -410,22 +414,23 @@ class Config:
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
-    """'bfd-isolated' -> ('bfd', 'isolated'); 'padding' -> ('padding', None); suffixes are checked, not returned."""
+    """'bfd-isolated' -> ('bfd', 'isolated'); 'padding' -> ('padding', None); 'padfree' -> ('padfree', 'isolated');
+    suffixes are checked, not returned."""
     base, *suffixes = arm.split("+")
     strategy, _, attention = base.partition("-")
-    if strategy == "padding" and not attention:
-        strategy, attention = "padding", None
+    if strategy in UNPACKED_ARMS and not attention:
+        attention = UNPACKED_ARMS[strategy]
     elif strategy not in STRATEGIES or strategy == "padding" or attention not in ATTENTIONS:
         packed = [f"{s}-{a}" for s in STRATEGIES if s != "padding" for a in ATTENTIONS]
-        raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: padding, {', '.join(packed)}, each "
-                          f"optionally with +{'/+'.join(OVERLENGTH_POLICIES)}, a packed one also with "
-                          f"+{'/+'.join(GROUPINGS)} and +{'/+'.join(ARM_TURNS)}")
+        raise ConfigError(f"pack.arms: unknown arm {arm!r}; valid arms: {', '.join(UNPACKED_ARMS)}, "
+                          f"{', '.join(packed)}, each optionally with +{'/+'.join(OVERLENGTH_POLICIES)}, a packed "
+                          f"one also with +{'/+'.join(GROUPINGS)} and +{'/+'.join(ARM_TURNS)}")
     allowed = GROUPINGS + ARM_TURNS + OVERLENGTH_POLICIES
     unknown = [s for s in suffixes if s not in allowed]
     if unknown or len(suffixes) != len(set(suffixes)):
         raise ConfigError(f"pack.arms: {arm!r}: suffixes must be distinct, from +{'/+'.join(allowed)}; got {suffixes}")
-    if strategy == "padding" and any(s not in OVERLENGTH_POLICIES for s in suffixes):
-        raise ConfigError(f"pack.arms: {arm!r}: padding puts one sample per row, so nothing is grouped; "
+    if strategy in UNPACKED_ARMS and any(s not in OVERLENGTH_POLICIES for s in suffixes):
+        raise ConfigError(f"pack.arms: {arm!r}: {strategy} puts one sample per row, so nothing is grouped; "
                           f"only an over-length suffix (+{'/+'.join(OVERLENGTH_POLICIES)}) applies")
     if any(len([s for s in suffixes if s in kind]) > 1 for kind in (GROUPINGS, ARM_TURNS, OVERLENGTH_POLICIES)):
         raise ConfigError(f"pack.arms: {arm!r}: at most one grouping, one of {'/'.join(ARM_TURNS)} and one "
@@ -443,6 +448,11 @@ class ArmSpec:
     only_single_turn: bool = False
     overlength: str | None = None  # from a +truncate/+split/+drop suffix; None: data.overlength
 
+    @property
+    def packer(self) -> str:
+        """The strategy that plans the rows (raypack.data.pack): padfree's rows are padding's."""
+        return "padding" if self.strategy in UNPACKED_ARMS else self.strategy
+
 
 def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
     """The arm's settings: suffixes (+related, +single-turn, +split, ...) override pack.grouping,
@@ -454,11 +464,13 @@ def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
     ArmSpec(strategy='padding', attention=None, grouping='none', only_single_turn=False, overlength=None)
     >>> arm_spec("greedy-cross+drop", PackConfig()).overlength
     'drop'
+    >>> arm_spec("padfree", PackConfig()).packer
+    'padding'
     """
     strategy, attention = parse_arm(arm)
     suffixes = arm.split("+")[1:]
     overlength = next((s for s in suffixes if s in OVERLENGTH_POLICIES), None)
-    if strategy == "padding":
+    if strategy in UNPACKED_ARMS:
         return ArmSpec(strategy, attention, overlength=overlength)
     grouping = next((s for s in suffixes if s in GROUPINGS), pack.grouping)
     turns = next((s for s in suffixes if s in ARM_TURNS), None)

@@ -18,7 +18,9 @@ micro_batch_size 1, 2 and 4 and check:
   the sample run alone (1e-5), the alone reference being computed on eager;
 - negative controls: the same rows as a cross micro-batch, and the isolated
   micro-batch given an all-ones attention_mask, differ clearly;
-- the padding arm's micro-batches equal the samples alone on every backend.
+- the padding arm's micro-batches equal the samples alone on every backend, and the
+  padfree arm's (the same rows as one flat row, whatever the backend) on
+  flex_attention (sdpa and eager: tests/test_padfree.py).
 """
 
 import numpy as np
@@ -29,7 +31,7 @@ from test_collate import segment_gaps as gaps_in_flat_row
 from test_collate import token_losses as per_token_losses
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from raypack.data.collate import collate, flatten_isolated
+from raypack.data.collate import arm_collation, collate, flatten_isolated
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import build_tiny_model
 from raypack.train.loop import micro_batch
@@ -158,6 +160,21 @@ def test_isolated_micro_batch_equals_samples_alone_on_flex_attention(models):
         assert max(isolated) < TOLERANCE, micro_batch_size
         assert max(masked_off) > CONTAMINATION, micro_batch_size
         assert min(cross) > CONTAMINATION, micro_batch_size
+
+
+def test_padfree_micro_batch_equals_samples_alone_on_flex_attention(models):
+    # The padfree arm hands every attention padding's rows as ONE flat row (arm_collation), flex_attention
+    # included; padded to FLEX_LENGTH here, the [1, T] shape flex compiled above, so nothing new compiles.
+    samples = make_samples(4, seed=7)
+    mode, flatten = arm_collation("padfree", "isolated", "flex_attention")
+    assert (mode, flatten) == ("isolated", True)
+    batch = collate([packed_row([s]) for s in samples], mode, PAD, pad_to_multiple_of=FLEX_LENGTH, flatten=flatten)
+    cross = collate([packed_row(samples, cross=True)], "cross", PAD, pad_to_multiple_of=FLEX_LENGTH)
+    assert batch["input_ids"].shape == cross["input_ids"].shape == (1, FLEX_LENGTH)
+    reference = [alone(models["eager"], s) for s in samples]
+    assert max(gaps_in_flat_row(per_token_losses(models["flex_attention"], batch)[0], samples, reference)) < TOLERANCE
+    contaminated = gaps_in_flat_row(per_token_losses(models["flex_attention"], cross)[0], samples, reference)
+    assert min(contaminated[1:]) > CONTAMINATION  # negative control: the same samples as one cross row
 
 
 @pytest.mark.parametrize("attn", BACKENDS)

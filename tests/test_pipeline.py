@@ -1,4 +1,5 @@
-"""`raypack prepare` on a local Ray cluster: counts reconcile, bad rows are kept aside, output is deterministic.
+"""`raypack prepare` on a local Ray cluster: counts reconcile, bad rows are kept aside, output is deterministic;
+the padfree arm is padding's rows, and the loop takes padding's steps from them.
 
     .venv/bin/pytest tests/test_pipeline.py -q
 """
@@ -20,7 +21,7 @@ from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ARMS = "[padding, random-cross, greedy-cross, bfd-isolated, bfd-cross]"
+ARMS = "[padding, padfree, random-cross, greedy-cross, bfd-isolated, bfd-cross]"
 
 
 def config(tmp_path, *overrides):
@@ -73,6 +74,97 @@ def test_counts_reconcile_across_arms(prepared_real):
     assert manifests["padding"].num_rows == first.num_samples
     assert manifests["bfd-isolated"].strategy == "bfd" and manifests["bfd-isolated"].attention == "isolated"
     assert manifests["bfd-isolated"].pack_window == 16
+
+
+def test_padfree_is_paddings_rows_under_a_manifest_of_its_own(prepared_real):
+    """padfree holds padding's rows (same samples, order, shards and bytes); its manifest says padfree, isolated,
+    with a hash of its own, and counts no pad computed (padding's micro-batches do: the negative control)."""
+    _, folders = prepared_real
+    pad, free = (read_manifest(folders[arm]) for arm in ("padding", "padfree"))
+    assert (pad.strategy, pad.attention, free.strategy, free.attention) == ("padding", None, "padfree", "isolated")
+    assert free.config_hash != pad.config_hash and Path(folders["padfree"]).name.startswith("padfree-")
+    for key in ("num_samples", "num_rows", "num_tokens", "num_supervised_tokens", "num_capacity_tokens",
+                "pack_window", "micro_batch_size", "grouping", "only_single_turn"):
+        assert getattr(free, key) == getattr(pad, key), key
+    assert free.padding_fraction == 0 < pad.padding_fraction and free.num_batch_tokens == free.num_tokens
+    assert shard_rows(folders["padfree"]) == shard_rows(folders["padding"]) != []
+    flat = {arm: {p.name: p.read_bytes() for p in sorted((Path(folders[arm]) / "flat").iterdir())}
+            for arm in ("padding", "padfree")}
+    assert flat["padfree"] == flat["padding"]
+
+
+def test_padfree_takes_paddings_steps_through_the_loop(prepared_real):
+    """The loop's own step functions on both prepared arms (Worker.step_batches, optimizer_step; no Ray): the
+    same run plan and the same rows in every step of every rank, padfree's micro-batches one row of exactly their
+    tokens, and at step 0 the same loss and gradients as padding; the same flat rows with positions running on
+    (cross) change the loss (negative control)."""
+    from dataclasses import replace
+
+    import torch
+
+    from raypack.data.collate import arm_collation
+    from raypack.data.prepared import RowStore
+    from raypack.model import build_tiny_model, load_tokenizer
+    from raypack.train.loop import Worker, optimizer_step
+    from raypack.train.loss import step_denominator
+    from raypack.train.plan import run_plan
+
+    cfg, folders = prepared_real
+    train = replace(cfg.train, num_workers=2, micro_batch_size=2, global_batch_size=8, epochs=2)
+    pad_id = load_tokenizer(cfg.data.tokenizer).pad_token_id
+    workers = {}
+    for arm in ("padding", "padfree"):
+        manifest = read_manifest(folders[arm])
+        plan = run_plan(train, cfg.optim, manifest, 2)
+        mode, flatten = arm_collation(manifest.strategy, manifest.attention, "sdpa")  # as set_up decides
+        workers[arm] = [Worker(train=train, rank=r, world_size=2, device="cpu", manifest=manifest, plan=plan,
+                               rows=RowStore.open(folders[arm]), mode=mode, flatten=flatten, pad_token_id=pad_id,
+                               attn="sdpa", precision="fp32", engine=None, optimizer=None, shape={}, memory={})
+                        for r in range(2)]
+    plan = workers["padding"][0].plan
+    assert workers["padfree"][0].plan == plan and plan.total_steps == 2 * (read_manifest(folders["padding"]).num_rows // 8)
+    step0 = {}
+    for step in range(plan.stop_step):
+        for rank in range(2):
+            pad_rows, _, pad_batches = workers["padding"][rank].step_batches(step)
+            free_rows, picked, free_batches = workers["padfree"][rank].step_batches(step)
+            assert [list(i) for i in free_rows] == [list(i) for i in pad_rows]
+            assert len(free_batches) == plan.grad_accum
+            for rows, batch in zip(picked, free_batches):
+                assert batch["input_ids"].shape == (1, sum(int(r["num_tokens"]) for r in rows))
+            assert sum(b["input_ids"].numel() for b in pad_batches) >= sum(b["input_ids"].numel() for b in free_batches)
+            if step == 0:
+                step0[rank] = {"padding": pad_batches, "padfree": free_batches,
+                               "cross": [dict(b, position_ids=torch.arange(b["input_ids"].shape[1])[None])
+                                         for b in free_batches]}
+
+    class OneProcessEngine:
+        """What optimizer_step asks of DeepSpeed's engine, in one process: the gradients are kept, not applied."""
+
+        def __init__(self, model):
+            self.module, self.device = model, torch.device("cpu")
+
+        def __call__(self, **inputs):
+            return self.module(**inputs)
+
+        def backward(self, loss, scale_wrt_gas):
+            assert scale_wrt_gas is False
+            loss.backward()
+
+        def step(self):
+            pass
+
+    results = {}  # rank 0's share of step 0 (the step's denominator counts both ranks)
+    for arm in ("padding", "padfree", "cross"):
+        model = build_tiny_model(seed=0, attn_implementation="sdpa")
+        engine, optimizer = OneProcessEngine(model), torch.optim.AdamW(model.parameters())
+        denominator = sum(step_denominator(step0[r][arm], "token") for r in range(2))
+        loss_sum, num_supervised = optimizer_step(engine, optimizer, step0[0][arm], denominator, 1e-3, "token", 2)
+        results[arm] = loss_sum / num_supervised, torch.cat([p.grad.flatten() for p in model.parameters()])
+    (pad_loss, pad_grad), (free_loss, free_grad) = results["padding"], results["padfree"]
+    assert abs(free_loss - pad_loss) < 1e-5
+    assert (free_grad - pad_grad).abs().max() < 1e-5 * pad_grad.abs().max()
+    assert abs(results["cross"][0] - pad_loss) > 1e-3
 
 
 def test_validation_split_is_shared_and_disjoint(prepared_real):

@@ -3,14 +3,15 @@
 An arm (``ArmSpec``: strategy, attention, grouping, single-turn-only) is planned
 from the samples' lengths alone, plus their assistant-turn counts when it packs
 only single-turn samples and their content groups (a cluster and a vector per
-sample) when some arm of the run is grouped. ``raypack compare`` packs
+sample) when some arm of the run is grouped; ``padfree`` is planned as ``padding``
+(``ArmSpec.packer``: the same rows). ``raypack compare`` packs
 ``ArmPlan.plan`` in process; ``raypack prepare`` writes the shards of each plan of
 ``ArmPlan.plans`` on Ray Data. Both report ``ArmPlan.stats``, completed with the
 supervised tokens counted on the rows (``pack.row_supervised_tokens``), since
 random packing loses targets at its cuts and lengths cannot tell which.
 
 Buffers: an ungrouped arm is planned ``window`` samples at a time (all when 0;
-padding has one sample per row, so that changes nothing but the shards); a grouped
+padding and padfree have one sample per row, so that changes nothing but the shards); a grouped
 arm reads ``group_buffer`` samples at a time (all when 0) and packs each cluster in
 windows (``raypack.data.compose``). No row mixes two buffers.
 
@@ -19,7 +20,9 @@ The stats record, one dict whose keys are in this order:
 - the plan's counts (``pack.plan_stats``): ``num_samples``, ``num_rows``,
   ``num_tokens``, ``num_supervised_tokens`` (None here), ``num_capacity_tokens``,
   ``efficiency``, ``num_batch_tokens``, ``padding_fraction``, ``lower_bound_rows``,
-  ``rows_over_lower_bound``, ``num_split_samples``, ``max_row_len``;
+  ``rows_over_lower_bound``, ``num_split_samples``, ``max_row_len``; a padfree
+  micro-batch is one flat row without pads, so its ``num_batch_tokens`` is
+  ``num_tokens`` and its ``padding_fraction`` 0;
 - what went into the packs (``COMPOSITION_KEYS``): ``grouping`` and
   ``only_single_turn`` always; for a single-turn-only arm
   ``num_single_turn_samples``, ``num_multi_turn_samples``, ``num_multi_turn_rows``;
@@ -90,19 +93,21 @@ def plan_arm(lengths: np.ndarray, spec: ArmSpec, *, max_seq_len: int, window: in
     n = len(lengths)
     if spec.only_single_turn and (turns is None or len(turns) != n):
         raise ValueError("a single-turn-only arm needs turns: the number of assistant turns of each sample")
-    content = groups if spec.strategy != "padding" else None
+    content = groups if spec.packer != "padding" else None
     if content is not None and (len(content.clusters) != n or len(content.vectors) != n):
         raise ValueError(f"content groups cover {len(content.clusters)} clusters and {len(content.vectors)} vectors "
                          f"but there are {n} samples; give one of each per sample")
     multi_turn = np.asarray(turns) > 1 if spec.only_single_turn else None
     size = (group_buffer if spec.grouping != "none" else window) or max(n, 1)
     starts = np.arange(0, n, size, dtype=np.int64)
-    plans = [plan_composed(lengths[lo:lo + size], max_seq_len, spec.strategy, window, spec.grouping,
+    plans = [plan_composed(lengths[lo:lo + size], max_seq_len, spec.packer, window, spec.grouping,
                            None if content is None else content.clusters[lo:lo + size],
                            None if multi_turn is None else multi_turn[lo:lo + size])
              for lo in starts.tolist()]
     plan = concat_plans(plans, [np.arange(lo, min(lo + size, n), dtype=np.int64) for lo in starts.tolist()])
-    counts = plan_stats(plan, lengths, max_seq_len, micro_batch_size)
+    # A padfree micro-batch is its rows end to end, one flat row (raypack.data.collate): it computes no pad, as
+    # rows collated one at a time would.
+    counts = plan_stats(plan, lengths, max_seq_len, 1 if spec.strategy == "padfree" else micro_batch_size)
     stats = {"num_samples": counts.pop("num_samples"), "num_rows": counts.pop("num_rows"),
              "num_tokens": counts.pop("num_tokens"), "num_supervised_tokens": None, **counts,
              **_composition(plan, spec, multi_turn, content, seed)}

@@ -14,6 +14,15 @@ padding (one sample per row; rows [a], [b]):
     No position_ids: with right padding the model's default arange is already
     each sample's 0..n-1, and pads come after every real token.
 
+padfree (the `padfree` arm: padding's rows [a], [b] and micro-batches, collated as isolated
+with flatten=True whatever the attention implementation; TRL's padding_free):
+    input_ids      [[11, 12, 13, 21, 22]]
+    labels         [[-100, 12, 13, -100, 22]]
+    position_ids   [[0, 1, 2, 0, 1]]
+    One row of exactly sum(sample lengths) tokens: no pad is computed, each sample
+    attends only to itself (as in its padded row), so every per-token loss is
+    padding's. `arm_collation("padfree", ...)` gives ("isolated", True).
+
 isolated (packed, attention kept inside each sample; rows [a, b], [c]), as ONE flat row
 (flatten=True, the default; what the loop gives flash_attention_2 and any other kernel):
     input_ids      [[11, 12, 13, 21, 22, 31, 32, 33, 34]]
@@ -37,7 +46,8 @@ isolated with flatten=False ([B, T] rows; what the loop gives sdpa, eager and fl
     attention_mask None and no KV cache: an all-ones mask would silently switch
     isolation off. The pad run gets positions 0, 1, 2, ... so all pads form ONE
     extra segment (zeros would make every pad its own phantom sequence).
-`flatten_isolated(attn_implementation)` is that choice.
+`flatten_isolated(attn_implementation)` is that choice; `arm_collation` gives an arm's
+mode and layout (padfree always flat: its rows would otherwise be padded).
 
 cross (the paper's contaminated packing; rows [a, b], [c]):
     input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
@@ -63,6 +73,20 @@ def flatten_isolated(attn_implementation: str) -> bool:
     """Whether isolated micro-batches must be one flat row for this attention (module docstring): yes for
     flash_attention_2 and any implementation not known to isolate [B, T] rows."""
     return attn_implementation not in ISOLATING_ROWS
+
+
+def arm_collation(strategy: str, attention: str | None, attn_implementation: str) -> tuple[str, bool]:
+    """(mode, flatten) for the micro-batches of an arm packed with `strategy` and `attention` (a prepared
+    manifest's): padding rows are padded; padfree rows are isolated and always ONE flat row (what removes their
+    pads; flash_attention_2, sdpa, eager and flex_attention all isolate it); packed rows by their attention,
+    isolated ones flat where `flatten_isolated` says.
+
+    >>> arm_collation("padfree", "isolated", "sdpa"), arm_collation("bfd", "isolated", "sdpa")
+    (('isolated', True), ('isolated', False))
+    """
+    if strategy == "padding":
+        return "padding", False
+    return attention, strategy == "padfree" or flatten_isolated(attn_implementation)
 
 
 def collate(

@@ -26,7 +26,9 @@ Layout under `prepare.output_dir` (by default `<output_dir>/prepared`):
     tok-<hash>/rejected/rejected.jsonl    every rejected row: source file, row, reason, detail
     tok-<hash>/val-<hash>/                held-out conversations, one sample per row: part-*.parquet,
                                           flat/ and manifest.json (raypack.data.prepared)
-    tok-<hash>/<arm>-<hash>/              train rows of one arm, the same files
+    tok-<hash>/<arm>-<hash>/              train rows of one arm, the same files (padfree: padding's
+                                          rows and shards, its manifest saying strategy padfree,
+                                          attention isolated)
 
     raypack prepare jobs/quickstart.yaml [key=value ...]
 """
@@ -784,7 +786,7 @@ def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
     jobs = {"val": _Job("val", ArmSpec("padding", None, overlength=cfg.data.overlength), 0, None, split_hash,
                         tok_dir / f"val-{split_hash}")}
     for arm, spec in specs.items():
-        packed_groups = groups_dir if spec.strategy != "padding" else None
+        packed_groups = groups_dir if spec.packer != "padding" else None
         arm_hash = _config_hash(split_hash, spec.strategy, spec.attention, cfg.pack.window, cfg.train.micro_batch_size,
                                 cfg.prepare.rows_per_shard, spec.grouping, spec.only_single_turn,
                                 packed_groups and packed_groups.name, cfg.pack.group_buffer if spec.grouping != "none" else None,

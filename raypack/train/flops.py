@@ -9,7 +9,9 @@ attention counted over the whole causal square, not halved):
 N is the parameter count that takes part in matmuls (the input embedding is a
 lookup and is left out unless tied to the output head), L the number of layers,
 H the hidden size. A segment is what one token may attend to: one sample in the
-`padding` and `isolated` arms, a whole packed row in `cross`. MFU divides the
+`padding`, `padfree` and `isolated` arms, a whole packed row in `cross`. So
+padding and padfree count the same FLOPs: padding's pads are computed but not
+counted, which is what its lower MFU shows. MFU divides the
 step's flops over all ranks by step time x ranks x the accelerator's peak
 dense TFLOPS at the training precision (`train.peak_tflops`, or the table below
 for bf16).

@@ -30,7 +30,9 @@ each layer's activations in the backward pass. Isolated micro-batches reach the
 model in a layout their attention implementation isolates (raypack.data.collate):
 one padding-free row for flash_attention_2 (varlen from position_ids only at batch
 size 1), [B, T] rows with restarting positions for sdpa, eager and flex_attention
-(whose block mask then costs B x T^2, not (B x T)^2).
+(whose block mask then costs B x T^2, not (B x T)^2). The padfree arm's
+micro-batches (padding's rows) are one padding-free row on every implementation:
+that is the arm (raypack.data.collate.arm_collation).
 
 Per step, on each rank:
     fetch and collate its gradient_accumulation micro-batches
@@ -95,7 +97,7 @@ import torch
 import torch.distributed as dist
 
 from raypack.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, from_dict, to_dict
-from raypack.data.collate import collate, flatten_isolated
+from raypack.data.collate import arm_collation, collate
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer, prepare_export,
@@ -219,7 +221,7 @@ class Worker:
     plan: RunPlan
     rows: RowStore
     mode: str  # padding, isolated or cross: how rows are collated (raypack.data.collate)
-    flatten: bool  # isolated micro-batches as one flat row (raypack.data.collate.flatten_isolated)
+    flatten: bool  # isolated micro-batches as one flat row (raypack.data.collate.arm_collation)
     pad_token_id: int
     attn: str
     precision: str
@@ -266,7 +268,6 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     manifest = read_manifest(folder)
     plan = run_plan(train, optim, manifest, world_size)
     assert plan.rows_per_step == train.global_batch_size, "raypack.train.launch.arm_config resolves the rows per step"
-    mode = "padding" if manifest.strategy == "padding" else manifest.attention
     rows = RowStore.open(folder)
     pad_token_id = load_tokenizer(tokenizer).pad_token_id
 
@@ -274,6 +275,7 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     # (`zero3` must stay referenced while training runs); DeepSpeed moves the module to the device.
     precision = resolve_precision(train.precision, device)
     attn = resolve_attn_implementation(model_config.attn_implementation, device, precision)
+    mode, flatten = arm_collation(manifest.strategy, manifest.attention, attn)
     if device == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())  # zero.Init places partitions on the current device
     if device == "cpu":
@@ -298,7 +300,7 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     if device == "cuda":
         memory["peak_gpu_mb_after_engine"] = _peak_memory_mb(device)
     return Worker(train=train, rank=rank, world_size=world_size, device=device, manifest=manifest, plan=plan,
-                  rows=rows, mode=mode, flatten=flatten_isolated(attn), pad_token_id=pad_token_id, attn=attn,
+                  rows=rows, mode=mode, flatten=flatten, pad_token_id=pad_token_id, attn=attn,
                   precision=precision, engine=engine, optimizer=optimizer, shape=shape, memory=memory, zero3=zero3)
 
 

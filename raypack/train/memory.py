@@ -43,7 +43,9 @@ max_seq_len] with a mask when it holds more than one row; cross the same with no
 mask; isolated arms are [micro_batch_size, max_seq_len] rows whose restarting
 position_ids make sdpa and eager build a block mask, except for flash_attention_2,
 which gets them flattened into ONE row [1, micro_batch_size x max_seq_len] (varlen,
-no mask; raypack.data.collate.flatten_isolated).
+no mask; raypack.data.collate.flatten_isolated); padfree (padding's rows) is that
+flat row on every attention, so sdpa and eager build its (micro_batch_size x
+max_seq_len)^2 block mask (raypack.data.collate.arm_collation).
 
 Host memory per node: the arm's rows once (8 bytes a token: input_ids and labels as
 int32 in the page cache, one copy the node's workers share, raypack.data.prepared)
@@ -77,13 +79,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from raypack.config import Config, ModelConfig, PackConfig, PlanConfig, TrainConfig, arm_spec
+from raypack.config import UNPACKED_ARMS, Config, ModelConfig, PackConfig, PlanConfig, TrainConfig, arm_spec
 from raypack.data.collate import flatten_isolated
 from raypack.train.engine import resolve_precision
 
 GIB = 2**30
 ATTENTION_KINDS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
-MODES = ("padding", "cross", "isolated")
+MODES = ("padding", "cross", "isolated", "padfree")
 
 
 @dataclass(frozen=True)
@@ -194,11 +196,11 @@ class MicroBatch:
 def micro_batch(mode: str, micro_batch_size: int, max_seq_len: int, attention: str = "flash_attention_2") -> MicroBatch:
     """padding / cross: [micro_batch_size, max_seq_len]; isolated: flattened to [1, both multiplied] for
     attention that needs one row (flash_attention_2), else [micro_batch_size, max_seq_len] rows with the
-    block mask their restarting positions make (raypack.data.collate.flatten_isolated)."""
+    block mask their restarting positions make; padfree: always flattened (raypack.data.collate.arm_collation)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if mode == "isolated":
-        if flatten_isolated(attention):
+    if mode in ("isolated", "padfree"):
+        if mode == "padfree" or flatten_isolated(attention):
             return MicroBatch(1, micro_batch_size * max_seq_len, masked=True)
         return MicroBatch(micro_batch_size, max_seq_len, masked=True)
     return MicroBatch(micro_batch_size, max_seq_len, masked=mode == "padding" and micro_batch_size > 1)
@@ -325,7 +327,8 @@ class ArmMemory:
 
 def estimate_arm(shape: ModelShape, mode: str, train: TrainConfig, max_seq_len: int, precision: str,
                  attention: str, num_tokens: int = 0) -> ArmMemory:
-    """The estimate for one arm of `mode` (padding / cross / isolated); num_tokens: its rows' real tokens, if known."""
+    """The estimate for one arm of `mode` (padding / padfree / cross / isolated); num_tokens: its rows' real tokens,
+    if known."""
     batch = micro_batch(mode, train.micro_batch_size, max_seq_len, attention)
     e = 2 if precision == "bf16" else 4
     states = state_bytes(shape.num_params, precision, train.zero_stage, train.num_workers, train.offload_optimizer,
@@ -339,9 +342,9 @@ def estimate_arm(shape: ModelShape, mode: str, train: TrainConfig, max_seq_len: 
 
 
 def arm_mode(arm: str, pack: PackConfig) -> str:
-    """padding, cross or isolated: how the arm's micro-batches reach the model (raypack.data.collate)."""
+    """padding, padfree, cross or isolated: how the arm's micro-batches reach the model (raypack.data.collate)."""
     spec = arm_spec(arm, pack)
-    return "padding" if spec.strategy == "padding" else spec.attention
+    return spec.strategy if spec.strategy in UNPACKED_ARMS else spec.attention
 
 
 def precision_and_attention(train: TrainConfig, model: ModelConfig) -> tuple[str, str]:
