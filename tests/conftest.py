@@ -32,6 +32,13 @@ def nothing_written_in_the_repo():
 
 
 @pytest.fixture(scope="session")
+def finished_studies():
+    """Studies that module fixtures finished earlier in the session, by name -> folder, so that a later test
+    (`raypack report`) combines real studies without running more (tests/test_fault.py's truth study)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     import ray
 

@@ -100,11 +100,12 @@ def raypack(cluster: RayNodes, args: list[str], log: Path, wait: bool = True):
 
 
 @pytest.fixture(scope="module")
-def truth(cluster, tmp_path_factory):
+def truth(cluster, tmp_path_factory, finished_studies):
     """The uninterrupted study: both arms trained one after the other, exported, never disturbed."""
     root = tmp_path_factory.mktemp("truth")
     raypack(cluster, ["study", "jobs/compare.yaml", *base_overrides(root), "name=fault",
                       f"study.out={root / 'study'}"], root / "study.log")
+    finished_studies["fault"] = root / "study"  # test_study's grid test combines it with its own
     return root
 
 

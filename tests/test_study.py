@@ -107,9 +107,10 @@ def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsy
     assert before == {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}
 
 
-def test_report_puts_the_study_beside_another_in_one_grid(finished_study, tmp_path, capsys):
-    """`raypack report` on this real study and a second one (the paper's 8B TULU job, written by hand as a
-    study leaves it: tests/test_grid.py): the real row's figures recomputed from its runs' own logs."""
+def test_report_puts_the_study_beside_another_in_one_grid(finished_study, finished_studies, tmp_path, capsys):
+    """`raypack report` on this real study, the real study test_fault finished earlier in the session (when it
+    ran) and a third one (the paper's 8B TULU job, written by hand as a study leaves it: tests/test_grid.py): each
+    real row's figures recomputed from its runs' own logs."""
     from test_grid import CORRECTED, config_of, write_study
 
     from raypack.cli import main
@@ -117,21 +118,30 @@ def test_report_puts_the_study_beside_another_in_one_grid(finished_study, tmp_pa
     cfg, out = finished_study
     other = tmp_path / "paper-8b-tulu"
     write_study(other, config_of("jobs/paper-8b-tulu.yaml", "paper-8b-tulu", list(CORRECTED)), CORRECTED)
-    assert main(["report", str(out), str(other), "--out", str(tmp_path / "grid")]) == 0
+    real = [out] + ([finished_studies["fault"]] if "fault" in finished_studies else [])
+    assert main(["report", *map(str, real), str(other), "--out", str(tmp_path / "grid")]) == 0
     grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
-    ours, paper = grid["rows"]
+    assert len(grid["rows"]) == len(real) + 1
+    rows = {row["study"]: row for row in grid["rows"]}
+    ours, paper = rows[cfg.name], rows["paper-8b-tulu"]
     assert (ours["model"], ours["dataset"]) == ("tiny", "synthetic opensource-1.2m x 120 (seed 0)")
     assert ours["paper_delta"] is None
     assert paper["paper_delta"] == {"random": 0.94, "greedy": 1.59} and ours["hours_unit"] == "CPU worker-hours"
+    for folder in real:  # steps and worker-hours from each real study's own metrics.jsonl
+        saved = json.loads((folder / "config.json").read_text())
+        row = rows[saved["name"]]
+        for arm in saved["pack"]["arms"]:
+            record = json.loads((folder / "runs" / arm / "seed0" / "result.json").read_text())
+            logged = [json.loads(x) for x in (Path(record["model_dir"]).parent / "metrics.jsonl").read_text().splitlines()]
+            assert row["arms"][arm]["steps"] == len(logged) == record["steps"]
+            seconds = sum(m["step_time_s"] for m in logged)
+            assert row["arms"][arm]["device_hours"] == pytest.approx(seconds * saved["train"]["num_workers"] / 3600)
     report = json.loads((out / "report.json").read_text())
     average = {}
     for arm in ARMS:
         record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
-        logged = (Path(record["model_dir"]).parent / "metrics.jsonl").read_text().splitlines()
         row = ours["arms"][arm]
-        assert row["steps"] == len(logged) == 3
-        seconds = sum(json.loads(line)["step_time_s"] for line in logged)
-        assert row["device_hours"] == pytest.approx(seconds * cfg.train.num_workers / 3600)
+        assert row["steps"] == 3
         average[arm] = 100 * sum(record["scores"][t] for t in report["tasks"]) / len(report["tasks"])
         assert row["average_points"] == pytest.approx(average[arm])
         assert row["average_points"] == pytest.approx(100 * report["arms"][arm]["average"])  # the study's own rule
