@@ -67,7 +67,7 @@ def test_both_settings_compare_with_their_own_padding_and_data_differences_are_s
     assert arms["greedy-cross"]["average_delta_vs_padding"] == pytest.approx(0.05)
     assert arms["greedy-cross+drop"]["average_delta_vs_padding"] == pytest.approx(0.06)  # vs padding+truncate
     md = markdown(summary, "t", [])
-    assert "## The arms saw different data" in md and "greedy-cross+drop 900 (-10.00% vs padding)" in md
+    assert "## The arms saw different data" in md and "greedy-cross+drop 900 (-10.00%)" in md and "padding 1,000 (as greedy-cross, padding+truncate)" in md
     assert "| drop |" in md  # the over-length column
     assert "saw different data" not in markdown(summarise(records[:3]), "t", [])
 

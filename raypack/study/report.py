@@ -162,12 +162,14 @@ def _data_lines(arms: dict) -> list[str]:
     if None in tokens.values() or len(set(tokens.values())) < 2:
         return []
     first, ref = next(iter(tokens.items()))
-    cells = [f"{arm} {n:,}" + (f" ({(n - ref) / ref:+.2%} vs {first})" if arm != first else "")
-             for arm, n in tokens.items()]
+    same = [arm for arm, n in tokens.items() if n == ref and arm != first]
+    cells = [f"{first} {ref:,}" + (f" (as {', '.join(same)})" if same else "")] + \
+        [f"{arm} {n:,} ({(n - ref) / ref:+.2%})" for arm, n in tokens.items() if n != ref]
     return ["", "## The arms saw different data", "",
             "Supervised tokens per epoch (train split, from each arm's manifest): " + "; ".join(cells) + ". "
-            "An arm's over-length policy (truncate, split or drop), and packing only single-turn conversations, "
-            "change what it trains on, so part of a difference in scores is a difference in data."]
+            "An arm's over-length policy (truncate, split or drop), random packing's cuts (the target at each cut "
+            "is lost) and packing only single-turn conversations change what an arm trains on, so part of a "
+            "difference in scores is a difference in data."]
 
 
 def _composition_lines(arms: dict) -> list[str]:
