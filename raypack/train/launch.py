@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypack.config import Config, ConfigError, to_dict
+from raypack.config import Config, ConfigError, TrainConfig, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.every import every
@@ -80,15 +80,20 @@ def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = N
     RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback). `loop` is another worker function
     taking the same config (raypack.bench.train's limit run)."""
     train = cfg.train
-    scaling = ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                            resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
     run = RunConfig(name=run_name(cfg, arm), storage_path=storage_path(cfg),
                     failure_config=FailureConfig(max_failures=train.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
                    "val_folder": str(val_folder) if val_folder else None}
-    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling,
+    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(train),
                         run_config=run)
+
+
+def scaling_config(train: TrainConfig) -> ScalingConfig:
+    """The workers Ray Train asks the cluster for: train.num_workers, each one GPU (train.use_gpu) or
+    train.worker_cpus CPUs. k8s/raycluster.yaml's worker groups are sized to it (tests/test_k8s.py)."""
+    return ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                         resources_per_worker=None if train.use_gpu else {"CPU": train.worker_cpus})
 
 
 def arm_config(cfg: Config, folder: str, eval_points: int = 0) -> Config:
