@@ -88,7 +88,7 @@ class Inputs(NamedTuple):
     paths: list[str]  # one read task each, in input order (the file index of the keys): local paths, URIs, and
     # hf://datasets/ORG/NAME@REVISION/PATH for a Hugging Face dataset's data files (raypack.data.hub)
     fingerprint: list  # for the tokenized cache's hash: files with size and mtime, a dataset's pinned revision
-    notes: list[str] = []  # what prepare prints: a dataset's files of the split that are not read
+    notes: tuple[str, ...] = ()  # what prepare prints: a dataset's files of the split that are not read
 
 
 def resolve_inputs(data: DataConfig, synth_cfg: SynthConfig) -> Inputs:
@@ -113,7 +113,7 @@ def resolve_inputs(data: DataConfig, synth_cfg: SynthConfig) -> Inputs:
                 stat = os.stat(path)
                 paths.append(path)
                 fingerprint.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
-    return Inputs(paths, fingerprint, notes)
+    return Inputs(paths, fingerprint, tuple(notes))
 
 
 def _hf_root(data: DataConfig) -> str:
