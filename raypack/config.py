@@ -61,7 +61,10 @@ class SynthConfig:
 class DataConfig:
     """What goes in and how it is tokenized."""
 
-    sources: list[str] = _field([], "JSON/JSONL/Parquet files or globs; empty means synthesise (see synth)")
+    sources: list[str] = _field([], "JSON/JSONL/Parquet files, globs, folders or pyarrow URIs (s3://...), and Hugging "
+                                "Face datasets as hf:ORG/NAME[/CONFIG][@REVISION] (the split data.hf_split of the "
+                                "card's config, its files read by Ray Data tasks), in any mix and order; empty means "
+                                "synthesise (see synth)")
     format: str = _field("auto", "input format, or auto to detect per file", ("auto",) + FORMATS)
     strict: bool = _field(False, "raise on the first invalid row instead of counting and setting it aside")
     tokenizer: str = _field("tiny", "tokenizer: 'tiny' (offline, bundled), a local path or a hub id")
@@ -71,7 +74,12 @@ class DataConfig:
     overlength: str = _field("truncate", "what to do with samples longer than max_seq_len: keep the first "
                              "max_seq_len tokens, split into max_seq_len pieces, or drop; the validation split and "
                              "every arm without a +truncate/+split/+drop suffix", OVERLENGTH_POLICIES)
-    hf_split: str = _field("train", "split to load for sources given as hf:<dataset id>")
+    hf_split: str = _field("train", "split to read for sources given as hf:ORG/NAME (the dataset card's configs: "
+                           "data_files, else the hub's file-name conventions: data/{split}-00000-of-00001.parquet, "
+                           "{split}.jsonl, {split}/...)")
+    hf_root: str = _field("", "a local folder of dataset repositories laid out as on the hub, <hf_root>/ORG/NAME (a "
+                          "mirror, or tests): hf: sources are listed and read there; '' reads them from the hub "
+                          "(HF_ENDPOINT and HF_TOKEN as huggingface_hub reads them, on every node)")
     val_fraction: float = _field(0.1, "share of conversations held out for validation, the same for "
                                  "every arm (the paper: 10%)")
     val_count: int = _field(0, "if > 0, hold out exactly this many conversations instead of val_fraction")

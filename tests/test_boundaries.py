@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
-        "raypack.data.formats", "raypack.data.tokenize", "raypack.data.overlength", "raypack.data.bins", "raypack.data.pack",
+        "raypack.data.formats", "raypack.data.hub", "raypack.data.tokenize", "raypack.data.overlength",
+        "raypack.data.bins", "raypack.data.pack",
         "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
         "raypack.data.summary", "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory",

@@ -263,15 +263,17 @@ def test_strict_fails_with_file_and_row(ray_local, real_files, tmp_path):
 
 
 def test_uri_and_hub_style_sources(ray_local, real_files, tmp_path):
-    """A pyarrow URI (file://, as s3:// or gs:// on a cluster) and a datasets-loadable id read the same rows."""
+    """A pyarrow URI (file://, as s3:// or gs:// on a cluster) and a Hugging Face dataset (hf:, here a local
+    repository under data.hf_root) read the same rows."""
     shutil.copy(FIXTURES / "sharegpt_small.json", tmp_path / "rows.json")
     local = config(tmp_path / "a", f"data.sources=[{tmp_path / 'rows.json'}]", "pack.arms=[padding]")
     uri = config(tmp_path / "b", f"data.sources=['file://{tmp_path / 'rows.json'}']", "pack.arms=[padding]")
-    hub_dir = tmp_path / "hub"
-    hub_dir.mkdir()
+    hub_dir = tmp_path / "hub" / "local" / "rows"
+    hub_dir.mkdir(parents=True)
     rows = json.loads((tmp_path / "rows.json").read_text())
     (hub_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hub = config(tmp_path / "c", f"data.sources=['hf:{hub_dir}']", "pack.arms=[padding]")
+    hub = config(tmp_path / "c", "data.sources=['hf:local/rows']", f"data.hf_root={tmp_path / 'hub'}",
+                 "pack.arms=[padding]")
     results = [prepare(cfg) for cfg in (local, uri, hub)]
     manifests = [read_manifest(r["padding"]) for r in results]
     assert {m.num_input_rows for m in manifests} == {20}

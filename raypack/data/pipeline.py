@@ -3,7 +3,7 @@
 The one module that imports ray.data. It only maps the pure core (formats,
 tokenize, holdout, pack) over a cluster:
 
-    read (a task per file, synth block or HF dataset)
+    read (a task per file: local, a URI or a Hugging Face dataset's data file fetched in the task; or per synth block)
       -> normalise + tokenize (an actor pool; the tokenizer loads once per actor)
       -> tokenized cache (Parquet, in input order, reused by every arm and every later run): a sample
          longer than max_seq_len is kept as all its max_seq_len pieces, so one cache serves every
@@ -52,7 +52,7 @@ import ray
 import ray.data
 
 from raypack.config import OVERLENGTH_POLICIES, ArmSpec, Config, DataConfig, PackConfig, PrepareConfig, SynthConfig, arm_spec
-from raypack.data import features, formats, synth
+from raypack.data import features, formats, hub, synth
 from raypack.data.arm import COMPOSITION_KEYS, ContentGroups, plan_arm
 from raypack.data.holdout import holdout_mask
 from raypack.data.local import expand_sources
@@ -82,21 +82,42 @@ def _config_hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _source_fingerprint(data: DataConfig, synth_cfg: SynthConfig) -> list:
-    """What identifies the input: files with size and mtime, a hub id, or the synth settings."""
+class Inputs(NamedTuple):
+    """The input files, resolved once on the driver: what the read tasks open, and what identifies them."""
+
+    paths: list[str]  # one read task each, in input order (the file index of the keys): local paths, URIs, and
+    # hf://datasets/ORG/NAME@REVISION/PATH for a Hugging Face dataset's data files (raypack.data.hub)
+    fingerprint: list  # for the tokenized cache's hash: files with size and mtime, a dataset's pinned revision
+    notes: tuple[str, ...] = ()  # what prepare prints: a dataset's files of the split that are not read
+
+
+def resolve_inputs(data: DataConfig, synth_cfg: SynthConfig) -> Inputs:
+    """Every source in order: files, globs and folders expanded, an hf: dataset listed at a pinned revision (only
+    its file list and card are fetched here); with no sources, the synth settings identify the input."""
     if not data.sources:  # what the samples are made of; where `raypack synth` writes them is not
-        return ["synth", {k: v for k, v in asdict(synth_cfg).items() if k != "out"}]
-    fingerprint = []
+        return Inputs([], ["synth", {k: v for k, v in asdict(synth_cfg).items() if k != "out"}])
+    paths, fingerprint, notes = [], [], []
     for src in data.sources:
         if src.startswith("hf:"):
-            fingerprint.append([src, data.hf_split])
+            files = hub.resolve(src, data.hf_split, _hf_root(data))
+            if files.skipped:
+                notes.append(f"{src} split {data.hf_split}: not reading {len(files.skipped)} files that are not "
+                             f"{'/'.join(formats.EXTENSIONS)}: {', '.join(files.skipped[:5])}")
+            paths += files.uris
+            fingerprint.append(files.fingerprint)
         elif "://" in src:
+            paths.append(src)
             fingerprint.append([src])
         else:
             for path in expand_sources([src]):
                 stat = os.stat(path)
+                paths.append(path)
                 fingerprint.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
-    return fingerprint
+    return Inputs(paths, fingerprint, tuple(notes))
+
+
+def _hf_root(data: DataConfig) -> str:
+    return os.path.abspath(data.hf_root) if data.hf_root else ""  # read tasks may run in another directory
 
 
 # ---------------------------------------------------------------- read
@@ -109,8 +130,11 @@ def _raw_row(key: int, source: str, value, fmt: str) -> dict:
             "reason": "", "detail": ""}
 
 
-def _local_copy(path: str, tmp: str) -> str:
-    """Remote files (s3://, gs://, ...) are copied to the worker's disk, then read like local ones."""
+def _local_copy(path: str, tmp: str, hf_root: str) -> str:
+    """Remote files (s3://, gs://, ...) are copied to the worker's disk, a Hugging Face dataset's file fetched into
+    the node's hub cache (or found under data.hf_root), then read like local ones."""
+    if path.startswith(hub.URI_PREFIX):
+        return hub.fetch(path, hf_root)
     if "://" not in path:
         return path
     from pyarrow import fs as pafs
@@ -127,7 +151,7 @@ RAW_SCHEMA = pa.schema([("key", pa.int64()), ("source", pa.string()), ("raw", pa
                         ("reason", pa.string()), ("detail", pa.string())])
 
 
-def _read_files(batch: dict, fmt: str):
+def _read_files(batch: dict, fmt: str, hf_root: str):
     """Stream every record of each file, in order, as JSON text with its key; bad rows keep their reason.
 
     A generator, so a large file leaves in chunks of READ_CHUNK_ROWS rows instead of
@@ -136,7 +160,7 @@ def _read_files(batch: dict, fmt: str):
     for path, index in zip(batch["path"], batch["file_index"]):
         rows, file_fmt = [], None if fmt == "auto" else fmt
         with tempfile.TemporaryDirectory() as tmp:
-            for row_num, value in formats.iter_raw_rows(_local_copy(str(path), tmp)):
+            for row_num, value in formats.iter_raw_rows(_local_copy(str(path), tmp, hf_root)):
                 if file_fmt is None and isinstance(value, dict):
                     try:
                         file_fmt = formats.detect_format(value)
@@ -159,15 +183,11 @@ def _synth_rows(batch: dict, preset: str, seed: int, num_samples: int):
                                     for i, row in enumerate(rows)], schema=RAW_SCHEMA)
 
 
-def _hf_rows(batch: pa.Table, dataset_id: str) -> pa.Table:
-    keys = batch.column("__key").to_pylist()
-    values = batch.drop_columns(["__key"]).to_pylist()
-    rows = [_raw_row(k + 1, f"hf:{dataset_id}:{k + 1}", v, "") for k, v in zip(keys, values)]
-    return pa.Table.from_pylist(rows)
+def read_sources(cfg: Config, inputs: Inputs | None = None) -> ray.data.Dataset:
+    """One row per input record: key (input order), source, raw JSON, format, and a read error if any.
 
-
-def read_sources(cfg: Config) -> ray.data.Dataset:
-    """One row per input record: key (input order), source, raw JSON, format, and a read error if any."""
+    One read task per file (a Hugging Face dataset's data files too: each is fetched inside its task, never on the
+    driver); `inputs` are resolve_inputs(cfg.data, cfg.synth), resolved here if not given."""
     data = cfg.data
     if not data.sources:
         n = cfg.synth.num_samples
@@ -175,32 +195,11 @@ def read_sources(cfg: Config) -> ray.data.Dataset:
         return ray.data.range(num_blocks, override_num_blocks=num_blocks).map_batches(
             _synth_rows, batch_size=1, fn_kwargs={"preset": cfg.synth.preset, "seed": cfg.synth.seed,
                                                   "num_samples": n}, num_cpus=cfg.prepare.read_num_cpus)
-    hub = [s for s in data.sources if s.startswith("hf:")]
-    files = [s for s in data.sources if not s.startswith("hf:")]
-    if hub and (files or len(hub) > 1):
-        raise ValueError("data.sources: give one hf:<dataset id> alone, or files only")
-    if hub:
-        return _read_hf(hub[0][3:], data.hf_split, data.format)
-    paths = [p for src in files for p in ([src] if "://" in src else expand_sources([src]))]
+    paths = (inputs or resolve_inputs(data, cfg.synth)).paths
     items = [{"file_index": i, "path": p} for i, p in enumerate(paths)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_files, batch_size=1, fn_kwargs={"fmt": data.format}, num_cpus=cfg.prepare.read_num_cpus)
-
-
-def _read_hf(dataset_id: str, split: str, fmt: str) -> ray.data.Dataset:
-    import datasets  # only clusters with internet (or a local HF cache) take this path
-
-    hf = datasets.load_dataset(dataset_id, split=split)
-    hf = hf.add_column("__key", list(range(len(hf))))
-    ds = ray.data.from_huggingface(hf).map_batches(_hf_rows, batch_format="pyarrow",
-                                                   fn_kwargs={"dataset_id": dataset_id})
-    if fmt == "auto":
-        fmt = formats.detect_format(hf[0])
-    return ds.map_batches(_set_format, batch_format="pyarrow", fn_kwargs={"fmt": fmt})
-
-
-def _set_format(batch: pa.Table, fmt: str) -> pa.Table:
-    return batch.set_column(batch.schema.get_field_index("fmt"), "fmt", pa.array([fmt] * len(batch), pa.string()))
+        _read_files, batch_size=1, fn_kwargs={"fmt": data.format, "hf_root": _hf_root(data)},
+        num_cpus=cfg.prepare.read_num_cpus)
 
 
 # ---------------------------------------------------------------- tokenize
@@ -286,14 +285,14 @@ def _user_error(err: BaseException) -> formats.FormatError | None:
 _sorted_parquet_files = shard_files
 
 
-def tokenize_to_cache(cfg: Config, tok_dir: Path) -> dict:
+def tokenize_to_cache(cfg: Config, tok_dir: Path, inputs: Inputs | None = None) -> dict:
     """Run read -> tokenize on Ray Data into tok_dir/tokenized; returns the pass's counts."""
     prep: PrepareConfig = cfg.prepare
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the cache must be in input order
     # Small blocks, so every tokenizer actor gets work even when the input is one big file.
     ctx.target_max_block_size = prep.block_mb * 2**20
-    ds = read_sources(cfg).map_batches(
+    ds = read_sources(cfg, inputs).map_batches(
         TokenizeBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
         compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
         fn_constructor_kwargs={"data_cfg": asdict(cfg.data)})
@@ -743,9 +742,9 @@ def load_groups(folder: str | Path) -> dict:
 # ---------------------------------------------------------------- prepare
 
 
-def _tok_hash(cfg: Config) -> str:
+def _tok_hash(cfg: Config, inputs: Inputs) -> str:
     d = cfg.data  # not d.overlength: the cache keeps every piece and each split applies its own policy
-    return _config_hash(_source_fingerprint(d, cfg.synth), d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
+    return _config_hash(inputs.fingerprint, d.format, d.strict, d.tokenizer, d.template, d.max_seq_len,
                         d.hf_split, CACHE_VERSION)
 
 
@@ -771,10 +770,10 @@ class _Job(NamedTuple):
     folder: Path  # <tok_dir>/<name>-<hash>
 
 
-def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
+def _prepare_jobs(cfg: Config, inputs: Inputs) -> tuple[Path, dict[str, _Job]]:
     """The tokenized cache folder and every split of cfg ("val" first, then each arm), by config hash only."""
     root = cfg.prepared_root()
-    tok_hash = _tok_hash(cfg)
+    tok_hash = _tok_hash(cfg, inputs)
     tok_dir = root / f"tok-{tok_hash}"
     # data.overlength chooses the conversations the validation split is drawn from (_holdout_keys).
     split_hash = _config_hash(tok_hash, cfg.seed, cfg.data.val_fraction, cfg.data.val_count, cfg.data.overlength)
@@ -797,8 +796,9 @@ def _prepare_jobs(cfg: Config) -> tuple[Path, dict[str, _Job]]:
 
 def prepared_folders(cfg: Config) -> dict[str, Path]:
     """Where prepare() writes the validation split ("val") and each arm, computed from the config alone
-    (no Ray, nothing read but the input files' size and mtime); a split is ready once its manifest.json exists."""
-    _, jobs = _prepare_jobs(cfg)
+    (no Ray, nothing read but the input files' size and mtime, or an hf: dataset's file list at its resolved
+    revision); a split is ready once its manifest.json exists."""
+    _, jobs = _prepare_jobs(cfg, resolve_inputs(cfg.data, cfg.synth))
     return {name: job.folder for name, job in jobs.items()}
 
 
@@ -809,7 +809,10 @@ def prepare(cfg: Config) -> dict:
     never re-tokenize. The returned dict has "val" plus one entry per arm.
     """
     ensure_ray()
-    tok_dir, jobs = _prepare_jobs(cfg)
+    inputs = resolve_inputs(cfg.data, cfg.synth)  # once: the hash and the read see the same revision of a dataset
+    tok_dir, jobs = _prepare_jobs(cfg, inputs)
+    for note in inputs.notes:
+        print(f"raypack prepare: {note}", flush=True)
     tok_dir.mkdir(parents=True, exist_ok=True)
     counts_path = tok_dir / "tokenized.json"
     start = time.perf_counter()
@@ -817,7 +820,7 @@ def prepare(cfg: Config) -> dict:
         counts = json.loads(counts_path.read_text())
         print(f"raypack prepare: reusing tokenized data {tok_dir}", flush=True)
     else:
-        counts = tokenize_to_cache(cfg, tok_dir)
+        counts = tokenize_to_cache(cfg, tok_dir, inputs)
     tokenize_seconds = time.perf_counter() - start
     files = _sorted_parquet_files(tok_dir / "tokenized")
     holdout = _holdout_keys(files, cfg.data, cfg.seed)
