@@ -92,9 +92,17 @@ def baseline(arm: str, arms: list[str]) -> str | None:
 
 
 def paper_job(model: str, sources: list[str]) -> tuple[str, str] | None:
-    """(model, dataset) of the paper's grid when the study is one of its jobs, else None."""
+    """(model, dataset) of the paper's grid when the study is one of its jobs, else None.
+
+    >>> paper_job("meta-llama/Meta-Llama-3-8B", ["hf:Super-shuhe/packing-tulu@0123abc"])
+    ('8B', '326K')
+    >>> paper_job("meta-llama/Meta-Llama-3-8B", ["data/packing-tulu.jsonl"]) is None
+    True
+    """
     size = PAPER_MODELS.get(Path(model.rstrip("/")).name.lower())
-    dataset = PAPER_DATASETS.get(sources[0].removeprefix("hf:")) if len(sources) == 1 else None
+    # hf:ORG/NAME[/CONFIG][@REVISION] (raypack.data.hub): the paper's datasets are named by ORG/NAME.
+    repo = "/".join(sources[0].removeprefix("hf:").split("@")[0].split("/")[:2]) if len(sources) == 1 else None
+    dataset = PAPER_DATASETS.get(repo) if repo else None
     return (size, dataset) if size and dataset and sources[0].startswith("hf:") else None
 
 
