@@ -114,6 +114,10 @@ def cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.tune.analyze import load_trials
     from raypack.tune.sweep import run_sweep
 
+    if cfg.study.setting != "corrected":
+        raise ConfigError(f"study.setting={cfg.study.setting}: a sweep tunes sweep.arms (or pack.arms) as "
+                          "configured; list the paper's arms there instead, e.g. "
+                          "'sweep.arms=[padding+truncate, greedy-cross+drop]' with them in pack.arms")
     start = time.perf_counter()
     out = run_sweep(cfg, resume=args.resume)
     statuses = [t["status"] for t in load_trials(out)]

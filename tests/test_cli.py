@@ -227,3 +227,16 @@ def test_in_process_a_bug_propagates(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", tuple(dataclasses.replace(c, run=bug) for c in COMMANDS))
     with pytest.raises(RuntimeError, match="a bug"):
         main(["compare", "jobs/compare.yaml"])
+
+
+def test_study_setting_reaches_eval_and_is_refused_by_sweep(tmp_path, capsys):
+    """eval/probe look for the models of study.setting's arms; a sweep, which tunes its own arm list, refuses a
+    setting rather than ignore it."""
+    from raypack.config import ConfigError, load_config
+    from raypack.eval.run import checkpoints
+
+    cfg = load_config("jobs/quickstart.yaml", [f"output_dir={tmp_path}", "study.setting=paper"])
+    with pytest.raises(ConfigError, match=r"train.arm=padding\+truncate"):
+        checkpoints(cfg)  # the paper's first arm, not quickstart's padding: nothing trained yet
+    assert main(["sweep", "jobs/sweep-quick.yaml", f"output_dir={tmp_path}", "study.setting=paper"]) == 2
+    assert "a sweep tunes sweep.arms" in capsys.readouterr().err

@@ -11,20 +11,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from raypack.config import Config, ConfigError
+from raypack.config import Config, ConfigError, setting_configs
 from raypack.eval.tasks import refuse_code_execution, resolve_tasks
 from raypack.tables import write_json
 
 
 def checkpoints(cfg: Config) -> dict[str, str]:
     """What `eval` and `probe` score, by name: eval.model_dir, else the model `raypack train` exported for
-    train.arm or each arm of pack.arms. Each must be a Hugging Face folder."""
+    train.arm or each arm of pack.arms (of study.setting's arms). Each must be a Hugging Face folder."""
     if cfg.eval.model_dir:
         models = {cfg.eval.model_dir: cfg.eval.model_dir}
     else:
         from raypack.train.launch import run_dir
 
-        arms = [cfg.train.arm] if cfg.train.arm else cfg.pack.arms
+        arms = [cfg.train.arm] if cfg.train.arm else [arm for c in setting_configs(cfg) for arm in c.pack.arms]
         models = {arm: str(run_dir(cfg, arm) / "model") for arm in arms}
     for name, folder in models.items():
         if not (Path(folder) / "config.json").is_file():
