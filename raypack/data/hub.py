@@ -102,6 +102,10 @@ def resolve(source: str, split: str, hf_root: str = "") -> HubFiles:
     return HubFiles(source, repo_id, sha, chosen, skipped, ["hf", repo_id, config, sha, split, chosen])
 
 
+class HubUnreachable(ValueError):
+    """The hub could not be asked for an hf: dataset's revision and files (no network, offline mode)."""
+
+
 def _list_remote(source: str, repo_id: str, revision: str | None) -> tuple[str, list[str], dict]:
     """The commit the revision resolves to, the repository's files and its card there (HF_ENDPOINT, HF_TOKEN)."""
     from huggingface_hub import HfApi, hf_hub_download
@@ -116,6 +120,10 @@ def _list_remote(source: str, repo_id: str, revision: str | None) -> tuple[str, 
     except RepositoryNotFoundError:
         raise ValueError(f"data.sources: {source}: no dataset repository {repo_id!r} on the hub (or no access: "
                          "set HF_TOKEN on every node for a private or gated one)") from None
+    except Exception as err:  # noqa: BLE001  (no network, DNS, proxy, HF_HUB_OFFLINE: the hub cannot be asked)
+        raise HubUnreachable(f"data.sources: {source}: the hub could not be reached to pin the dataset's revision "
+                             f"({type(err).__name__}: {str(err)[:200]}); prepare needs it (or a mirror: "
+                             "data.hf_root, HF_ENDPOINT)") from None
     files = sorted(api.list_repo_files(repo_id, repo_type="dataset", revision=sha))
     card = {}
     if "README.md" in files:

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raypack.config import Config, OptimConfig, PlanConfig, TrainConfig, to_dict
+from raypack.data.hub import HubUnreachable
 from raypack.data.prepared import read_manifest
 from raypack.eval.cost import eval_gpu_hours
 from raypack.eval.tasks import resolve_tasks
@@ -176,9 +177,12 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
     shape = memory.model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
     if prepare_first:
         prepare(cfg)
-    folders = prepared_folders(cfg)
+    try:
+        folders, unresolved = prepared_folders(cfg), None
+    except HubUnreachable as err:  # the memory estimate needs no data: say why there are no counts, go on
+        folders, unresolved = {}, str(err)
     counts = {arm: arm_counts(cfg.train, cfg.optim, str(folders[arm]), shape) for arm in cfg.pack.arms
-              if (folders[arm] / "manifest.json").exists()}
+              if arm in folders and (folders[arm] / "manifest.json").exists()}
     arms = memory.estimate_job(cfg, shape, {arm: c["num_tokens"] for arm, c in counts.items()})
     precision, attention = memory.precision_and_attention(cfg.train, cfg.model)
     limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
@@ -197,6 +201,7 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
         training = bill_lines(counts, cfg.train, plan, 1, mfu_source, eval_hours)
         lines += training[:1] + eval_lines + training[1:]
     lines += [f"{arm}: {NOT_PREPARED}" for arm in cfg.pack.arms if arm not in counts]
+    lines += [f"(prepared folders unknown: {unresolved})"] if unresolved else []
     figures = {arm: _plan_figures(a, use_gpu, limits) for arm, a in arms.items()}
     where = "per GPU" if use_gpu else "per CPU worker (all of it in host memory)"
     other = f"layers, ckpt {'off' if cfg.train.gradient_checkpointing else 'on'}"
