@@ -81,16 +81,17 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain copy of the repository
 
-from raypack.data.collate import collate, flatten_isolated
+from raypack.data.collate import arm_collation, collate, flatten_isolated
 from raypack.data.synth import sample_lengths
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import TINY_PAD_ID, resolve_attn_implementation, tiny_llama_config
 from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import micro_batch_loss, step_denominator, token_losses
 
-# arm -> (collate mode, flat isolated rows whatever the attention); padfree: padding's micro-batches without pads
-ARMS = {"padding": ("padding", False), "padfree": ("isolated", True), "bfd-isolated": ("isolated", False),
-        "bfd-cross": ("cross", False)}
+# arm -> (strategy, attention) as a manifest says; raypack.data.collate.arm_collation turns them into the loop's
+# collate mode and layout (padfree: padding's micro-batches as one flat isolated row, no pads)
+ARMS = {"padding": ("padding", None), "padfree": ("padfree", "isolated"), "bfd-isolated": ("bfd", "isolated"),
+        "bfd-cross": ("bfd", "cross")}
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 FORBIDDEN = {"ray", "deepspeed", "numba", "pyarrow"}
 GPU = {"model": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -230,10 +231,11 @@ def isolation(setup: dict, rows: list[dict], device: str, seed: int, out: dict, 
         del model
 
 
-def run_arm(setup: dict, mode: str, flat: bool, batches: list[list[dict]], device: str, dtype: torch.dtype,
-            attn: str, seed: int, peak: float | None) -> dict:
+def run_arm(setup: dict, strategy: str, attention: str | None, batches: list[list[dict]], device: str,
+            dtype: torch.dtype, attn: str, seed: int, peak: float | None) -> dict:
     """Warm-up, then the timed batches once untimed (every shape they hold seen once: padding's shapes change
     from step to step), then the same batches timed; one micro-batch of 2 rows per optimizer step."""
+    mode, flat = arm_collation(strategy, attention, attn)  # as raypack.train.loop collates this arm
     model = build_model(setup, attn, dtype, device, seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     embedding = model.get_input_embeddings().weight.numel()
@@ -242,7 +244,7 @@ def run_arm(setup: dict, mode: str, flat: bool, batches: list[list[dict]], devic
     seconds, cold, real, row_tokens, flops = [], [], 0, 0, 0.0
     warmup, timed = batches[:setup["warmup"]], batches[setup["warmup"]:]
     for i, rows in enumerate(warmup + timed + timed):
-        batch = collate(rows, mode, TINY_PAD_ID, flatten=flat or flatten_isolated(attn))
+        batch = collate(rows, mode, TINY_PAD_ID, flatten=flat)
         synchronize(device)
         start = time.perf_counter()
         inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
@@ -346,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     batches["bfd-cross"] = batches["bfd-isolated"]
     batches["padfree"] = batches["padding"]
     arms = result["arms"] = {}
-    for arm, (mode, flat) in ARMS.items():
+    for arm, (strategy, attention) in ARMS.items():
         try:
-            arms[arm] = run_arm(setup, mode, flat, batches[arm], device, DTYPES[precision], attn, args.seed, peak)
+            arms[arm] = run_arm(setup, strategy, attention, batches[arm], device, DTYPES[precision], attn, args.seed, peak)
         except Exception as err:  # noqa: BLE001  (e.g. out of memory: keep the other arms' figures)
             arms[arm] = {"attn_implementation": attn, "error": f"{type(err).__name__}: {err}"[:500]}
             reset_peak(device)

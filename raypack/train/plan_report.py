@@ -107,21 +107,22 @@ def eval_bill(cfg: Config, num_params: int, num_models: int) -> tuple[float, lis
                                         cfg.plan.gpu_hbm_tbps, cfg.eval.batch_size)
     skipped = f"; not estimated: {', '.join(unknown)}" if unknown else ""
     return per_model * num_models, [
-        f"evaluation bill, {num_models} model{'s' * (num_models > 1)}: {_figure(per_model * num_models)} GPU-hours "
+        (f"evaluation bill, {num_models} model{'s' * (num_models > 1)}: {_figure(per_model * num_models)} GPU-hours "
         f"({_figure(per_model)} per model on {', '.join(s.name for s in specs)}: prompts at the MFU, generation "
-        f"at {cfg.plan.gpu_hbm_tbps:g} TB/s, raypack/eval/cost.py{skipped})"]
+        f"at {cfg.plan.gpu_hbm_tbps:g} TB/s, raypack/eval/cost.py{skipped})")]
 
 
 def bill_lines(counts: dict[str, dict], train: TrainConfig, plan: PlanConfig, seeds: int = 1,
-               mfu_source: str = "", eval_hours: float = 0.0) -> list[str]:
-    """The bill of the priced arms: training GPU-hours, wall-clock hours on train.num_workers GPUs, USD; and the
-    whole with evaluation."""
+               mfu_source: str = "", evaluation: tuple[float, list[str]] = (0.0, [])) -> list[str]:
+    """The bill of the priced arms: training GPU-hours, wall-clock hours on train.num_workers GPUs, USD; then
+    `evaluation` (eval_bill's hours and lines) and the whole with it."""
+    eval_hours, eval_lines = evaluation
     hours = seeds * sum(c["gpu_hours"] for c in counts.values())
     runs = f"{len(counts)} arm{'s' * (len(counts) > 1)}" + (f" x {seeds} seeds" if seeds > 1 else "")
-    lines = [f"training bill, {runs}: {_figure(hours)} GPU-hours, about {_figure(hours / train.num_workers)} h "
+    lines = [(f"training bill, {runs}: {_figure(hours)} GPU-hours, about {_figure(hours / train.num_workers)} h "
              f"on {train.num_workers} GPUs{_cost(hours, plan)}; at {mfu_source or f'{plan.mfu:.0%} MFU'} of "
              f"{plan.gpu_peak_tflops:g} TFLOPS per GPU (plan.gpu_peak_tflops), model FLOPs only: start-up and "
-             "checkpoints not counted"]
+             "checkpoints not counted"), *eval_lines]
     if eval_hours:
         lines.append(f"whole bill with evaluation: {_figure(hours + eval_hours)} GPU-hours"
                      f"{_cost(hours + eval_hours, plan)}")
@@ -146,10 +147,10 @@ def study_bill(plans: dict[str, Config], folders: dict, seeds: int) -> list[str]
     plan, source = measured_plan(first)
     counts = {arm: arm_counts(c.train, c.optim, str(folders[arm]), shape) for arm, c in plans.items()}
     price(counts, plan)
-    eval_hours, eval_lines = eval_bill(dataclasses.replace(first, plan=plan), shape.num_params, len(plans) * seeds)
+    evaluation = eval_bill(dataclasses.replace(first, plan=plan), shape.num_params, len(plans) * seeds)
     per_arm = ", ".join(f"{arm} {_figure(c['gpu_hours'])}" for arm, c in counts.items())
-    training = bill_lines(counts, first.train, plan, seeds, source, eval_hours)
-    return training[:1] + eval_lines + training[1:] + [f"training GPU-hours per arm and seed: {per_arm}"]
+    return bill_lines(counts, first.train, plan, seeds, source, evaluation) + \
+        [f"training GPU-hours per arm and seed: {per_arm}"]
 
 
 def _plan_header(cfg, shape, precision: str, attention: str, limits) -> list[str]:
@@ -197,9 +198,8 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
         lines.append(format_table(["arm"] + [c for c, _ in columns],
                                   [[arm] + [c[k] for _, k in columns] for arm, c in counts.items()]))
     if counts and use_gpu:
-        eval_hours, eval_lines = eval_bill(dataclasses.replace(cfg, plan=plan), shape.num_params, len(counts))
-        training = bill_lines(counts, cfg.train, plan, 1, mfu_source, eval_hours)
-        lines += training[:1] + eval_lines + training[1:]
+        evaluation = eval_bill(dataclasses.replace(cfg, plan=plan), shape.num_params, len(counts))
+        lines += bill_lines(counts, cfg.train, plan, 1, mfu_source, evaluation)
     lines += [f"{arm}: {NOT_PREPARED}" for arm in cfg.pack.arms if arm not in counts]
     lines += [f"(prepared folders unknown: {unresolved})"] if unresolved else []
     figures = {arm: _plan_figures(a, use_gpu, limits) for arm, a in arms.items()}
