@@ -241,7 +241,10 @@ def test_the_bill_prices_each_arms_flops_and_a_study_prints_it(tmp_path, capsys,
     assert f"2 arms x 3 seeds: {3 * total:,.1f} GPU-hours" in line
 
     # Evaluation: GSM8K's table entry (raypack/eval/cost.py) by hand; the offline tasks are not estimated.
+    from raypack.eval import cost
     from raypack.eval.cost import TASK_COSTS
+
+    assert doctest.testmod(cost).failed == 0  # the per-model figures docs/plan.md quotes
     from raypack.train.memory import model_shape
 
     n, g = model_shape("tiny").num_params, TASK_COSTS["gsm8k"]

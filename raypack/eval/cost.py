@@ -16,6 +16,15 @@ time on G GPUs, so GPU-hours do not depend on G. Tasks outside the table
     >>> round(eval_gpu_hours([TaskSpec("gsm8k", 4)], 8.03e9, peak_tflops=989, mfu=0.35, hbm_tbps=3.35,
     ...                      batch_size=8)[0], 4)
     0.0474
+
+The paper preset with the chat template (humaneval_instruct), the defaults of
+`plan` and `eval.batch_size` 8, per model: about 1.1 GPU-hours for Llama-3-8B and
+9.6 for Llama-3-70B (their published parameter counts, raypack.train.memory):
+
+    >>> from raypack.eval.tasks import resolve_tasks
+    >>> paper = resolve_tasks("paper", chat=True)
+    >>> [round(eval_gpu_hours(paper, n, 989, 0.35, 3.35, 8)[0], 1) for n in (8_030_261_248, 70_553_706_496)]
+    [1.1, 9.6]
 """
 
 from __future__ import annotations
