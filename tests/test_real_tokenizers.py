@@ -269,3 +269,27 @@ def test_train_exports_and_eval_val_matches_the_loop(name, arm, ray_local, tmp_p
     probe = tmp_path / "probe.json"
     assert main(["probe", "jobs/real-files.yaml", *overrides, "probe.num_samples=4", f"probe.out={probe}"]) == 0
     assert json.loads(probe.read_text())["num_val_samples"] == 6
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen"])
+def test_one_pass_then_any_overlength_policy_with_the_real_tokenizers(tokenizers, conversations, name):
+    """What prepare's tokenized cache does for per-arm over-length policies (tokenize_pieces, then
+    raypack.data.overlength), on the real files with a real tokenizer, equals the policy applied while tokenizing
+    (tokenize_conversations' own policy code). Negative control: at this length the policies differ."""
+    from raypack.data.overlength import POLICY_COUNT_KEYS, cache_columns, kept_rows, policy_counts
+    from raypack.data.tokenize import tokenize_pieces
+
+    tokenizer, max_seq_len = tokenizers[name], 96
+    pieces = tokenize_pieces(conversations, tokenizer, max_seq_len)
+    key, status, piece, num_tokens, num_supervised = cache_columns(pieces)
+    chosen = {}
+    for policy in ("truncate", "split", "drop"):
+        reference = tokenize_conversations(conversations, tokenizer, max_seq_len, overlength=policy)
+        kept = kept_rows(status, piece, num_supervised, policy)
+        samples = [s for s, k in zip(pieces.samples, kept) if k]
+        assert [(s["input_ids"].tolist(), s["labels"].tolist()) for s in samples] == \
+            [(s["input_ids"].tolist(), s["labels"].tolist()) for s in reference.samples], policy
+        counts = policy_counts(key, status, piece, num_tokens, num_supervised, policy)
+        assert counts == {k: reference.counts[k] for k in POLICY_COUNT_KEYS}, policy
+        chosen[policy] = len(samples)
+    assert chosen["drop"] < chosen["truncate"] < chosen["split"], chosen
