@@ -131,6 +131,7 @@ def cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
+    from raypack.tracking import folder_run
     from raypack.tune.analyze import analyze
 
     if not Path(args.sweep_dir).is_dir():
@@ -143,6 +144,12 @@ def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
         print(f"alpha {arm}: {a['alpha']:.3f} (grid lr*: {a['alpha_grid']:.3f}; {a['num_batch_sizes']} batch "
               f"sizes{boot})" if a["num_batch_sizes"] > 1 else f"alpha {arm}: n/a (one batch size)")
     print(f"wrote trials.csv, trials.parquet, analysis.md, {', '.join(result['plots'])} in {args.sweep_dir}")
+    sweep_run = folder_run(args.sweep_dir, "the sweep")
+    if sweep_run:  # the sweep was tracked: its MLflow run gets the analysis too
+        files = ["trials.csv", "analysis.md", *result["plots"]]
+        sweep_run.log_artifacts([Path(args.sweep_dir) / name for name in files], "analysis")
+        if not sweep_run.failed:
+            print(f"logged {', '.join(files)} to the sweep's MLflow run {sweep_run.run_id} ({sweep_run.uri})")
     return 0
 
 

@@ -12,6 +12,7 @@ list of overrides.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -395,6 +396,29 @@ class PlanConfig:
                                  "reads the weights once per step; H100 SXM 3.35, H200 4.8, A100 80 GB 2.0)")
 
 
+def _tracking_default() -> bool:
+    """tracking.enabled when the config does not set it: on, unless RAYPACK_TRACKING is 0/false/off (a test suite
+    or CI that trains many throw-away runs)."""
+    return os.environ.get("RAYPACK_TRACKING", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow experiment tracking (raypack.tracking): every train run, study arm and seed, and sweep trial is an
+    MLflow run; a study or a sweep is a parent run with one child per arm and seed or per trial."""
+
+    enabled: bool = field(default_factory=_tracking_default, metadata={
+        "help": "log runs to MLflow (default true; the environment variable RAYPACK_TRACKING=0 makes the default "
+                "false). Only rank 0 logs, and a tracking failure never fails training: it is reported once",
+        "choices": None})
+    uri: str = _field("", "MLflow tracking URI: a team's server (http://mlflow.internal:5000), a database "
+                      "(sqlite:///..., postgresql://...); '' is $MLFLOW_TRACKING_URI when set, else an embedded "
+                      "SQLite store, <output_dir>/mlflow/mlflow.db, artifacts beside it (see it with `mlflow ui "
+                      "--backend-store-uri sqlite:///<absolute output_dir>/mlflow/mlflow.db`). On a cluster the "
+                      "embedded store needs output_dir on a filesystem every node shares: set a server instead")
+    experiment: str = _field("raypack", "MLflow experiment the runs go to (created when missing)")
+
+
 @dataclass
 class Config:
     """A raypack run."""
@@ -414,6 +438,7 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def prepared_root(self) -> Path:
         """Where prepared datasets live: prepare.output_dir, by default <output_dir>/prepared (absolute, so that

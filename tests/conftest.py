@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).parent.parent
+# MLflow tracking is on by default; the suite's throw-away runs skip it (importing mlflow costs seconds per
+# process) and the tests of tracking turn it on with tracking.enabled=true (an explicit setting wins).
+os.environ.setdefault("RAYPACK_TRACKING", "0")
 # What a test session may add to the repo: the default output_dir and Python's and pytest's caches.
 MAY_APPEAR = ("out/", ".pytest_cache/", ".hypothesis/")
 
@@ -36,6 +39,41 @@ def finished_studies():
     """Studies that module fixtures finished earlier in the session, by name -> folder, so that a later test
     (`raypack report`) combines real studies without running more (tests/test_fault.py's truth study)."""
     return {}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (`mlflow server`, SQLite store, artifacts served by it) on 127.0.0.1: its URI."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                               "--artifacts-destination", str(folder / "artifacts")],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()[-2000:]
+        time.sleep(0.3)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
         "raypack.data.summary", "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory",
         "raypack.train.resume", "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss",
         "raypack.train.flops", "raypack.eval.tasks", "raypack.eval.scores", "raypack.eval.backend",
-        "raypack.eval.cost", "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze"]
+        "raypack.eval.cost", "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze",
+        "raypack.tracking"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 # What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.
 TORCH_FREE = ("raypack.data.prepared", "raypack.train.plan", "raypack.train.metrics", "raypack.eval.scores",
@@ -138,7 +139,8 @@ def test_no_module_imports_another_modules_private_names():
 # launcher and the loop, Ray Tune by the sweep, DeepSpeed by its engine module, lm-eval by the harness.
 ENGINE_OWNERS = {"ray.data": {"raypack/data/pipeline.py"}, "ray.train": {"raypack/train/launch.py",
                  "raypack/train/loop.py"}, "ray.tune": {"raypack/tune/sweep.py"},
-                 "deepspeed": {"raypack/train/engine.py"}, "lm_eval": {"raypack/eval/harness.py"}}
+                 "deepspeed": {"raypack/train/engine.py"}, "lm_eval": {"raypack/eval/harness.py"},
+                 "mlflow": {"raypack/tracking.py"}}
 
 
 def engine_importers(root: Path) -> dict[str, set[str]]:

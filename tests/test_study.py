@@ -59,13 +59,15 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
 
 
 @pytest.fixture(scope="module")
-def finished_study(ray_local, tmp_path_factory):
-    """One study of both arms, 3 steps each, scored and probed: (its config, its folder)."""
+def finished_study(ray_local, tmp_path_factory, mlflow_server):
+    """One study of both arms, 3 steps each, scored and probed, tracked on a real MLflow server: (its config, its
+    folder)."""
     from raypack.study.run import run_study
 
     tmp = tmp_path_factory.mktemp("study")
     # 512 tokens and 40% held out, so the probe finds held-out targets of at most half a row.
-    cfg = study_config(tmp, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4")
+    cfg = study_config(tmp, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4",
+                       "tracking.enabled=true", f"tracking.uri={mlflow_server}", "tracking.experiment=study-test")
     return cfg, run_study(cfg)
 
 
@@ -105,6 +107,51 @@ def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsy
     printed = capsys.readouterr().out
     assert printed.count("done before") == 2
     assert before == {arm: (out / "runs" / arm / "seed0" / "result.json").stat().st_mtime_ns for arm in ARMS}
+
+
+def history(client, run_id: str, key: str) -> dict:
+    """step -> value of a run's metric; a step logged twice (replayed after a restore) keeps its later value."""
+    return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+
+def test_study_is_tracked_in_mlflow(finished_study, mlflow_server, tmp_path):
+    """Read back from the server with MlflowClient: the study is a parent run with one child per arm (seed 0);
+    each child's per-step metrics equal the arm's metrics.jsonl, its final metrics its result.json, its params
+    the resolved config and manifest; the study run holds report.json byte for byte."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, out = finished_study
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("study-test")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`raypack.kind` = 'study'")
+    assert parent.info.status == "FINISHED" and parent.data.params["pack.arms"] == json.dumps(ARMS)
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == [f"{cfg.name}-seed0-{arm}" for arm in sorted(ARMS)]
+    report = json.loads((out / "report.json").read_text())
+    jsonl = {}
+    for child in children:
+        arm = child.data.tags["raypack.arm"]
+        record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
+        metrics = [json.loads(line) for line in (Path(record["model_dir"]).parent / "metrics.jsonl").open()]
+        jsonl[arm] = metrics
+        assert child.info.status == "FINISHED" and child.data.tags["raypack.seed"] == "0"
+        for key in ("loss", "lr", "tokens_per_sec", "padding_fraction", "val_loss", "grad_norm", "num_tokens"):
+            assert history(client, child.info.run_id, key) == {m["step"]: m[key] for m in metrics if key in m}, key
+        # On CPU MFU is None (no peak to divide by): nothing is logged rather than a made-up number.
+        assert not client.get_metric_history(child.info.run_id, "mfu")
+        finals = child.data.metrics
+        assert finals["final/val_loss"] == record["val_loss"] == report["arms"][arm]["val_loss"]
+        assert {k.replace(",", "_"): v for k, v in record["scores"].items()} == \
+            {k[len("score/"):]: v for k, v in finals.items() if k.startswith("score/")}
+        assert finals["probe/delta_related"] == record["probe"]["delta_related"]
+        params = child.data.params
+        assert params["train.max_steps"] == "3" and params["manifest.num_rows"] == str(record["manifest"]["num_rows"])
+    # Negative control: the two arms' step logs differ, so the equalities above tell the children apart.
+    assert jsonl["padding"] != jsonl["bfd-isolated"]
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.json", "config.json", "loss_vs_step.png", "probe.png"} <= names
+    local = client.download_artifacts(parent.info.run_id, "report.json", str(tmp_path))
+    assert Path(local).read_bytes() == (out / "report.json").read_bytes()
 
 
 def test_report_puts_the_study_beside_another_in_one_grid(finished_study, finished_studies, tmp_path, capsys):

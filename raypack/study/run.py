@@ -38,7 +38,8 @@ from raypack.eval.harness import score_on_ray
 from raypack.eval.tasks import resolve_tasks
 from raypack.ray_start import ensure_ray
 from raypack.study.report import describe_data, write_report
-from raypack.train.launch import arm_config, train_arm
+from raypack.tracking import Run, numeric, open_run
+from raypack.train.launch import arm_config, run_name, train_arm
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import EVAL_POINTS, run_plan
 
@@ -92,17 +93,26 @@ def run_study(cfg: Config) -> Path:
         from raypack.train.plan_report import study_bill
 
         print("raypack study: " + "\n".join(study_bill(plans, folders, cfg.study.seeds)), flush=True)
+    parent = open_run(cfg.tracking, cfg.output_dir, out, f"study {cfg.name}", "study", params=to_dict(cfg))
     records = []
-    for k in range(cfg.study.seeds):
-        seed = cfg.train.seed + k
-        for arm, arm_cfg in plans.items():
-            records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out))
+    try:
+        for k in range(cfg.study.seeds):
+            seed = cfg.train.seed + k
+            for arm, arm_cfg in plans.items():
+                records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out, parent))
+    except BaseException:
+        if parent:
+            parent.end("FAILED")
+        raise
     title = f"raypack study {cfg.name}: padding or packing?"
     notes = [f"Data: {describe_data(to_dict(cfg))}; model {cfg.model.name_or_path}; "
              f"max_seq_len {cfg.data.max_seq_len}; {cfg.train.num_workers} workers; "
              f"validation: {read_manifest(folders['val']).num_rows} held-out samples, the same for every arm.",
              *[_setting_note(variant) for variant in setting_configs(cfg)], *notes]
     write_report(records, out, title, notes)
+    if parent:
+        parent.log_artifacts([out / "config.json", *sorted(out.glob("report.*")), *sorted(out.glob("*.png"))])
+        parent.end()
     print(f"study report: {out / 'report.md'}", flush=True)
     return out
 
@@ -114,16 +124,20 @@ def _setting_note(cfg: Config) -> str:
             f"{cfg.train.loss_reduction}, match {cfg.study.match}.")
 
 
-def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) -> dict:
-    """Train, evaluate and record one (arm, seed); reuses a finished result.json."""
+def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path, parent: Run | None) -> dict:
+    """Train, evaluate and record one (arm, seed); reuses a finished result.json. Its MLflow run is a child of
+    the study's (`parent`): the loop's steps, then the scores and the probe as metrics."""
     result_path = out / "runs" / arm / f"seed{seed}" / "result.json"
     if result_path.exists():
         print(f"[{arm} seed {seed}] done before: {result_path}", flush=True)
         return json.loads(result_path.read_text())
     run_cfg = replace(cfg, name=f"{cfg.name}-seed{seed}",
                       train=replace(cfg.train, seed=seed, storage_path=cfg.train.storage_path or str(out / "train")))
+    tracking = open_run(cfg.tracking, cfg.output_dir, result_path.parent, run_name(run_cfg, arm), "study arm",
+                        parent=parent, tags={"raypack.arm": arm, "raypack.seed": seed,
+                                             "raypack.setting": cfg.study.setting})
     start = time.perf_counter()
-    summary = train_arm(run_cfg, arm, folders[arm], folders["val"])
+    summary = train_arm(run_cfg, arm, folders[arm], folders["val"], tracking)
     fit_seconds = time.perf_counter() - start
     metrics = read_metrics(summary["run_dir"])
     scores = score_on_ray(summary["model_dir"], specs, run_cfg.eval, run_cfg.data.max_seq_len) if specs else {}
@@ -145,7 +159,19 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path) 
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(record, indent=2))
+    if tracking:
+        tracking.log_metrics(record_metrics(record), step=record["steps"])
+        tracking.log_artifacts([result_path])
+        tracking.end()
     return record
+
+
+def record_metrics(record: dict) -> dict[str, float]:
+    """What a study arm's MLflow run ends with: its totals and losses, each benchmark's score (score/<task>/<metric>)
+    and the probe's figures (probe/...), as in its result.json."""
+    totals = {k: record[k] for k in ("fit_seconds", "train_seconds", "samples", "tokens", "row_tokens",
+                                     "final_train_loss", "val_loss")}
+    return {**numeric(totals, "final/"), **numeric(record["scores"], "score/"), **numeric(record["probe"] or {}, "probe/")}
 
 
 def _probe(cfg: Config, model_dir: str, val_folder: str) -> dict:

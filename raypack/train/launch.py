@@ -49,7 +49,8 @@ from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.every import every
 from raypack.train.loop import train_loop_per_worker
-from raypack.train.metrics import METRICS_FILE, read_events, read_metrics
+from raypack.tracking import Run, flat_params, open_run
+from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_events, read_metrics
 from raypack.train.plan import run_plan
 from raypack.train.resume import PREEMPT_FILE, Preempted, resume_mismatch, step_identity
 
@@ -75,16 +76,18 @@ def run_dir(cfg: Config, arm: str) -> Path:
 
 
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
-                  callbacks: list | None = None, loop=train_loop_per_worker) -> TorchTrainer:
+                  callbacks: list | None = None, loop=train_loop_per_worker, tracking: Run | None = None) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
     RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback). `loop` is another worker function
-    taking the same config (raypack.bench.train's limit run)."""
+    taking the same config (raypack.bench.train's limit run). Rank 0 logs each step to the MLflow run
+    `tracking` (raypack.tracking)."""
     train = cfg.train
     run = RunConfig(name=run_name(cfg, arm), storage_path=storage_path(cfg),
                     failure_config=FailureConfig(max_failures=train.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
-                   "val_folder": str(val_folder) if val_folder else None}
+                   "val_folder": str(val_folder) if val_folder else None,
+                   "tracking": tracking.ref() if tracking else None}
     return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(train),
                         run_config=run)
 
@@ -105,8 +108,10 @@ def arm_config(cfg: Config, folder: str, eval_points: int = 0) -> Config:
                                       eval_every_steps=plan.eval_every_steps))
 
 
-def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None) -> dict:
-    """Train one arm; returns a summary (steps, last metrics, paths) read back from the loop's logs."""
+def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None, tracking: Run | None = None) -> dict:
+    """Train one arm; returns a summary (steps, last metrics, paths) read back from the loop's logs.
+
+    The MLflow run: `tracking` when the caller (a study) owns it, else one this arm opens and closes."""
     cfg = arm_config(cfg, folder)
     if cfg.train.global_batch_tokens:
         print(f"[{arm}] train.global_batch_tokens={cfg.train.global_batch_tokens}: "
@@ -114,16 +119,39 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None)
     _check_resume(cfg, arm, folder)
     out = run_dir(cfg, arm)
     (out / PREEMPT_FILE).unlink(missing_ok=True)  # a notice the last launch already acted on
-    with every(1.0, _Progress(out, arm, cfg.train.log_every).poll), _sigterm_checkpoints(out / PREEMPT_FILE):
-        result = build_trainer(cfg, arm, folder, val_folder).fit()
+    own = tracking is None
+    if own:
+        tracking = open_run(cfg.tracking, cfg.output_dir, out, run_name(cfg, arm), "train",
+                            tags={"raypack.arm": arm, "raypack.seed": cfg.train.seed})
+    log_run_inputs(tracking, cfg, folder)
+    try:
+        with every(1.0, _Progress(out, arm, cfg.train.log_every).poll), _sigterm_checkpoints(out / PREEMPT_FILE):
+            result = build_trainer(cfg, arm, folder, val_folder, tracking=tracking).fit()
+    except BaseException:
+        if tracking:
+            tracking.end("FAILED")
+        raise
     events = read_events(out)
-    if events and events[-1]["event"] == "preempted":
+    preempted = bool(events) and events[-1]["event"] == "preempted"
+    if tracking:
+        tracking.log_artifacts([out / METRICS_FILE, out / EVENTS_FILE], "logs")
+        if own or preempted:
+            tracking.end("KILLED" if preempted else "FINISHED")
+    if preempted:
         raise Preempted(arm, events[-1]["step"])
     metrics = read_metrics(out)
     return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics),
             "global_batch_size": cfg.train.global_batch_size, "last": metrics[-1] if metrics else {},
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "model_dir": str(out / "model") if cfg.train.export else None}
+
+
+def log_run_inputs(tracking: Run | None, cfg: Config, folder: str) -> None:
+    """What a run trains with, as MLflow params (once, when the run is new: MLflow keeps a param's first value):
+    the resolved config and its arm's manifest counts (manifest.*)."""
+    if tracking and tracking.created:
+        manifest = {k: v for k, v in read_manifest(folder).to_dict().items() if isinstance(v, (int, float, str))}
+        tracking.log_params(flat_params({**to_dict(cfg), "manifest": manifest}))
 
 
 def _run_storage(cfg: Config, arm: str) -> tuple[str, pafs.FileSystem, str]:

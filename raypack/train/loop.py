@@ -102,6 +102,7 @@ from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer, prepare_export,
                            resolve_attn_implementation)
+from raypack.tracking import Run
 from raypack.train.engine import (full_state_dict, initialize, load_into_partitions, local_parameter_elements,
                                   partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
@@ -141,7 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
         with restored(checkpoint, ctx.get_local_rank(), barrier) as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
-    logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None)
+    logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None,
+                 tracking=Run.attach(config.get("tracking"), f"{arm}'s steps") if rank == 0 else None)
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
                 "total_steps": plan.total_steps, "stop_step": plan.stop_step, "steps_per_epoch": plan.steps_per_epoch,
                 "world_size": world_size, "grad_accum": plan.grad_accum, "attn_implementation": w.attn,
@@ -483,11 +485,12 @@ def _export(engine, data: DataConfig, out: Path, rank: int) -> None:
 
 
 class _Logs:
-    """metrics.jsonl, events.jsonl (rank 0) and rows-rank<r>.jsonl, cut back to `start_step` on resume."""
+    """metrics.jsonl, events.jsonl (rank 0) and rows-rank<r>.jsonl, cut back to `start_step` on resume; rank 0
+    also sends each step's metrics to the run's MLflow run (`tracking`, raypack.tracking)."""
 
-    def __init__(self, run_dir: Path, rank: int, start_step: int, resumed: bool):
+    def __init__(self, run_dir: Path, rank: int, start_step: int, resumed: bool, tracking: Run | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
+        self.rank, self.tracking = rank, tracking
         self.rows = _open_log(run_dir / f"rows-rank{rank}.jsonl", start_step, resumed)
         self.metrics = self.events = self.tensorboard = None
         if rank == 0:
@@ -505,6 +508,8 @@ class _Logs:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
+        if self.tracking:
+            self.tracking.log_step(metrics)
 
     def event(self, event: dict) -> None:
         if self.events:
@@ -512,6 +517,8 @@ class _Logs:
             self.events.flush()
 
     def close(self) -> None:
+        if self.tracking:
+            self.tracking.flush()
         for f in (self.rows, self.metrics, self.events, self.tensorboard):
             if f:
                 f.close()

@@ -52,7 +52,8 @@ from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.eval.harness import score_on_ray
 from raypack.ray_start import ensure_ray
-from raypack.train.launch import arm_config, build_trainer, run_dir
+from raypack.tracking import Run, end_unfinished, numeric, open_run
+from raypack.train.launch import arm_config, build_trainer, log_run_inputs, run_dir
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import EVAL_POINTS, run_plan
 from raypack.tune.analyze import best_trials, load_trials, run_summary
@@ -107,8 +108,10 @@ def search_space(cfg: Config) -> tuple[dict, int]:
     return space, num_samples
 
 
-def run_trial(params: dict, base: dict, folders: dict, out: str) -> None:
-    """One trial, run by Tune: the arm's TorchTrainer under the trial's overrides, its own run folder."""
+def run_trial(params: dict, base: dict, folders: dict, out: str, parent: dict | None = None) -> None:
+    """One trial, run by Tune: the arm's TorchTrainer under the trial's overrides, its own run folder, its own
+    MLflow run (a child of the sweep's run `parent`; Ray's MLflowLoggerCallback would log only what reaches Tune,
+    from Tune's driver, where the loop's rank 0 cannot add every step)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -117,9 +120,22 @@ def run_trial(params: dict, base: dict, folders: dict, out: str) -> None:
     cfg = arm_config(trial_config(from_dict(Config, base), params), folders[arm], EVAL_POINTS)
     cfg = replace(cfg, name=trial_id, train=replace(cfg.train, storage_path=str(Path(out) / "runs"),
                                                     export=cfg.sweep.eval_best))
+    tracking = open_run(cfg.tracking, cfg.output_dir, run_dir(cfg, arm), trial_id, "trial",
+                        parent=Run.attach(parent, "sweep"), tags={"raypack.arm": arm, "raypack.trial_id": trial_id})
+    log_run_inputs(tracking, cfg, folders[arm])
     start = time.perf_counter()
-    build_trainer(cfg, arm, folders[arm], folders["val"], callbacks=[TuneReportCallback()]).fit()
-    tune.report({**run_summary(read_metrics(run_dir(cfg, arm))), "fit_seconds": time.perf_counter() - start})
+    try:
+        build_trainer(cfg, arm, folders[arm], folders["val"], callbacks=[TuneReportCallback()],
+                      tracking=tracking).fit()
+    except BaseException:  # an error, or Tune stopping the trial (ASHA)
+        if tracking:
+            tracking.end("KILLED")
+        raise
+    summary = {**run_summary(read_metrics(run_dir(cfg, arm))), "fit_seconds": time.perf_counter() - start}
+    if tracking:
+        tracking.log_metrics(numeric(summary, "final/"), step=summary["step"])
+        tracking.end()
+    tune.report(summary)
 
 
 def _trial_dirname(trial) -> str:
@@ -193,8 +209,11 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     _warn_if_trials_cannot_fit(cfg.sweep, cfg.train)
     # Checkpoint reports at epoch ends may carry no val_loss; Tune would reject them as incomplete results.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # The sweep's MLflow run, parent of the trials' (a --resume reuses it); `raypack analyze` adds its analysis.
+    parent = open_run(cfg.tracking, cfg.output_dir, out, f"sweep {out.name}", "sweep", params=to_dict(cfg))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), folders=folders, out=str(out)),
+        tune.with_parameters(run_trial, base=to_dict(cfg), folders=folders, out=str(out),
+                             parent=parent.ref() if parent else None),
         {"CPU": cfg.sweep.trial_cpus, "GPU": cfg.sweep.trial_gpus})
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable, resume_unfinished=True, restart_errored=True)
@@ -203,6 +222,10 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     tuner.fit()
     if specs:
         _evaluate_best(cfg.eval, out, specs, cfg.data.max_seq_len)
+    if parent:
+        end_unfinished(out / "runs")
+        parent.log_artifacts([out / "config.yaml", out / "best_eval.json"])
+        parent.end()
     return out
 
 
