@@ -8,6 +8,7 @@ data below); a change that moves them must say why.
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,9 @@ def trained(ray_local, tmp_path_factory):
     from raypack.train.launch import run_dir
 
     tmp = tmp_path_factory.mktemp("train")
-    overrides = train_overrides(tmp, "train.max_steps=3", "train.checkpoint_every_steps=2")
+    # Tracked in the default, embedded MLflow store under output_dir.
+    overrides = train_overrides(tmp, "train.max_steps=3", "train.checkpoint_every_steps=2", f"output_dir={tmp / 'out'}",
+                                "tracking.enabled=true")
     assert main(["train", "jobs/compare.yaml", *overrides]) == 0
     cfg = load_config("jobs/compare.yaml", overrides)
     return cfg, {arm: run_dir(cfg, arm) for arm in ARMS}
@@ -121,7 +124,7 @@ def test_exported_model_loads_and_generates(trained):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
 
 
-def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_local, tmp_path):
+def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_local, tmp_path, capsys):
     """cross rows carry segment_ids for the `sample` loss only; the model must not receive them.
     train.storage_path is a URI (file:// here, s3:// on a cluster): the checkpoints go there through
     Ray Train's storage layer, the logs under output_dir/runs. `raypack bench train`'s limit run
@@ -130,11 +133,17 @@ def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_lo
     from raypack.data.pipeline import prepared_folders
     from raypack.train.launch import train
 
+    with socket.socket() as s:  # a port nothing listens on: the tracking server is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     cfg = train_config(tmp_path, "pack.arms=[bfd-cross]", "train.loss_reduction=sample", "train.max_steps=2",
                        "train.export=false", "train.balance_tokens=true",
                        f"train.storage_path=file://{tmp_path / 'bucket'}",
-                       f"output_dir={tmp_path / 'out'}")
+                       f"output_dir={tmp_path / 'out'}", "tracking.enabled=true", f"tracking.uri={dead}")
+    capsys.readouterr()
     (summary,) = train(cfg)
+    # The tracking server is down: said once, and training is not affected.
+    assert capsys.readouterr().out.count("MLflow tracking of") == 1
     assert Path(summary["run_dir"]).is_relative_to(tmp_path / "out" / "runs")
     metrics = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
@@ -143,6 +152,29 @@ def test_cross_arm_with_sample_weighting_trains_with_checkpoints_at_a_uri(ray_lo
     limit = limit_run(cfg, "bfd-cross", str(prepared_folders(cfg)["bfd-cross"]))  # step 2 timed, not step 1
     assert limit["steps"] == 1 and limit["row_tokens"] == metrics[1]["num_row_tokens"]
     assert limit["tokens"] == metrics[1]["num_tokens"] and limit["seconds"] > 0 and limit["real_seconds"] > 0
+
+
+def test_train_runs_are_tracked_in_the_embedded_mlflow_store(trained):
+    """Without tracking.uri the runs go to <output_dir>/mlflow/mlflow.db, artifacts beside it: one top-level run per
+    arm whose per-step metrics equal metrics.jsonl, its params the resolved config, its logs as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, run_dirs = trained
+    store = Path(cfg.output_dir).resolve() / "mlflow"
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")  # what `mlflow ui --backend-store-uri` takes
+    runs = client.search_runs([client.get_experiment_by_name("raypack").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(f"{cfg.name}-{arm}" for arm in ARMS)
+    for run in runs:
+        arm = run.data.tags["raypack.arm"]
+        assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
+        metrics = read_jsonl(run_dirs[arm] / "metrics.jsonl")
+        for key in ("loss", "lr", "tokens_per_sec", "row_tokens_per_sec", "padding_fraction", "step_time_s"):
+            logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            assert logged == {m["step"]: m[key] for m in metrics}, key
+        assert run.data.params["optim.lr"] == "0.001" and run.data.params["train.arm"] == ""
+        artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert artifacts.is_relative_to(store)  # beside the database, not ./mlruns
+        assert (artifacts / "logs" / "metrics.jsonl").read_bytes() == (run_dirs[arm] / "metrics.jsonl").read_bytes()
 
 
 def read_tensorboard_scalars(folder: Path) -> dict:
