@@ -214,12 +214,13 @@ def start_driver(args: list[str], tmp: Path, log_name: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def resumed_sweep(tmp_path_factory):
-    """2 arms x 2 LRs, 2 steps each, two trials at a time (jobs/sweep-quick.yaml). The driver is killed (with
-    the Ray instance it started) once Tune's saved state has a finished trial; `raypack sweep --resume`, in
-    a new process and Ray instance, finishes the rest."""
+def resumed_sweep(tmp_path_factory, mlflow_server):
+    """2 arms x 2 LRs, 2 steps each, two trials at a time (jobs/sweep-quick.yaml), tracked on a real MLflow
+    server. The driver is killed (with the Ray instance it started) once Tune's saved state has a finished
+    trial; `raypack sweep --resume`, in a new process and Ray instance, finishes the rest."""
     tmp = tmp_path_factory.mktemp("sweep")
-    args = ["jobs/sweep-quick.yaml", *sweep_overrides(tmp)]
+    args = ["jobs/sweep-quick.yaml", *sweep_overrides(tmp), "tracking.enabled=true", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=sweep-test"]
     sweep = tmp / "out" / "sweep" / "sweep-quick"
     driver = start_driver(args, tmp, "driver.log")
     try:
@@ -292,6 +293,39 @@ def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
     assert "alpha padding:" in out and "1 batch size with usable trials" in out
     table = pd.read_csv(sweep / "trials.csv")
     assert len(table) == 4 and set(table["status"]) == {"finished"} and (table["tokens"] > 0).all()
+
+
+def test_the_resumed_sweep_is_tracked_in_mlflow(resumed_sweep, mlflow_server, capsys):
+    """Read back with MlflowClient: one sweep run (the resume reused it), one child per trial (a trial killed
+    mid-run and run again keeps its run), each child's params its overrides and its per-step metrics its
+    metrics.jsonl; `raypack analyze` adds the analysis to the sweep's run."""
+    from mlflow.tracking import MlflowClient
+
+    from raypack.cli import main
+    from raypack.tune.analyze import load_trials
+
+    sweep, _, _ = resumed_sweep
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("sweep-test").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`raypack.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = {t["trial_id"]: t for t in load_trials(sweep)}
+    assert sorted(c.info.run_name for c in children) == sorted(trials)
+    for child in children:
+        trial = trials[child.info.run_name]
+        assert child.info.status == "FINISHED" and child.data.tags["raypack.arm"] == trial["arm"]
+        assert float(child.data.params["optim.lr"]) == trial["lr"]
+        metrics = read_jsonl(Path(trial["run_dir"]) / "raypack" / "metrics.jsonl")
+        for key in ("loss", "val_loss", "tokens_per_sec"):
+            logged = sorted(client.get_metric_history(child.info.run_id, key), key=lambda m: m.timestamp)
+            assert {m.step: m.value for m in logged} == {m["step"]: m[key] for m in metrics if key in m}, key
+        assert child.data.metrics["final/val_loss"] == trial["final_val_loss"]
+    assert main(["analyze", str(sweep)]) == 0
+    assert "logged trials.csv" in capsys.readouterr().out
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/trials.csv", "analysis/analysis.md", "analysis/heatmaps.png"} <= logged
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_analyze_imports_no_ray():

@@ -60,7 +60,7 @@ from raypack.tune.analyze import best_trials, load_trials, run_summary
 
 # Keys that may differ between a sweep and its --resume: where things run, not what is trained.
 RESUME_MAY_CHANGE = ("sweep.trial_cpus", "sweep.trial_gpus", "sweep.eval_best", "sweep.out", "prepare.",
-                     "eval.", "output_dir")
+                     "eval.", "output_dir", "tracking.")
 
 
 def sweep_dir(cfg: Config) -> Path:
