@@ -1,5 +1,6 @@
 """`raypack sweep` and `raypack analyze`: trials as overrides, a killed sweep resumed on a local Ray cluster,
-and the analysis of a sweep recorded by hand in Tune's layout (lr* ∝ batch^alpha recovered exactly).
+and the analysis of a sweep recorded by hand in Tune's layout, its experiment state written by Tune's own Trial
+(lr* ∝ batch^alpha recovered exactly).
 
     .venv/bin/pytest tests/test_sweep.py -q
 """
@@ -76,8 +77,26 @@ def constructed_loss(arm, batch, lr, seed):
     return 2.0 + math.log(lr / LR_STAR[arm](batch)) ** 2 + 0.01 * seed
 
 
+def tune_trial_state(sweep, trial_id, config, status, last_result):
+    """One trial's entry in Tune's experiment state, written by Tune's own Trial (stub: no trainable, no Ray)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True,
+                  storage=StorageContext(str(sweep.parent), sweep.name, trial_dir_name=trial_id))
+    trial.create_placement_group_factory()
+    trial.set_status(status)
+    trial.update_last_result(last_result)
+    return trial.get_json_state()
+
+
+def write_experiment_state(sweep, trial_states):
+    (sweep / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_states}))
+
+
 def write_trial(sweep, trial_id, params, losses, status="TERMINATED", stop_step=None):
-    """One trial in Tune's layout (<id>/params.json, result.json) plus its raypack run logs."""
+    """One trial in Tune's layout (<id>/params.json, result.json) plus its raypack run logs; returns its entry
+    in Tune's experiment state."""
     (sweep / trial_id).mkdir(parents=True)
     (sweep / trial_id / "params.json").write_text(json.dumps(params))
     run = sweep / "runs" / f"{trial_id}-{params['arm']}" / "raypack"
@@ -91,7 +110,7 @@ def write_trial(sweep, trial_id, params, losses, status="TERMINATED", stop_step=
                 "done": False} for m in metrics]
     results[-1]["done"] = status == "TERMINATED"
     (sweep / trial_id / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
-    return {"trial_id": trial_id, "status": status}
+    return tune_trial_state(sweep, trial_id, params, status, results[-1])
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +136,11 @@ def recorded_sweep(tmp_path_factory):
     states.append(write_trial(sweep, "t_error", bad, [0.1, 0.1], status="ERROR", stop_step=3))
     states.append(write_trial(sweep, "t_running", bad, [0.1], status="RUNNING", stop_step=3))
     states.append(write_trial(sweep, "t_stopped", {**bad, "optim.lr": LRS[0]}, [30.0], stop_step=3))
-    trial_data = [[json.dumps(s), json.dumps({})] for s in states]
-    (sweep / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    write_experiment_state(sweep, states)
     from raypack.tune.analyze import analyze
+    from raypack.tune.trials import load_trials
 
-    return sweep, analyze(sweep)
+    return sweep, analyze(sweep, load_trials(sweep))
 
 
 def test_analyze_writes_the_table_with_every_trial(recorded_sweep):
@@ -171,18 +190,38 @@ def test_analyze_reports_best_configs_and_the_cost_of_the_other_arms_lr(recorded
         assert (sweep / name).stat().st_size > 10_000, name
 
 
+def small_sweep(sweep):
+    """3 LRs at one batch size, lr* = 1e-4 inside the grid."""
+    sweep.mkdir()
+    write_experiment_state(sweep, [
+        write_trial(sweep, f"t{i}", {"arm": "padding", "optim.lr": lr, "train.global_batch_size": 8, "train.seed": 0},
+                    [constructed_loss("padding", 8, lr, 0)]) for i, lr in enumerate(LRS[1:4])])
+    return sweep
+
+
 def test_analyze_says_when_there_are_too_few_points(tmp_path):
     from raypack.tune.analyze import analyze
+    from raypack.tune.trials import load_trials
 
-    sweep = tmp_path / "two"
-    sweep.mkdir()
-    for i, lr in enumerate(LRS[1:4]):  # lr* = 1e-4 inside the grid
-        write_trial(sweep, f"t{i}", {"arm": "padding", "optim.lr": lr, "train.global_batch_size": 8,
-                                     "train.seed": 0}, [constructed_loss("padding", 8, lr, 0)])
-    result = analyze(sweep)
+    sweep = small_sweep(tmp_path / "two")
+    result = analyze(sweep, load_trials(sweep))
     assert math.isnan(result["alpha"]["padding"]["alpha"])
     text = (sweep / "analysis.md").read_text()
     assert "alpha needs at least 2 (too few points)" in text and "edge of the lr grid" not in text
+
+
+def tune_state_by_json(sweep: Path) -> dict:
+    """trial_id -> status, config and last result in the newest experiment_state-*.json (by name: one per
+    session), read as plain JSON: an oracle apart from Tune's loader. {} while there is none, or it is being
+    written."""
+    states = sorted(sweep.glob("experiment_state-*.json")) if sweep.exists() else []
+    try:
+        entries = [(json.loads(state), json.loads(meta)) for state, meta in json.loads(states[-1].read_text())[
+            "trial_data"]]
+    except (IndexError, ValueError, KeyError):
+        return {}
+    return {s["trial_id"]: {"status": s["status"], "config": s["config"], "last_result": m["last_result"]}
+            for s, m in entries}
 
 
 # --- a sweep on a local Ray cluster, killed and resumed -------------------------------------------------
@@ -194,9 +233,7 @@ def sweep_overrides(tmp):
 
 
 def trial_statuses(sweep: Path) -> dict:
-    from raypack.tune.analyze import tune_statuses
-
-    return tune_statuses(sweep) if sweep.exists() else {}
+    return {trial_id: t["status"] for trial_id, t in tune_state_by_json(sweep).items()}
 
 
 def start_driver(args: list[str], tmp: Path, log_name: str) -> subprocess.Popen:
@@ -245,7 +282,7 @@ def resumed_sweep(tmp_path_factory):
 
 
 def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
-    from raypack.tune.analyze import load_trials
+    from raypack.tune.trials import load_trials
 
     sweep, before, logs_before = resumed_sweep
     # Tune creates trials as it starts them (two at a time here): the killed driver had made 2 to 4 and
@@ -295,7 +332,7 @@ def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
 
 
 def test_analyze_imports_no_ray():
-    """The analysis reads files only: it runs wherever the sweep folder is, without Ray (STYLE.md)."""
+    """The analysis works on records; importing it loads no Ray (STYLE.md)."""
     code = "import sys, raypack.tune.analyze; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
