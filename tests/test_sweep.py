@@ -117,7 +117,8 @@ def write_trial(sweep, trial_id, params, losses, status="TERMINATED", stop_step=
 def recorded_sweep(tmp_path_factory):
     """2 arms x 9 LRs x 3 batch sizes, losses from constructed_loss; padding with seeds 0-2, bfd with seed 0
     only; plus an errored trial and an unfinished one (both with losses that would move lr* if counted) and
-    one stopped early by ASHA (counted, with its last, poor loss)."""
+    one stopped early by ASHA (counted, with its last, poor loss); and a trial folder that Tune's experiment
+    state does not list (not a trial)."""
     sweep = tmp_path_factory.mktemp("recorded") / "sweep-fixture"
     sweep.mkdir()
     (sweep / "config.yaml").write_text(yaml.safe_dump({"name": "fixture", "optim": {"lr": 1e-3},
@@ -136,6 +137,7 @@ def recorded_sweep(tmp_path_factory):
     states.append(write_trial(sweep, "t_error", bad, [0.1, 0.1], status="ERROR", stop_step=3))
     states.append(write_trial(sweep, "t_running", bad, [0.1], status="RUNNING", stop_step=3))
     states.append(write_trial(sweep, "t_stopped", {**bad, "optim.lr": LRS[0]}, [30.0], stop_step=3))
+    write_trial(sweep, "t_stray", {**bad, "optim.lr": LRS[4]}, [0.1, 0.1, 0.1])
     write_experiment_state(sweep, states)
     from raypack.tune.analyze import analyze
     from raypack.tune.trials import load_trials
@@ -224,6 +226,43 @@ def tune_state_by_json(sweep: Path) -> dict:
             for s, m in entries}
 
 
+def assert_records_match_tune_state(records, sweep):
+    """Trials, their overrides, statuses and Tune's time_total_s are what Tune's experiment state says."""
+    tune = tune_state_by_json(sweep)
+    assert sorted(r["trial_id"] for r in records) == sorted(tune)
+    status = {"TERMINATED": ("finished", "stopped early"), "ERROR": ("error",), "RUNNING": ("incomplete",),
+              "PENDING": ("incomplete",)}
+    for r in records:
+        t = tune[r["trial_id"]]
+        assert {k: t["config"][k] for k in ("arm", "optim.lr", "train.global_batch_size", "train.seed")} == {
+            "arm": r["arm"], "optim.lr": r["lr"], "train.global_batch_size": r["global_batch_size"],
+            "train.seed": r["seed"]}
+        assert r["status"] in status[t["status"]] and r["wall_seconds"] == t["last_result"]["time_total_s"]
+
+
+def test_the_trials_are_those_of_tunes_experiment_state(recorded_sweep):
+    import pandas as pd
+
+    sweep, _ = recorded_sweep
+    assert_records_match_tune_state(pd.read_csv(sweep / "trials.csv").to_dict("records"), sweep)
+    # Negative control: a trial folder with Tune's files and a run log, which the state does not list.
+    assert (sweep / "t_stray" / "result.json").exists() and "t_stray" not in tune_state_by_json(sweep)
+
+
+def test_analyze_neither_starts_nor_joins_ray(tmp_path):
+    """`raypack analyze` in a fresh interpreter with no RAY_ADDRESS and a Ray temp folder of its own (so no
+    running Ray instance can be found): it works, Ray is not initialized after it, and no Ray session folder
+    was made."""
+    sweep, ray_tmp = small_sweep(tmp_path / "two"), tmp_path / "ray-tmp"
+    ray_tmp.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+    code = (f"import ray; from raypack.cli import main; rc = main(['analyze', {str(sweep)!r}]); "
+            "print('rc', rc, 'ray initialized', ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.stdout.splitlines()[-1] == "rc 0 ray initialized False", out.stderr[-3000:]
+    assert (sweep / "trials.csv").exists() and not (ray_tmp / "ray").exists()
+
+
 # --- a sweep on a local Ray cluster, killed and resumed -------------------------------------------------
 
 
@@ -293,6 +332,8 @@ def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
     assert {(t["arm"], t["lr"]) for t in trials} == {(a, lr) for a in ("padding", "bfd-isolated")
                                                       for lr in (1e-3, 3e-3)}
     assert all(t["status"] == "finished" and t["steps"] == 2 and math.isfinite(t["final_val_loss"]) for t in trials)
+    assert_records_match_tune_state(trials, sweep)  # the newest of the two sessions' experiment states
+    assert len(list(sweep.glob("experiment_state-*.json"))) == 2
     for trial_id, text in logs_before.items():  # finished before the kill: not run again
         run = next((sweep / "runs").glob(f"{trial_id}-*")) / "raypack"
         assert (run / "metrics.jsonl").read_text() == text
