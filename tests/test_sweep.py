@@ -251,14 +251,14 @@ def test_the_trials_are_those_of_tunes_experiment_state(recorded_sweep):
 
 def test_analyze_neither_starts_nor_joins_ray(tmp_path):
     """`raypack analyze` in a fresh interpreter with no RAY_ADDRESS and a Ray temp folder of its own (so no
-    running Ray instance can be found): it works, Ray is not initialized after it, and no Ray session folder
-    was made."""
+    running Ray instance can be found), given the folder as a relative path: it works, Ray is not initialized
+    after it, and no Ray session folder was made."""
     sweep, ray_tmp = small_sweep(tmp_path / "two"), tmp_path / "ray-tmp"
     ray_tmp.mkdir()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
-    code = (f"import ray; from raypack.cli import main; rc = main(['analyze', {str(sweep)!r}]); "
+    code = ("import ray; from raypack.cli import main; rc = main(['analyze', 'two']); "
             "print('rc', rc, 'ray initialized', ray.is_initialized())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.stdout.splitlines()[-1] == "rc 0 ray initialized False", out.stderr[-3000:]
     assert (sweep / "trials.csv").exists() and not (ray_tmp / "ray").exists()
 

@@ -49,10 +49,11 @@ def tune_trials(sweep: Path) -> list:
     if not any(sweep.glob("experiment_state-*.json")):
         raise ValueError(f"{sweep}: no trials found (no Ray Tune experiment_state-*.json); is it a `raypack sweep` "
                          "folder?")
-    return sorted(ExperimentAnalysis(str(sweep)).trials, key=lambda trial: trial.trial_id)
+    # Tune takes the folder as a URI: a relative path would have no scheme.
+    return sorted(ExperimentAnalysis(str(sweep.resolve())).trials, key=lambda trial: trial.trial_id)
 
 
-def status(tune_status: str, steps: int, planned: int | None) -> str:
+def trial_status(tune_status: str, steps: int, planned: int | None) -> str:
     """finished, stopped early (Tune ended it before its planned steps: ASHA), error or incomplete (pending, or
     running when its driver stopped: Tune restores a running trial as PENDING)."""
     if tune_status == "ERROR":
@@ -80,7 +81,7 @@ def load_trials(sweep_dir: str | Path) -> list[dict]:
         records.append({
             "trial_id": trial.trial_id, "arm": params["arm"], "lr": float(params["optim.lr"]),
             "global_batch_size": int(params["train.global_batch_size"]), "seed": int(params["train.seed"]),
-            "status": status(trial.status, summary["step"], planned), "steps": summary["step"],
+            "status": trial_status(trial.status, summary["step"], planned), "steps": summary["step"],
             "planned_steps": planned, "tokens": summary["num_tokens"],
             "supervised_tokens": summary["num_supervised_tokens"], "samples": summary["num_samples"],
             "train_seconds": summary["train_seconds"], "wall_seconds": trial.last_result.get("time_total_s", math.nan),
