@@ -111,8 +111,8 @@ def cmd_study(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
-    from raypack.tune.analyze import load_trials
     from raypack.tune.sweep import run_sweep
+    from raypack.tune.trials import load_trials
 
     if cfg.study.setting != "corrected":
         raise ConfigError(f"study.setting={cfg.study.setting}: a sweep tunes sweep.arms (or pack.arms) as "
@@ -133,11 +133,12 @@ def cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
     from raypack.tracking import folder_run
     from raypack.tune.analyze import analyze
+    from raypack.tune.trials import load_trials
 
     if not Path(args.sweep_dir).is_dir():
         raise ConfigError(f"{args.sweep_dir}: no such folder; give the folder `raypack sweep` wrote (it prints it; "
                           "sweep.out, default <output_dir>/sweep/<name>)")
-    result = analyze(args.sweep_dir)
+    result = analyze(args.sweep_dir, load_trials(args.sweep_dir))
     print((Path(args.sweep_dir) / "analysis.md").read_text())
     for arm, a in result["alpha"].items():
         boot = f"; bootstrap 95% {a['bootstrap_95'][0]:.3f}..{a['bootstrap_95'][1]:.3f}" if a["bootstrap_95"] else ""

@@ -1,5 +1,6 @@
 """`raypack sweep` and `raypack analyze`: trials as overrides, a killed sweep resumed on a local Ray cluster,
-and the analysis of a sweep recorded by hand in Tune's layout (lr* ∝ batch^alpha recovered exactly).
+and the analysis of a sweep recorded by hand in Tune's layout, its experiment state written by Tune's own Trial
+(lr* ∝ batch^alpha recovered exactly).
 
     .venv/bin/pytest tests/test_sweep.py -q
 """
@@ -76,8 +77,26 @@ def constructed_loss(arm, batch, lr, seed):
     return 2.0 + math.log(lr / LR_STAR[arm](batch)) ** 2 + 0.01 * seed
 
 
+def tune_trial_state(sweep, trial_id, config, status, last_result):
+    """One trial's entry in Tune's experiment state, written by Tune's own Trial (stub: no trainable, no Ray)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True,
+                  storage=StorageContext(str(sweep.parent), sweep.name, trial_dir_name=trial_id))
+    trial.create_placement_group_factory()
+    trial.set_status(status)
+    trial.update_last_result(last_result)
+    return trial.get_json_state()
+
+
+def write_experiment_state(sweep, trial_states):
+    (sweep / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_states}))
+
+
 def write_trial(sweep, trial_id, params, losses, status="TERMINATED", stop_step=None):
-    """One trial in Tune's layout (<id>/params.json, result.json) plus its raypack run logs."""
+    """One trial in Tune's layout (<id>/params.json, result.json) plus its raypack run logs; returns its entry
+    in Tune's experiment state."""
     (sweep / trial_id).mkdir(parents=True)
     (sweep / trial_id / "params.json").write_text(json.dumps(params))
     run = sweep / "runs" / f"{trial_id}-{params['arm']}" / "raypack"
@@ -91,14 +110,15 @@ def write_trial(sweep, trial_id, params, losses, status="TERMINATED", stop_step=
                 "done": False} for m in metrics]
     results[-1]["done"] = status == "TERMINATED"
     (sweep / trial_id / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
-    return {"trial_id": trial_id, "status": status}
+    return tune_trial_state(sweep, trial_id, params, status, results[-1])
 
 
 @pytest.fixture(scope="module")
 def recorded_sweep(tmp_path_factory):
     """2 arms x 9 LRs x 3 batch sizes, losses from constructed_loss; padding with seeds 0-2, bfd with seed 0
     only; plus an errored trial and an unfinished one (both with losses that would move lr* if counted) and
-    one stopped early by ASHA (counted, with its last, poor loss)."""
+    one stopped early by ASHA (counted, with its last, poor loss); and a trial folder that Tune's experiment
+    state does not list (not a trial)."""
     sweep = tmp_path_factory.mktemp("recorded") / "sweep-fixture"
     sweep.mkdir()
     (sweep / "config.yaml").write_text(yaml.safe_dump({"name": "fixture", "optim": {"lr": 1e-3},
@@ -117,11 +137,12 @@ def recorded_sweep(tmp_path_factory):
     states.append(write_trial(sweep, "t_error", bad, [0.1, 0.1], status="ERROR", stop_step=3))
     states.append(write_trial(sweep, "t_running", bad, [0.1], status="RUNNING", stop_step=3))
     states.append(write_trial(sweep, "t_stopped", {**bad, "optim.lr": LRS[0]}, [30.0], stop_step=3))
-    trial_data = [[json.dumps(s), json.dumps({})] for s in states]
-    (sweep / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+    write_trial(sweep, "t_stray", {**bad, "optim.lr": LRS[4]}, [0.1, 0.1, 0.1])
+    write_experiment_state(sweep, states)
     from raypack.tune.analyze import analyze
+    from raypack.tune.trials import load_trials
 
-    return sweep, analyze(sweep)
+    return sweep, analyze(sweep, load_trials(sweep))
 
 
 def test_analyze_writes_the_table_with_every_trial(recorded_sweep):
@@ -171,18 +192,75 @@ def test_analyze_reports_best_configs_and_the_cost_of_the_other_arms_lr(recorded
         assert (sweep / name).stat().st_size > 10_000, name
 
 
+def small_sweep(sweep):
+    """3 LRs at one batch size, lr* = 1e-4 inside the grid."""
+    sweep.mkdir()
+    write_experiment_state(sweep, [
+        write_trial(sweep, f"t{i}", {"arm": "padding", "optim.lr": lr, "train.global_batch_size": 8, "train.seed": 0},
+                    [constructed_loss("padding", 8, lr, 0)]) for i, lr in enumerate(LRS[1:4])])
+    return sweep
+
+
 def test_analyze_says_when_there_are_too_few_points(tmp_path):
     from raypack.tune.analyze import analyze
+    from raypack.tune.trials import load_trials
 
-    sweep = tmp_path / "two"
-    sweep.mkdir()
-    for i, lr in enumerate(LRS[1:4]):  # lr* = 1e-4 inside the grid
-        write_trial(sweep, f"t{i}", {"arm": "padding", "optim.lr": lr, "train.global_batch_size": 8,
-                                     "train.seed": 0}, [constructed_loss("padding", 8, lr, 0)])
-    result = analyze(sweep)
+    sweep = small_sweep(tmp_path / "two")
+    result = analyze(sweep, load_trials(sweep))
     assert math.isnan(result["alpha"]["padding"]["alpha"])
     text = (sweep / "analysis.md").read_text()
     assert "alpha needs at least 2 (too few points)" in text and "edge of the lr grid" not in text
+
+
+def tune_state_by_json(sweep: Path) -> dict:
+    """trial_id -> status, config and last result in the newest experiment_state-*.json (by name: one per
+    session), read as plain JSON: an oracle apart from Tune's loader. {} while there is none, or it is being
+    written."""
+    states = sorted(sweep.glob("experiment_state-*.json")) if sweep.exists() else []
+    try:
+        entries = [(json.loads(state), json.loads(meta)) for state, meta in json.loads(states[-1].read_text())[
+            "trial_data"]]
+    except (IndexError, ValueError, KeyError):
+        return {}
+    return {s["trial_id"]: {"status": s["status"], "config": s["config"], "last_result": m["last_result"]}
+            for s, m in entries}
+
+
+def assert_records_match_tune_state(records, sweep):
+    """Trials, their overrides, statuses and Tune's time_total_s are what Tune's experiment state says."""
+    tune = tune_state_by_json(sweep)
+    assert sorted(r["trial_id"] for r in records) == sorted(tune)
+    status = {"TERMINATED": ("finished", "stopped early"), "ERROR": ("error",), "RUNNING": ("incomplete",),
+              "PENDING": ("incomplete",)}
+    for r in records:
+        t = tune[r["trial_id"]]
+        assert {k: t["config"][k] for k in ("arm", "optim.lr", "train.global_batch_size", "train.seed")} == {
+            "arm": r["arm"], "optim.lr": r["lr"], "train.global_batch_size": r["global_batch_size"],
+            "train.seed": r["seed"]}
+        assert r["status"] in status[t["status"]] and r["wall_seconds"] == t["last_result"]["time_total_s"]
+
+
+def test_the_trials_are_those_of_tunes_experiment_state(recorded_sweep):
+    import pandas as pd
+
+    sweep, _ = recorded_sweep
+    assert_records_match_tune_state(pd.read_csv(sweep / "trials.csv").to_dict("records"), sweep)
+    # Negative control: a trial folder with Tune's files and a run log, which the state does not list.
+    assert (sweep / "t_stray" / "result.json").exists() and "t_stray" not in tune_state_by_json(sweep)
+
+
+def test_analyze_neither_starts_nor_joins_ray(tmp_path):
+    """`raypack analyze` in a fresh interpreter with no RAY_ADDRESS and a Ray temp folder of its own (so no
+    running Ray instance can be found), given the folder as a relative path: it works, Ray is not initialized
+    after it, and no Ray session folder was made."""
+    sweep, ray_tmp = small_sweep(tmp_path / "two"), tmp_path / "ray-tmp"
+    ray_tmp.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
+    code = ("import ray; from raypack.cli import main; rc = main(['analyze', 'two']); "
+            "print('rc', rc, 'ray initialized', ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.stdout.splitlines()[-1] == "rc 0 ray initialized False", out.stderr[-3000:]
+    assert (sweep / "trials.csv").exists() and not (ray_tmp / "ray").exists()
 
 
 # --- a sweep on a local Ray cluster, killed and resumed -------------------------------------------------
@@ -194,9 +272,7 @@ def sweep_overrides(tmp):
 
 
 def trial_statuses(sweep: Path) -> dict:
-    from raypack.tune.analyze import tune_statuses
-
-    return tune_statuses(sweep) if sweep.exists() else {}
+    return {trial_id: t["status"] for trial_id, t in tune_state_by_json(sweep).items()}
 
 
 def start_driver(args: list[str], tmp: Path, log_name: str) -> subprocess.Popen:
@@ -246,7 +322,7 @@ def resumed_sweep(tmp_path_factory, mlflow_server):
 
 
 def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
-    from raypack.tune.analyze import load_trials
+    from raypack.tune.trials import load_trials
 
     sweep, before, logs_before = resumed_sweep
     # Tune creates trials as it starts them (two at a time here): the killed driver had made 2 to 4 and
@@ -257,6 +333,8 @@ def test_a_killed_sweep_resumes_only_its_missing_trials(resumed_sweep):
     assert {(t["arm"], t["lr"]) for t in trials} == {(a, lr) for a in ("padding", "bfd-isolated")
                                                       for lr in (1e-3, 3e-3)}
     assert all(t["status"] == "finished" and t["steps"] == 2 and math.isfinite(t["final_val_loss"]) for t in trials)
+    assert_records_match_tune_state(trials, sweep)  # the newest of the two sessions' experiment states
+    assert len(list(sweep.glob("experiment_state-*.json"))) == 2
     for trial_id, text in logs_before.items():  # finished before the kill: not run again
         run = next((sweep / "runs").glob(f"{trial_id}-*")) / "raypack"
         assert (run / "metrics.jsonl").read_text() == text
@@ -302,7 +380,7 @@ def test_the_resumed_sweep_is_tracked_in_mlflow(resumed_sweep, mlflow_server, ca
     from mlflow.tracking import MlflowClient
 
     from raypack.cli import main
-    from raypack.tune.analyze import load_trials
+    from raypack.tune.trials import load_trials
 
     sweep, _, _ = resumed_sweep
     client = MlflowClient(mlflow_server)
@@ -329,7 +407,7 @@ def test_the_resumed_sweep_is_tracked_in_mlflow(resumed_sweep, mlflow_server, ca
 
 
 def test_analyze_imports_no_ray():
-    """The analysis reads files only: it runs wherever the sweep folder is, without Ray (STYLE.md)."""
+    """The analysis works on records; importing it loads no Ray (STYLE.md)."""
     code = "import sys, raypack.tune.analyze; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

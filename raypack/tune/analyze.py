@@ -1,12 +1,11 @@
 """`raypack analyze SWEEP_DIR`: a sweep's trials as one table, plots, and the learning rate that suits each
-arm at each batch size (pure: reads files, imports no ray).
+arm at each batch size (pure: works on the trials' records, imports no ray).
 
     raypack analyze out/sweep/sweep-quick
 
-Reads the folder `raypack sweep` writes (raypack.tune.sweep): Tune's trial folders <trial_id>/params.json (the
-trial's overrides) and result.json (what reached Tune), Tune's experiment_state-*.json (trial status; read
-as JSON, nothing unpickled), the base config.yaml, and each trial's own logs under
-runs/<trial_id>-<arm>/raypack/ (metrics.jsonl, events.jsonl). Writes into the same folder:
+The records come from raypack.tune.trials.load_trials: one per trial that Ray Tune's experiment state lists (read
+through Tune's result API, no Ray running), with its figures from the trial's own log under
+runs/<trial_id>-<arm>/raypack/. Writes into the sweep folder (raypack.tune.sweep):
 
     trials.csv, trials.parquet  one row per trial: trial_id, arm, lr, global_batch_size, seed, status
                                 (finished, stopped early (ASHA), error, incomplete), steps, planned_steps,
@@ -39,84 +38,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from raypack.train.metrics import read_events, read_jsonl, read_metrics
+from raypack.train.metrics import read_metrics
 
 DONE = ("finished", "stopped early")
 BOOTSTRAP_RESAMPLES = 1000
 COLUMNS = ["trial_id", "arm", "lr", "global_batch_size", "seed", "status", "steps", "planned_steps", "tokens",
            "supervised_tokens", "samples", "train_seconds", "wall_seconds", "final_train_loss", "best_val_loss",
            "best_val_step", "final_val_loss", "objective", "run_dir"]
-
-
-def run_summary(metrics: list[dict]) -> dict:
-    """What a run's per-step log (metrics.jsonl) says: last step, final and best losses, totals.
-
-    The keys step, loss and val_loss are those of the loop's own reports, so a trial's last Tune result
-    reads like the others."""
-    val = [(m["step"], m["val_loss"]) for m in metrics
-           if isinstance(m.get("val_loss"), (int, float)) and math.isfinite(m["val_loss"])]
-    best_step, best = min(val, key=lambda v: v[1]) if val else (None, math.nan)
-    return {"step": metrics[-1]["step"] if metrics else 0, "loss": metrics[-1]["loss"] if metrics else math.nan,
-            "val_loss": val[-1][1] if val else math.nan, "best_val_loss": best, "best_val_step": best_step,
-            "num_tokens": sum(m["num_tokens"] for m in metrics),
-            "num_supervised_tokens": sum(m["num_supervised_tokens"] for m in metrics),
-            "num_samples": sum(m["num_samples"] for m in metrics),
-            "train_seconds": sum(m["step_time_s"] for m in metrics)}
-
-
-def tune_statuses(sweep: Path) -> dict[str, str]:
-    """trial_id -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) from the latest session's experiment state
-    (a resumed sweep leaves one file per session, named by its start time; mtimes say nothing, as every file
-    is copied to storage again at the end)."""
-    states = sorted(sweep.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    try:
-        trials = json.loads(states[-1].read_text())["trial_data"]
-        return {t["trial_id"]: t["status"] for t in (json.loads(state) for state, _ in trials)}
-    except (ValueError, KeyError, TypeError):
-        return {}
-
-
-def _status(tune_status: str | None, steps: int, planned: int | None) -> str:
-    if tune_status == "ERROR":
-        return "error"
-    if tune_status == "TERMINATED":
-        return "finished" if planned is None or steps >= planned else "stopped early"
-    return "incomplete"
-
-
-def load_trials(sweep_dir: str | Path) -> list[dict]:
-    """One record per trial of the sweep in `sweep_dir` (the columns of trials.csv)."""
-    sweep = Path(sweep_dir)
-    base = yaml.safe_load((sweep / "config.yaml").read_text()) if (sweep / "config.yaml").exists() else {}
-    defaults = {"optim.lr": base.get("optim", {}).get("lr"),
-                "train.global_batch_size": base.get("train", {}).get("global_batch_size"),
-                "train.seed": base.get("train", {}).get("seed", 0)}
-    objective = "loss" if base.get("sweep", {}).get("metric") == "loss" else "val_loss"
-    statuses = tune_statuses(sweep)
-    records = []
-    for params_path in sorted(sweep.glob("*/params.json")):
-        params = {**defaults, **json.loads(params_path.read_text())}
-        results = read_jsonl(params_path.parent / "result.json")
-        trial_id = results[-1].get("trial_id", params_path.parent.name) if results else params_path.parent.name
-        run = sweep / "runs" / f"{trial_id}-{params['arm']}" / "raypack"
-        summary = run_summary(read_metrics(run))
-        starts = [e for e in read_events(run) if e.get("event") in ("start", "resume")]
-        planned = starts[-1].get("stop_step") if starts else None
-        tune_status = statuses.get(trial_id) or ("TERMINATED" if results and results[-1].get("done") else None)
-        records.append({
-            "trial_id": trial_id, "arm": params["arm"], "lr": float(params["optim.lr"]),
-            "global_batch_size": int(params["train.global_batch_size"]), "seed": int(params["train.seed"]),
-            "status": _status(tune_status, summary["step"], planned), "steps": summary["step"],
-            "planned_steps": planned, "tokens": summary["num_tokens"],
-            "supervised_tokens": summary["num_supervised_tokens"], "samples": summary["num_samples"],
-            "train_seconds": summary["train_seconds"],
-            "wall_seconds": results[-1].get("time_total_s", math.nan) if results else math.nan,
-            "final_train_loss": summary["loss"], "best_val_loss": summary["best_val_loss"],
-            "best_val_step": summary["best_val_step"], "final_val_loss": summary["val_loss"],
-            "objective": summary[objective], "run_dir": str(run.parent)})
-    return records
 
 
 def fit_alpha(batches, lrs) -> float:
@@ -257,12 +185,12 @@ def transfer(points: pd.DataFrame, stars: dict[str, pd.DataFrame]) -> list[dict]
     return rows
 
 
-def analyze(sweep_dir: str | Path) -> dict:
-    """trials.csv/.parquet, analysis.md and the plots into the sweep folder; returns the key numbers."""
+def analyze(sweep_dir: str | Path, records: list[dict]) -> dict:
+    """trials.csv/.parquet, analysis.md and the plots of the sweep's trial records (raypack.tune.trials) into
+    the sweep folder; returns the key numbers."""
     sweep = Path(sweep_dir)
-    records = load_trials(sweep)
     if not records:
-        raise ValueError(f"{sweep}: no trials found (<trial_id>/params.json); is it a `raypack sweep` folder?")
+        raise ValueError(f"{sweep}: no trials found: Tune's experiment state lists none yet")
     df = pd.DataFrame(records, columns=COLUMNS)
     df.to_csv(sweep / "trials.csv", index=False)
     df.to_parquet(sweep / "trials.parquet", index=False)

@@ -1,5 +1,6 @@
 """`raypack sweep`: Ray Tune over learning rate x global batch size (x seed) for each arm; the one module
-touching Ray Tune. `raypack analyze` (raypack.tune.analyze) reads what it leaves.
+running Ray Tune. `raypack analyze` (raypack.tune.analyze) reads what it leaves, through Tune's result API
+(raypack.tune.trials).
 
     raypack sweep jobs/sweep-quick.yaml [key=value ...]
     raypack sweep jobs/sweep-quick.yaml --resume out/sweep/sweep-quick    # finish an interrupted sweep
@@ -14,7 +15,7 @@ touching Ray Tune. `raypack analyze` (raypack.tune.analyze) reads what it leaves
    TuneReportCallback and calls fit(). The loop reports every evaluation step (step, loss, val_loss, ...)
    to Ray Train, with or without a checkpoint, and the callback hands every report to Tune while the run
    trains, so ASHA (sweep.asha) can stop poor trials at rungs counted in optimizer steps. When fit()
-   returns, the trial reports the run's summary (raypack.tune.analyze.run_summary) once more.
+   returns, the trial reports the run's summary (raypack.tune.trials.run_summary) once more.
 3. The sweep folder (sweep.out):
        config.yaml                    the resolved base config
        <trial_id>/                    Tune's trial folder: params.json (the overrides), result.json
@@ -56,7 +57,8 @@ from raypack.tracking import Run, end_unfinished, numeric, open_run
 from raypack.train.launch import arm_config, build_trainer, log_run_inputs, run_dir
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import EVAL_POINTS, run_plan
-from raypack.tune.analyze import best_trials, load_trials, run_summary
+from raypack.tune.analyze import best_trials
+from raypack.tune.trials import load_trials, run_summary
 
 # Keys that may differ between a sweep and its --resume: where things run, not what is trained.
 RESUME_MAY_CHANGE = ("sweep.trial_cpus", "sweep.trial_gpus", "sweep.eval_best", "sweep.out", "prepare.",
