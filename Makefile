@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=30
 
 quickstart: setup
 	.venv/bin/raypack study jobs/quickstart.yaml
