@@ -41,6 +41,7 @@ from raypack.study.report import describe_data, write_report
 from raypack.tracking import Run, numeric, open_run
 from raypack.train.launch import arm_config, run_name, train_arm
 from raypack.train.metrics import read_metrics
+from raypack.train.resume import Preempted
 from raypack.train.plan import EVAL_POINTS, run_plan
 
 
@@ -100,9 +101,9 @@ def run_study(cfg: Config) -> Path:
             seed = cfg.train.seed + k
             for arm, arm_cfg in plans.items():
                 records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out, parent))
-    except BaseException:
+    except BaseException as e:
         if parent:
-            parent.end("FAILED")
+            parent.end("KILLED" if isinstance(e, (Preempted, KeyboardInterrupt)) else "FAILED")
         raise
     title = f"raypack study {cfg.name}: padding or packing?"
     notes = [f"Data: {describe_data(to_dict(cfg))}; model {cfg.model.name_or_path}; "

@@ -27,6 +27,9 @@ keeps only checkpointed metrics in its Result, so the per-step log is ours).
 train.storage_path may be a URI (s3://bucket/runs, gs://...): Ray Train then
 uploads the checkpoints there and restores from there, and the logs and model
 go to <output_dir>/runs/<name>/raypack/.
+
+Each arm is an MLflow run (raypack.tracking; a study's arms are children of the study's run): the driver
+creates it and logs the config, the manifest's counts and the logs at the end; rank 0 logs every step.
 """
 
 from __future__ import annotations
