@@ -58,7 +58,7 @@ from raypack.train.launch import arm_config, build_trainer, log_run_inputs, run_
 from raypack.train.metrics import read_metrics
 from raypack.train.plan import EVAL_POINTS, run_plan
 from raypack.tune.analyze import best_trials
-from raypack.tune.trials import load_trials, run_summary
+from raypack.tune.trials import load_trials, run_summary, trial_dirname, trial_name
 
 # Keys that may differ between a sweep and its --resume: where things run, not what is trained.
 RESUME_MAY_CHANGE = ("sweep.trial_cpus", "sweep.trial_gpus", "sweep.eval_best", "sweep.out", "prepare.",
@@ -140,16 +140,8 @@ def run_trial(params: dict, base: dict, folders: dict, out: str, parent: dict | 
     tune.report(summary)
 
 
-def _trial_dirname(trial) -> str:
-    return trial.trial_id
-
-
-def _trial_name(trial) -> str:
-    """arm_lr<lr>_b<batch>_s<seed>, as Tune's progress table shows the trial."""
-    c = trial.config
-    tags = (("lr", "optim.lr"), ("b", "train.global_batch_size"), ("s", "train.seed"))
-    return "_".join([c["arm"]] + [f"{tag}{c[key]:.3g}" if isinstance(c[key], float) else f"{tag}{c[key]}"
-                                  for tag, key in tags if key in c])
+# Sweeps made before the trial-name functions moved to raypack.tune.trials pickled them under these names.
+_trial_dirname, _trial_name = trial_dirname, trial_name
 
 
 def _check_resume(cfg: Config, out: Path) -> None:
@@ -249,7 +241,7 @@ def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode="min", scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials,
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent)))
 
 

@@ -9,7 +9,8 @@ sweep leaves one per session, named by its start time; Tune picks the newest nam
 gives each trial's id, config (the trial's overrides), status and last result (time_total_s). A trial is what
 that state lists: a folder Tune does not know is not a trial. Loading it needs no Ray instance and starts none
 (Trial.local_path would need one; it is never read). Tune's loader unpickles parts of the state (cloudpickle),
-among them the sweep's trial-name functions, so loading imports raypack.tune.sweep: analyze sweep folders you trust.
+among them the sweep's trial-name functions, kept here so that loading imports this light module rather than
+raypack.tune.sweep (torch, Ray Train): analyze sweep folders you trust.
 
 From the trial's own log, runs/<trial_id>-<arm>/raypack/metrics.jsonl and events.jsonl: steps, tokens, losses and
 the planned step count, the one source for finished, early-stopped and errored trials alike (a finished trial's
@@ -40,6 +41,19 @@ def run_summary(metrics: list[dict]) -> dict:
             "num_supervised_tokens": sum(m["num_supervised_tokens"] for m in metrics),
             "num_samples": sum(m["num_samples"] for m in metrics),
             "train_seconds": sum(m["step_time_s"] for m in metrics)}
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder in the sweep: its trial id (the runs/<trial_id>-<arm> folders match it)."""
+    return trial.trial_id
+
+
+def trial_name(trial) -> str:
+    """arm_lr<lr>_b<batch>_s<seed>, as Tune's progress table shows the trial."""
+    c = trial.config
+    tags = (("lr", "optim.lr"), ("b", "train.global_batch_size"), ("s", "train.seed"))
+    return "_".join([c["arm"]] + [f"{tag}{c[key]:.3g}" if isinstance(c[key], float) else f"{tag}{c[key]}"
+                                  for tag, key in tags if key in c])
 
 
 def tune_trials(sweep: Path) -> list:
