@@ -152,6 +152,34 @@ def test_the_progress_line_shows_what_the_loop_reported(trained, printed):
             assert_lines_show(progress_lines(text, arm), read_jsonl(run_dirs[other] / "metrics.jsonl"), 2)
 
 
+def test_progress_lines_ride_on_the_reports_only_when_the_driver_listens():
+    """A sweep trial (no progress line) reports to Ray Tune its metrics as they are, and no report of its own falls
+    due; a run with a progress line carries each log_every-th step's line and the last's once, in the next report."""
+    from raypack.train.loop import REPORT_INTERVAL_S, _ProgressLines
+
+    def metrics(step):
+        return {"step": step, "loss": 9.0 - step, "lr": 1e-3, "tokens_per_sec": 90.0, "row_tokens_per_sec": 120.0,
+                "padding_fraction": 0.25, "step_time_s": 0.5, "grad_norm": 1.0}
+
+    off = _ProgressLines(False, 1, 5)
+    off.last_report -= REPORT_INTERVAL_S
+    off.add(metrics(1))
+    assert off.carry(metrics(1)) == metrics(1) and not off.due()
+    on = _ProgressLines(True, 2, 5)
+    assert not on.due()
+    on.last_report -= REPORT_INTERVAL_S
+    assert on.due()
+    reports = []
+    for step in range(1, 6):
+        on.add(metrics(step))
+        if step in (3, 5):
+            reports.append(on.carry(metrics(step)))
+    assert not on.due() and not on.lines
+    assert [[line["step"] for line in r["progress"]] for r in reports] == [[2], [4, 5]]
+    assert reports[1]["progress"][1]["loss"] == 4.0 and reports[1]["progress"][1]["stop_step"] == 5
+    assert "grad_norm" not in reports[1]["progress"][1] and reports[1]["grad_norm"] == 1.0
+
+
 def test_the_progress_line_needs_no_file_and_shows_a_redone_step_once(ray_local, capsys):
     """Reports reach the driver through Ray Train's controller (here called directly) and a queue actor, no run
     folder anywhere. Only rank 0's lines are shown; after a restart from the checkpoint at step 2, steps 3 and
