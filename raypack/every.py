@@ -1,5 +1,5 @@
 """A background thread that calls a function every few seconds while a `with` block runs, and once more as the
-block ends: how the driver follows a run's metrics (raypack.train.launch) and a benchmark samples the memory
+block ends: how the driver drains the progress a run reports (raypack.train.launch) and a benchmark samples the memory
 of its processes (raypack.bench.pipeline).
 
     with every(1.0, progress.poll):

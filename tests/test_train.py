@@ -6,9 +6,13 @@ The pinned losses pin the numbers of the current code (tiny model, seed 0, the
 data below); a change that moves them must say why.
 """
 
+import io
 import json
 import math
+import re
 import socket
+import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +51,24 @@ def train_config(tmp_path, *overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
-    """`raypack train` on both arms, 3 steps each, a checkpoint every 2 steps (and at the last step)."""
+def printed():
+    """What the driver of the `trained` fixture printed."""
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory, printed):
+    """`raypack train` on both arms, 3 steps each, a checkpoint every 2 steps (and at the last step), a progress
+    line every 2 steps (and at the last step)."""
     from raypack.cli import main
     from raypack.train.launch import run_dir
 
     tmp = tmp_path_factory.mktemp("train")
     # Tracked in the default, embedded MLflow store under output_dir.
     overrides = train_overrides(tmp, "train.max_steps=3", "train.checkpoint_every_steps=2", f"output_dir={tmp / 'out'}",
-                                "tracking.enabled=true")
-    assert main(["train", "jobs/compare.yaml", *overrides]) == 0
+                                "tracking.enabled=true", "train.log_every=2")
+    with redirect_stdout(printed):
+        assert main(["train", "jobs/compare.yaml", *overrides]) == 0
     cfg = load_config("jobs/compare.yaml", overrides)
     return cfg, {arm: run_dir(cfg, arm) for arm in ARMS}
 
@@ -108,6 +120,93 @@ def test_pinned_losses_of_the_first_steps(trained):
     for arm, expected in PINNED_LOSSES.items():
         losses = [m["loss"] for m in read_jsonl(run_dirs[arm] / "metrics.jsonl")]
         assert losses == pytest.approx(expected, abs=1e-4), arm
+
+
+PROGRESS_LINE = re.compile(r"\[(?P<arm>[\w-]+)\] step (?P<step>\d+)/(?P<stop>\d+) loss (?P<loss>[\d.]+) lr \S+ "
+                           r"tokens/s \d+ \(rows \d+\) pad (?P<pad>[\d.]+)%(?: val_loss (?P<val>[\d.]+))? ETA \d+ s")
+
+
+def progress_lines(text: str, arm: str) -> list[dict]:
+    return [m.groupdict() for m in PROGRESS_LINE.finditer(text) if m["arm"] == arm]
+
+
+def assert_lines_show(lines: list[dict], metrics: list[dict], log_every: int) -> None:
+    """One line per log_every-th step and the last, each with that step's loss, padding and val_loss."""
+    shown = [m for m in metrics if m["step"] % log_every == 0 or m is metrics[-1]]
+    assert [(int(line["step"]), int(line["stop"])) for line in lines] == [(m["step"], len(metrics)) for m in shown]
+    for line, m in zip(lines, shown):
+        assert float(line["loss"]) == pytest.approx(m["loss"], abs=6e-5)
+        assert float(line["pad"]) == pytest.approx(100 * m["padding_fraction"], abs=0.06)
+        assert (float(line["val"]) if line["val"] else None) == pytest.approx(m.get("val_loss"), abs=6e-5)
+
+
+def test_the_progress_line_shows_what_the_loop_reported(trained, printed):
+    """The driver's line comes from the loop's reports to Ray Train: steps 2 and 3 (log_every 2, and the last),
+    once each, as metrics.jsonl (the independent reference) has them. Negative control: the other arm's
+    metrics do not match."""
+    _, run_dirs = trained
+    text = printed.getvalue()
+    for arm, other in zip(ARMS, reversed(ARMS)):
+        assert_lines_show(progress_lines(text, arm), read_jsonl(run_dirs[arm] / "metrics.jsonl"), 2)
+        with pytest.raises(AssertionError):
+            assert_lines_show(progress_lines(text, arm), read_jsonl(run_dirs[other] / "metrics.jsonl"), 2)
+
+
+def test_progress_lines_ride_on_the_reports_only_when_the_driver_listens():
+    """A sweep trial (no progress line) reports to Ray Tune its metrics as they are, and no report of its own falls
+    due; a run with a progress line carries each log_every-th step's line and the last's once, in the next report."""
+    from raypack.train.loop import REPORT_INTERVAL_S, _ProgressLines
+
+    def metrics(step):
+        return {"step": step, "loss": 9.0 - step, "lr": 1e-3, "tokens_per_sec": 90.0, "row_tokens_per_sec": 120.0,
+                "padding_fraction": 0.25, "step_time_s": 0.5, "grad_norm": 1.0}
+
+    off = _ProgressLines(False, 1, 5)
+    off.last_report -= REPORT_INTERVAL_S
+    off.add(metrics(1))
+    assert off.carry(metrics(1)) == metrics(1) and not off.due()
+    on = _ProgressLines(True, 2, 5)
+    assert not on.due()
+    on.last_report -= REPORT_INTERVAL_S
+    assert on.due()
+    reports = []
+    for step in range(1, 6):
+        on.add(metrics(step))
+        if step in (3, 5):
+            reports.append(on.carry(metrics(step)))
+    assert not on.due() and not on.lines
+    assert [[line["step"] for line in r["progress"]] for r in reports] == [[2], [4, 5]]
+    assert reports[1]["progress"][1]["loss"] == 4.0 and reports[1]["progress"][1]["stop_step"] == 5
+    assert "grad_norm" not in reports[1]["progress"][1] and reports[1]["grad_norm"] == 1.0
+
+
+def test_the_progress_line_needs_no_file_and_shows_a_redone_step_once(ray_local, capsys):
+    """Reports reach the driver through Ray Train's controller (here called directly) and a queue actor, no run
+    folder anywhere. Only rank 0's lines are shown; after a restart from the checkpoint at step 2, steps 3 and
+    4 are reported again but shown once, with a note. The ETA follows the reported times (1 s a step)."""
+    from raypack.train.launch import _Progress
+
+    def line(step, loss):
+        return {"step": step, "stop_step": 6, "loss": loss, "lr": 1e-3, "tokens_per_sec": 90.0,
+                "row_tokens_per_sec": 120.0, "padding_fraction": 0.25, "step_time_s": 0.5, "time": 1000.0 + step}
+
+    with _Progress("padding") as progress:
+        forward = progress.callback()
+        forward.after_report(None, [{"progress": [line(1, 8.0), line(2, 7.0)]}, {"progress": [line(2, 1.0)]}], None)
+        forward.after_report(None, [{"step": 3, "val_loss": 6.0}] * 2, None)  # no lines: a sweep trial's report
+        forward.after_report(None, [{"progress": [line(3, 6.5), line(4, 6.0)]}] * 2, None)
+        forward.after_report(None, [{"progress": [line(3, 6.5), line(4, 6.0), line(5, 5.0), line(6, 4.0)]}] * 2,
+                             None)
+        deadline = time.monotonic() + 30
+        while progress.shown_reports < 3 and time.monotonic() < deadline:  # the reports travel as the run goes on
+            progress.poll()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[padding] step 1/6 loss 8.0000 lr 1.00e-03 tokens/s 90 (rows 120) pad 25.0% ETA 2 s"
+    assert [(line["step"], line["loss"]) for line in progress_lines("\n".join(out), "padding")] == [
+        ("1", "8.0000"), ("2", "7.0000"), ("3", "6.5000"), ("4", "6.0000"), ("5", "5.0000"), ("6", "4.0000")]
+    assert out[4] == ("[padding] workers restarted from a checkpoint: the steps up to 4 are trained again, their "
+                      "lines not shown twice")
+    assert out[5].endswith("pad 25.0% ETA 1 s") and len(out) == 7
 
 
 def test_exported_model_loads_and_generates(trained):

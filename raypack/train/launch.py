@@ -21,6 +21,10 @@ Failures and relaunches:
   checkpoints at the next step boundary and `train_arm` raises Preempted (the CLI
   exits 143); the same command resumes it.
 
+The driver prints a progress line every train.log_every steps from what the loop
+reports to Ray Train (`_Progress`), not from the logs, which the driver's machine
+need not see.
+
 The loop's own logs (metrics.jsonl, rows-rank<r>.jsonl, events.jsonl) and the
 exported model are written under <storage_path>/<name>/raypack/ (Ray Train V2
 keeps only checkpointed metrics in its Result, so the per-step log is ours).
@@ -35,17 +39,18 @@ creates it and logs the config, the manifest's counts and the logs at the end; r
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 import pyarrow.fs as pafs
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
 
 from raypack.config import Config, ConfigError, TrainConfig, to_dict
 from raypack.data.pipeline import prepare
@@ -79,18 +84,22 @@ def run_dir(cfg: Config, arm: str) -> Path:
 
 
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
-                  callbacks: list | None = None, loop=train_loop_per_worker, tracking: Run | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, loop=train_loop_per_worker, tracking: Run | None = None,
+                  progress: _Progress | None = None) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
     RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback). `loop` is another worker function
     taking the same config (raypack.bench.train's limit run). Rank 0 logs each step to the MLflow run
-    `tracking` (raypack.tracking)."""
+    `tracking` (raypack.tracking). Given `progress` (the driver's progress line), the loop's reports carry its
+    lines and progress's callback forwards them to the driver."""
     train = cfg.train
+    if progress:
+        callbacks = [*(callbacks or []), progress.callback()]
     run = RunConfig(name=run_name(cfg, arm), storage_path=storage_path(cfg),
                     failure_config=FailureConfig(max_failures=train.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks)
     loop_config = {"config": to_dict(cfg), "arm": arm, "folder": str(folder), "run_dir": str(run_dir(cfg, arm)),
                    "val_folder": str(val_folder) if val_folder else None,
-                   "tracking": tracking.ref() if tracking else None}
+                   "tracking": tracking.ref() if tracking else None, "report_progress": progress is not None}
     return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(train),
                         run_config=run)
 
@@ -128,8 +137,8 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
                             tags={"raypack.arm": arm, "raypack.seed": cfg.train.seed})
     log_run_inputs(tracking, cfg, folder)
     try:
-        with every(1.0, _Progress(out, arm, cfg.train.log_every).poll), _sigterm_checkpoints(out / PREEMPT_FILE):
-            result = build_trainer(cfg, arm, folder, val_folder, tracking=tracking).fit()
+        with _Progress(arm) as progress, every(1.0, progress.poll), _sigterm_checkpoints(out / PREEMPT_FILE):
+            result = build_trainer(cfg, arm, folder, val_folder, tracking=tracking, progress=progress).fit()
     except BaseException:
         if tracking:
             tracking.end("FAILED")
@@ -227,59 +236,80 @@ def _sigterm_checkpoints(flag: Path):
 
 
 class _Progress:
-    """The driver's live progress line: follows rank 0's metrics.jsonl while fit() runs.
+    """The driver's live progress line, from what the training loop reports to Ray Train.
 
-    One line every train.log_every steps: step / total, loss, tokens/s, padding,
-    validation loss when computed, ETA. Printed by the driver, so it shows once
-    (worker output reaches the driver through Ray's log streaming, which may
-    repeat lines) and also when the workers run on other nodes.
+    One line every train.log_every steps and at the last: step / stop step, loss,
+    lr, tokens/s, padding, validation loss when computed, ETA (from the steps'
+    times). The loop's reports carry rank 0's lines (raypack.train.loop); `callback`
+    runs in Ray Train's controller and forwards them, numbered (the queue actor may
+    take them out of order), to a queue actor that `poll` drains here. So the driver
+    reads no file of the run (the logs may be on another node or in object storage),
+    and prints each line once (worker output reaches the driver through Ray's log
+    streaming, which may repeat lines). After a restart from a checkpoint the
+    workers redo steps already shown: it says so once and prints only the steps
+    beyond.
+
+        with _Progress(arm) as progress, every(1.0, progress.poll):
+            build_trainer(cfg, arm, folder, progress=progress).fit()
     """
 
-    def __init__(self, run_dir: Path, arm: str, every: int):
-        self.run_dir, self.metrics, self.arm = run_dir, run_dir / METRICS_FILE, arm
-        self.every = max(1, every)
-        self.offset = self.metrics.stat().st_size if self.metrics.exists() else 0
-        self.first_time = time.perf_counter()
-        self.steps_seen = 0
+    def __init__(self, arm: str):
+        self.arm = arm
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.arrived: dict[int, list[dict]] = {}  # reports by number, until those before them have arrived
+        self.shown_reports = self.last_step = self.previous_step = 0
+        self.first: dict | None = None  # the line the rate counts from: the first since the (re)start
 
-    def _total(self) -> int | None:
-        try:
-            starts = [e for e in read_events(self.run_dir) if e.get("event") in ("start", "resume")]
-        except OSError:
-            return None
-        return starts[-1].get("stop_step") or starts[-1].get("total_steps") if starts else None
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.queue.shutdown(force=True)
+
+    def callback(self) -> UserCallback:
+        return _ForwardProgress(self.queue)
 
     def poll(self) -> None:
-        """Print the progress lines of the steps logged since the last poll."""
-        try:
-            with self.metrics.open() as f:
-                if self.offset > os.path.getsize(self.metrics):  # cut back after a resume
-                    self.offset = 0
-                f.seek(self.offset)
-                text = f.read()
-        except OSError:
+        """Print the lines reported since the last poll, report after report."""
+        self.arrived.update(self.queue.get_nowait_batch(self.queue.size()))
+        while self.shown_reports + 1 in self.arrived:
+            self.shown_reports += 1
+            for line in self.arrived.pop(self.shown_reports):
+                self.show(line)
+
+    def show(self, m: dict) -> None:
+        """Print one reported line, unless its step was printed before a restart."""
+        if m["step"] <= self.previous_step:
+            print(f"[{self.arm}] workers restarted from a checkpoint: the steps up to {self.last_step} are trained "
+                  "again, their lines not shown twice", flush=True)
+            self.first = None
+        self.previous_step = m["step"]
+        if self.first is None:
+            self.first = m
+        if m["step"] <= self.last_step:
             return
-        lines = text.split("\n")
-        self.offset += len(text) - len(lines[-1])
-        total = self._total()
-        for line in lines[:-1]:
-            try:  # a resumed rank cuts the file back and rewrites it: a read may start mid-line
-                m = json.loads(line)
-            except ValueError:
-                continue
-            self.steps_seen += 1
-            if m["step"] % self.every and m["step"] != total:
-                continue
-            # The rate of the steps seen so far (start-up excluded), else this step's own time.
-            now = time.perf_counter()
-            if self.steps_seen == 1:
-                self.first_time = now
-            per_step = (now - self.first_time) / (self.steps_seen - 1) if self.steps_seen > 1 else m["step_time_s"]
-            eta = f" ETA {per_step * (total - m['step']):.0f} s" if total else ""
-            val = f" val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
-            print(f"[{self.arm}] step {m['step']}/{total or '?'} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                  f"tokens/s {m['tokens_per_sec']:.0f} (rows {m['row_tokens_per_sec']:.0f}) "
-                  f"pad {m['padding_fraction']:.1%}{val}{eta}", flush=True)
+        self.last_step = m["step"]
+        # The rate of the steps since the first line (start-up excluded), else this step's own time.
+        steps = m["step"] - self.first["step"]
+        per_step = (m["time"] - self.first["time"]) / steps if steps else m["step_time_s"]
+        val = f" val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+        print(f"[{self.arm}] step {m['step']}/{m['stop_step']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+              f"tokens/s {m['tokens_per_sec']:.0f} (rows {m['row_tokens_per_sec']:.0f}) "
+              f"pad {m['padding_fraction']:.1%}{val} ETA {per_step * (m['stop_step'] - m['step']):.0f} s", flush=True)
+
+
+class _ForwardProgress(UserCallback):
+    """Runs in Ray Train's controller: puts the progress lines of rank 0's report on the driver's queue, as
+    (number of the report, its lines)."""
+
+    def __init__(self, queue: Queue):
+        self.queue, self.sent = queue, 0
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics and metrics[0].get("progress"):
+            self.sent += 1
+            # Without waiting: the controller runs an event loop, which a blocking ray.get would stall.
+            self.queue.actor.put_nowait.remote((self.sent, metrics[0]["progress"]))
 
 
 def train(cfg: Config) -> list[dict]:

@@ -71,6 +71,16 @@ the driver has written the PREEMPT_FILE (on SIGTERM), the ranks learn it through
 the step's all-reduce, checkpoint that step, log "preempted" and return.
 An evaluation step without a checkpoint is reported without one, so that a Ray
 Tune trial (`raypack sweep`) sees every validation loss.
+
+The driver's progress line (raypack.train.launch, config["report_progress"]; not
+in a sweep trial, whose reports go to Ray Tune) comes from these reports too: each
+carries, under "progress", rank 0's lines of the steps since the last report
+(every train.log_every steps and the last: step, stop_step, loss, lr, tokens/s,
+padding, val_loss, time). Ray Train's controller takes one report per worker
+every 2 s from a one-slot queue, so a report per step would hold training up:
+the lines ride on the next evaluation or checkpoint report, or on a report of
+their own once REPORT_INTERVAL_S has passed on rank 0 (every rank learns it
+through the step's all-reduce, as each report is a collective).
 """
 
 import ctypes
@@ -115,6 +125,10 @@ from raypack.train.validate import validation_groups, validation_sums
 CHECKPOINT_TAG = "ds"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Ray Train's controller polls each worker's one-slot report queue every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
+REPORT_INTERVAL_S = 2.0
+PROGRESS_KEYS = ("step", "loss", "lr", "tokens_per_sec", "row_tokens_per_sec", "padding_fraction", "step_time_s",
+                 "val_loss")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -151,6 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "gradient_checkpointing": train.gradient_checkpointing, **w.memory})
 
     run_start = time.perf_counter()
+    progress = _ProgressLines(config.get("report_progress", False), train.log_every, plan.stop_step)
     identity = step_identity(train, arm, w.manifest.config_hash)
     for step in range(start_step, plan.stop_step):
         epoch = step // plan.steps_per_epoch
@@ -174,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
         # The preemption flag rides on the step's all-reduce, so every rank stops after the same step.
         preempt = rank == 0 and (run_dir / PREEMPT_FILE).exists()
         totals = _sum_over_ranks([token_loss_sum, num_supervised, real_tokens, row_tokens, num_samples, flops,
-                                  float(preempt)])
+                                  float(preempt), float(rank == 0 and progress.due())])
         preempted = totals[6] > 0 and step + 1 < plan.stop_step
         step_time_s = time.perf_counter() - step_start
         grad_norm = engine.get_global_grad_norm()
@@ -192,14 +207,18 @@ def train_loop_per_worker(config: dict) -> None:
         if val and plan.evaluates_at(done):
             metrics["val_loss"] = _validation_loss(engine, val, w.pad_token_id)
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
+        progress.add(metrics)
 
         if plan.checkpoints_at(done) or preempted:
-            _save_checkpoint(engine, cfg, done, plan.steps_per_epoch, metrics, rank, identity)
+            _save_checkpoint(engine, cfg, done, plan.steps_per_epoch, progress.carry(metrics), rank, identity)
             logs.event({"event": "checkpoint", "step": done})
         elif "val_loss" in metrics:
             # Without a checkpoint the report misses Result.metrics but reaches the run's callbacks, so Ray
             # Tune (TuneReportCallback) sees every validation point (raypack.tune.sweep). Collective: every rank.
-            ray.train.report(dict(metrics))
+            ray.train.report(progress.carry(metrics))
+        elif progress.lines and totals[7] > 0:
+            # Asynchronous: the training thread goes on while an earlier checkpoint report still uploads.
+            ray.train.report(progress.carry(metrics), checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if preempted:
             logs.event({"event": "preempted", "step": done})
             logs.close()
@@ -482,6 +501,34 @@ def _export(engine, data: DataConfig, out: Path, rank: int) -> None:
         tokenizer.save_pretrained(out)
     if dist.is_initialized():
         dist.barrier()
+
+
+class _ProgressLines:
+    """The progress lines waiting for the next ray.train.report (module docstring); none unless `enabled`."""
+
+    def __init__(self, enabled: bool, log_every: int, stop_step: int):
+        self.enabled, self.log_every, self.stop_step = enabled, log_every, stop_step
+        self.lines: list[dict] = []
+        self.last_report = time.perf_counter()
+
+    def due(self) -> bool:
+        """Whether REPORT_INTERVAL_S has passed since this rank's last report."""
+        return self.enabled and time.perf_counter() - self.last_report >= REPORT_INTERVAL_S
+
+    def add(self, metrics: dict) -> None:
+        """Keep this step's line when it is one the driver prints: every log_every steps and the last."""
+        step = metrics["step"]
+        if self.enabled and (step % self.log_every == 0 or step == self.stop_step):
+            line = {key: metrics[key] for key in PROGRESS_KEYS if key in metrics}
+            self.lines.append({**line, "stop_step": self.stop_step, "time": time.time()})
+
+    def carry(self, metrics: dict) -> dict:
+        """What this step reports: its metrics and, under "progress", the lines waiting (then none wait)."""
+        self.last_report = time.perf_counter()
+        if not self.lines:
+            return dict(metrics)
+        report, self.lines = {**metrics, "progress": self.lines}, []
+        return report
 
 
 class _Logs:
