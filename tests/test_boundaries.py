@@ -136,11 +136,11 @@ def test_no_module_imports_another_modules_private_names():
 
 
 # Each outside engine and the one module that touches it (STYLE.md): Ray Data by the pipeline, Ray Train by the
-# launcher and the loop, Ray Tune by the sweep that runs it and by the reader of its results (raypack.tune.trials:
+# launcher, the loop and the progress line (its callback runs in Ray Train's controller), Ray Tune by the sweep that runs it and by the reader of its results (raypack.tune.trials:
 # Tune's result API, no Ray running; apart from the sweep so that the pure analysis needs neither),
-# DeepSpeed by its engine module, lm-eval by the harness.
+# DeepSpeed by its engine module, lm-eval by the harness, MLflow by raypack.tracking.
 ENGINE_OWNERS = {"ray.data": {"raypack/data/pipeline.py"}, "ray.train": {"raypack/train/launch.py",
-                 "raypack/train/loop.py"}, "ray.tune": {"raypack/tune/sweep.py", "raypack/tune/trials.py"},
+                 "raypack/train/loop.py", "raypack/train/progress.py"}, "ray.tune": {"raypack/tune/sweep.py", "raypack/tune/trials.py"},
                  "deepspeed": {"raypack/train/engine.py"}, "lm_eval": {"raypack/eval/harness.py"},
                  "mlflow": {"raypack/tracking.py"}}
 

@@ -214,8 +214,8 @@ def test_eval_val_of_an_exported_arm_matches_its_training_time_validation_loss(r
 
 
 def test_one_score_per_benchmark_group_aggregate_or_leaf_tasks():
-    from raypack.eval.tasks import TaskSpec
     from raypack.eval.scores import benchmark_scores
+    from raypack.eval.tasks import TaskSpec
 
     offline = {"results": [{"task": "raypack_arithmetic", "metric": "acc", "value": 0.2},
                            {"task": "raypack_arithmetic", "metric": "acc_norm", "value": 0.3},

@@ -184,13 +184,13 @@ def test_the_progress_line_needs_no_file_and_shows_a_redone_step_once(ray_local,
     """Reports reach the driver through Ray Train's controller (here called directly) and a queue actor, no run
     folder anywhere. Only rank 0's lines are shown; after a restart from the checkpoint at step 2, steps 3 and
     4 are reported again but shown once, with a note. The ETA follows the reported times (1 s a step)."""
-    from raypack.train.launch import _Progress
+    from raypack.train.progress import Progress
 
     def line(step, loss):
         return {"step": step, "stop_step": 6, "loss": loss, "lr": 1e-3, "tokens_per_sec": 90.0,
                 "row_tokens_per_sec": 120.0, "padding_fraction": 0.25, "step_time_s": 0.5, "time": 1000.0 + step}
 
-    with _Progress("padding") as progress:
+    with Progress("padding") as progress:
         forward = progress.callback()
         forward.after_report(None, [{"progress": [line(1, 8.0), line(2, 7.0)]}, {"progress": [line(2, 1.0)]}], None)
         forward.after_report(None, [{"step": 3, "val_loss": 6.0}] * 2, None)  # no lines: a sweep trial's report

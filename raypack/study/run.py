@@ -41,8 +41,8 @@ from raypack.study.report import describe_data, write_report
 from raypack.tracking import Run, numeric, open_run
 from raypack.train.launch import arm_config, run_name, train_arm
 from raypack.train.metrics import read_metrics
-from raypack.train.resume import Preempted
 from raypack.train.plan import EVAL_POINTS, run_plan
+from raypack.train.resume import Preempted
 
 
 def study_dir(cfg: Config) -> Path:

@@ -22,7 +22,7 @@ Failures and relaunches:
   exits 143); the same command resumes it.
 
 The driver prints a progress line every train.log_every steps from what the loop
-reports to Ray Train (`_Progress`), not from the logs, which the driver's machine
+reports to Ray Train (raypack.train.progress), not from the logs, which the driver's machine
 need not see.
 
 The loop's own logs (metrics.jsonl, rows-rank<r>.jsonl, events.jsonl) and the
@@ -45,21 +45,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Self
 
 import pyarrow.fs as pafs
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.util.queue import Queue
 
 from raypack.config import Config, ConfigError, TrainConfig, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.every import every
-from raypack.train.loop import train_loop_per_worker
 from raypack.tracking import Run, flat_params, open_run
+from raypack.train.loop import train_loop_per_worker
 from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_events, read_metrics
 from raypack.train.plan import run_plan
+from raypack.train.progress import Progress
 from raypack.train.resume import PREEMPT_FILE, Preempted, resume_mismatch, step_identity
 
 
@@ -85,7 +84,7 @@ def run_dir(cfg: Config, arm: str) -> Path:
 
 def build_trainer(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
                   callbacks: list | None = None, loop=train_loop_per_worker, tracking: Run | None = None,
-                  progress: _Progress | None = None) -> TorchTrainer:
+                  progress: Progress | None = None) -> TorchTrainer:
     """A TorchTrainer running train_loop_per_worker on the prepared rows of one arm; `callbacks` go to its
     RunConfig (raypack.tune.sweep passes Ray Tune's TuneReportCallback). `loop` is another worker function
     taking the same config (raypack.bench.train's limit run). Rank 0 logs each step to the MLflow run
@@ -137,7 +136,7 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
                             tags={"raypack.arm": arm, "raypack.seed": cfg.train.seed})
     log_run_inputs(tracking, cfg, folder)
     try:
-        with _Progress(arm) as progress, every(1.0, progress.poll), _sigterm_checkpoints(out / PREEMPT_FILE):
+        with Progress(arm) as progress, every(1.0, progress.poll), _sigterm_checkpoints(out / PREEMPT_FILE):
             result = build_trainer(cfg, arm, folder, val_folder, tracking=tracking, progress=progress).fit()
     except BaseException:
         if tracking:
@@ -233,83 +232,6 @@ def _sigterm_checkpoints(flag: Path):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class _Progress:
-    """The driver's live progress line, from what the training loop reports to Ray Train.
-
-    One line every train.log_every steps and at the last: step / stop step, loss,
-    lr, tokens/s, padding, validation loss when computed, ETA (from the steps'
-    times). The loop's reports carry rank 0's lines (raypack.train.loop); `callback`
-    runs in Ray Train's controller and forwards them, numbered (the queue actor may
-    take them out of order), to a queue actor that `poll` drains here. So the driver
-    reads no file of the run (the logs may be on another node or in object storage),
-    and prints each line once (worker output reaches the driver through Ray's log
-    streaming, which may repeat lines). After a restart from a checkpoint the
-    workers redo steps already shown: it says so once and prints only the steps
-    beyond.
-
-        with _Progress(arm) as progress, every(1.0, progress.poll):
-            build_trainer(cfg, arm, folder, progress=progress).fit()
-    """
-
-    def __init__(self, arm: str):
-        self.arm = arm
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self.arrived: dict[int, list[dict]] = {}  # reports by number, until those before them have arrived
-        self.shown_reports = self.last_step = self.previous_step = 0
-        self.first: dict | None = None  # the line the rate counts from: the first since the (re)start
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.queue.shutdown(force=True)
-
-    def callback(self) -> UserCallback:
-        return _ForwardProgress(self.queue)
-
-    def poll(self) -> None:
-        """Print the lines reported since the last poll, report after report."""
-        self.arrived.update(self.queue.get_nowait_batch(self.queue.size()))
-        while self.shown_reports + 1 in self.arrived:
-            self.shown_reports += 1
-            for line in self.arrived.pop(self.shown_reports):
-                self.show(line)
-
-    def show(self, m: dict) -> None:
-        """Print one reported line, unless its step was printed before a restart."""
-        if m["step"] <= self.previous_step:
-            print(f"[{self.arm}] workers restarted from a checkpoint: the steps up to {self.last_step} are trained "
-                  "again, their lines not shown twice", flush=True)
-            self.first = None
-        self.previous_step = m["step"]
-        if self.first is None:
-            self.first = m
-        if m["step"] <= self.last_step:
-            return
-        self.last_step = m["step"]
-        # The rate of the steps since the first line (start-up excluded), else this step's own time.
-        steps = m["step"] - self.first["step"]
-        per_step = (m["time"] - self.first["time"]) / steps if steps else m["step_time_s"]
-        val = f" val_loss {m['val_loss']:.4f}" if "val_loss" in m else ""
-        print(f"[{self.arm}] step {m['step']}/{m['stop_step']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-              f"tokens/s {m['tokens_per_sec']:.0f} (rows {m['row_tokens_per_sec']:.0f}) "
-              f"pad {m['padding_fraction']:.1%}{val} ETA {per_step * (m['stop_step'] - m['step']):.0f} s", flush=True)
-
-
-class _ForwardProgress(UserCallback):
-    """Runs in Ray Train's controller: puts the progress lines of rank 0's report on the driver's queue, as
-    (number of the report, its lines)."""
-
-    def __init__(self, queue: Queue):
-        self.queue, self.sent = queue, 0
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if metrics and metrics[0].get("progress"):
-            self.sent += 1
-            # Without waiting: the controller runs an event loop, which a blocking ray.get would stall.
-            self.queue.actor.put_nowait.remote((self.sent, metrics[0]["progress"]))
 
 
 def train(cfg: Config) -> list[dict]:
