@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray instance for the whole session (2 CPUs, no dashboard), real tokenizer folders."""
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -54,11 +55,14 @@ def mlflow_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (folder / "server.log").open("w")
+    # Without MLflow's job runner (GenAI jobs, periodic tasks): eight more processes of ~240 MB each, which
+    # tracking does not use. Its own process group, so that the teardown ends all of them.
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1",
                                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                                "--artifacts-destination", str(folder / "artifacts")],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+                              stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -71,7 +75,7 @@ def mlflow_server(tmp_path_factory):
         assert server.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()[-2000:]
         time.sleep(0.3)
     yield uri
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
     log.close()
 
