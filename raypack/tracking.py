@@ -130,9 +130,10 @@ class Run:
         self._queue(values, step)
         self.flush()
 
-    def log_step(self, metrics: dict) -> None:
-        """One step of metrics.jsonl, sent with the others every FLUSH_SECONDS (rank 0)."""
-        self._queue(numeric(metrics), int(metrics["step"]))
+    def log_step(self, values: dict[str, float], step: int) -> None:
+        """One step's numbers (`numeric` of its metrics.jsonl line), sent with the others every FLUSH_SECONDS
+        (rank 0)."""
+        self._queue(values, int(step))
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 

@@ -86,7 +86,6 @@ through the step's all-reduce, as each report is a collective).
 import ctypes
 import hashlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -112,7 +111,7 @@ from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer, prepare_export,
                            resolve_attn_implementation)
-from raypack.tracking import Run
+from raypack.tracking import Run, numeric
 from raypack.train.engine import (full_state_dict, initialize, load_into_partitions, local_parameter_elements,
                                   partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
@@ -551,12 +550,12 @@ class _Logs:
         if self.metrics:
             self.metrics.write(json.dumps(metrics) + "\n")
             self.metrics.flush()
+        scalars = numeric(metrics)  # the finite numbers, what TensorBoard and MLflow plot
         if self.tensorboard:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
         if self.tracking:
-            self.tracking.log_step(metrics)
+            self.tracking.log_step(scalars, metrics["step"])
 
     def event(self, event: dict) -> None:
         if self.events:
