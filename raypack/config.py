@@ -172,7 +172,8 @@ class TrainConfig:
     precision: str = _field("auto", "auto: bf16 on GPU, fp32 on CPU; bf16 needs use_gpu",
                             ("auto", "bf16", "fp32"))
     gradient_clipping: float = _field(1.0, "max global gradient norm; 0 turns clipping off")
-    zero_stage: int = _field(2, "DeepSpeed ZeRO stage (the paper: 3)", (0, 1, 2, 3))
+    zero_stage: int = _field(2, "DeepSpeed ZeRO stage (the paper: 3); bf16 runs need >= 1, where "
+                             "DeepSpeed sums the micro-batches' gradients in fp32", (0, 1, 2, 3))
     offload_optimizer: bool = _field(False, "keep optimizer states in CPU memory (ZeRO-Offload; stage >= 1)")
     offload_params: bool = _field(False, "keep parameters in CPU memory (stage 3 only; the paper's 70B)")
     gradient_checkpointing: bool = _field(False, "recompute each decoder layer's activations in the backward "
@@ -636,6 +637,10 @@ def _validate_train(train: TrainConfig) -> None:
         raise ConfigError("train.offload_optimizer needs train.zero_stage >= 1")
     if train.precision == "bf16" and not train.use_gpu:
         raise ConfigError("train.precision=bf16 needs train.use_gpu=true; use auto or fp32 on CPU")
+    if train.use_gpu and train.precision != "fp32" and train.zero_stage == 0:
+        raise ConfigError("train.zero_stage=0 on GPU (bf16) would accumulate gradients in bf16 across "
+                          "micro-batches (DeepSpeed accumulates them in fp32 only under ZeRO); use "
+                          "train.zero_stage>=1, or train.precision=fp32")
     for key in ("checkpoint_every_steps", "max_failures", "max_steps", "eval_every_steps",
                 "schedule_steps"):
         if getattr(train, key) < 0:

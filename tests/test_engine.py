@@ -24,8 +24,9 @@ import torch.multiprocessing as mp
 from raypack.config import ConfigError, OptimConfig, TrainConfig, load_config
 from raypack.data.collate import collate
 from raypack.data.tokenize import IGNORE_INDEX
-from raypack.model import TINY_PAD_ID, build_tiny_model
-from raypack.train.engine import build_optimizer, deepspeed_config, initialize, resolve_precision
+from raypack.model import TINY_PAD_ID, build_model, build_tiny_model
+from raypack.train.engine import (build_optimizer, decay_split, deepspeed_config, initialize, load_into_partitions,
+                                  partitioned_construction, resolve_precision)
 from raypack.train.loss import micro_batch_loss, step_denominator
 from raypack.train.plan import gradient_accumulation_steps, lr_at
 
@@ -150,6 +151,10 @@ def test_optimizer_decays_matrices_only():
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
     assert decayed["lr"] == 3e-5 and decayed["betas"] == (0.9, 0.95) and decayed["eps"] == 1e-6
+    decay, no_decay = decay_split(model)
+    assert decay == [n for n, p in model.named_parameters() if p.dim() == 2]
+    assert no_decay == [n for n, p in model.named_parameters() if p.dim() == 1]
+    assert all(n.endswith("norm.weight") for n in no_decay) and "lm_head.weight" in decay
 
 
 # ------------------------------------------------------- a real DeepSpeed engine
@@ -276,3 +281,102 @@ def test_step_flops_and_mfu():
     assert peak_tflops("cpu", "fp32", configured=2.5) == 2.5
     assert mfu(989e12 * 0.5 * 8, step_time_s=1.0, world_size=8, peak=989.0) == pytest.approx(0.5)
     assert mfu(1e12, 1.0, 1, None) is None
+
+
+# ------------------------------------- ZeRO-3 weight decay and bf16 accumulation, real engines
+
+
+def _engines_by_stage(rank: int, port: int, folder: str, out_path: str) -> None:
+    """In a fresh process (one rank): the tiny model saved as a folder, trained 3 steps at ZeRO-2 and ZeRO-3 with
+    weight decay 0.1 and at ZeRO-2 without, as the loop builds them (ZeRO-3: built partitioned, each rank
+    reading its slices); then bf16 engines at ZeRO 1-3 with raypack's config and without its data_types."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    data = rows()
+    micro_batches = [collate(data[:2], "padding", TINY_PAD_ID), collate(data[2:], "padding", TINY_PAD_ID)]
+    results = {}
+    for stage, weight_decay in ((2, 0.1), (3, 0.1), (2, 0.0)):
+        train = TrainConfig(num_workers=1, micro_batch_size=2, global_batch_size=4, zero_stage=stage)
+        handle = partitioned_construction(train, 1, "cpu")
+        model = build_model(folder, "sdpa", 0, load_weights=handle is None)
+        if handle is not None:
+            load_into_partitions(model, folder)
+        model.train()
+        engine, optimizer = initialize(model, train, OptimConfig(lr=1e-2, weight_decay=weight_decay,
+                                                                 warmup_ratio=0.0), 1, "cpu")
+        losses = []
+        for _ in range(3):
+            denominator = step_denominator(micro_batches, "token")
+            for batch in micro_batches:
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits
+                out = micro_batch_loss(logits, batch, "token", denominator, world_size=1)
+                engine.backward(out.loss, scale_wrt_gas=False)
+                engine.step()
+                losses.append(float(out.token_loss_sum) / denominator)
+        results[(stage, weight_decay)] = {"groups": decay_split(engine.module), "losses": losses,
+                                          "optimizer": type(optimizer).__name__,
+                                          "group_decay": [g["weight_decay"] for g in optimizer.param_groups]}
+        if handle is not None:
+            del handle
+            unset_hf_deepspeed_config()
+    import deepspeed
+
+    for stage in (1, 2, 3):
+        config = deepspeed_config(TrainConfig(num_workers=1, micro_batch_size=2, global_batch_size=4,
+                                              zero_stage=stage, use_gpu=True), 1, "cuda")  # bf16; DeepSpeed on CPU
+        for name, cfg in (("raypack", config), ("without data_types", {k: v for k, v in config.items()
+                                                                        if k != "data_types"})):
+            model = build_tiny_model(seed=0)
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=cfg)
+            results[("bf16", stage, name)] = {"optimizer": type(optimizer).__name__,
+                                              "dtypes": [str(d) for d in engine.get_data_types()],
+                                              "accumulation": str(getattr(optimizer, "gradient_accumulation_dtype",
+                                                                          None))}
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def engines_by_stage(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engines")
+    build_tiny_model(seed=0).save_pretrained(tmp / "model", safe_serialization=True)
+    mp.spawn(_engines_by_stage, args=(free_port(), str(tmp / "model"), str(tmp / "out.pt")), nprocs=1, join=True)
+    return torch.load(tmp / "out.pt")
+
+
+def test_zero3_decays_the_same_parameters_and_trains_as_zero2(engines_by_stage):
+    """ZeRO-3 parameters are 1-element placeholders: the decay split reads their real shapes, so ZeRO-3 decays
+    the same parameters as ZeRO-2 and its 3 steps with weight decay 0.1 give ZeRO-2's losses. Negative control:
+    weight decay 0 and 0.1 give different losses (so a ZeRO-3 run decaying nothing could not pass)."""
+    zero2, zero3, no_decay = (engines_by_stage[k] for k in ((2, 0.1), (3, 0.1), (2, 0.0)))
+    assert zero3["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and zero2["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert zero3["groups"] == zero2["groups"] and len(zero3["groups"][0]) == 16 and len(zero3["groups"][1]) == 5
+    assert zero3["group_decay"] == zero2["group_decay"] == [0.1, 0.0]
+    assert np.max(np.abs(np.array(zero3["losses"]) - zero2["losses"])) < 1e-5
+    assert np.max(np.abs(np.array(no_decay["losses"]) - zero2["losses"])) > 1e-4
+
+
+def test_bf16_engines_accumulate_gradients_in_fp32(engines_by_stage):
+    """raypack's bf16 config makes DeepSpeed sum micro-batch gradients in fp32 at ZeRO 1-3 (ZeRO-1: its
+    BF16_Optimizer); negative control: the same config without data_types accumulates in bf16."""
+    for stage in (1, 2, 3):
+        ours, bare = engines_by_stage[("bf16", stage, "raypack")], engines_by_stage[("bf16", stage, "without data_types")]
+        assert ours["dtypes"] == ["torch.bfloat16", "torch.float32"], stage
+        assert bare["dtypes"] == ["torch.bfloat16", "torch.bfloat16"], stage
+        if stage == 1:
+            assert ours["optimizer"] == "BF16_Optimizer" and bare["optimizer"] == "DeepSpeedZeroOptimizer"
+        else:
+            assert ours["accumulation"] == "torch.float32" and bare["accumulation"] == "torch.bfloat16", stage
+
+
+def test_bf16_at_zero0_is_refused():
+    """DeepSpeed cannot accumulate in fp32 without ZeRO: refused in the config and in the engine config."""
+    with pytest.raises(ConfigError, match="zero_stage=0.*bf16"):
+        load_config(None, ["train.use_gpu=true", "train.zero_stage=0"])
+    load_config(None, ["train.use_gpu=true", "train.zero_stage=0", "train.precision=fp32"])
+    with pytest.raises(ValueError, match="zero_stage=0 with bf16"):
+        deepspeed_config(TrainConfig(zero_stage=0, use_gpu=True), 2, "cuda")
+    assert "data_types" not in deepspeed_config(TrainConfig(), 2, "cpu")
+    assert deepspeed_config(TrainConfig(use_gpu=True), 2, "cuda")["data_types"] == {"grad_accum_dtype": "fp32"}

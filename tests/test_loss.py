@@ -348,3 +348,23 @@ def test_loss_module_imports_neither_ray_nor_deepspeed():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed', 'lm_eval')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("reduction", LOSS_REDUCTIONS)
+@pytest.mark.parametrize("mode", ["padding", "isolated", "cross"])
+def test_the_loss_reads_nothing_back_from_the_device(reduction, mode):
+    """A micro-batch's loss never waits on the device: logits on the meta device hold no values, so any read of a
+    device value on the host (float(), .item(), a count, boolean indexing) raises there. Every reduction's loss
+    and token-loss sum stay device tensors, the counts come from the host-side labels and equal the CPU ones.
+    Negative control: each of those reads raises on the meta device."""
+    batch = micro_batch(rows_for(mode), mode)
+    cpu_logits = torch.randn(*batch["labels"].shape, 1000)
+    expected = micro_batch_loss(cpu_logits, batch, reduction, 7.0, world_size=2)
+    meta = micro_batch_loss(cpu_logits.to("meta").requires_grad_(), batch, reduction, 7.0, world_size=2)
+    assert meta.loss.device.type == meta.token_loss_sum.device.type == "meta" and meta.loss.requires_grad
+    assert meta.num_tokens == expected.num_tokens > 0
+    probe = torch.ones(3, device="meta")
+    for read in (lambda: float(probe.sum()), lambda: probe.sum().item(), lambda: int((probe > 0).sum()),
+                 lambda: probe[probe > 0]):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            read()

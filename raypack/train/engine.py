@@ -16,7 +16,12 @@ plan's schedule_steps); the loop sets it on
      "zero_optimization": {"stage": 2}, "bf16": {"enabled": False},
      "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
-On "cuda" with precision auto or bf16, "bf16" is {"enabled": True}. Offloading
+On "cuda" with precision auto or bf16, "bf16" is {"enabled": True} and
+"data_types" is {"grad_accum_dtype": "fp32"}: the micro-batches' gradients are
+summed in fp32 (bf16 keeps 8 bits of mantissa, so summing 32 micro-batches in it
+loses the small ones). DeepSpeed does that from ZeRO-1 up (ZeRO-1: its
+BF16_Optimizer; ZeRO-2/3: an fp32 accumulation buffer); at ZeRO-0 it cannot, so
+bf16 with train.zero_stage=0 is refused. Offloading
 adds "offload_optimizer"/"offload_param": {"device": "cpu", "pin_memory": <cuda>}
 under "zero_optimization", and "zero_force_ds_cpu_optimizer": False so that
 ZeRO-Offload accepts torch's AdamW. `train.deepspeed_json` is then deep-merged
@@ -95,6 +100,10 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: str) -> dict:
     if train.offload_optimizer and train.zero_stage == 0:
         raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
     precision = resolve_precision(train.precision, device)
+    if precision == "bf16" and train.zero_stage == 0:
+        raise ValueError("train.zero_stage=0 with bf16 would accumulate gradients in bf16 across micro-batches "
+                         "(DeepSpeed accumulates in fp32 only under ZeRO); use train.zero_stage>=1, or "
+                         "train.precision=fp32")
     offload = {"device": "cpu", "pin_memory": device == "cuda"}
     zero: dict = {"stage": train.zero_stage}
     if train.offload_optimizer:
@@ -114,6 +123,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: str) -> dict:
     }
     if train.offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = False
+    if precision == "bf16":  # bf16 weights and activations, gradients summed over micro-batches in fp32
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if train.deepspeed_json:
         merged = _merge(config, _read_json(train.deepspeed_json))
         _check_merged(merged, config, device)
@@ -159,11 +170,27 @@ def _check_merged(config: dict, built: dict, device: str) -> None:
         raise ValueError("train.deepspeed_json: bf16 is enabled but training runs on CPU")
 
 
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(names of the trainable parameters weight decay applies to, names of those it does not).
+
+    Decay goes to matrices (embeddings, projections), not to 1-D tensors (norm
+    weights, biases). A parameter's dimensions are read from its real shape: under
+    ZeRO-3 every parameter is a 1-element placeholder (`p.dim()` is 1 for all of
+    them) whose shape DeepSpeed keeps in `ds_shape`.
+    """
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else plain).append(name)
+    return decay, plain
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW; weight decay on matrices only, not on 1-D tensors (norm weights, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """torch AdamW; weight decay on matrices only, not on 1-D tensors (decay_split), at every ZeRO stage."""
+    params = dict(model.named_parameters())
+    decay, plain = decay_split(model)
+    groups = [{"params": [params[n] for n in decay], "weight_decay": optim.weight_decay},
+              {"params": [params[n] for n in plain], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 

@@ -25,8 +25,12 @@ The model: weights are loaded in the training precision (bf16 on GPU, never an
 fp32 copy first). Under ZeRO-3 it is built inside deepspeed.zero.Init (transformers
 sees the DeepSpeed config, raypack.train.engine.partitioned_construction), and a
 local safetensors folder is read slice by slice (engine.load_into_partitions): no
-rank holds the whole model at any time. train.gradient_checkpointing recomputes
-each layer's activations in the backward pass. Isolated micro-batches reach the
+rank holds the whole model at any time. The model is put in training mode before
+the first step (from_pretrained returns it in eval mode, where checkpointing and
+dropout are off) and every optimizer step checks it is; train.gradient_checkpointing
+recomputes each layer's activations in the backward pass. Once the model is built
+(identically on every rank, from train.seed), each rank reseeds its generators
+with its own seed (raypack.train.resume.seed_rank). Isolated micro-batches reach the
 model in a layout their attention implementation isolates (raypack.data.collate):
 one padding-free row for flash_attention_2 (varlen from position_ids only at batch
 size 1), [B, T] rows with restarting positions for sdpa, eager and flex_attention
@@ -52,7 +56,8 @@ Outputs under run_dir (rank 0 unless noted):
     rows-rank<r>.jsonl       every rank: {"step", "epoch", "row_index": [...]} per step
     init-rank<r>.json        every rank: what building the model cost it: RSS before, peak RSS after the
                              model is built and loaded and after DeepSpeed's initialize, parameter elements
-                             it holds (its ZeRO-3 partitions) of the model's total
+                             it holds (its ZeRO-3 partitions) of the model's total, and the names of the
+                             parameters AdamW decays and does not (decay_parameters, no_decay_parameters)
     events.jsonl             start / resume / checkpoint / preempted / done, appended by every launch and
                              restart (the run's whole history)
     tensorboard/             the same scalars as TensorBoard event files (`tensorboard --logdir`)
@@ -63,7 +68,8 @@ so they always describe the model's real history.
 Checkpoints (every train.checkpoint_every_steps, at each epoch end and on
 preemption) hold the DeepSpeed state (every rank's shards, under tag "ds"),
 position.json ({"step", "epoch", "step_in_epoch"} and what fixes a step's rows,
-raypack.train.resume) and config.json, handed to `ray.train.report(...,
+raypack.train.resume), every rank's random-generator states (rng-rank<r>.pt:
+dropout resumes drawing the masks an uninterrupted run draws) and config.json, handed to `ray.train.report(...,
 checkpoint=...)` and uploaded in the background; Ray restores the latest one after
 a worker or node failure (train.max_failures) or when the same run is launched
 again (the driver first checks position.json against its config). Preemption: when
@@ -112,13 +118,13 @@ from raypack.data.prepared import Manifest, RowStore, read_manifest
 from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer, prepare_export,
                            resolve_attn_implementation)
 from raypack.tracking import Run, numeric
-from raypack.train.engine import (full_state_dict, initialize, load_into_partitions, local_parameter_elements,
-                                  partitioned_construction, resolve_precision)
+from raypack.train.engine import (decay_split, full_state_dict, initialize, load_into_partitions,
+                                  local_parameter_elements, partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
 from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 from raypack.train.plan import RunPlan, lr_at, run_plan
-from raypack.train.resume import PREEMPT_FILE, step_identity
+from raypack.train.resume import PREEMPT_FILE, load_rng_state, save_rng_state, seed_rank, step_identity
 from raypack.train.validate import validation_groups, validation_sums
 
 CHECKPOINT_TAG = "ds"
@@ -146,22 +152,28 @@ def train_loop_per_worker(config: dict) -> None:
     w = set_up(config["folder"], train, cfg.optim, cfg.model, cfg.data.tokenizer)
     plan, engine = w.plan, w.engine
     peak = peak_tflops(torch.cuda.get_device_name() if w.device == "cuda" else "cpu", w.precision, train.peak_tflops)
-    _write_json(run_dir / f"init-rank{rank}.json", {"rank": rank, "zero_stage": train.zero_stage, **w.memory})
+    _write_json(run_dir / f"init-rank{rank}.json", {"rank": rank, "zero_stage": train.zero_stage, **w.memory,
+                                                    "decay_parameters": w.decay[0], "no_decay_parameters": w.decay[1]})
 
     # Resume: the latest checkpoint gives the DeepSpeed state and the data position.
-    start_step = 0
+    start_step, rng_restored = 0, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with restored(checkpoint, ctx.get_local_rank(), barrier) as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
+            rng_restored = load_rng_state(ckpt_dir, rank)
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None,
                  tracking=Run.attach(config.get("tracking"), f"{arm}'s steps") if rank == 0 else None)
     logs.event({"event": "resume" if checkpoint else "start", "step": start_step, "arm": arm,
                 "total_steps": plan.total_steps, "stop_step": plan.stop_step, "steps_per_epoch": plan.steps_per_epoch,
                 "world_size": world_size, "grad_accum": plan.grad_accum, "attn_implementation": w.attn,
                 "mode": w.mode, "precision": w.precision, "flat_isolated_rows": w.flatten and w.mode == "isolated",
-                "gradient_checkpointing": train.gradient_checkpointing, **w.memory})
+                "gradient_checkpointing": train.gradient_checkpointing,
+                **({"rng_restored": rng_restored} if checkpoint else {}), **w.memory})
+    if checkpoint and not rng_restored:
+        print(f"[{arm}] rank {rank}: the checkpoint at step {start_step} holds no random-generator state (saved "
+              "by an older raypack); dropout masks will differ from an uninterrupted run's", flush=True)
 
     run_start = time.perf_counter()
     progress = _ProgressLines(config.get("report_progress", False), train.log_every, plan.stop_step)
@@ -249,6 +261,7 @@ class Worker:
     optimizer: Any
     shape: dict  # what the FLOPs estimate needs (_model_shape)
     memory: dict  # what building the model cost this rank (init-rank<r>.json)
+    decay: tuple = ([], [])  # names of the parameters with and without weight decay (engine.decay_split)
     zero3: Any = None  # under ZeRO-3, transformers holds the DeepSpeed config weakly: keep it while training runs
     order: tuple = (-1, None)  # (epoch, that epoch's row order), drawn once per epoch
 
@@ -282,7 +295,7 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if train.use_gpu else "cpu"
-    torch.manual_seed(train.seed)
+    torch.manual_seed(train.seed)  # every rank alike until the model is built (weights a checkpoint lacks)
 
     # Rows: the manifest fixes the plan; the mode follows the arm's packing.
     manifest = read_manifest(folder)
@@ -310,18 +323,24 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     if sliced:
         memory.update(load_into_partitions(model, model_config.name_or_path))
     memory["peak_rss_mb_after_model"] = _peak_rss_mb()
+    # from_pretrained hands the model over in eval mode, where transformers' gradient checkpointing does
+    # nothing and dropout is off: train from the first step (a validation pass switches back after itself).
+    model.train()
     if train.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shape = _model_shape(model)
     engine, optimizer = initialize(model, train, optim, world_size, device)
+    decay = decay_split(engine.module)
+    seed_rank(train.seed, rank)  # the model is built (the same everywhere): now each rank's own dropout masks
     memory["param_elements_local"], memory["param_elements_total"] = local_parameter_elements(engine.module)
     memory["peak_rss_mb_after_engine"] = _peak_rss_mb()
     if device == "cuda":
         memory["peak_gpu_mb_after_engine"] = _peak_memory_mb(device)
     return Worker(train=train, rank=rank, world_size=world_size, device=device, manifest=manifest, plan=plan,
                   rows=rows, mode=mode, flatten=flatten, pad_token_id=pad_token_id, attn=attn,
-                  precision=precision, engine=engine, optimizer=optimizer, shape=shape, memory=memory, zero3=zero3)
+                  precision=precision, engine=engine, optimizer=optimizer, shape=shape, memory=memory, decay=decay,
+                  zero3=zero3)
 
 
 def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: float, lr: float,
@@ -330,19 +349,21 @@ def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: fl
     forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False) -> engine.step() (DeepSpeed
     updates at the last one; raypack.train.engine states the contract). `denominator` is the step's loss
     denominator summed over ranks (raypack.train.loss.step_denominator). Returns the sum of the micro-batches'
-    token losses and their number of supervised tokens (this rank's)."""
+    token losses and their number of supervised tokens (this rank's), the loss read from the device once. The
+    model must be in training mode (set_up leaves it there, a validation pass puts it back)."""
+    assert engine.module.training, "the model must be in training mode (checkpointing, dropout) at every step"
     for group in optimizer.param_groups:
         group["lr"] = lr
-    token_loss_sum = num_supervised = 0.0
+    token_loss_sum, num_supervised = torch.zeros((), device=engine.device), 0
     for batch in micro_batches:
         inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
         logits = engine(**inputs, use_cache=False).logits
         out = micro_batch_loss(logits, batch, loss_reduction, denominator, world_size)
         engine.backward(out.loss, scale_wrt_gas=False)
         engine.step()
-        token_loss_sum += out.token_loss_sum
+        token_loss_sum += out.token_loss_sum  # stays on the device: read once per step, below
         num_supervised += out.num_tokens
-    return token_loss_sum, num_supervised
+    return float(token_loss_sum), float(num_supervised)
 
 
 def micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, flatten: bool = True) -> dict:
@@ -476,6 +497,7 @@ def _save_checkpoint(engine, cfg: Config, done: int, num_steps_per_epoch: int, m
     """
     tmp = tempfile.mkdtemp(prefix="raypack-ckpt-")
     engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+    save_rng_state(tmp, rank)
     if rank == 0:
         epoch, step_in_epoch = divmod(done, num_steps_per_epoch)
         position = {"step": done, "epoch": epoch, "step_in_epoch": step_in_epoch, **identity}

@@ -57,7 +57,11 @@ sample a and 22 in sample b; token losses l12, l13, l22):
 
 For metrics, `MicroBatchLoss.token_loss_sum` and `.num_tokens` give the same
 per-token mean in every arm and reduction: sum both over the step's micro-batches
-and ranks and divide.
+and ranks and divide. `token_loss_sum` stays a tensor on the logits' device (sum it
+there and read it once per step): `micro_batch_loss` reads no value back from the
+device, so a GPU's queue never waits on the host mid-step. What it needs to count
+(targets, a sample's targets) comes from the labels, which the collator leaves on
+the host (tests/test_loss.py checks it with logits on the meta device).
 """
 
 from typing import NamedTuple
@@ -75,8 +79,8 @@ class MicroBatchLoss(NamedTuple):
     """What one micro-batch contributes to the step."""
 
     loss: torch.Tensor  # scalar to backward (already normalised over the step)
-    token_loss_sum: float  # sum of its token losses, for the reduction-independent metric
-    num_tokens: int  # its supervised targets
+    token_loss_sum: torch.Tensor  # sum of its token losses (detached, on the logits' device), for the metric
+    num_tokens: int  # its supervised targets (counted from the labels on the host)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +143,21 @@ def _sample_sums(losses: torch.Tensor, mask: torch.Tensor, segments: torch.Tenso
     return sums, counts
 
 
+def _sample_weights(batch: dict) -> torch.Tensor:
+    """[B, T-1] float32 on the host: 1 / (targets of its sample) at each target, 0 elsewhere.
+
+    The `sample` numerator, sum over samples of their mean token loss, is then
+    (token_losses * weights).sum(): computed from the labels alone (on the host, where
+    the collator leaves them), so the device never has to report a count back.
+    """
+    mask = batch["labels"][:, 1:].cpu() != IGNORE_INDEX
+    segments = segment_ids(batch)[:, 1:].cpu()
+    per_row = int(segments.max()) + 1 if segments.numel() else 1
+    key = torch.arange(mask.shape[0]).unsqueeze(1) * per_row + segments
+    counts = torch.bincount(key[mask], minlength=mask.shape[0] * per_row)
+    return torch.where(mask, 1.0 / counts[key].clamp(min=1), 0.0)
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss reduction {reduction!r} is not one of {', '.join(LOSS_REDUCTIONS)}")
@@ -181,16 +200,17 @@ def micro_batch_loss(logits: torch.Tensor, batch: dict, reduction: str, denomina
     _check_reduction(reduction)
     if world_size < 1 or denominator < 0:
         raise ValueError(f"world_size must be >= 1 and denominator >= 0, got {world_size} and {denominator}")
-    losses, mask = token_losses(logits, batch["labels"])
-    token_sum = losses[mask].sum()
-    num_tokens = int(mask.sum())
+    # No value is read back from the device here (one host sync per micro-batch would stall a GPU's queue):
+    # the ignored targets' losses are 0 (cross_entropy's ignore_index), and the counts and sample weights come
+    # from the labels, which stay on the host.
+    losses, _ = token_losses(logits, batch["labels"])
+    token_sum = losses.sum()
+    num_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if reduction == "token":
         numerator = token_sum
     elif reduction == "paper":
         numerator = token_sum / max(num_tokens, 1)
     else:
-        sums, counts = _sample_sums(losses, mask, segment_ids(batch))
-        present = counts > 0
-        numerator = (sums[present] / counts[present]).sum()
+        numerator = (losses * _sample_weights(batch).to(losses.device, non_blocking=True)).sum()
     loss = numerator * (world_size / (denominator if denominator > 0 else 1.0))
-    return MicroBatchLoss(loss, float(token_sum.detach()), num_tokens)
+    return MicroBatchLoss(loss, token_sum.detach(), num_tokens)

@@ -17,9 +17,21 @@ into the file PREEMPT_FILE in the run's log folder; the loop reads it at every
 step boundary (rank 0, agreed by all ranks in the step's all-reduce), checkpoints
 that step, logs a "preempted" event and returns, and the driver exits with
 PREEMPTED_EXIT_CODE. Launching the same command again resumes exactly.
+
+Random streams: every rank seeds its generators distinctly once its model is built
+(`seed_rank`: ranks draw different dropout masks), and every checkpoint holds each
+rank's Python, NumPy and torch (CPU, GPU) generator states (`save_rng_state`,
+RNG_FILE), restored with the DeepSpeed state (`load_rng_state`), so a model with
+dropout resumes drawing the masks an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
 
 PREEMPT_FILE = "preempt"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as a shell reports a process ended by SIGTERM
@@ -53,3 +65,65 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
     return [f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now" if isinstance(saved[key], str)
             else f"{key}: {saved[key]} in the checkpoint, {current[key]} now"
             for key in STEP_KEYS if key in saved and key in current and saved[key] != current[key]]
+
+
+# ------------------------------------------------------------------ random streams
+
+RNG_FILE = "rng-rank{rank}.pt"  # beside the DeepSpeed shards in every checkpoint: one file per rank
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random streams once its model is built: distinct per rank (dropout masks must
+    not repeat across ranks), fixed by (train.seed, rank).
+
+    >>> rank_seed(0, 0) != rank_seed(0, 1) and rank_seed(0, 1) == rank_seed(0, 1)
+    True
+    """
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every GPU) generators with rank_seed(seed, rank)."""
+    value = rank_seed(seed, rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def rng_state() -> dict:
+    """This process's random streams (Python, NumPy, torch CPU and the current GPU): what dropout draws from.
+
+    Only tensors, numbers and tuples, so that `torch.load(weights_only=True)` reads it back: no pickle.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back what rng_state returned (the GPU stream only when there is one)."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_rng_state(folder: str | Path, rank: int) -> None:
+    """Write this rank's random streams into a checkpoint folder (RNG_FILE)."""
+    torch.save(rng_state(), Path(folder) / RNG_FILE.format(rank=rank))
+
+
+def load_rng_state(folder: str | Path, rank: int) -> bool:
+    """Restore this rank's random streams from a checkpoint folder; False when it holds none (written before
+    raypack saved them: the run resumes, but a model with dropout then draws other masks than an uninterrupted
+    run would)."""
+    path = Path(folder) / RNG_FILE.format(rank=rank)
+    if not path.exists():
+        return False
+    set_rng_state(torch.load(path, weights_only=True))
+    return True
