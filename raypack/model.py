@@ -213,6 +213,18 @@ def _no_zero3_weight_init():
             hf_deepspeed.initialize_weights_zero3 = original
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant torch checkpointing); the
+    model must be in training mode for it to act. transformers 5.x names it activation_checkpointing_enable
+    (gradient_checkpointing_enable is its deprecated alias); older releases have only the alias."""
+    model.config.use_cache = False
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def import_model_code(name_or_path: str, trust_remote_code: bool = False) -> None:
     """Import the model class's code now (transformers imports it lazily on first use): a memory record
     taken after this counts the model's tensors, not the ~100 MB of its Python modules."""

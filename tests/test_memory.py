@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 from raypack.cli import main
 from raypack.config import PlanConfig, TrainConfig, load_config
 from raypack.data.collate import collate
-from raypack.model import build_tiny_model, tiny_llama_config
+from raypack.model import build_tiny_model, enable_checkpointing, tiny_llama_config
 from raypack.train.loss import micro_batch_loss
 from raypack.train.memory import (GIB, PUBLISHED_SHAPES, MicroBatch, activation_bytes, budget, estimate_arm, fits,
                                   micro_batch, model_shape, shape_from_config, state_bytes)
@@ -54,7 +54,7 @@ def rows(mode: str) -> list[dict]:
 def saved_bytes(model: LlamaForCausalLM, batch: dict, checkpointing: bool) -> int:
     """Bytes of the distinct storages autograd saves for backward in one forward + loss, parameters excluded."""
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 

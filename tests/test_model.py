@@ -12,6 +12,7 @@ from raypack.model import (
     TINY_PAD_ID,
     TINY_TOKENIZER_DIR,
     build_tiny_model,
+    enable_checkpointing,
     load_tokenizer,
     tiny_llama_config,
 )
@@ -132,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = build_tiny_model(seed=0).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))

@@ -115,8 +115,8 @@ from raypack.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCo
 from raypack.data.collate import arm_collation, collate
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
-from raypack.model import (build_model, has_local_safetensors, import_model_code, load_tokenizer, prepare_export,
-                           resolve_attn_implementation)
+from raypack.model import (build_model, enable_checkpointing, has_local_safetensors, import_model_code, load_tokenizer,
+                           prepare_export, resolve_attn_implementation)
 from raypack.tracking import Run, numeric
 from raypack.train.engine import (decay_split, full_state_dict, initialize, load_into_partitions,
                                   local_parameter_elements, partitioned_construction, resolve_precision)
@@ -327,8 +327,7 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     # nothing and dropout is off: train from the first step (a validation pass switches back after itself).
     model.train()
     if train.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     shape = _model_shape(model)
     engine, optimizer = initialize(model, train, optim, world_size, device)
     decay = decay_split(engine.module)
