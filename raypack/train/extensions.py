@@ -222,7 +222,7 @@ class OwnedBaton:
         while os.path.exists(self.lock_file_path):
             if time.monotonic() >= deadline:
                 raise BuildLockTimeout(
-                    f"{self.lock_file_path}: this torch extension build lock is still there after {self.timeout_s:.0f} s "
-                    "(RAYPACK_BUILD_LOCK_TIMEOUT_S) and no raypack process holds it; if no build is running, "
-                    "delete the file and run again")
+                    f"{self.lock_file_path}: this torch extension build lock is still there after "
+                    f"{self.timeout_s:.0f} s (RAYPACK_BUILD_LOCK_TIMEOUT_S) and no raypack process holds it; if no "
+                    "build is running, delete the file and run again")
             time.sleep(self.wait_seconds)
