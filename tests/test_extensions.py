@@ -9,6 +9,7 @@ for. Every lock here is planted in a temporary folder, never in ~/.cache.
     .venv/bin/pytest tests/test_extensions.py -q
 """
 
+import doctest
 import os
 import shutil
 import signal
@@ -60,6 +61,7 @@ def test_each_environment_builds_in_its_own_folder(monkeypatch):
               environment_key("/work/.venv", "3.11", "2.13.0+cu128", "0.19.8"),
               environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.9")}
     assert base not in others and len(others) == 4
+    assert doctest.testmod(extensions).failed == 0
     monkeypatch.setattr(cpp_extension, "FileBaton", FileBaton)  # restored after the test
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     folder = extensions.prepare()
