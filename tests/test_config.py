@@ -28,8 +28,8 @@ def test_every_job_yaml_validates(path):
 
 def test_a_job_that_enables_code_execution_is_caught(tmp_path):
     """Negative control for the check above: the key is read from the file, so a job setting it is seen."""
-    text = (Path(__file__).parent.parent / "jobs" / "paper-8b-tulu.yaml").read_text().replace("allow_code_execution: false",
-                                                                         "allow_code_execution: true")
+    job = Path(__file__).parent.parent / "jobs" / "paper-8b-tulu.yaml"
+    text = job.read_text().replace("allow_code_execution: false", "allow_code_execution: true")
     (tmp_path / "job.yaml").write_text(text)
     cfg = load_config(tmp_path / "job.yaml")
     assert cfg.eval.allow_code_execution and eval_tasks(cfg.eval)[1] == {}
