@@ -22,8 +22,8 @@ CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
         "raypack.data.summary", "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory",
         "raypack.train.resume", "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss",
-        "raypack.train.flops", "raypack.eval.tasks", "raypack.eval.scores", "raypack.eval.backend",
-        "raypack.eval.cost", "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze",
+        "raypack.train.flops", "raypack.train.extensions", "raypack.eval.tasks", "raypack.eval.scores",
+        "raypack.eval.backend", "raypack.eval.cost", "raypack.eval.credentials", "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze",
         "raypack.tracking"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 # What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.

@@ -9,6 +9,7 @@ import pytest
 
 from raypack.config import (ArmSpec, Config, ConfigError, PackConfig, arm_spec, describe_fields, load_config,
                             parse_arm, setting_configs, to_dict)
+from raypack.eval.tasks import SKIPPED_CODE, eval_tasks
 
 JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
 
@@ -18,6 +19,20 @@ def test_every_job_yaml_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert cfg.name
+    # No job runs model-written code (HumanEval) unless the user turns it on; the paper preset skips it instead.
+    assert not cfg.eval.allow_code_execution, f"{path.name} enables eval.allow_code_execution"
+    if cfg.eval.preset == "paper":
+        humaneval = "humaneval_instruct" if cfg.eval.apply_chat_template else "humaneval"
+        assert eval_tasks(cfg.eval)[1] == {humaneval: SKIPPED_CODE}
+
+
+def test_a_job_that_enables_code_execution_is_caught(tmp_path):
+    """Negative control for the check above: the key is read from the file, so a job setting it is seen."""
+    job = Path(__file__).parent.parent / "jobs" / "paper-8b-tulu.yaml"
+    text = job.read_text().replace("allow_code_execution: false", "allow_code_execution: true")
+    (tmp_path / "job.yaml").write_text(text)
+    cfg = load_config(tmp_path / "job.yaml")
+    assert cfg.eval.allow_code_execution and eval_tasks(cfg.eval)[1] == {}
 
 
 def test_jobs_folder_is_not_empty():

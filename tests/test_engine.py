@@ -5,8 +5,8 @@
 Everything but `test_deepspeed_zero2_step_matches_a_plain_torch_step` is pure
 Python. That one starts a single-process DeepSpeed engine (ZeRO-2, fp32, gloo)
 in a spawned process; the first run on a machine JIT-builds DeepSpeed's shm comm
-op (about 40 s on 2 cores, cached under ~/.cache/torch_extensions), later runs
-take ~15 s.
+op (about 40 s on 2 cores, cached under ~/.cache/torch_extensions/raypack-<key>),
+later runs take ~15 s.
 """
 
 import copy

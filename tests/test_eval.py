@@ -7,6 +7,7 @@ harness that returned constants or dropped examples would fail.
     .venv/bin/python -m pytest -q tests/test_eval.py
 """
 
+import doctest
 import json
 import math
 import subprocess
@@ -21,11 +22,14 @@ import yaml
 from raypack.cli import main
 from raypack.config import EVAL_PRESETS, EvalConfig
 from raypack.eval import tasks as tasks_module
-from raypack.eval.harness import evaluate, evaluate_on_ray, format_results, task_manager
+from raypack.eval.credentials import scrubbed_env
+from raypack.eval.harness import evaluate, evaluate_in_process, evaluate_on_ray, format_results, task_manager
 from raypack.eval.tasks import (
     HEADLINE_METRICS,
     PRESETS,
+    SKIPPED_CODE,
     TaskSpec,
+    eval_tasks,
     needs_code_execution,
     refuse_code_execution,
     resolve_tasks,
@@ -217,18 +221,25 @@ def test_evaluate_on_ray_gives_the_same_scores(ray_local, checkpoints, offline):
     assert result["model"] == str(checkpoints[0])
 
 
-def test_cli_prints_the_table_and_writes_json(checkpoints, tmp_path, capsys):
+def test_cli_prints_the_table_and_writes_json(checkpoints, tmp_path, capsys, monkeypatch):
     out = tmp_path / "scores" / "eval.json"
     settings = [f"eval.model_dir={checkpoints[1]}", f"prepare.output_dir={tmp_path}"]  # no validation split there
+    # A preset holding a code task, as the paper's holds HumanEval: skipped, and its row says why.
+    monkeypatch.setitem(PRESETS, "offline", (TaskSpec("humaneval", 0),))
     assert main(["eval", "jobs/quickstart.yaml", *settings, "eval.limit=4", "eval.tasks=[raypack_arithmetic:1]",
-                 "eval.preset=none", f"eval.out={out}"]) == 0
+                 "eval.preset=offline", f"eval.out={out}"]) == 0
     written = json.loads(out.read_text())
     assert {(r["task"], r["metric"], r["num_fewshot"]) for r in written["results"]} == {
         ("raypack_arithmetic", "acc", 1), ("raypack_arithmetic", "acc_norm", 1)}
     assert written["num_samples"] == {"raypack_arithmetic": 4}
-    assert "raypack_arithmetic" in capsys.readouterr().out
-    assert main(["eval", "jobs/quickstart.yaml", *settings, "eval.preset=paper"]) == 2
-    assert "humaneval" in capsys.readouterr().err
+    assert written["skipped"] == {"humaneval": SKIPPED_CODE}
+    printed = capsys.readouterr().out
+    assert "raypack_arithmetic" in printed
+    row = f"{'humaneval'.ljust(len('raypack_arithmetic'))}  {SKIPPED_CODE}"  # under the table, in its task column
+    assert row in printed.splitlines()
+    # A code task named in eval.tasks with the flag off is a mistake: refused, saying what to set.
+    assert main(["eval", "jobs/quickstart.yaml", *settings, "eval.preset=none", "eval.tasks=[humaneval]"]) == 2
+    assert "humaneval would run code written by the model" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- SFT-aware evaluation: the training template
@@ -397,6 +408,117 @@ def test_chat_template_runs_the_paper_presets_chat_variants():
     assert resolve_tasks("none", ["humaneval"], chat=True) == [TaskSpec("humaneval")]  # a named task is as named
     with pytest.raises(ValueError, match="humaneval_instruct.*allow_code_execution"):
         refuse_code_execution(resolve_tasks("paper", chat=True), allow_code_execution=False)
+
+
+def test_the_presets_code_tasks_are_skipped_unless_allowed_and_named_ones_are_refused():
+    specs, skipped = eval_tasks(EvalConfig(preset="paper"))
+    assert specs == resolve_tasks("paper")[:5] and skipped == {"humaneval": SKIPPED_CODE}
+    specs, skipped = eval_tasks(EvalConfig(preset="paper", apply_chat_template=True))
+    assert "humaneval_instruct" not in {s.name for s in specs} and skipped == {"humaneval_instruct": SKIPPED_CODE}
+    # Negative control: allowed, nothing is skipped and HumanEval is scored.
+    assert eval_tasks(EvalConfig(preset="paper", allow_code_execution=True)) == (resolve_tasks("paper"), {})
+    for named in (EvalConfig(preset="paper", tasks=["humaneval:0"]), EvalConfig(preset="none", tasks=["mbpp"])):
+        with pytest.raises(ValueError, match=r"(humaneval|mbpp) would run code .* eval.allow_code_execution=true"):
+            eval_tasks(named)
+    table = format_results({"model": "m", "seconds": 1.0, "results": [
+        {"task": "gsm8k", "metric": "exact_match", "num_fewshot": 4, "value": 0.5, "stderr": 0.1}],
+        "skipped": {"humaneval_instruct": SKIPPED_CODE}})
+    assert table.splitlines()[-1] == f"humaneval_instruct  {SKIPPED_CODE}"
+
+
+# Model-written code, as lm-eval's code_eval runs it: a process started by the evaluating one runs the doc's program,
+# which records what it sees of the environment.
+ENV_PROBE_UTILS = """
+import subprocess, sys
+
+
+def process_results(doc, results):
+    subprocess.run([sys.executable, "-c", doc["code"]], check=True)
+    return {"acc": 1.0}
+"""
+ENV_PROBE_TASK = """task: raypack_envprobe
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+process_results: !function envprobe_utils.process_results
+metric_list:
+- metric: acc
+  aggregation: mean
+  higher_is_better: true
+unsafe_code: true
+metadata:
+  version: 1.0
+"""
+PLANTED = ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "MY_SERVICE_PASSWORD", "HTTPS_PROXY")
+
+
+def env_probe_task(folder: Path) -> tuple[TaskSpec, Path]:
+    """A task marked unsafe_code whose scoring runs each doc's program; the programs append what they see to
+    the returned file: the planted variables, one that is no secret, and the home folder."""
+    seen = folder / "seen.jsonl"
+    keys = [*PLANTED, "RAYPACK_PROBE_KEPT"]
+    code = (f"import json, os; open({str(seen)!r}, 'a').write(json.dumps("
+            f"{{**{{k: os.environ.get(k) for k in {keys!r}}}, 'home': os.path.expanduser('~')}}) + '\\n')")
+    docs = [{"question": f"{i} + 1 =", "choices": [str(i + 1), str(i + 2)], "answer": 0, "code": code}
+            for i in range(2)]
+    (folder / "envprobe.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "envprobe_utils.py").write_text(ENV_PROBE_UTILS)
+    (folder / "envprobe.yaml").write_text(ENV_PROBE_TASK.format(data=folder / "envprobe.jsonl"))
+    return TaskSpec(str(folder / "envprobe.yaml")), seen
+
+
+def test_model_written_code_runs_only_when_allowed_and_then_without_credentials(checkpoints, tmp_path, monkeypatch,
+                                                                                capsys):
+    spec, seen = env_probe_task(tmp_path)
+    for name in PLANTED:
+        monkeypatch.setenv(name, "planted" if name != "HTTPS_PROXY" else "http://user:planted@proxy:3128")
+    monkeypatch.setenv("RAYPACK_PROBE_KEPT", "kept")
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")  # load_tasks sets it in this process below; restored after
+    with pytest.raises(ValueError, match="raypack_envprobe would run code .*allow_code_execution=true"):
+        evaluate(str(checkpoints[0]), [spec], EvalConfig(limit=2))
+    assert not seen.exists()  # refused before any code ran
+
+    ev = EvalConfig(limit=2, allow_code_execution=True)
+    result = evaluate(str(checkpoints[0]), [spec], ev)
+    runs = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(runs) == 2 and all(run[name] is None for run in runs for name in PLANTED)
+    assert all(run["RAYPACK_PROBE_KEPT"] == "kept" and run["home"] != str(Path.home()) for run in runs)
+    said = capsys.readouterr().out
+    assert "runs in a child process without credentials" in said and all(name in said for name in PLANTED)
+
+    # Negative control: the same task run by lm-eval in this process, its environment as it is (what ran before),
+    # and its code sees every planted credential and the real home.
+    seen.unlink()
+    assert evaluate_in_process(str(checkpoints[0]), [spec], ev)["results"] == result["results"]
+    runs = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(runs) == 2 and all(run["AWS_SECRET_ACCESS_KEY"] == "planted" and run["home"] == str(Path.home())
+                                  for run in runs)
+
+
+def test_the_scrubbed_environment_keeps_what_evaluation_needs():
+    """Exactly the credentials go (both ways: a secret kept or a needed variable dropped fails)."""
+    env = {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "0,1", "HF_HOME": "/data/hf", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": "/src", "LANG": "C.UTF-8", "HOME": "/root",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_REGION": "us-east-1", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+           "AZURE_CLIENT_SECRET": "x", "HUGGING_FACE_HUB_TOKEN": "x", "MLFLOW_TRACKING_URI": "http://u:p@ml:5000",
+           "MLFLOW_TRACKING_PASSWORD": "x", "WANDB_API_KEY": "x", "GITHUB_TOKEN": "x", "OPENAI_API_KEY": "x",
+           "DB_PASSWORD": "x", "SSH_AUTH_SOCK": "/tmp/agent", "DATABASE_URL": "postgresql://me:pw@db/x"}
+    out, removed = scrubbed_env(env, home="/tmp/h", cache_home="/root/.cache", user_base="/root/.local")
+    kept = ["PATH", "CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "PYTHONPATH",
+            "LANG"]
+    assert all(out[name] == env[name] for name in kept)
+    assert removed == sorted(set(env) - set(kept) - {"HOME"})
+    assert (out["HOME"], out["XDG_CACHE_HOME"], out["PYTHONUSERBASE"]) == ("/tmp/h", "/root/.cache", "/root/.local")
+    assert out["AWS_EC2_METADATA_DISABLED"] == "true" and out["HF_TOKEN_PATH"].startswith("/tmp/h/")
+    from raypack.eval import credentials
+
+    assert doctest.testmod(credentials).failed == 0 and doctest.testmod(tasks_module).failed == 0
 
 
 # ---------------------------------------------------------------- backends: models that do not fit one GPU

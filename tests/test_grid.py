@@ -183,6 +183,24 @@ def test_the_grid_goes_beside_the_first_study_by_default(studies, capsys):
     assert sorted(p.name for p in (root / "grid").iterdir()) == ["grid.json", "grid.md", "grid.png"]
 
 
+def test_a_study_that_skipped_humaneval_says_so_beside_the_papers_deltas(tmp_path):
+    from raypack.study.grid import combine, markdown
+
+    why = "skipped: allow_code_execution is off (runs model-written code)"
+    skipping = {arm: [(0, 10, 60.0, scores(0.5, 0.3))] for arm in ("padding", "random-cross")}
+    write_study(tmp_path / "skipping", config_of("jobs/paper-8b-tulu.yaml", "skipping", list(skipping)), skipping)
+    report = json.loads((tmp_path / "skipping" / "report.json").read_text())
+    (tmp_path / "skipping" / "report.json").write_text(json.dumps({**report, "skipped": {"humaneval_instruct": why}}))
+    write_study(tmp_path / "scoring", config_of("jobs/paper-8b-tulu.yaml", "scoring", list(CORRECTED)), CORRECTED)
+    md = markdown(combine([str(tmp_path / "skipping"), str(tmp_path / "scoring")]))
+    assert f"| gsm8k/exact_match, mmlu/acc; humaneval_instruct {why} | {tmp_path / 'skipping'} |" in md
+    assert "a study that skipped a benchmark (the benchmarks column says which and why) averages the others" in md
+    # Negative control: the study that scored everything lists its benchmarks alone, and a grid of it alone has no note.
+    assert f"| gsm8k/exact_match, mmlu/acc | {tmp_path / 'scoring'} |" in md
+    alone = markdown(combine([str(tmp_path / "scoring")]))
+    assert "humaneval" not in alone and "averages the others" not in alone
+
+
 def test_examples_in_the_docstrings():
     """paper_arm and baseline on the arm names of both settings; mean_spread and describe_data."""
     from raypack.study import grid, report

@@ -72,6 +72,20 @@ def test_both_settings_compare_with_their_own_padding_and_data_differences_are_s
     assert "saw different data" not in markdown(summarise(records[:3]), "t", [])
 
 
+def test_a_skipped_benchmark_has_its_column_saying_why_and_stays_out_of_the_average():
+    why = "skipped: allow_code_execution is off (runs model-written code)"
+    summary = summarise([{**r, "skipped": {"humaneval_instruct": why}} for r in RECORDS])
+    assert summary["skipped"] == {"humaneval_instruct": why} and summary["tasks"] == ["a/acc", "b/exact_match"]
+    assert summary["arms"]["padding"]["average"] == pytest.approx((0.3 + 0.5) / 2)  # the scored tasks' mean
+    md = markdown(summary, "t", [])
+    assert "| arm | a/acc | b/exact_match | humaneval_instruct | average | Δ vs padding |" in md
+    assert md.count("| skipped |") == 2  # one cell per arm
+    assert f"humaneval_instruct: {why}; the average is over the 2 benchmarks scored." in md
+    # Negative control: records without a skipped task give no such column or line.
+    plain = markdown(summarise(RECORDS), "t", [])
+    assert "humaneval" not in plain and "skipped" not in plain
+
+
 def test_write_report_gives_markdown_json_and_plots(tmp_path):
     summary = write_report(RECORDS, tmp_path, "test study", ["note one"])
     md = (tmp_path / "report.md").read_text()

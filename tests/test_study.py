@@ -61,14 +61,17 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
 @pytest.fixture(scope="module")
 def finished_study(ray_local, tmp_path_factory, mlflow_server):
     """One study of both arms, 3 steps each, scored and probed, tracked on a real MLflow server: (its config, its
-    folder)."""
+    folder). Its preset also holds a code task, as the paper's holds HumanEval: skipped (code execution is off)."""
+    from raypack.eval.tasks import PRESETS, TaskSpec
     from raypack.study.run import run_study
 
     tmp = tmp_path_factory.mktemp("study")
     # 512 tokens and 40% held out, so the probe finds held-out targets of at most half a row.
     cfg = study_config(tmp, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4",
                        "tracking.enabled=true", f"tracking.uri={mlflow_server}", "tracking.experiment=study-test")
-    return cfg, run_study(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "offline", (*PRESETS["offline"], TaskSpec("humaneval", 0)))
+        return cfg, run_study(cfg)
 
 
 def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsys):
@@ -86,6 +89,17 @@ def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsy
         assert [c["step"] for c in record["curve"]] == [1, 2, 3]
         assert record["curve"][-1]["val_loss"] == pytest.approx(record["val_loss"])
     assert report["arms"]["padding"]["average_delta_vs_padding"] == 0.0
+    # The preset's code task was skipped, not run: its column says so and the average is the scored tasks' mean.
+    from raypack.eval.tasks import SKIPPED_CODE
+
+    assert report["skipped"] == {"humaneval": SKIPPED_CODE} and not any("humaneval" in t for t in report["tasks"])
+    for arm in ARMS:
+        record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
+        assert record["skipped"] == {"humaneval": SKIPPED_CODE}
+        assert report["arms"][arm]["average"] == pytest.approx(sum(record["scores"].values()) / len(record["scores"]))
+    md = (out / "report.md").read_text()
+    assert f"| {' | '.join(report['tasks'])} | humaneval | average |" in md and "| skipped |" in md
+    assert f"humaneval: {SKIPPED_CODE}; the average is over the {len(report['tasks'])} benchmarks scored." in md
     for name in ("report.md", "loss_vs_step.png", "loss_vs_time.png", "time_per_arm.png", "score_per_arm.png",
                  "probe.png"):
         assert (out / name).exists(), name

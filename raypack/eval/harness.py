@@ -18,6 +18,10 @@ from raypack.eval.backend.eval_launch. The result is JSON-ready:
                   "num_fewshot": 0}, ...],
      "num_samples": {"raypack_arithmetic": 20, "raypack_copy": 20}, ...}
 
+With eval.allow_code_execution on (HumanEval runs the model's code), the evaluation
+runs in a child process, `python -m raypack.eval.harness REQUEST RESULT`, whose
+environment has no credentials (evaluate_without_credentials, raypack.eval.credentials).
+
 The only module that imports lm_eval (STYLE.md); it imports it inside functions, after
 setting the hub-offline variables that `datasets` and `huggingface_hub` read at import.
 raypack's offline tasks are rendered with absolute `data_files` paths, because lm-eval
@@ -26,11 +30,15 @@ resolves a task's local files against the current directory.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
 import json
 import os
+import site
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,8 +69,9 @@ def evaluate(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None
     lm-eval's per-example records under "samples". Unknown task names, missing
     checkpoint files, a checkpoint without the chat template eval.apply_chat_template
     needs and refused code execution are ValueErrors raised before the model is loaded.
+    With ev.allow_code_execution the evaluation runs in a child process without
+    credentials (evaluate_without_credentials), else in this one (evaluate_in_process).
     """
-    start = time.perf_counter()
     ev = ev or EvalConfig()
     specs = list(specs)
     if not specs:
@@ -71,6 +80,15 @@ def evaluate(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json); give the folder "
                          "a trained model was saved to")
+    run = evaluate_without_credentials if ev.allow_code_execution else evaluate_in_process
+    return run(model_dir, specs, ev, max_seq_len, on_ray, log_samples)
+
+
+def evaluate_in_process(model_dir: str, specs: list[TaskSpec], ev: EvalConfig, max_seq_len: int = 4096,
+                        on_ray: bool = False, log_samples: bool = False) -> dict:
+    """`evaluate` in this process, with its environment as it is: what `evaluate` runs when no model-written code
+    may run, and what the child process of evaluate_without_credentials runs."""
+    start = time.perf_counter()
     launch = eval_launch(ev, str(Path(model_dir).resolve()), max_seq_len, on_ray)
     if ev.apply_chat_template:
         check_chat_template(model_dir)
@@ -98,6 +116,58 @@ def evaluate(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None
         result["samples"] = json.loads(json.dumps(out["samples"], default=_to_json))
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def evaluate_without_credentials(model_dir: str, specs: list[TaskSpec], ev: EvalConfig, max_seq_len: int = 4096,
+                                 on_ray: bool = False, log_samples: bool = False) -> dict:
+    """`evaluate_in_process` in a fresh child process (`python -m raypack.eval.harness`, not a fork: none of
+    this process's memory) whose environment has no credentials: raypack.eval.credentials.scrubbed_env, HOME an
+    empty temporary folder. lm-eval runs the model's code in processes of that child, so they inherit it.
+
+    The child imports the same raypack as this process and runs in the same folder;
+    its ValueErrors are raised here as ValueErrors, any other failure as a
+    RuntimeError (its traceback is on stderr).
+    """
+    import raypack
+    from raypack.eval.credentials import scrubbed_env
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="raypack-eval-") as tmp:
+        home = Path(tmp) / "home"
+        home.mkdir()
+        env, removed = scrubbed_env(os.environ, str(home), os.environ.get("XDG_CACHE_HOME") or
+                                    str(Path.home() / ".cache"), site.getuserbase())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(raypack.__file__).parents[1]), env.get("PYTHONPATH"))
+                                            if p)  # the same raypack as this process
+        request, answer = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"model_dir": model_dir, "specs": [dataclasses.asdict(s) for s in specs],
+                                       "ev": dataclasses.asdict(ev), "max_seq_len": max_seq_len, "on_ray": on_ray,
+                                       "log_samples": log_samples}))
+        print(f"eval.allow_code_execution: lm-eval runs the model's code, so it runs in a child process without "
+              f"credentials: HOME={home} (empty), removed {', '.join(removed) or 'no variables'}", flush=True)
+        child = subprocess.run([sys.executable, "-m", "raypack.eval.harness", str(request), str(answer)], env=env,
+                               check=False)
+        reply = json.loads(answer.read_text()) if answer.is_file() else {}
+    if "error" in reply:
+        raise ValueError(reply["error"])
+    if child.returncode != 0 or "result" not in reply:
+        raise RuntimeError(f"the evaluation without credentials (a child process) failed with exit code "
+                           f"{child.returncode}; its traceback is above")
+    return {**reply["result"], "seconds": time.perf_counter() - start}
+
+
+def _child(request_path: str, answer_path: str) -> int:
+    """The child process of evaluate_without_credentials: the request in, the result (or a ValueError) out."""
+    request = json.loads(Path(request_path).read_text())
+    specs = [TaskSpec(**s) for s in request["specs"]]
+    try:
+        result = evaluate_in_process(request["model_dir"], specs, EvalConfig(**request["ev"]), request["max_seq_len"],
+                                     request["on_ray"], request["log_samples"])
+    except ValueError as err:
+        Path(answer_path).write_text(json.dumps({"error": str(err)}))
+        return 2
+    Path(answer_path).write_text(json.dumps({"result": result}))
+    return 0
 
 
 def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None, max_seq_len: int = 4096,
@@ -285,7 +355,8 @@ def _device(device: str) -> str:
 
 
 def format_results(result: dict) -> str:
-    """The result as a text table: task, metric, shots, value, stderr ("-" where there is none)."""
+    """The result as a text table: task, metric, shots, value, stderr ("-" where there is none); then a row per
+    task skipped (result["skipped"], {task: why}, raypack.eval.tasks.eval_tasks) saying why."""
     header = ["task", "metric", "n-shot", "value", "stderr"]
     cells = [[r["task"], r["metric"], _cell(r["num_fewshot"]), _cell(r["value"]), _cell(r["stderr"])]
              for r in result["results"]]
@@ -297,8 +368,13 @@ def format_results(result: dict) -> str:
     title = f"{result['model']}: {len(cells)} scores in {result['seconds']:.1f} s"
     if result.get("limit"):
         title += f", at most {result['limit']} examples per task"
-    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, cells)])
+    skipped = [f"{task.ljust(widths[0])}  {why}" for task, why in result.get("skipped", {}).items()]
+    return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, cells), *skipped])
 
 
 def _cell(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":  # evaluate_without_credentials' child process
+    sys.exit(_child(*sys.argv[1:]))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from raypack.config import Config, ConfigError, setting_configs
-from raypack.eval.tasks import refuse_code_execution, resolve_tasks
+from raypack.eval.tasks import eval_tasks
 from raypack.tables import write_json
 
 
@@ -56,17 +56,19 @@ NO_VAL_SPLIT = ("this config's validation split is not prepared: run raypack pre
 def evaluate_checkpoints(cfg: Config) -> dict:
     """`raypack eval`: every checkpoint's lm-eval scores and validation loss, printed and written to eval.out."""
     ev = cfg.eval
-    specs = resolve_tasks(ev.preset, ev.tasks, chat=ev.apply_chat_template)
-    refuse_code_execution(specs, ev.allow_code_execution)  # before Ray or lm-eval start
+    specs, skipped = eval_tasks(ev)  # code tasks skipped or refused before Ray or lm-eval start
     models = checkpoints(cfg)
     val = val_split(cfg)
     if not specs and not val:
-        raise ConfigError(f"nothing to evaluate: eval.preset=none and no eval.tasks, and {NO_VAL_SPLIT}")
+        what = "eval.preset=none and no eval.tasks"
+        if skipped:
+            what = f"every task is skipped ({', '.join(f'{t}: {why}' for t, why in skipped.items())})"
+        raise ConfigError(f"nothing to evaluate: {what}, and {NO_VAL_SPLIT}")
     if specs and ev.ray:
         from raypack.ray_start import ensure_ray
 
         ensure_ray()
-    results = {name: _eval_model(ev, model_dir, specs, val, cfg.data.max_seq_len)
+    results = {name: _eval_model(ev, model_dir, specs, skipped, val, cfg.data.max_seq_len)
                for name, model_dir in _announced(models)}
     write_results(results, ev.out)
     return results
@@ -80,8 +82,9 @@ def _announced(models: dict[str, str]):
         yield name, model_dir
 
 
-def _eval_model(ev, model_dir: str, specs: list, val: str | None, max_seq_len: int) -> dict:
-    """One checkpoint's lm-eval scores and validation loss, printed; returns them as JSON-ready data."""
+def _eval_model(ev, model_dir: str, specs: list, skipped: dict, val: str | None, max_seq_len: int) -> dict:
+    """One checkpoint's lm-eval scores and validation loss, printed, with the tasks skipped and why; returns them
+    as JSON-ready data."""
     loss = {}
     if val:  # the held-out loss every arm is compared on (raypack.train.validate)
         import torch
@@ -93,11 +96,13 @@ def _eval_model(ev, model_dir: str, specs: list, val: str | None, max_seq_len: i
         print(f"validation loss {loss['val_loss']:.4f} over {loss['val_tokens']:,} supervised tokens "
               f"({loss['val_rows']:,} held-out samples in {val})")
     if not specs:
-        return {"model": model_dir, "results": [], **loss}
+        for task, why in skipped.items():
+            print(f"{task}: {why}")
+        return {"model": model_dir, "results": [], "skipped": skipped, **loss}
     from raypack.eval.harness import evaluate, evaluate_on_ray, format_results
 
     run = evaluate_on_ray if ev.ray else evaluate
-    result = run(model_dir, specs, ev, max_seq_len)
+    result = {**run(model_dir, specs, ev, max_seq_len), "skipped": skipped}
     print(format_results(result))
     return {**result, **loss}
 

@@ -48,11 +48,25 @@ full lm-eval result (`raypack eval`):
     humaneval_instruct  pass@1,create_test            the same, prompted for a chat model
 
 A task without an entry (raypack's offline tasks, any other) scores its first metric.
+
+Code execution (HumanEval): lm-eval scores it by running the code the model wrote,
+unsandboxed, on the evaluating node. It runs only when eval.allow_code_execution is
+on; then raypack.eval.harness runs the evaluation in a child process without
+credentials in its environment (raypack.eval.credentials). With it off (the default,
+and every job in jobs/), a preset's code tasks are skipped and said to be
+(`eval_tasks`: the paper preset scores its other five benchmarks and its HumanEval
+row reads SKIPPED_CODE), while a code task named in eval.tasks, a task YAML or a
+group lm-eval marks `unsafe_code` is refused (`refuse_code_execution`): asking for
+it by name with the flag off is a mistake to correct, not a row to skip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raypack.config import EvalConfig
 
 OFFLINE_GROUP = "raypack_offline"
 # The tasks shipped in raypack/assets/eval_tasks (scripts/build_eval_tasks.py writes them).
@@ -60,6 +74,8 @@ OFFLINE_TASK_NAMES = (OFFLINE_GROUP, "raypack_arithmetic", "raypack_copy")
 
 # lm-eval task families that execute model-written code (their YAMLs say `unsafe_code: true`).
 CODE_EXECUTION_PREFIXES = ("humaneval", "mbpp", "cruxeval", "longproc")
+# What a report and `raypack eval` say in a code task's row when eval.allow_code_execution is off.
+SKIPPED_CODE = "skipped: allow_code_execution is off (runs model-written code)"
 
 
 @dataclass(frozen=True)
@@ -153,6 +169,27 @@ def needs_code_execution(name: str) -> bool:
     return name.startswith(CODE_EXECUTION_PREFIXES)
 
 
+def eval_tasks(ev: EvalConfig) -> tuple[list[TaskSpec], dict[str, str]]:
+    """What the eval section scores, and the preset's tasks it skips with why ({task: SKIPPED_CODE}).
+
+    With eval.allow_code_execution off, a task of the preset that runs model-written
+    code is skipped; a code task named in eval.tasks is refused (ValueError saying what
+    to set), as `refuse_code_execution` refuses it.
+
+        >>> from raypack.config import EvalConfig
+        >>> specs, skipped = eval_tasks(EvalConfig(preset="paper", apply_chat_template=True))
+        >>> [s.name for s in specs], skipped == {"humaneval_instruct": SKIPPED_CODE}
+        (['mmlu', 'gsm8k', 'minerva_math', 'bbh_cot_fewshot', 'ifeval'], True)
+    """
+    specs = resolve_tasks(ev.preset, ev.tasks, chat=ev.apply_chat_template)
+    named = {TaskSpec.parse(text).name for text in ev.tasks}
+    skipped = {} if ev.allow_code_execution else {
+        s.name: SKIPPED_CODE for s in specs if s.name not in named and not s.is_path and needs_code_execution(s.name)}
+    specs = [s for s in specs if s.name not in skipped]
+    refuse_code_execution(specs, ev.allow_code_execution)
+    return specs, skipped
+
+
 def refuse_code_execution(specs: list[TaskSpec], allow_code_execution: bool, unsafe_tasks: tuple[str, ...] = ()) -> None:
     """Raise if a task would execute model-written code and that is not allowed.
 
@@ -164,6 +201,7 @@ def refuse_code_execution(specs: list[TaskSpec], allow_code_execution: bool, uns
     risky += [name for name in unsafe_tasks if name not in risky]
     if risky and not allow_code_execution:
         raise ValueError(
-            f"{', '.join(risky)} would run code written by the model being evaluated; set "
-            "eval.allow_code_execution=true (in the config or as an override) to allow it, "
-            "preferably in a sandboxed container, or drop the task")
+            f"{', '.join(risky)} would run code written by the model being evaluated, unsandboxed; set "
+            "eval.allow_code_execution=true (in the config or as an override) to allow it (it then runs without "
+            "credentials in its environment, docs/cluster.md#what-raypack-trusts), preferably in a sandboxed "
+            "container, or drop the task")

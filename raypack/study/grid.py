@@ -179,6 +179,7 @@ def study_row(study: dict) -> dict:
             "dataset": describe_data(config), "setting": "; ".join(setting),
             "seeds": study["report"].get("seeds", []), "device": "GPU" if gpu else "CPU", "num_devices": devices,
             "hours_unit": "GPU-hours" if gpu else "CPU worker-hours", "tasks": tasks,
+            "skipped": study["report"].get("skipped", {}),
             "paper_job": {"model": job[0], "dataset": job[1]} if job else None,
             "paper_delta": dict(zip(("random", "greedy"), PAPER_DELTAS[job])) if job else None, "arms": arms}
 
@@ -236,6 +237,14 @@ def _table(grid: dict, arms: list[str], key: str, extra=None) -> list[str]:
     return lines
 
 
+def _benchmarks(row: dict) -> str:
+    """The studies table's benchmarks cell: those scored, then those skipped and why."""
+    cell = ", ".join(row["tasks"]) or "none"
+    for task, why in row.get("skipped", {}).items():
+        cell += f"; {task} {why}"
+    return cell
+
+
 def _paper_cell(row: dict) -> str:
     ref = row["paper_delta"]
     return f"{ref['random']:+.2f} / {ref['greedy']:+.2f}" if ref else "-"
@@ -246,6 +255,7 @@ def markdown(grid: dict) -> str:
     compared = [a for a in arms if paper_arm(a) != "padding"]
     roles = {role: ", ".join(a for a in arms if paper_arm(a) == role) or "none" for role in ("random", "greedy")}
     units = sorted({r["hours_unit"] for r in rows})
+    skipped = any(r.get("skipped") for r in rows)
     lines = [f"# The grid: {len(rows)} studies", "",
              "Benchmark averages and deltas are in points (scores x 100, over each study's own benchmarks); "
              "Δ vs padding is an arm's average minus its padding arm's (`baseline` in grid.json: the padding arm "
@@ -253,13 +263,14 @@ def markdown(grid: dict) -> str:
              "seed. padfree is not padding. Mean ± sample standard deviation over seeds where a study has several.",
              "", f"paper: the paper's published Δ (random / greedy) where a study is one of its jobs "
              f"({PAPER_SOURCE}); its random column is our {roles['random']}, its greedy column our "
-             f"{roles['greedy']}.", "",
+             f"{roles['greedy']}." + (" The paper's average includes HumanEval; a study that skipped a benchmark "
+             "(the benchmarks column says which and why) averages the others." if skipped else ""), "",
              "## Studies", "", "| study | model | dataset | setting | seeds | trained on | benchmarks | folder |",
              "|---" * 8 + "|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['model']} | {r['dataset']} | {r['setting']} | "
                      f"{', '.join(map(str, r['seeds']))} | {r['num_devices']} {r['device']} workers | "
-                     f"{', '.join(r['tasks']) or 'none'} | {r['folder']} |")
+                     f"{_benchmarks(r)} | {r['folder']} |")
     lines += ["", "## Δ vs padding (points)", "", *_table(grid, compared, "delta_points",
                                                           extra=[("paper: random / greedy", _paper_cell)])]
     lines += ["", "## Benchmark average (points)", "", *_table(grid, arms, "average_points")]

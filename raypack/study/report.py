@@ -4,14 +4,16 @@ Input: one record per (arm, seed) run, as `raypack.study.run` writes them to
 `<study>/runs/<arm>/seed<k>/result.json`:
 
     {"arm", "seed", "steps", "fit_seconds", "train_seconds", "samples", "tokens", "row_tokens",
-     "final_train_loss", "val_loss", "scores": {"task/metric": value}, "manifest": {...},
-     "curve": [{"step", "loss", "val_loss"?, "time_s"}]}
+     "final_train_loss", "val_loss", "scores": {"task/metric": value}, "skipped": {task: why},
+     "manifest": {...}, "curve": [{"step", "loss", "val_loss"?, "time_s"}]}
 
 Per arm the report gives the mean over seeds (and the spread, sample standard
 deviation, when there are several) of: optimizer steps, training time,
 samples/s, real tokens/s, padding fraction, rows, truncated/split/dropped
 counts, final train loss, validation loss, every benchmark score, their average
-and the delta of that average vs padding; what went into the packs (grouping,
+and the delta of that average vs padding (a benchmark the study skipped, such as
+HumanEval without eval.allow_code_execution, has its column saying so and is not
+in the average); what went into the packs (grouping,
 within- vs across-pack similarity, single-turn-only counts) when an arm was
 composed; and the context-reliance probe (record["probe"], raypack.eval.probe)
 when the study ran it. The plots: train and validation loss vs step and vs
@@ -71,7 +73,8 @@ def summarise(records: list[dict]) -> dict:
     for record in records:
         arms.setdefault(record["arm"], []).append(record)
     tasks = sorted({t for r in records for t in r.get("scores", {})})
-    out = {"arms": {}, "tasks": tasks, "seeds": sorted({r["seed"] for r in records})}
+    skipped = {task: why for r in records for task, why in r.get("skipped", {}).items()}
+    out = {"arms": {}, "tasks": tasks, "skipped": skipped, "seeds": sorted({r["seed"] for r in records})}
     for arm, runs in arms.items():
         row: dict = {"seeds": [r["seed"] for r in runs]}
         per_run = {
@@ -141,14 +144,18 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
     for arm, row in arms.items():
         cells = [_fmt(row[k], row.get(f"{k}_spread"), d) for k, _, d in cols]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    tasks = summary["tasks"]
-    if tasks:
+    tasks, skipped = summary["tasks"], summary.get("skipped", {})
+    if tasks or skipped:
         lines += ["", "## Benchmarks (the paper's Table 1)", "",
-                  "| arm | " + " | ".join(tasks) + " | average | Δ vs padding |", "|---" * (len(tasks) + 3) + "|"]
+                  "| arm | " + " | ".join([*tasks, *skipped]) + " | average | Δ vs padding |",
+                  "|---" * (len(tasks) + len(skipped) + 3) + "|"]
         for arm, row in arms.items():
-            cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_spread")) for t in tasks]
-            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row['average'], row.get('average_spread'))}"
-                         f" | {_fmt(row['average_delta_vs_padding'])} |")
+            cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_spread")) for t in tasks] + ["skipped"] * len(skipped)
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row.get('average'), row.get('average_spread'))}"
+                         f" | {_fmt(row.get('average_delta_vs_padding'))} |")
+        if skipped:
+            lines += [""] + [f"{task}: {why}; the average is over the {len(tasks)} benchmarks scored."
+                             for task, why in skipped.items()]
     lines += _data_lines(arms) + _composition_lines(arms) + _probe_lines(arms)
     if len(summary["seeds"]) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {summary['seeds']}."]

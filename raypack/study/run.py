@@ -14,7 +14,9 @@
              padding step (train.global_batch_tokens, see raypack.train.plan);
 3. per seed (train.seed, train.seed + 1, ...) and arm: train on Ray Train
    (validation loss every train.eval_every_steps, about 10 points by default),
-   export the model, score it with lm-eval (eval.*) as a Ray task, run the
+   export the model, score it with lm-eval (eval.*) as a Ray task (the
+   preset's HumanEval skipped, and recorded as skipped, unless
+   eval.allow_code_execution), run the
    context-reliance probe on the held-out split (probe.*,
    raypack.eval.probe), and write <study>/runs/<arm>/seed<k>/result.json;
 4. report.md, report.json and PNG plots in <study> (raypack.study.report).
@@ -35,7 +37,7 @@ from raypack.config import Config, setting_configs, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.eval.harness import score_on_ray
-from raypack.eval.tasks import resolve_tasks
+from raypack.eval.tasks import eval_tasks
 from raypack.ray_start import ensure_ray
 from raypack.study.report import describe_data, write_report
 from raypack.tracking import Run, numeric, open_run
@@ -80,8 +82,8 @@ def run_study(cfg: Config) -> Path:
     out = study_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    # bad task names fail before any training
-    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks, chat=cfg.eval.apply_chat_template)
+    # bad task names and refused code tasks fail before any training; the preset's code tasks are skipped
+    specs, skipped = eval_tasks(cfg.eval)
     ensure_ray()
     folders, plans, notes = {}, {}, []
     for variant in setting_configs(cfg):  # study.setting=both: the paper's arms reuse the tokenized cache
@@ -100,7 +102,7 @@ def run_study(cfg: Config) -> Path:
         for k in range(cfg.study.seeds):
             seed = cfg.train.seed + k
             for arm, arm_cfg in plans.items():
-                records.append(_run_arm(arm_cfg, arm, seed, folders, specs, out, parent))
+                records.append(_run_arm(arm_cfg, arm, seed, folders, specs, skipped, out, parent))
     except BaseException as e:
         if parent:
             parent.end("KILLED" if isinstance(e, (Preempted, KeyboardInterrupt)) else "FAILED")
@@ -125,9 +127,11 @@ def _setting_note(cfg: Config) -> str:
             f"{cfg.train.loss_reduction}, match {cfg.study.match}.")
 
 
-def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path, parent: Run | None) -> dict:
-    """Train, evaluate and record one (arm, seed); reuses a finished result.json. Its MLflow run is a child of
-    the study's (`parent`): the loop's steps, then the scores and the probe as metrics."""
+def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs: list, skipped: dict, out: Path,
+             parent: Run | None) -> dict:
+    """Train, evaluate and record one (arm, seed); reuses a finished result.json. `specs` and `skipped`: what
+    eval_tasks scores and skips. Its MLflow run is a child of the study's (`parent`): the loop's steps, then the
+    scores and the probe as metrics."""
     result_path = out / "runs" / arm / f"seed{seed}" / "result.json"
     if result_path.exists():
         print(f"[{arm} seed {seed}] done before: {result_path}", flush=True)
@@ -154,7 +158,7 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs, out: Path, 
         "samples": sum(m["num_samples"] for m in metrics), "tokens": sum(m["num_tokens"] for m in metrics),
         "row_tokens": sum(m["num_row_tokens"] for m in metrics), "final_train_loss": metrics[-1]["loss"],
         "val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), float("nan")),
-        "global_batch_size": summary["global_batch_size"], "scores": scores,
+        "global_batch_size": summary["global_batch_size"], "scores": scores, "skipped": skipped,
         "manifest": read_manifest(folders[arm]).to_dict(), "curve": curve, "model_dir": summary["model_dir"],
         "probe": probe,
     }

@@ -61,8 +61,10 @@ DeepSpeed on CPU (checked with deepspeed 0.19.8, torch 2.13 CPU, 2 cores):
 - ZeRO stages 0-3 (3 with parameter and optimizer offload) initialise and step
   on CPU with torch's AdamW; stage 0 hands back the AdamW itself.
 - The first `init_distributed` on a machine JIT-builds DeepSpeed's
-  `deepspeed_shm_comm` op (about 40 s here), cached under
-  ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR); later starts take ~2 s.
+  `deepspeed_shm_comm` op (about 40 s here), cached in this environment's own
+  folder, ~/.cache/torch_extensions/raypack-<key> (TORCH_EXTENSIONS_DIR when set),
+  under a build lock that is never waited on without a bound
+  (raypack.train.extensions); later starts take ~2 s.
 """
 
 import copy
@@ -196,8 +198,12 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
 
 
 def _import_deepspeed(device: str):
-    """Import deepspeed with the accelerator matching `device` (see the module docstring)."""
+    """Import deepspeed with the accelerator matching `device` (see the module docstring), its JIT-built ops in
+    this environment's own folder under a bounded build lock (raypack.train.extensions)."""
+    from raypack.train import extensions
+
     os.environ.setdefault("DS_ACCELERATOR", device)
+    extensions.prepare()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

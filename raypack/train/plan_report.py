@@ -18,7 +18,7 @@ from raypack.config import Config, OptimConfig, PlanConfig, TrainConfig, to_dict
 from raypack.data.hub import HubUnreachable
 from raypack.data.prepared import read_manifest
 from raypack.eval.cost import eval_gpu_hours
-from raypack.eval.tasks import resolve_tasks
+from raypack.eval.tasks import eval_tasks
 from raypack.tables import format_table, write_json
 from raypack.train import memory
 from raypack.train.flops import gpu_hours, step_flops
@@ -100,16 +100,17 @@ def _trained_model(folder: Path) -> str | None:
 
 def eval_bill(cfg: Config, num_params: int, num_models: int) -> tuple[float, list[str]]:
     """GPU-hours of scoring num_models models on cfg.eval's benchmarks (raypack.eval.cost), and the bill line."""
-    specs = resolve_tasks(cfg.eval.preset, cfg.eval.tasks, chat=cfg.eval.apply_chat_template)
+    specs, skipped_tasks = eval_tasks(cfg.eval)
     if not specs:
         return 0.0, []
     per_model, unknown = eval_gpu_hours(specs, num_params, cfg.plan.gpu_peak_tflops, cfg.plan.mfu,
                                         cfg.plan.gpu_hbm_tbps, cfg.eval.batch_size)
-    skipped = f"; not estimated: {', '.join(unknown)}" if unknown else ""
+    notes = f"; not estimated: {', '.join(unknown)}" if unknown else ""
+    notes += "".join(f"; {task} {why}" for task, why in skipped_tasks.items())
     return per_model * num_models, [
         (f"evaluation bill, {num_models} model{'s' * (num_models > 1)}: {_figure(per_model * num_models)} GPU-hours "
         f"({_figure(per_model)} per model on {', '.join(s.name for s in specs)}: prompts at the MFU, generation "
-        f"at {cfg.plan.gpu_hbm_tbps:g} TB/s, raypack/eval/cost.py{skipped})")]
+        f"at {cfg.plan.gpu_hbm_tbps:g} TB/s, raypack/eval/cost.py{notes})")]
 
 
 def bill_lines(counts: dict[str, dict], train: TrainConfig, plan: PlanConfig, seeds: int = 1,

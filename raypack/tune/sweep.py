@@ -248,20 +248,27 @@ def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
 def _eval_specs(sweep: SweepConfig, ev: EvalConfig) -> list:
     if not sweep.eval_best:
         return []
-    from raypack.eval.tasks import resolve_tasks
+    from raypack.eval.tasks import eval_tasks
 
-    specs = resolve_tasks(ev.preset, ev.tasks, chat=ev.apply_chat_template)
+    specs, skipped = eval_tasks(ev)
     if not specs:
-        raise ConfigError("sweep.eval_best needs lm-eval tasks: eval.preset is none and eval.tasks is empty")
+        what = "eval.preset is none and eval.tasks is empty"
+        if skipped:
+            what = f"every task is skipped ({', '.join(skipped)}: eval.allow_code_execution is off)"
+        raise ConfigError(f"sweep.eval_best needs lm-eval tasks: {what}")
     return specs
 
 
 def _evaluate_best(ev: EvalConfig, out: Path, specs, max_seq_len: int) -> None:
-    """lm-eval scores of each arm's best trial (its exported model) into best_eval.json."""
+    """lm-eval scores of each arm's best trial (its exported model) into best_eval.json, with the tasks skipped
+    and why (raypack.eval.tasks.eval_tasks)."""
+    from raypack.eval.tasks import eval_tasks
+
+    skipped = eval_tasks(ev)[1]
     scores = {}
     for arm, trial in best_trials(load_trials(out)).items():
         model_dir = Path(trial["run_dir"]) / "raypack" / "model"
         print(f"[{arm}] lm-eval on the best trial {trial['trial_id']}: {model_dir}", flush=True)
         scores[arm] = {**{k: trial[k] for k in ("trial_id", "lr", "global_batch_size", "seed")},
-                       "scores": score_on_ray(str(model_dir), specs, ev, max_seq_len)}
+                       "scores": score_on_ray(str(model_dir), specs, ev, max_seq_len), "skipped": skipped}
     (out / "best_eval.json").write_text(json.dumps(scores, indent=2))
