@@ -202,7 +202,9 @@ class TrainConfig:
                                    "steps and at the last step; 0: only at the last step (a study sets about "
                                    "10 points per run)")
     schedule_steps: int = _field(0, "length of the LR schedule in optimizer steps (0: the arm's full step "
-                                 "count); a study matching steps sets it")
+                                 "count); a study matching steps sets it. Never fewer than the steps the arm "
+                                 "takes (its epochs, or max_steps): the schedule defines no LR after its end, "
+                                 "so a shorter one is refused before training starts")
     max_steps: int = _field(0, "stop after this many optimizer steps (0: every epoch); the LR schedule "
                             "still spans the arm's full step count")
     worker_cpus: float = _field(0.5, "CPUs reserved per Ray Train worker when use_gpu is false")
@@ -640,6 +642,11 @@ def _validate_train(train: TrainConfig) -> None:
                 "schedule_steps"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(train, key)}")
+    if train.schedule_steps and train.max_steps and train.schedule_steps < train.max_steps:
+        raise ConfigError(f"train.schedule_steps={train.schedule_steps} is shorter than train.max_steps="
+                          f"{train.max_steps}, and the LR schedule defines no learning rate after its end: set "
+                          f"train.schedule_steps to 0 (the arm's own step count) or >= {train.max_steps}, or "
+                          f"train.max_steps={train.schedule_steps}")
     if train.log_every < 1:
         raise ConfigError(f"train.log_every: must be >= 1, got {train.log_every}")
     if not train.use_gpu and train.worker_cpus <= 0:

@@ -142,6 +142,12 @@ def test_training_fields_are_checked():
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_config(None, ["model.attn_implementation=flash"])
     assert load_config(None, ["train.arm=padding"]).train.arm == "padding"
+    # A schedule shorter than max_steps is refused at load (below an epoch count only the prepared rows tell:
+    # raypack.train.plan.run_plan, tests/test_plan.py); one as long, or longer, is not.
+    with pytest.raises(ConfigError, match="train.schedule_steps=5 is shorter than train.max_steps=10"):
+        load_config(None, ["train.schedule_steps=5", "train.max_steps=10"])
+    for schedule in (10, 11, 0):
+        assert load_config(None, [f"train.schedule_steps={schedule}", "train.max_steps=10"]).train.max_steps == 10
 
 
 def test_config_names_are_what_the_data_modules_implement():
