@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class SynthConfig:
     preset: str = _field("opensource-1.2m", "length distribution to imitate", SYNTH_PRESETS)
     num_samples: int = _field(2000, "number of conversations to synthesise")
     seed: int = _field(0, "seed of the synthetic data")
-    out: str = _field("", "the JSONL file `raypack synth` writes; '' is "
+    out: str = _field("", "the JSONL file `raypack synth` writes, a filesystem path (not a URI); '' is "
                       "<output_dir>/synth/<preset>-<num_samples>-seed<seed>.jsonl")
 
 
@@ -127,7 +128,7 @@ class PrepareConfig:
     """How `raypack prepare` runs on Ray Data and where it writes."""
 
     output_dir: str = _field("", "root of prepared datasets; '' is <output_dir>/prepared. A local path, or a shared "
-                             "filesystem path on a cluster")
+                             "filesystem path on a cluster; not a URI (every worker memory-maps the rows)")
     num_tokenizer_actors: int = _field(2, "tokenizer actors (each loads the tokenizer once)")
     actor_num_cpus: float = _field(0.5, "CPUs reserved per tokenizer actor; keep the pool below the "
                                    "cluster's CPUs so read tasks are never starved")
@@ -291,8 +292,8 @@ class EvalConfig:
                          "visible", DEVICES)
     ray: bool = _field(False, "`raypack eval` runs as one Ray task holding num_gpus / num_cpus (joins "
                        "RAY_ADDRESS or starts Ray locally); a study always does")
-    out: str = _field("", "`raypack eval` also writes the scores to this JSON file ('' writes none); several "
-                      "checkpoints (one per arm) as {arm: scores}")
+    out: str = _field("", "`raypack eval` also writes the scores to this JSON file, a filesystem path, not a URI "
+                      "('' writes none); several checkpoints (one per arm) as {arm: scores}")
 
 
 @dataclass
@@ -309,8 +310,8 @@ class ProbeConfig:
     micro_batch_size: int = _field(8, "probe rows per forward pass")
     device: str = _field("cpu", "where `raypack probe` runs: auto is cuda when a GPU is visible (a study "
                          "probes on a GPU when eval.num_gpus > 0)", DEVICES)
-    out: str = _field("", "`raypack probe` also writes the result to this JSON file ('' writes none); several "
-                      "checkpoints (one per arm) as {arm: result}")
+    out: str = _field("", "`raypack probe` also writes the result to this JSON file, a filesystem path, not a URI "
+                      "('' writes none); several checkpoints (one per arm) as {arm: result}")
 
 
 STUDY_MATCH = ("epochs", "steps", "tokens")
@@ -336,8 +337,8 @@ class StudyConfig:
                           f"the paper's code had), pack.window {PAPER_WINDOW}, train.loss_reduction paper, match "
                           "epochs, the rest (LR, epochs, batch) as configured; both: the two sets of arms in one "
                           "study and one report, from one tokenization pass", STUDY_SETTINGS)
-    out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
-                      "finished arms are not rerun")
+    out: str = _field("", "study folder, a filesystem path every node reaches (not a URI); '' is "
+                      "<output_dir>/study/<name>. An interrupted study resumes there: finished arms are not rerun")
 
 
 SWEEP_METRICS = ("val_loss", "loss")
@@ -367,8 +368,9 @@ class SweepConfig:
     trial_cpus: float = _field(0.1, "CPUs reserved by each trial's driver (it only launches the trial's "
                                "TorchTrainer; the workers reserve train.worker_cpus or a GPU each besides)")
     trial_gpus: float = _field(0.0, "GPUs reserved by each trial's driver (0: the workers hold the GPUs)")
-    out: str = _field("", "sweep folder (the Ray Tune experiment, and the trials' runs under runs/); '' is "
-                      "<output_dir>/sweep/<name>. `raypack sweep ... --resume <folder>` finishes it")
+    out: str = _field("", "sweep folder (the Ray Tune experiment, and the trials' runs under runs/), a filesystem "
+                      "path every node reaches (not a URI); '' is <output_dir>/sweep/<name>. `raypack sweep ... "
+                      "--resume <folder>` finishes it")
     eval_best: bool = _field(False, "score each arm's best trial with lm-eval (eval.*) after the sweep; trials "
                              "then export their model (otherwise they do not)")
 
@@ -426,7 +428,8 @@ class Config:
     """A raypack run."""
 
     name: str = _field("raypack", "run name, used in output paths")
-    output_dir: str = _field("out", "folder for this run's outputs")
+    output_dir: str = _field("out", "folder for this run's outputs, a filesystem path (shared by every node on a "
+                             "cluster); not a URI: only train.storage_path takes one (checkpoints)")
     seed: int = _field(0, "global seed")
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -681,8 +684,42 @@ def setting_configs(cfg: Config) -> list[Config]:
     return {"corrected": [corrected], "paper": [paper], "both": [corrected, paper]}[cfg.study.setting]
 
 
+# Every key naming where raypack writes an output, and why it must be a filesystem path: each is written with file
+# operations (by the driver, or by every worker), so a URI would become a folder named 's3:' in each process's
+# working directory. train.storage_path is the one output that takes a URI (Ray Train writes checkpoints through
+# pyarrow.fs); data.sources and tracking.uri take URIs too, but are not folders raypack writes.
+OUTPUT_PATHS = {
+    "output_dir": "every output under it (prepared rows, run logs, models, reports) is written by file operations "
+                  "on the driver and every worker, and needs a filesystem path every node reaches (a shared mount)",
+    "prepare.output_dir": "prepared rows are memory-mapped by every worker and need a filesystem path every node "
+                          "reaches (a shared mount)",
+    "synth.out": "`raypack synth` writes the JSONL with file operations and needs a filesystem path (copy the file "
+                 "to object storage after, data.sources reads it from there)",
+    "eval.out": "`raypack eval` writes the JSON with file operations and needs a filesystem path",
+    "probe.out": "`raypack probe` writes the JSON with file operations and needs a filesystem path",
+    "study.out": "the study folder holds the arms' runs, written by every worker, and the report, and needs a "
+                 "filesystem path every node reaches (a shared mount)",
+    "sweep.out": "the sweep folder holds Ray Tune's experiment and the trials' runs, written by every worker, and "
+                 "needs a filesystem path every node reaches (a shared mount)",
+}
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # scheme: (s3://b/x, s3:b/x, gs://, hf:...); not a drive letter
+
+
+def _validate_outputs(cfg: Config) -> None:
+    """Refuse a URI in a key of OUTPUT_PATHS, naming the key and what to give instead."""
+    for key, why in OUTPUT_PATHS.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if _URI.match(value):
+            folder = "" if "://" in value else f" (a folder of that name is written ./{value})"
+            raise ConfigError(f"{key} {value!r} is a URI{folder}; {why}; checkpoints may go to object storage "
+                              "through train.storage_path")
+
+
 def validate(cfg: Config) -> Config:
     """Checks that span fields; single fields are checked by their declarations."""
+    _validate_outputs(cfg)
     for arm in cfg.pack.arms:
         parse_arm(arm)
     if len(set(cfg.pack.arms)) != len(cfg.pack.arms):
