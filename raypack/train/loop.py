@@ -84,20 +84,16 @@ through the step's all-reduce, as each report is a collective).
 """
 
 import ctypes
-import hashlib
 import json
 import os
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -118,6 +114,7 @@ from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
 from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 from raypack.train.plan import RunPlan, lr_at, run_plan
+from raypack.train.restore import restored
 from raypack.train.resume import PREEMPT_FILE, step_identity
 from raypack.train.validate import validation_groups, validation_sums
 
@@ -152,7 +149,8 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with restored(checkpoint, ctx.get_local_rank(), barrier) as ckpt_dir:
+        with restored(checkpoint, rank, ctx.get_local_rank(), barrier,
+                      every_rank=engine.zero_elastic_checkpoint()) as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None,
@@ -352,33 +350,6 @@ def micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, 
     if mode == "cross" and reduction == "sample":
         batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
     return batch
-
-
-@contextmanager
-def restored(checkpoint, local_rank: int, barrier) -> Iterator[str]:
-    """The checkpoint as a local folder for every rank of this node.
-
-    On a filesystem path (local or shared) it is read in place. From object storage
-    it is downloaded once per node, by local rank 0 while the node's other ranks wait
-    at `barrier` (a collective over every rank), and removed once every rank has
-    loaded it. (Ray's `Checkpoint.as_directory` shares one download only between
-    processes that ask at the same moment; one asking after it finished downloads again.)
-    """
-    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-        yield checkpoint.path
-        return
-    key = hashlib.sha1(f"{checkpoint.filesystem.type_name}:{checkpoint.path}".encode()).hexdigest()[:16]
-    local = Path(tempfile.gettempdir()) / f"raypack-restore-{key}"
-    if local_rank == 0:
-        shutil.rmtree(local, ignore_errors=True)
-        checkpoint.to_directory(str(local))
-    barrier()
-    try:
-        yield str(local)
-    finally:
-        barrier()
-        if local_rank == 0:
-            shutil.rmtree(local, ignore_errors=True)
 
 
 def _model_shape(model) -> dict:
