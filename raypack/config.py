@@ -185,7 +185,8 @@ class TrainConfig:
                       "'' trains every arm in turn")
     storage_path: str = _field("", "Ray Train storage (checkpoints, per-step logs, exported model) as a path "
                                "every worker can reach, or a URI (s3://bucket/dir, gs://...) for checkpoints "
-                               "only, the logs and model then going to <output_dir>/runs; '' is "
+                               "only (a resume then fetches on each node only its ranks' files), the logs and "
+                               "model then going to <output_dir>/runs; '' is "
                                "<output_dir>/train. A run is <name>-<arm> in it; running again with the same "
                                "name resumes from its latest checkpoint")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
@@ -429,7 +430,7 @@ class Config:
 
     name: str = _field("raypack", "run name, used in output paths")
     output_dir: str = _field("out", "folder for this run's outputs, a filesystem path (shared by every node on a "
-                             "cluster); not a URI: only train.storage_path takes one (checkpoints)")
+                             "cluster), not a URI: of the outputs only train.storage_path takes one (checkpoints)")
     seed: int = _field(0, "global seed")
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
