@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class SynthConfig:
     preset: str = _field("opensource-1.2m", "length distribution to imitate", SYNTH_PRESETS)
     num_samples: int = _field(2000, "number of conversations to synthesise")
     seed: int = _field(0, "seed of the synthetic data")
-    out: str = _field("", "the JSONL file `raypack synth` writes; '' is "
+    out: str = _field("", "the JSONL file `raypack synth` writes, a filesystem path (not a URI); '' is "
                       "<output_dir>/synth/<preset>-<num_samples>-seed<seed>.jsonl")
 
 
@@ -127,7 +128,7 @@ class PrepareConfig:
     """How `raypack prepare` runs on Ray Data and where it writes."""
 
     output_dir: str = _field("", "root of prepared datasets; '' is <output_dir>/prepared. A local path, or a shared "
-                             "filesystem path on a cluster")
+                             "filesystem path on a cluster; not a URI (every worker memory-maps the rows)")
     num_tokenizer_actors: int = _field(2, "tokenizer actors (each loads the tokenizer once)")
     actor_num_cpus: float = _field(0.5, "CPUs reserved per tokenizer actor; keep the pool below the "
                                    "cluster's CPUs so read tasks are never starved")
@@ -185,7 +186,8 @@ class TrainConfig:
                       "'' trains every arm in turn")
     storage_path: str = _field("", "Ray Train storage (checkpoints, per-step logs, exported model) as a path "
                                "every worker can reach, or a URI (s3://bucket/dir, gs://...) for checkpoints "
-                               "only, the logs and model then going to <output_dir>/runs; '' is "
+                               "only (a resume then fetches on each node only its ranks' files), the logs and "
+                               "model then going to <output_dir>/runs; '' is "
                                "<output_dir>/train. A run is <name>-<arm> in it; running again with the same "
                                "name resumes from its latest checkpoint")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
@@ -203,7 +205,9 @@ class TrainConfig:
                                    "steps and at the last step; 0: only at the last step (a study sets about "
                                    "10 points per run)")
     schedule_steps: int = _field(0, "length of the LR schedule in optimizer steps (0: the arm's full step "
-                                 "count); a study matching steps sets it")
+                                 "count); a study matching steps sets it. Never fewer than the steps the arm "
+                                 "takes (its epochs, or max_steps): the schedule defines no LR after its end, "
+                                 "so a shorter one is refused before training starts")
     max_steps: int = _field(0, "stop after this many optimizer steps (0: every epoch); the LR schedule "
                             "still spans the arm's full step count")
     worker_cpus: float = _field(0.5, "CPUs reserved per Ray Train worker when use_gpu is false")
@@ -290,8 +294,8 @@ class EvalConfig:
                          "visible", DEVICES)
     ray: bool = _field(False, "`raypack eval` runs as one Ray task holding num_gpus / num_cpus (joins "
                        "RAY_ADDRESS or starts Ray locally); a study always does")
-    out: str = _field("", "`raypack eval` also writes the scores to this JSON file ('' writes none); several "
-                      "checkpoints (one per arm) as {arm: scores}")
+    out: str = _field("", "`raypack eval` also writes the scores to this JSON file, a filesystem path, not a URI "
+                      "('' writes none); several checkpoints (one per arm) as {arm: scores}")
 
 
 @dataclass
@@ -308,8 +312,8 @@ class ProbeConfig:
     micro_batch_size: int = _field(8, "probe rows per forward pass")
     device: str = _field("cpu", "where `raypack probe` runs: auto is cuda when a GPU is visible (a study "
                          "probes on a GPU when eval.num_gpus > 0)", DEVICES)
-    out: str = _field("", "`raypack probe` also writes the result to this JSON file ('' writes none); several "
-                      "checkpoints (one per arm) as {arm: result}")
+    out: str = _field("", "`raypack probe` also writes the result to this JSON file, a filesystem path, not a URI "
+                      "('' writes none); several checkpoints (one per arm) as {arm: result}")
 
 
 STUDY_MATCH = ("epochs", "steps", "tokens")
@@ -335,8 +339,8 @@ class StudyConfig:
                           f"the paper's code had), pack.window {PAPER_WINDOW}, train.loss_reduction paper, match "
                           "epochs, the rest (LR, epochs, batch) as configured; both: the two sets of arms in one "
                           "study and one report, from one tokenization pass", STUDY_SETTINGS)
-    out: str = _field("", "study folder; '' is <output_dir>/study/<name>. An interrupted study resumes there: "
-                      "finished arms are not rerun")
+    out: str = _field("", "study folder, a filesystem path every node reaches (not a URI); '' is "
+                      "<output_dir>/study/<name>. An interrupted study resumes there: finished arms are not rerun")
 
 
 SWEEP_METRICS = ("val_loss", "loss")
@@ -366,8 +370,9 @@ class SweepConfig:
     trial_cpus: float = _field(0.1, "CPUs reserved by each trial's driver (it only launches the trial's "
                                "TorchTrainer; the workers reserve train.worker_cpus or a GPU each besides)")
     trial_gpus: float = _field(0.0, "GPUs reserved by each trial's driver (0: the workers hold the GPUs)")
-    out: str = _field("", "sweep folder (the Ray Tune experiment, and the trials' runs under runs/); '' is "
-                      "<output_dir>/sweep/<name>. `raypack sweep ... --resume <folder>` finishes it")
+    out: str = _field("", "sweep folder (the Ray Tune experiment, and the trials' runs under runs/), a filesystem "
+                      "path every node reaches (not a URI); '' is <output_dir>/sweep/<name>. `raypack sweep ... "
+                      "--resume <folder>` finishes it")
     eval_best: bool = _field(False, "score each arm's best trial with lm-eval (eval.*) after the sweep; trials "
                              "then export their model (otherwise they do not)")
 
@@ -425,7 +430,8 @@ class Config:
     """A raypack run."""
 
     name: str = _field("raypack", "run name, used in output paths")
-    output_dir: str = _field("out", "folder for this run's outputs")
+    output_dir: str = _field("out", "folder for this run's outputs, a filesystem path (shared by every node on a "
+                             "cluster), not a URI: of the outputs only train.storage_path takes one (checkpoints)")
     seed: int = _field(0, "global seed")
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -645,6 +651,11 @@ def _validate_train(train: TrainConfig) -> None:
                 "schedule_steps"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(train, key)}")
+    if train.schedule_steps and train.max_steps and train.schedule_steps < train.max_steps:
+        raise ConfigError(f"train.schedule_steps={train.schedule_steps} is shorter than train.max_steps="
+                          f"{train.max_steps}, and the LR schedule defines no learning rate after its end: set "
+                          f"train.schedule_steps to 0 (the arm's own step count) or >= {train.max_steps}, or "
+                          f"train.max_steps={train.schedule_steps}")
     if train.log_every < 1:
         raise ConfigError(f"train.log_every: must be >= 1, got {train.log_every}")
     if not train.use_gpu and train.worker_cpus <= 0:
@@ -679,8 +690,42 @@ def setting_configs(cfg: Config) -> list[Config]:
     return {"corrected": [corrected], "paper": [paper], "both": [corrected, paper]}[cfg.study.setting]
 
 
+# Every key naming where raypack writes an output, and why it must be a filesystem path: each is written with file
+# operations (by the driver, or by every worker), so a URI would become a folder named 's3:' in each process's
+# working directory. train.storage_path is the one output that takes a URI (Ray Train writes checkpoints through
+# pyarrow.fs); data.sources and tracking.uri take URIs too, but are not folders raypack writes.
+OUTPUT_PATHS = {
+    "output_dir": "every output under it (prepared rows, run logs, models, reports) is written by file operations "
+                  "on the driver and every worker, and needs a filesystem path every node reaches (a shared mount)",
+    "prepare.output_dir": "prepared rows are memory-mapped by every worker and need a filesystem path every node "
+                          "reaches (a shared mount)",
+    "synth.out": "`raypack synth` writes the JSONL with file operations and needs a filesystem path (copy the file "
+                 "to object storage after, data.sources reads it from there)",
+    "eval.out": "`raypack eval` writes the JSON with file operations and needs a filesystem path",
+    "probe.out": "`raypack probe` writes the JSON with file operations and needs a filesystem path",
+    "study.out": "the study folder holds the arms' runs, written by every worker, and the report, and needs a "
+                 "filesystem path every node reaches (a shared mount)",
+    "sweep.out": "the sweep folder holds Ray Tune's experiment and the trials' runs, written by every worker, and "
+                 "needs a filesystem path every node reaches (a shared mount)",
+}
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # scheme: (s3://b/x, s3:b/x, gs://, hf:...); not a drive letter
+
+
+def _validate_outputs(cfg: Config) -> None:
+    """Refuse a URI in a key of OUTPUT_PATHS, naming the key and what to give instead."""
+    for key, why in OUTPUT_PATHS.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if _URI.match(value):
+            folder = "" if "://" in value else f" (a folder of that name is written ./{value})"
+            raise ConfigError(f"{key} {value!r} is a URI{folder}; {why}; checkpoints may go to object storage "
+                              "through train.storage_path")
+
+
 def validate(cfg: Config) -> Config:
     """Checks that span fields; single fields are checked by their declarations."""
+    _validate_outputs(cfg)
     for arm in cfg.pack.arms:
         parse_arm(arm)
     if len(set(cfg.pack.arms)) != len(cfg.pack.arms):

@@ -21,14 +21,15 @@ CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
         "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",
         "raypack.data.collate", "raypack.data.synth", "raypack.data.local", "raypack.data.prepared",
         "raypack.data.summary", "raypack.data.holdout", "raypack.bench.pack", "raypack.train.memory",
-        "raypack.train.resume", "raypack.train.plan", "raypack.train.metrics", "raypack.train.loss",
-        "raypack.train.flops", "raypack.train.extensions", "raypack.eval.tasks", "raypack.eval.scores",
-        "raypack.eval.backend", "raypack.eval.cost", "raypack.eval.credentials", "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze",
+        "raypack.train.resume", "raypack.train.restore", "raypack.train.plan", "raypack.train.metrics",
+        "raypack.train.loss", "raypack.train.flops", "raypack.train.extensions", "raypack.eval.tasks",
+        "raypack.eval.scores", "raypack.eval.backend", "raypack.eval.cost", "raypack.eval.credentials",
+        "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze",
         "raypack.tracking"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 # What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.
-TORCH_FREE = ("raypack.data.prepared", "raypack.train.plan", "raypack.train.metrics", "raypack.eval.scores",
-              "raypack.eval.backend")
+TORCH_FREE = ("raypack.data.prepared", "raypack.train.plan", "raypack.train.metrics", "raypack.train.restore",
+              "raypack.eval.scores", "raypack.eval.backend")
 
 
 @pytest.mark.parametrize("module", CORE)

@@ -129,6 +129,7 @@ BROKEN = {  # how a config goes wrong -> what the one line must name
     "override not valid yaml": ("name: x\n", ["pack.arms=[padding"], "not valid YAML"),
     "not key=value": ("name: x\n", ["pack.window"], "is not key=value"),
     "a moved key": ("study:\n  probe_samples: 3\n", [], "study.probe_samples is now probe.num_samples"),
+    "a URI where a path is written": ("name: x\n", ["sweep.out=s3://b/sweep"], "sweep.out 's3://b/sweep' is a URI"),
 }
 
 

@@ -157,6 +157,43 @@ def test_training_fields_are_checked():
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_config(None, ["model.attn_implementation=flash"])
     assert load_config(None, ["train.arm=padding"]).train.arm == "padding"
+    # A schedule shorter than max_steps is refused at load (below an epoch count only the prepared rows tell:
+    # raypack.train.plan.run_plan, tests/test_plan.py); one as long, or longer, is not.
+    with pytest.raises(ConfigError, match="train.schedule_steps=5 is shorter than train.max_steps=10"):
+        load_config(None, ["train.schedule_steps=5", "train.max_steps=10"])
+    for schedule in (10, 11, 0):
+        assert load_config(None, [f"train.schedule_steps={schedule}", "train.max_steps=10"]).train.max_steps == 10
+
+
+# Every key naming a place raypack writes to; each is written with file operations, so none takes a URI.
+OUTPUT_KEYS = ["output_dir", "prepare.output_dir", "synth.out", "eval.out", "probe.out", "study.out", "sweep.out"]
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/out", "gs://bucket/out", "file:///tmp/out", "s3:bucket/out"])
+@pytest.mark.parametrize("key", OUTPUT_KEYS)
+def test_an_output_key_refuses_a_uri_and_takes_a_path(key, uri, tmp_path):
+    """A URI where raypack writes with file operations would become a folder named 's3:' in every process's
+    working directory: refused at load, naming the key and where checkpoints may go instead. Negative control: the
+    same key takes a filesystem path (absolute, relative, or a folder whose name has a colon, written ./)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={uri}"])
+    message = str(err.value)
+    assert message.startswith(f"{key} {uri!r} is a URI") and "filesystem path" in message, message
+    assert "train.storage_path" in message and "\n" not in message
+    section, _, name = key.rpartition(".")
+    for path in (str(tmp_path / "out"), "out/x", "./s3:bucket"):
+        cfg = load_config(None, [f"{key}={path}"])
+        assert getattr(getattr(cfg, section) if section else cfg, name) == path
+
+
+def test_every_output_key_is_checked_and_the_uri_keys_still_take_uris():
+    """The keys named out / output_dir are all in OUTPUT_KEYS (a new one joins the test above); train.storage_path
+    (checkpoints through pyarrow.fs), data.sources and tracking.uri keep taking URIs."""
+    keys = [line.split()[0] for line in describe_fields() if line.startswith("  ")]
+    assert sorted(k for k in keys if k.rpartition(".")[2] in ("out", "output_dir")) == sorted(OUTPUT_KEYS)
+    cfg = load_config(None, ["train.storage_path=s3://bucket/runs", "data.sources=[s3://bucket/rows.jsonl]",
+                             "tracking.uri=http://mlflow.internal:5000"])
+    assert cfg.train.storage_path == "s3://bucket/runs" and cfg.data.sources == ["s3://bucket/rows.jsonl"]
 
 
 def test_config_names_are_what_the_data_modules_implement():

@@ -13,7 +13,9 @@ checkpoints and, later in the same run, (d) SIGTERM to the driver: a checkpoint 
 the next step boundary, exit 143, and the same command resumes; (b) the node
 holding a worker lost mid-run, the run finishing once a node returns; (c) the
 study's driver SIGKILLed mid-arm and the same command run again. Plus the safer defaults: a relaunch with another
-batch size is refused naming the key, and train.resume=false starts afresh.
+batch size is refused naming the key, and train.resume=false starts afresh. And, without Ray, a checkpoint
+restored from a stand-in object store: each node reads only its ranks' files and one copy of the shared ones
+(raypack.train.restore), the whole-checkpoint download as the negative control.
 
     .venv/bin/pytest tests/test_fault.py -q
 """
@@ -292,49 +294,98 @@ def test_a_relaunch_that_would_change_the_step_rows_is_refused(truth, tmp_path):
     assert (aside / "checkpoint_manager_snapshot.json").exists()
 
 
-def test_a_checkpoint_in_object_storage_is_downloaded_once_per_node(tmp_path):
-    """The loop's `restored`: two ranks of a node (threads here, as the function sees only its local rank
-    and a barrier) get one local copy, downloaded once, however late the second one asks; removed after.
-    Negative control: Ray's own as_directory, asked one after the other, downloads twice."""
+# A ZeRO-3 checkpoint of 4 ranks on 2 nodes as DeepSpeed names its files (raypack.train.restore's docstring), with a
+# per-rank file at the top as the loop may add; the shared files include ZeRO 0-2's module states.
+NODES = {0: [0, 1], 1: [2, 3]}
+RANK_FILES = ["ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt", "ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+              "rng-rank{r}.json"]
+SHARED_FILES = ["latest", "position.json", "config.json", "zero_to_fp32.py", "ds/mp_rank_00_model_states.pt"]
+
+
+@pytest.mark.parametrize("name, ranks", [
+    ("ds/zero_pp_rank_12_mp_rank_00_optim_states.pt", {12}), ("ds/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", {3}),
+    ("ds/zero_pp_rank_0_mp_rank_00_model_states.pt", {0}), ("rng-rank3.json", {3}), ("rng/rank_3.pt", {3}),
+    ("ds/offloaded_tensors/rank003/0.tensor.swp", {3}),
+    ("ds/mp_rank_00_model_states.pt", set()),  # the model-parallel rank: every rank reads it
+    ("ds/expp_rank_1_mp_rank_00_optim_states.pt", set()),  # an expert-parallel rank
+    ("frank1.txt", set()), ("latest", set()), ("position.json", set()),
+])
+def test_a_checkpoint_file_belongs_to_the_ranks_its_name_carries(name, ranks):
+    from raypack.train.restore import file_ranks
+
+    assert file_ranks(name) == ranks
+
+
+def test_a_checkpoint_in_object_storage_is_fetched_per_node_only_its_ranks_files(tmp_path):
+    """raypack.train.restore.restored for 2 nodes x 2 ranks (threads, as the function sees only its ranks and a
+    barrier; a node's second rank asks well after the first; the nodes one after the other, each having its own
+    disk) from a stand-in object store that counts the bytes read. Each node reads exactly its ranks' files (ZeRO-3
+    optimizer and model shards, a per-rank file at the top) plus one copy of the shared ones; every rank finds them
+    in its node's folder byte for byte, no other rank's file is there, and the folder is removed after.
+    Negative control: the whole-checkpoint download (Ray's to_directory, what `restored` did before) is told
+    apart by the same count: every rank's shards on each node. every_rank (DeepSpeed's elastic checkpoint, every
+    rank reading every shard) fetches the whole checkpoint once per node."""
     import threading
 
     import fsspec.implementations.local
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    from raypack.train.loop import restored
+    from raypack.train.restore import restored
 
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "weights.bin").write_bytes(os.urandom(1 << 16))
-    downloads = []
+    root = tmp_path / "ckpt"
+    names = [f.format(r=r) for ranks in NODES.values() for r in ranks for f in RANK_FILES] + SHARED_FILES
+    content = {}
+    for i, name in enumerate(names):
+        size = 50_000 + 1000 * i if name.endswith("optim_states.pt") else 100 + i
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content.setdefault(name, os.urandom(size)))
+    total = sum(len(c) for c in content.values())
+    read = []
 
     class CountingFS(fsspec.implementations.local.LocalFileSystem):
-        """Object storage stand-in: a non-local pyarrow filesystem that counts whole-file reads."""
+        """Object storage stand-in: a non-local pyarrow filesystem that counts the bytes read from its files."""
 
         def _open(self, path, mode="rb", **kwargs):
-            if "r" in mode and path.endswith("weights.bin"):
-                downloads.append(path)
-            return super()._open(path, mode, **kwargs)
+            f = super()._open(path, mode, **kwargs)
+            if "r" in mode:
+                plain_read = f.read
+                f.read = lambda *args: read.append(len(data := plain_read(*args))) or data
+            return f
 
-    checkpoint = Checkpoint(str(tmp_path / "ckpt"), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(CountingFS())))
-    barrier, seen = threading.Barrier(2), {}
+    checkpoint = Checkpoint(str(root), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(CountingFS())))
 
-    def rank(local_rank: int) -> None:
-        time.sleep(local_rank * 0.5)  # the second rank asks well after the first has downloaded
-        with restored(checkpoint, local_rank, barrier.wait) as folder:
-            seen[local_rank] = (folder, (Path(folder) / "weights.bin").read_bytes())
+    def node(ranks: list[int], every_rank: bool = False) -> tuple[int, dict]:
+        """The bytes this node read and what each of its ranks found in its folder."""
+        read.clear()
+        barrier, seen = threading.Barrier(len(ranks)), {}
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert len(downloads) == 1
-    assert seen[0] == seen[1] and seen[0][1] == (tmp_path / "ckpt" / "weights.bin").read_bytes()
-    assert not Path(seen[0][0]).exists()
+        def rank(local_rank: int, world_rank: int) -> None:
+            time.sleep(local_rank * 0.3)
+            with restored(checkpoint, world_rank, local_rank, barrier.wait, every_rank) as folder:
+                files = [p for p in Path(folder).rglob("*") if p.is_file()]
+                seen[world_rank] = (folder, {p.relative_to(folder).as_posix(): p.read_bytes() for p in files})
 
-    downloads.clear()
-    for _ in range(2):
-        with checkpoint.as_directory():
-            pass
-    assert len(downloads) == 2
+        threads = [threading.Thread(target=rank, args=(i, r)) for i, r in enumerate(ranks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(Path(folder).exists() for folder, _ in seen.values())
+        return sum(read), seen
+
+    expected = {}
+    for n, ranks in NODES.items():
+        own = [f.format(r=r) for r in ranks for f in RANK_FILES] + SHARED_FILES
+        expected[n] = sum(len(content[name]) for name in own)
+        num_bytes, seen = node(ranks)
+        assert num_bytes == expected[n]
+        for r in ranks:
+            assert seen[r][1] == {name: content[name] for name in own}, sorted(seen[r][1])
+
+    num_bytes, seen = node(NODES[1], every_rank=True)
+    assert num_bytes == total and seen[2][1] == seen[3][1] == content
+    # The negative control: the whole checkpoint on one node, as Ray's to_directory fetches it, is told apart.
+    read.clear()
+    checkpoint.to_directory(str(tmp_path / "whole"))
+    assert sum(read) == total and total not in expected.values()

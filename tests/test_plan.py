@@ -18,7 +18,7 @@ from transformers.optimization import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from raypack.config import OptimConfig, TrainConfig
+from raypack.config import ConfigError, OptimConfig, TrainConfig
 from raypack.train import plan as plan_module
 from raypack.train.plan import (EVAL_POINTS, gradient_accumulation_steps, lr_at, rows_for_token_batch,
                                 run_plan)
@@ -101,6 +101,31 @@ def test_rows_that_cannot_fill_a_step_are_refused():
     few = SimpleNamespace(num_rows=7, num_tokens=70)
     with pytest.raises(ValueError, match="7 rows cannot fill one optimizer step of 8 rows"):
         run_plan(TrainConfig(num_workers=2, global_batch_size=8), OptimConfig(), few, 2)
+
+
+@pytest.mark.parametrize("train_kw, stop", [
+    (dict(epochs=2), 42),  # every epoch: 2 x 21 steps
+    (dict(epochs=2, max_steps=30), 30),  # a max_steps stop inside the epochs
+])
+def test_a_schedule_shorter_than_the_run_is_refused_and_one_that_spans_it_is_not(train_kw, stop):
+    """train.schedule_steps below the stop step would leave the loop's steps past the schedule without an LR
+    (lr_at raises there, on every rank): run_plan refuses it, naming the key and the stop step. The accepted
+    plans (the schedule = the stop step, longer, or 0) give every step the loop takes an LR."""
+    manifest, optim = SimpleNamespace(num_rows=170, num_tokens=170_000), OptimConfig(warmup_ratio=0.2)
+    base = dict(num_workers=2, micro_batch_size=2, global_batch_size=8, **train_kw)
+    for short in (stop - 1, stop // 2):
+        with pytest.raises(ConfigError, match=rf"train.schedule_steps={short} is shorter than the {stop} optimizer "
+                                              rf"steps.*train.max_steps={short} "):
+            run_plan(TrainConfig(**base, schedule_steps=short), optim, manifest, 2)
+    # Negative control, what the refusal prevents: the loop's steps past such a schedule have no LR.
+    with pytest.raises(ValueError, match="step"):
+        [lr_at(step, stop // 2, optim) for step in range(stop)]
+    for schedule in (stop, stop + 5, 0):
+        plan = run_plan(TrainConfig(**base, schedule_steps=schedule), optim, manifest, 2)
+        assert plan.stop_step == stop and plan.schedule_steps == (schedule or 42)
+        lrs = [lr_at(step, plan.schedule_steps, optim) for step in range(plan.stop_step)]
+        assert max(lrs) == pytest.approx(optim.lr) and all(lr >= 0 for lr in lrs)
+    assert lrs[-1] > 0  # the full schedule still decays on past step 42 (it ends at 0 at step 42 itself)
 
 
 def test_module_examples():

@@ -110,6 +110,34 @@ def test_the_loop_takes_the_steps_of_the_run_plan(trained):
         assert checkpoints == [d for d in range(1, 4) if plan.checkpoints_at(d)] == [2, 3]
 
 
+def test_a_schedule_shorter_than_an_arm_is_refused_before_anything_trains(trained, capsys):
+    """train.schedule_steps below an arm's stop step (here a whole epoch, known once its rows are prepared) is
+    one line and exit 2 from `raypack train` before any trainer starts (no run folder), and is refused by the
+    study's and the sweep's plans on the driver (raypack.study.run.arm_plan, raypack.tune.sweep.trial_plans);
+    negative control: a schedule as long as the run goes through the same functions."""
+    from raypack.cli import main
+    from raypack.data.pipeline import prepared_folders
+    from raypack.study.run import arm_plan
+    from raypack.train.launch import run_dir
+    from raypack.tune.sweep import trial_plans
+
+    cfg, _ = trained
+    tmp = Path(cfg.prepare.output_dir).parent  # the fixture's prepared rows, reused
+    overrides = [*train_overrides(tmp), f"output_dir={tmp / 'out'}", "name=refused", "train.schedule_steps=2"]
+    assert main(["train", "jobs/compare.yaml", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.schedule_steps=2 is shorter than the" in err[0], err
+    short = load_config("jobs/compare.yaml", overrides)
+    assert not any(run_dir(short, arm).exists() for arm in ARMS)
+    folders = prepared_folders(short)
+    for check in (arm_plan, trial_plans):
+        with pytest.raises(ValueError, match="train.schedule_steps=2 is shorter than the"):
+            check(short, folders)
+    spanning = load_config("jobs/compare.yaml", [*overrides, "train.schedule_steps=0"])
+    assert set(arm_plan(spanning, folders)[0]) == set(ARMS)
+    assert all(plan.schedule_steps >= plan.stop_step > 2 for plan in trial_plans(spanning, folders))
+
+
 # Losses of steps 1-3 observed with the current code (2 workers, ZeRO-2, fp32 CPU, seed 0, lr 1e-3):
 # they pin today's numbers so that a refactor that changes them is noticed.
 PINNED_LOSSES = {"padding": [8.321032, 8.310322, 8.251352], "bfd-isolated": [8.325032, 8.298679, 8.230278]}

@@ -238,4 +238,6 @@ def train(cfg: Config) -> list[dict]:
     """Prepare (cached) and train every arm of cfg.pack.arms, or only cfg.train.arm."""
     folders = prepare(cfg)
     arms = [cfg.train.arm] if cfg.train.arm else list(cfg.pack.arms)
+    for arm in arms:  # every arm's plan first: one it cannot run (train.schedule_steps) is refused before any trains
+        arm_config(cfg, folders[arm])
     return [train_arm(cfg, arm, folders[arm], folders.get("val")) for arm in arms]

@@ -90,20 +90,16 @@ through the step's all-reduce, as each report is a collective).
 """
 
 import ctypes
-import hashlib
 import json
 import os
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -124,6 +120,7 @@ from raypack.train.flops import mfu, peak_tflops, step_flops
 from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
 from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 from raypack.train.plan import RunPlan, lr_at, run_plan
+from raypack.train.restore import restored
 from raypack.train.resume import PREEMPT_FILE, load_rng_state, save_rng_state, seed_rank, step_identity
 from raypack.train.validate import validation_groups, validation_sums
 
@@ -159,8 +156,11 @@ def train_loop_per_worker(config: dict) -> None:
     start_step, rng_restored = 0, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with restored(checkpoint, ctx.get_local_rank(), barrier) as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+        with restored(checkpoint, rank, ctx.get_local_rank(), barrier,
+                      every_rank=engine.zero_elastic_checkpoint()) as ckpt_dir:
+            load_path, _ = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+            if load_path is None:  # DeepSpeed found no state there and would go on from the fresh weights
+                raise RuntimeError(f"rank {rank}: no DeepSpeed state under tag {CHECKPOINT_TAG!r} in {ckpt_dir}")
             start_step = json.loads((Path(ckpt_dir) / "position.json").read_text())["step"]
             rng_restored = load_rng_state(ckpt_dir, rank)
     logs = _Logs(run_dir, rank, start_step, resumed=checkpoint is not None,
@@ -372,33 +372,6 @@ def micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, 
     if mode == "cross" and reduction == "sample":
         batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
     return batch
-
-
-@contextmanager
-def restored(checkpoint, local_rank: int, barrier) -> Iterator[str]:
-    """The checkpoint as a local folder for every rank of this node.
-
-    On a filesystem path (local or shared) it is read in place. From object storage
-    it is downloaded once per node, by local rank 0 while the node's other ranks wait
-    at `barrier` (a collective over every rank), and removed once every rank has
-    loaded it. (Ray's `Checkpoint.as_directory` shares one download only between
-    processes that ask at the same moment; one asking after it finished downloads again.)
-    """
-    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-        yield checkpoint.path
-        return
-    key = hashlib.sha1(f"{checkpoint.filesystem.type_name}:{checkpoint.path}".encode()).hexdigest()[:16]
-    local = Path(tempfile.gettempdir()) / f"raypack-restore-{key}"
-    if local_rank == 0:
-        shutil.rmtree(local, ignore_errors=True)
-        checkpoint.to_directory(str(local))
-    barrier()
-    try:
-        yield str(local)
-    finally:
-        barrier()
-        if local_rank == 0:
-            shutil.rmtree(local, ignore_errors=True)
 
 
 def _model_shape(model) -> dict:

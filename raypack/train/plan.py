@@ -11,12 +11,13 @@ read their step counts from `run_plan`, so they cannot disagree.
                      "until the iterator runs out"
     total_steps      epochs x steps_per_epoch
     stop_step        total_steps, or train.max_steps when smaller
-    schedule_steps   the LR schedule's length: train.schedule_steps, else total_steps
+    schedule_steps   the LR schedule's length: train.schedule_steps, else total_steps; never
+                     below stop_step (refused: the schedule defines no LR after its end)
     warmup_steps     ceil(optim.warmup_ratio x schedule_steps) (lr_at)
     eval_every_steps train.eval_every_steps; when 0 and eval_points is given (a study,
                      a sweep trial), about eval_points points: ceil(stop_step / eval_points)
 
-    >>> from raypack.config import OptimConfig, TrainConfig
+    >>> from raypack.config import ConfigError, OptimConfig, TrainConfig
     >>> from types import SimpleNamespace
     >>> train = TrainConfig(num_workers=2, micro_batch_size=2, global_batch_size=8, epochs=2, max_steps=30)
     >>> plan = run_plan(train, OptimConfig(warmup_ratio=0.2), SimpleNamespace(num_rows=170, num_tokens=170_000),
@@ -33,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from raypack.config import OptimConfig, TrainConfig
+from raypack.config import ConfigError, OptimConfig, TrainConfig
 
 EVAL_POINTS = 10  # validation points of a study arm or a sweep trial when train.eval_every_steps is 0
 
@@ -83,6 +84,12 @@ def run_plan(train: TrainConfig, optim: OptimConfig, manifest: ArmRows, world_si
     total = train.epochs * per_epoch
     stop = min(total, train.max_steps) if train.max_steps else total
     schedule = train.schedule_steps or total
+    if schedule < stop:
+        taken = f"train.max_steps={stop}" if stop < total else f"{train.epochs} epochs of {per_epoch} steps"
+        raise ConfigError(f"train.schedule_steps={schedule} is shorter than the {stop} optimizer steps this arm "
+                          f"takes ({taken}), and the LR schedule defines no learning rate after its end: set "
+                          f"train.schedule_steps to 0 (the arm's own step count) or >= {stop}, or "
+                          f"train.max_steps={schedule} to stop where the schedule ends")
     every = train.eval_every_steps or (max(1, math.ceil(stop / eval_points)) if eval_points else 0)
     return RunPlan(world_size=world_size, micro_batch_size=train.micro_batch_size, rows_per_step=rows_per_step,
                    grad_accum=grad_accum, steps_per_epoch=per_epoch, total_steps=total, stop_step=stop,

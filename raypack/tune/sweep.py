@@ -56,7 +56,7 @@ from raypack.ray_start import ensure_ray
 from raypack.tracking import Run, end_unfinished, numeric, open_run
 from raypack.train.launch import arm_config, build_trainer, log_run_inputs, run_dir
 from raypack.train.metrics import read_metrics
-from raypack.train.plan import EVAL_POINTS, run_plan
+from raypack.train.plan import EVAL_POINTS, RunPlan, run_plan
 from raypack.tune.analyze import best_trials
 from raypack.tune.trials import load_trials, run_summary, trial_dirname, trial_name
 
@@ -197,6 +197,7 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     ensure_ray()
     folders = prepare(replace(cfg, pack=replace(cfg.pack, arms=sweep_arms(cfg))))
     folders = {name: str(Path(folder).resolve()) for name, folder in folders.items()}  # trials chdir
+    trial_plans(cfg, folders)  # a plan no trial could run is refused before the sweep's folder is made
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -231,10 +232,7 @@ def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
     space, num_samples = search_space(cfg)
     scheduler = None
     if cfg.sweep.asha:
-        trials = [trial_config(cfg, {"train.global_batch_size": b})
-                  for b in cfg.sweep.global_batch_size or [cfg.train.global_batch_size]]
-        max_t = max(run_plan(t.train, t.optim, read_manifest(folders[arm]), t.train.num_workers).stop_step
-                    for arm in sweep_arms(cfg) for t in trials)
+        max_t = max(plan.stop_step for plan in trial_plans(cfg, folders))
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
                                   reduction_factor=3)
     return tune.Tuner(
@@ -243,6 +241,16 @@ def _new_tuner(cfg: Config, trainable, folders: dict, out: Path):
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent)))
+
+
+def trial_plans(cfg: Config, folders: dict) -> list[RunPlan]:
+    """The run plan of every swept arm at every swept batch size (a trial's learning rate and seed change no step
+    count), on the driver: a plan no trial could run (train.schedule_steps below its stop step) fails here, in
+    one line, before Tune starts a trial."""
+    trials = [trial_config(cfg, {"train.global_batch_size": b})
+              for b in cfg.sweep.global_batch_size or [cfg.train.global_batch_size]]
+    return [run_plan(t.train, t.optim, read_manifest(folders[arm]), t.train.num_workers)
+            for arm in sweep_arms(cfg) for t in trials]
 
 
 def _eval_specs(sweep: SweepConfig, ev: EvalConfig) -> list:
