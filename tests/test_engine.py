@@ -365,7 +365,8 @@ def test_bf16_engines_accumulate_gradients_in_fp32(engines_by_stage):
     """raypack's bf16 config makes DeepSpeed sum micro-batch gradients in fp32 at ZeRO 1-3 (ZeRO-1: its
     BF16_Optimizer); negative control: the same config without data_types accumulates in bf16."""
     for stage in (1, 2, 3):
-        ours, bare = engines_by_stage[("bf16", stage, "raypack")], engines_by_stage[("bf16", stage, "without data_types")]
+        ours = engines_by_stage[("bf16", stage, "raypack")]
+        bare = engines_by_stage[("bf16", stage, "without data_types")]
         assert ours["dtypes"] == ["torch.bfloat16", "torch.float32"], stage
         assert bare["dtypes"] == ["torch.bfloat16", "torch.bfloat16"], stage
         if stage == 1:

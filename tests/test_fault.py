@@ -8,7 +8,9 @@ lm-eval, no probe): every interrupted run must give, for its arm,
     the same row ids at every step on every rank (rows-rank<r>.jsonl),
     the same per-step losses within 1e-6 (fp32 on CPU),
     the same final weights within 1e-6 (the exported model).
-Interruptions: (a) a training worker SIGKILLed at a random step between two
+The model has attention dropout (0.1), so the losses match only when every rank's
+random streams resume where they stopped (raypack.train.resume: each checkpoint holds
+them). Interruptions: (a) a training worker SIGKILLed at a random step between two
 checkpoints and, later in the same run, (d) SIGTERM to the driver: a checkpoint at
 the next step boundary, exit 143, and the same command resumes; (b) the node
 holding a worker lost mid-run, the run finishing once a node returns; (c) the
@@ -45,8 +47,10 @@ CHECKPOINT_EVERY = 4
 
 def base_overrides(root: Path) -> list[str]:
     """The study's settings; a `raypack train` of one arm repeats what the study sets for it (a validation
-    point every 2 steps, export) so that its run is the study's run of that arm."""
+    point every 2 steps, export) so that its run is the study's run of that arm. The model is a saved folder
+    with attention dropout 0.1 (save_dropout_model): a resume matches only if each rank's random streams do."""
     return [f"prepare.output_dir={root / 'prepared'}", "synth.num_samples=200", "data.max_seq_len=256",
+            f"model.name_or_path={root / 'model'}",
             f"pack.arms={json.dumps(ARMS)}", "train.num_workers=2", "train.micro_batch_size=2",
             "train.global_batch_size=8", "train.epochs=1", "optim.lr=0.001", "optim.warmup_ratio=0.0",
             "prepare.num_tokenizer_actors=1", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
@@ -101,10 +105,22 @@ def raypack(cluster: RayNodes, args: list[str], log: Path, wait: bool = True):
     return proc
 
 
+DROPOUT = 0.1
+
+
+def save_dropout_model(folder: Path) -> None:
+    """The tiny Llama with attention dropout, saved as a Hugging Face folder (weights and tokenizer)."""
+    from raypack.model import TINY, build_tiny_model, load_tokenizer
+
+    build_tiny_model(seed=0, attention_dropout=DROPOUT).save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(TINY).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def truth(cluster, tmp_path_factory, finished_studies):
     """The uninterrupted study: both arms trained one after the other, exported, never disturbed."""
     root = tmp_path_factory.mktemp("truth")
+    save_dropout_model(root / "model")
     raypack(cluster, ["study", "jobs/compare.yaml", *base_overrides(root), "name=fault",
                       f"study.out={root / 'study'}"], root / "study.log")
     finished_studies["fault"] = root / "study"  # test_study's grid test combines it with its own
@@ -214,6 +230,7 @@ def test_a_killed_worker_then_sigterm_then_the_same_command(cluster, truth, tmp_
     raypack(cluster, args, tmp_path / "train.log")
     events = read_jsonl(run / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "resume"] == [resumed, stopped]
+    assert all(e["rng_restored"] for e in events if e["event"] == "resume")
     assert_same_run(run, run_dir_of_study(truth / "study", ARM))
 
 
@@ -389,3 +406,38 @@ def test_a_checkpoint_in_object_storage_is_fetched_per_node_only_its_ranks_files
     read.clear()
     checkpoint.to_directory(str(tmp_path / "whole"))
     assert sum(read) == total and total not in expected.values()
+
+
+def test_a_resume_without_the_random_state_would_differ(truth):
+    """Negative control of the resumes above: with dropout, a step's loss depends on the random streams. The
+    dropout model's loss on one of the truth's batches, computed as rank 0 resumes it from the truth's last
+    checkpoint (its rng-rank0.pt restored), is reproduced exactly from that state; from the state a resume
+    without it would have (the rank's fresh seed) it differs by far more than assert_same_run's 1e-6."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raypack.data.collate import collate
+    from raypack.data.prepared import RowStore
+    from raypack.model import TINY_PAD_ID
+    from raypack.train.loss import micro_batch_loss, step_denominator
+    from raypack.train.resume import load_rng_state, seed_rank
+
+    model = AutoModelForCausalLM.from_pretrained(truth / "model").train()
+    assert model.config.attention_dropout == DROPOUT
+    (prepared,) = [p for p in (truth / "prepared").glob("tok-*/bfd-isolated-*") if (p / "manifest.json").exists()]
+    batch = collate(RowStore.open(prepared).take([0, 1]), "cross", TINY_PAD_ID)
+    run = truth / "study" / "train" / f"fault-seed0-{ARM}"
+    checkpoint = max(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+    def loss() -> float:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return float(micro_batch_loss(logits, batch, "token", step_denominator([batch], "token"), 1).loss)
+
+    restored = []
+    for _ in range(2):
+        assert load_rng_state(checkpoint, 0)
+        restored.append(loss())
+    seed_rank(0, 0)
+    fresh = loss()
+    assert restored[0] == restored[1]
+    assert abs(fresh - restored[0]) > 1e-4, (fresh, restored)
