@@ -46,7 +46,8 @@ from pathlib import Path
 
 import yaml
 
-from raypack.config import Config, ConfigError, describe_fields, describe_keys, load_config, setting_configs, to_dict
+from raypack.config import (Config, ConfigError, describe_fields, describe_keys, is_uri, load_config, setting_configs,
+                            to_dict)
 from raypack.tables import format_table, write_json
 
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
@@ -402,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_FLAGS = ("json", "out", "work_dir")  # the flags naming where a command writes
+
+
+def _refuse_uri_outputs(args: argparse.Namespace) -> None:
+    """A URI in an output flag would become a local folder named 's3:': refused, as the config's output keys are."""
+    for name in OUTPUT_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and is_uri(value):
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is a URI; raypack writes it with file "
+                              "operations and needs a filesystem path (copy it to object storage afterwards)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -415,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     from raypack.train.resume import PREEMPTED_EXIT_CODE, Preempted
 
     try:
+        _refuse_uri_outputs(args)
         cfg = load_config(args.config, args.overrides) if getattr(args, "config", None) else None
         return command.run(cfg, args)
     except ValueError as err:  # user input and config (ConfigError is one): what to change, in one line

@@ -711,13 +711,22 @@ OUTPUT_PATHS = {
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # scheme: (s3://b/x, s3:b/x, gs://, hf:...); not a drive letter
 
 
+def is_uri(value: str) -> bool:
+    """True for a scheme-prefixed location (s3://b/x, s3:b/x, gs://..., hf:...), False for a filesystem path.
+
+    >>> [is_uri(v) for v in ("s3://b/x", "s3:b/x", "out/x", "/tmp/x", "./s3:x", "C:/x")]
+    [True, True, False, False, False, False]
+    """
+    return bool(_URI.match(value)) and not re.match(r"^[A-Za-z]:[\\/]", value)
+
+
 def _validate_outputs(cfg: Config) -> None:
     """Refuse a URI in a key of OUTPUT_PATHS, naming the key and what to give instead."""
     for key, why in OUTPUT_PATHS.items():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if _URI.match(value):
+        if is_uri(value):
             folder = "" if "://" in value else f" (a folder of that name is written ./{value})"
             raise ConfigError(f"{key} {value!r} is a URI{folder}; {why}; checkpoints may go to object storage "
                               "through train.storage_path")

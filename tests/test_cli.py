@@ -241,3 +241,21 @@ def test_study_setting_reaches_eval_and_is_refused_by_sweep(tmp_path, capsys):
         checkpoints(cfg)  # the paper's first arm, not quickstart's padding: nothing trained yet
     assert main(["sweep", "jobs/sweep-quick.yaml", f"output_dir={tmp_path}", "study.setting=paper"]) == 2
     assert "a sweep tunes sweep.arms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if any(n in ("--json", "--out", "--work-dir")
+                                                               for names, _ in c.flags for n in names)],
+                         ids=lambda c: c.name)
+def test_a_uri_in_an_output_flag_is_one_line(command, tmp_path, capsys):
+    """--json / --out / --work-dir are written with file operations: a URI there is refused before anything runs,
+    naming the flag. Negative control: a path in the same flag goes on to the next check (a missing config)."""
+    (names, _), = [(names, o) for names, o in command.flags if names[0] in ("--json", "--out", "--work-dir")][:1]
+    config = [] if command.config == "none" else [str(tmp_path / "missing.yaml")]
+    argv = command_argv(command, *config, names[0], "s3://bucket/x")
+    if command.config == "none":
+        argv.insert(len(command.name.split()), str(tmp_path))
+    line = one_line_error(main(argv), capsys.readouterr().err)
+    assert line and f"{names[0]} 's3://bucket/x' is a URI" in line, line
+    argv[argv.index("s3://bucket/x")] = str(tmp_path / "x")
+    line = one_line_error(main(argv), capsys.readouterr().err)
+    assert "is a URI" not in (line or "")

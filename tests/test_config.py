@@ -210,3 +210,15 @@ def test_config_names_are_what_the_data_modules_implement():
     modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in modules if m.startswith("raypack.")], modules
+
+
+def test_the_examples_in_config_and_resume_hold():
+    """The literal examples in raypack/config.py (is_uri, setting_configs) and raypack/train/resume.py."""
+    import doctest
+
+    import raypack.config
+    import raypack.train.resume
+
+    for module in (raypack.config, raypack.train.resume):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
