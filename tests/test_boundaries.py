@@ -136,13 +136,14 @@ def test_no_module_imports_another_modules_private_names():
 
 
 # Each outside engine and the one module that touches it (STYLE.md): Ray Data by the pipeline package, in the
-# stages that build datasets (read, tokenize into the cache, group: planning and packing are plain Ray tasks, and
-# prepare only starts them), Ray Train by the launcher, the loop and the progress line (its callback runs in Ray
-# Train's controller), Ray Tune by the sweep that runs it and by the reader of its results (raypack.tune.trials:
-# Tune's result API, no Ray running; apart from the sweep so that the pure analysis needs neither),
-# DeepSpeed by its engine module, lm-eval by the harness, MLflow by raypack.tracking.
+# stages that build datasets (read, tokenize into the cache, group) and the module that keeps their rows in order
+# (planning and packing are plain Ray tasks, and prepare only starts them), Ray Train by the launcher, the loop
+# and the progress line (its callback runs in Ray Train's controller), Ray Tune by the sweep that runs it and by
+# the reader of its results (raypack.tune.trials: Tune's result API, no Ray running; apart from the sweep so that
+# the pure analysis needs neither), DeepSpeed by its engine module, lm-eval by the harness, MLflow by
+# raypack.tracking.
 PIPELINE = "raypack/data/pipeline"
-ENGINE_OWNERS = {"ray.data": {f"{PIPELINE}/read.py", f"{PIPELINE}/cache.py", f"{PIPELINE}/group.py"},
+ENGINE_OWNERS = {"ray.data": {f"{PIPELINE}/{stage}.py" for stage in ("read", "cache", "group", "ordered")},
                  "ray.train": {"raypack/train/launch.py", "raypack/train/loop.py", "raypack/train/progress.py"},
                  "ray.tune": {"raypack/tune/sweep.py", "raypack/tune/trials.py"},
                  "deepspeed": {"raypack/train/engine.py"}, "lm_eval": {"raypack/eval/harness.py"},
@@ -191,8 +192,8 @@ def pipeline_stage_importers(root: Path) -> list[str]:
 
 
 def test_the_rest_of_raypack_uses_the_pipeline_through_its_package(tmp_path):
-    """`from raypack.data.pipeline import prepare` everywhere outside the package: its stage modules (read, cache,
-    group, pack, prepare) are the package's inside, free to move. Negative control: a stray stage import is seen."""
+    """`from raypack.data.pipeline import prepare` everywhere outside the package: its modules (read, cache, group,
+    pack, prepare, ordered) are the package's inside, free to move. Negative control: a stray stage import is seen."""
     root = Path(importlib.util.find_spec("raypack").origin).parent
     assert pipeline_stage_importers(root) == []
     stray = tmp_path / "raypack"

@@ -11,10 +11,13 @@ Output: `tok-<hash>/tokenized/*.parquet`, columns TOKENIZED_SCHEMA, one row per
     rejected record   status `rejected`, with reason and detail, no tokens
     dropped record    a conversation with no supervised token (status `dropped_no_supervised`), no tokens
 
-keyed by (key, piece): key is the read stage's (one per input record), piece the piece number. Order: by key,
-pieces consecutive within a key (summarise_tokenized checks it); later stages address the cache's samples by
-their ordinal in this order (raypack.data.pipeline.pack). Beside it `tokenized.json` (the pass's counts:
-summarise_tokenized) and `rejected/rejected.jsonl` (every rejected record: source file, row, reason, detail).
+keyed by (key, piece): key is the read stage's (one per input record), piece the piece number. Order: input
+order, by key, a key's pieces 0, 1, ... in a row. The stage runs in input order and writes each file in order
+(raypack.data.pipeline.ordered); readers take the files by their first key (cache_files) and check the order
+(read_cache_index: when the cache is written, and whenever prepare reuses it), since the later stages address
+the cache's samples by their ordinal in this order (raypack.data.pipeline.pack). Beside it `tokenized.json` (the
+pass's counts: summarise_tokenized) and `rejected/rejected.jsonl` (every rejected record: source file, row,
+reason, detail).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import ray.data
 from raypack.config import OVERLENGTH_POLICIES, Config, PrepareConfig
 from raypack.data import formats
 from raypack.data.overlength import LONG, kept_rows, policy_counts
+from raypack.data.pipeline.ordered import input_order, write_parquet_in_order
 from raypack.data.pipeline.read import RAW_COLUMNS, Inputs, read_sources
 from raypack.data.prepared import shard_files
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_pieces
@@ -127,24 +131,22 @@ def _user_error(err: BaseException) -> formats.FormatError | None:
 
 
 def tokenize_to_cache(cfg: Config, tok_dir: Path, inputs: Inputs | None = None) -> dict:
-    """Run read -> tokenize on Ray Data into tok_dir/tokenized; returns the pass's counts."""
+    """Run read -> tokenize on Ray Data into tok_dir/tokenized, in input order; returns the pass's counts."""
     prep: PrepareConfig = cfg.prepare
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the cache must be in input order
-    # Small blocks, so every tokenizer actor gets work even when the input is one big file.
-    ctx.target_max_block_size = prep.block_mb * 2**20
-    ds = read_sources(cfg, inputs).map_batches(
-        TokenizeBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
-        fn_constructor_kwargs={"data_cfg": asdict(cfg.data)})
     staging = tok_dir / "tokenized.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": prep.write_num_cpus})
-    except Exception as err:  # Ray wraps a worker's exception; surface ours as itself
-        raise _user_error(err) or err
-    counts = summarise_tokenized(shard_files(staging))
-    _write_rejected(shard_files(staging), tok_dir / "rejected" / "rejected.jsonl")
+    with input_order(prep.block_mb):  # small blocks, so every actor gets work even from one big file
+        ds = read_sources(cfg, inputs).map_batches(
+            TokenizeBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
+            fn_constructor_kwargs={"data_cfg": asdict(cfg.data)})
+        try:
+            write_parquet_in_order(ds, str(staging), prep.write_num_cpus)
+        except Exception as err:  # Ray wraps a worker's exception; surface ours as itself
+            raise _user_error(err) or err
+    files = cache_files(staging)
+    counts = summarise_tokenized(files)
+    _write_rejected(files, tok_dir / "rejected" / "rejected.jsonl")
     shutil.rmtree(tok_dir / "tokenized", ignore_errors=True)
     staging.rename(tok_dir / "tokenized")
     (tok_dir / "tokenized.json").write_text(json.dumps(counts, indent=2))
@@ -152,19 +154,14 @@ def tokenize_to_cache(cfg: Config, tok_dir: Path, inputs: Inputs | None = None) 
 
 
 def summarise_tokenized(files: list[str]) -> dict:
-    """Counts of the tokenization pass, from the cache's small columns; checks the input order.
+    """Counts of the tokenization pass, from the cache's small columns (read_cache_index: in input order).
 
     `num_long`: conversations longer than max_seq_len (kept as all their pieces); `num_tokens`: every token the
     tokenizer produced; `policies`: what each over-length policy makes of the input (raypack.data.overlength).
     """
-    table = pq.read_table(files, columns=["key", "piece", "status", "reason", "num_tokens",
-                                          "num_supervised_tokens"]) if files else TOKENIZED_SCHEMA.empty_table()
+    table = read_cache_index(files, ["status", "reason", "num_tokens", "num_supervised_tokens"])
     key = table.column("key").to_numpy()
     piece = table.column("piece").to_numpy()
-    order_ok = np.all((np.diff(key) > 0) | ((np.diff(key) == 0) & (np.diff(piece) == 1)))
-    if not order_ok:
-        raise RuntimeError("tokenized cache is not in input order; Ray Data did not preserve order "
-                           "(please report this with your Ray version)")
     status = np.array(table.column("status").to_pylist(), dtype=object)
     first = piece == 0
     reasons = [r for r, s in zip(table.column("reason").to_pylist(), status) if s == STATUS_REJECTED]
@@ -193,6 +190,32 @@ def _write_rejected(files: list[str], out: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading the cache
+
+
+def cache_files(folder: str | Path) -> list[str]:
+    """The cache's Parquet files in key order: by the (key, piece) of each file's first row, not by file name."""
+    def first_row(path: str) -> tuple[int, int]:
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=["key", "piece"]), None)
+        return (batch.column(0)[0].as_py(), batch.column(1)[0].as_py()) if batch and batch.num_rows else (-1, -1)
+
+    return sorted(shard_files(folder), key=lambda path: (first_row(path), path))
+
+
+def read_cache_index(files: list[str], columns: list[str]) -> pa.Table:
+    """key, piece and these small columns of the whole cache, checked to be in input order: by key, a key's
+    pieces 0, 1, ... in a row (what every reader of the cache by ordinal relies on). Raises RuntimeError naming
+    the first row out of order, and the way out, otherwise."""
+    names = ["key", "piece", *(c for c in columns if c not in ("key", "piece"))]
+    table = pq.read_table(files, columns=names) if files else TOKENIZED_SCHEMA.empty_table().select(names)
+    key, piece = table.column("key").to_numpy(), table.column("piece").to_numpy()
+    bad = np.flatnonzero(~((np.diff(key) > 0) | ((np.diff(key) == 0) & (np.diff(piece) == 1))))
+    if len(bad):
+        i = int(bad[0])
+        folder = Path(files[0]).parent
+        raise RuntimeError(f"tokenized cache {folder} is not in input order: row {i + 1} (key {key[i + 1]}, piece "
+                           f"{piece[i + 1]}) follows (key {key[i]}, piece {piece[i]}); prepare again with "
+                           "prepare.reuse=false (if it recurs, report it with your Ray and pyarrow versions)")
+    return table
 
 
 def kept(table, overlength: str) -> np.ndarray:

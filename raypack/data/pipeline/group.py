@@ -9,8 +9,11 @@ Output: `tok-<hash>/groups-<hash>/` (the folder prepare names from the grouping 
     clusters.npz        keys, pieces, clusters (int), centroids: one cluster per candidate
     groups.json         backend, model, num_samples, num_clusters, cluster_sizes, seconds
 
-keyed by (key, piece), the cache's key. Order: the candidates' cache order (load_groups returns them so); the
-planning stage checks that keys and pieces match its samples before it uses clusters or vectors
+keyed by (key, piece), the cache's key. Order: every dataset runs in input order and writes in order
+(raypack.data.pipeline.ordered), but nothing relies on it: the k-means fit reads the vectors sorted by (key,
+piece), clusters.npz is saved sorted so, and load_groups joins vectors and clusters on (key, piece), refusing
+folders whose two files hold different samples, and returns them in that order, the candidates' cache order. The
+planning stage checks the keys and pieces against its own samples before it uses a cluster or a vector
 (raypack.data.pipeline.pack.plan_split).
 
 Backends: `tfidf` (hashed TF-IDF sketches: a document-frequency pass, then vectors; raypack.data.features), or
@@ -34,6 +37,7 @@ import ray.data
 from raypack.config import Config
 from raypack.data import features
 from raypack.data.pipeline.cache import candidates
+from raypack.data.pipeline.ordered import input_order, write_parquet_in_order
 from raypack.data.prepared import shard_files
 from raypack.model import load_tokenizer
 
@@ -92,26 +96,25 @@ def _vectors_of(table: pa.Table) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
 
 
+def _read_vectors(vector_files: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """keys, pieces and vectors of these files, sorted by (key, piece): the cache's order, whatever the files'."""
+    table = pq.read_table(vector_files, columns=["key", "piece", "vector"])
+    keys, pieces = table.column("key").to_numpy(), table.column("piece").to_numpy()
+    order = np.lexsort((pieces, keys))
+    return keys[order], pieces[order], _vectors_of(table)[order]
+
+
 @ray.remote
 def _fit_centroids(vector_files: list[str], k: int, max_samples: int, seed: int) -> np.ndarray:
-    """k-means centroids fitted on at most max_samples evenly spaced vectors."""
-    vectors = _vectors_of(pq.read_table(vector_files, columns=["vector"])).astype(np.float32)
-    return features.fit_kmeans(vectors, k, seed=seed, max_samples=max_samples)
+    """k-means centroids fitted on at most max_samples evenly spaced vectors, in (key, piece) order."""
+    return features.fit_kmeans(_read_vectors(vector_files)[2].astype(np.float32), k, seed=seed,
+                               max_samples=max_samples)
 
 
-def build_groups(cfg: Config, files: list[str], out: Path) -> Path:
-    """Content vectors and k-means clusters of every candidate sample of the cache's `files`, as Ray Data stages,
-    into `out` (module docstring); reused when present (prepare.reuse)."""
+def _write_vectors(cfg: Config, files: list[str], folder: Path) -> None:
+    """The candidates' vectors (tfidf: a document-frequency pass first; or embeddings) into folder/*.parquet."""
     pack, prep = cfg.pack, cfg.prepare
-    model = pack.embedding_model if pack.group_backend == "embedding" else None
-    if prep.reuse and (out / "groups.json").exists():
-        return out
-    start = time.perf_counter()
-    print(f"raypack prepare: grouping samples by content ({pack.group_backend})", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    columns = ["key", "piece", "status", "num_supervised_tokens", "input_ids"]
-    ds = ray.data.read_parquet(files).select_columns(columns)
+    ds = ray.data.read_parquet(files).select_columns(["key", "piece", "status", "num_supervised_tokens", "input_ids"])
     if pack.group_backend == "tfidf":
         num_buckets = features.NUM_BUCKETS
         df, num_docs = np.zeros(num_buckets, np.int64), 0
@@ -128,20 +131,36 @@ def build_groups(cfg: Config, files: list[str], out: Path) -> Path:
             EmbedBatch, batch_format="pyarrow", batch_size=prep.tokenize_batch_size,
             compute=ray.data.ActorPoolStrategy(size=prep.num_tokenizer_actors), num_cpus=prep.actor_num_cpus,
             num_gpus=prep.embed_num_gpus,
-            fn_constructor_kwargs={"model": model, "tokenizer": cfg.data.tokenizer,
+            fn_constructor_kwargs={"model": pack.embedding_model, "tokenizer": cfg.data.tokenizer,
                                    "device": "cuda" if prep.embed_num_gpus else "cpu"})
-    vectors.write_parquet(str(out / "vectors"), ray_remote_args={"num_cpus": prep.write_num_cpus})
-    vector_files = shard_files(out / "vectors")
-    num_samples = sum(pq.ParquetFile(f).metadata.num_rows for f in vector_files)
-    k = features.resolve_num_clusters(pack.num_clusters, num_samples)
-    centroids = ray.get(_fit_centroids.options(num_cpus=prep.pack_num_cpus).remote(
-        vector_files, k, pack.kmeans_samples, cfg.seed))
-    assigned = pa.concat_tables(ray.data.read_parquet(vector_files).map_batches(
-        _assign_batch, batch_format="pyarrow", fn_kwargs={"centroids": centroids},
-        num_cpus=prep.read_num_cpus).iter_batches(batch_format="pyarrow"))
-    clusters = assigned.column("cluster").to_numpy()
-    np.savez(out / "clusters.npz", keys=assigned.column("key").to_numpy(),
-             pieces=assigned.column("piece").to_numpy(), clusters=clusters, centroids=centroids)
+    write_parquet_in_order(vectors, str(folder), prep.write_num_cpus)
+
+
+def build_groups(cfg: Config, files: list[str], out: Path) -> Path:
+    """Content vectors and k-means clusters of every candidate sample of the cache's `files`, as Ray Data stages,
+    into `out` (module docstring); reused when present (prepare.reuse)."""
+    pack, prep = cfg.pack, cfg.prepare
+    model = pack.embedding_model if pack.group_backend == "embedding" else None
+    if prep.reuse and (out / "groups.json").exists():
+        return out
+    start = time.perf_counter()
+    print(f"raypack prepare: grouping samples by content ({pack.group_backend})", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with input_order(prep.block_mb):
+        _write_vectors(cfg, files, out / "vectors")
+        vector_files = shard_files(out / "vectors")
+        num_samples = sum(pq.ParquetFile(f).metadata.num_rows for f in vector_files)
+        k = features.resolve_num_clusters(pack.num_clusters, num_samples)
+        centroids = ray.get(_fit_centroids.options(num_cpus=prep.pack_num_cpus).remote(
+            vector_files, k, pack.kmeans_samples, cfg.seed))
+        assigned = pa.concat_tables(ray.data.read_parquet(vector_files).map_batches(
+            _assign_batch, batch_format="pyarrow", fn_kwargs={"centroids": centroids},
+            num_cpus=prep.read_num_cpus).iter_batches(batch_format="pyarrow"))
+    keys, pieces = assigned.column("key").to_numpy(), assigned.column("piece").to_numpy()
+    order = np.lexsort((pieces, keys))  # keyed: saved in the cache's order, whatever order the batches came in
+    clusters = assigned.column("cluster").to_numpy()[order]
+    np.savez(out / "clusters.npz", keys=keys[order], pieces=pieces[order], clusters=clusters, centroids=centroids)
     info = {"backend": pack.group_backend, "model": model, "num_samples": int(num_samples),
             "num_clusters": int(k), "cluster_sizes": np.bincount(clusters, minlength=k).tolist(),
             "seconds": time.perf_counter() - start}
@@ -151,10 +170,15 @@ def build_groups(cfg: Config, files: list[str], out: Path) -> Path:
 
 
 def load_groups(folder: str | Path) -> dict:
-    """What build_groups wrote: keys, pieces, clusters and float16 vectors in candidate-sample order."""
+    """What build_groups wrote, joined by (key, piece) and in that order (the candidates' cache order): keys,
+    pieces, clusters, float16 vectors. Raises RuntimeError if vectors/ and clusters.npz hold different samples."""
     folder = Path(folder)
     arrays = np.load(folder / "clusters.npz")
     info = json.loads((folder / "groups.json").read_text())
-    vectors = _vectors_of(pq.read_table(shard_files(folder / "vectors"), columns=["vector"]))
-    return {"keys": arrays["keys"], "pieces": arrays["pieces"], "clusters": arrays["clusters"], "vectors": vectors,
+    keys, pieces, vectors = _read_vectors(shard_files(folder / "vectors"))
+    order = np.lexsort((arrays["pieces"], arrays["keys"]))
+    if not (np.array_equal(arrays["keys"][order], keys) and np.array_equal(arrays["pieces"][order], pieces)):
+        raise RuntimeError(f"content groups {folder}: vectors/ and clusters.npz do not hold the same samples "
+                           f"({len(keys)} vectors, {len(order)} clusters); prepare again with prepare.reuse=false")
+    return {"keys": keys, "pieces": pieces, "clusters": arrays["clusters"][order], "vectors": vectors,
             "num_clusters": info["num_clusters"], "backend": info["backend"]}

@@ -65,6 +65,8 @@ class SplitPlan(NamedTuple):
 
     plans: list[PackPlan]  # one per buffer; piece_sample indexes the buffer's samples
     buffer_starts: np.ndarray  # split ordinal (kept samples of this split, in cache order) of each buffer's first sample
+    keys: np.ndarray  # key and piece of every sample of the split, by split ordinal: what the packing tasks'
+    pieces: np.ndarray  # samples are checked against
     row_groups: list[tuple[str, int, int, int]]  # (file, row group, first split ordinal, split samples in it)
 
 
@@ -119,11 +121,12 @@ def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
     groups = None
     if groups_dir:
         loaded = load_groups(groups_dir)
-        kept_index = split["kept_index"]
-        if not (np.array_equal(loaded["keys"][kept_index], split["key"])
+        kept_index = split["kept_index"]  # the split's samples among the candidates, which the groups hold
+        if (len(kept_index) and kept_index[-1] >= len(loaded["keys"])) or not (
+                np.array_equal(loaded["keys"][kept_index], split["key"])
                 and np.array_equal(loaded["pieces"][kept_index], split["piece"])):
-            raise RuntimeError("grouping stage output is not aligned with the tokenized cache; prepare again "
-                               "with prepare.reuse=false")
+            raise RuntimeError(f"content groups {groups_dir} do not hold the tokenized cache's samples (keys or "
+                               "pieces differ); prepare again with prepare.reuse=false")
         groups = ContentGroups(loaded["clusters"][kept_index], loaded["vectors"][kept_index], loaded["num_clusters"],
                                loaded["backend"])
     arm = plan_arm(split["length"], spec, max_seq_len=max_seq_len, window=window, group_buffer=group_buffer,
@@ -135,8 +138,8 @@ def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
             r_hi = min(r + rows_per_shard, plan.num_rows)
             shards.append(Shard(b, c, r, r_hi, num_rows + r, int(lens[r:r_hi].sum())))
         num_rows += plan.num_rows
-    return {**arm.stats, "shards": shards, "start": start}, SplitPlan(arm.plans, arm.buffer_starts,
-                                                                       split["row_groups"])
+    return {**arm.stats, "shards": shards, "start": start}, SplitPlan(arm.plans, arm.buffer_starts, split["key"],
+                                                                      split["piece"], split["row_groups"])
 
 
 def _shard_plan(plan: PackPlan, lo: int, hi: int) -> PackPlan:
@@ -197,6 +200,9 @@ def pack_shards(split: SplitPlan, shards: list[Shard], holdout_keys: np.ndarray,
         [split.buffer_starts[s.buffer] + _shard_plan(split.plans[s.buffer], s.lo, s.hi).piece_sample
          for s in shards]))
     keys, pieces, tokens = _read_samples(split, holdout_keys, select, overlength, needed)
+    if not (np.array_equal(keys, split.keys[needed]) and np.array_equal(pieces, split.pieces[needed])):
+        raise RuntimeError("the tokenized cache changed between planning and packing (its samples are not the "
+                           "planned ones); prepare again with prepare.reuse=false")
     converter = ShardConverter(part, first_row=shards[0].first_row)
     num_supervised = 0
     for s in shards:

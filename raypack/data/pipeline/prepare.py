@@ -39,23 +39,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from raypack.config import ArmSpec, Config, DataConfig, PackConfig, arm_spec
 from raypack.data.arm import COMPOSITION_KEYS
 from raypack.data.holdout import holdout_mask
-from raypack.data.pipeline.cache import CACHE_VERSION, kept, tokenize_to_cache
+from raypack.data.pipeline.cache import CACHE_VERSION, cache_files, kept, read_cache_index, tokenize_to_cache
 from raypack.data.pipeline.group import build_groups
 from raypack.data.pipeline.pack import pack_split, plan_split
 from raypack.data.pipeline.read import Inputs, resolve_inputs
-from raypack.data.prepared import (
-    MANIFEST_VERSION,
-    Manifest,
-    shard_files,
-    write_flat,
-    write_manifest,
-)
+from raypack.data.prepared import MANIFEST_VERSION, Manifest, write_flat, write_manifest
 from raypack.ray_start import ensure_ray
 
 
@@ -80,7 +73,7 @@ def tok_hash(cfg: Config, inputs: Inputs) -> str:
 
 def holdout_keys(files: list[str], data: DataConfig, seed: int) -> np.ndarray:
     """Validation conversations: drawn from those data.overlength keeps, the same whatever the arms' policies."""
-    table = pq.read_table(files, columns=["key", "piece", "status", "num_supervised_tokens"])
+    table = read_cache_index(files, ["status", "num_supervised_tokens"])  # checks the order of a reused cache
     conv_keys = np.unique(table.column("key").to_numpy()[kept(table, data.overlength)])
     if len(conv_keys) == 0:
         return conv_keys
@@ -151,7 +144,7 @@ def prepare(cfg: Config) -> dict:
     else:
         counts = tokenize_to_cache(cfg, tok_dir, inputs)
     tokenize_seconds = time.perf_counter() - start
-    files = shard_files(tok_dir / "tokenized")
+    files = cache_files(tok_dir / "tokenized")
     holdout = holdout_keys(files, cfg.data, cfg.seed)
     groups = next((job.groups for job in jobs.values() if job.groups), None)
     if groups:
