@@ -8,6 +8,7 @@ and the loop takes padding's steps from them.
 import json
 import shutil
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from raypack.config import load_config
 from raypack.data.formats import FormatError
 from raypack.data.local import load_or_synth, prepare_local
-from raypack.data.pipeline import prepare
+from raypack.data.pipeline import KEY_ROW_BITS, prepare
 from raypack.data.pipeline.cache import cache_files, read_cache_index
 from raypack.data.pipeline.group import load_groups
 from raypack.data.pipeline.ordered import write_in_order
@@ -43,10 +44,13 @@ def real_files(tmp_path_factory):
     return folder
 
 
+REAL = ("data.val_count=6", "pack.window=16")  # prepared_real's settings, beside the real files
+
+
 @pytest.fixture(scope="module")
 def prepared_real(ray_local, real_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep")
-    cfg = config(out, f"data.sources=[{real_files}]", "data.val_count=6", "pack.window=16")
+    cfg = config(out, f"data.sources=[{real_files}]", *REAL)
     return cfg, prepare(cfg)
 
 
@@ -194,6 +198,67 @@ def test_rejected_rows_are_written_with_reason_and_row(prepared_real):
                       10: "missing_field"}
 
 
+def compare_report(out, real_files, *overrides) -> dict:
+    """compare.json of `raypack compare` on prepared_real's config (plus these overrides), written under out."""
+    from raypack.cli import main
+
+    assert main(["compare", "jobs/compare.yaml", f"output_dir={out}", "data.max_seq_len=512", f"pack.arms={ARMS}",
+                 f"data.sources=[{real_files}]", *REAL, *overrides]) == 0
+    return json.loads((out / "compare" / "compare.json").read_text())
+
+
+def compare_disagreements(report: dict, folders: dict) -> dict:
+    """{(arm, key): (compare's value, the manifest's)} for every count of compare's arms a manifest differs on."""
+    found = {}
+    for arm, stats in report["arms"].items():
+        manifest = read_manifest(folders[arm]).to_dict()
+        assert set(stats) - {"seconds", "max_row_len"} <= set(manifest), arm  # nothing escapes the comparison
+        found.update({(arm, key): (value, manifest[key]) for key, value in stats.items()
+                      if key in manifest and key not in TIMINGS and value != manifest[key]})
+    return found
+
+
+def test_compare_holds_out_the_validation_split_prepare_holds_out(prepared_real, real_files, tmp_path):
+    """`raypack compare` (in process) holds out the conversations `raypack prepare` holds out, so every count of
+    every arm is the arm's manifest's: samples, rows, tokens, supervised tokens, padding, lower bound, held-out
+    conversations. Negative control: with nothing held out compare packs more samples in every arm, and the
+    comparison says so."""
+    _, folders = prepared_real
+    report = compare_report(tmp_path / "same", real_files)
+    val = read_manifest(folders["val"])
+    assert report["validation"] == {"num_val_conversations": 6, "num_val_samples": val.num_samples,
+                                    "num_val_tokens": val.num_tokens,
+                                    "num_val_supervised_tokens": val.num_supervised_tokens}
+    assert set(report["arms"]) == set(folders) - {"val"}
+    assert compare_disagreements(report, folders) == {}
+
+    found = compare_disagreements(compare_report(tmp_path / "none", real_files, "data.val_count=0",
+                                                  "data.val_fraction=0"), folders)
+    for arm in report["arms"]:
+        assert (arm, "num_samples") in found and (arm, "num_val_conversations") in found, (arm, found)
+        assert found[(arm, "num_samples")][0] == found[(arm, "num_samples")][1] + val.num_samples
+
+
+def test_compare_keys_conversations_as_the_read_stage_does(real_files):
+    """conversation_keys gives each conversation compare loads the read stage's key (file index << 40 | row; the
+    reference loads file by file), a file listed twice two sets of keys (negative control: a key per path, as
+    one might take it from the conversation's source, repeats them)."""
+    from raypack.config import DataConfig, SynthConfig
+    from raypack.data import formats
+    from raypack.data.local import conversation_keys, expand_sources
+
+    data = DataConfig(sources=[str(real_files), str(real_files / "sharegpt_small.json")])
+    paths = expand_sources(data.sources)
+    expected = [(index << KEY_ROW_BITS) | int(c["source"].rpartition(":")[2]) for index, path in enumerate(paths)
+                for c in formats.load_conversations([path]).conversations]
+    conversations = load_or_synth(data, SynthConfig()).conversations
+    assert conversation_keys(data, conversations).tolist() == expected
+    assert len(set(expected)) == len(expected) == 62 + 20  # the folder's conversations, then sharegpt's again
+    per_path = [(paths.index(path) << KEY_ROW_BITS) | int(row)
+                for path, _, row in (c["source"].rpartition(":") for c in conversations)]
+    assert len(set(per_path)) == 62 < len(per_path)
+
+
 def test_rows_match_the_in_process_reference(ray_local, tmp_path):
     """With nothing held out and one window, the Ray pipeline's rows equal the pure core's."""
     cfg = config(tmp_path, "synth.num_samples=400", "data.val_fraction=0.0", "pack.window=0",
@@ -302,7 +367,7 @@ def test_a_cache_out_of_input_order_is_refused(two_runs, tmp_path):
     shutil.copy(tok / "tokenized.json", copy)
     table = pq.read_table(cache_files(tok / "tokenized"))
     cuts = [0, len(table) // 3, 2 * len(table) // 3, len(table)]
-    thirds = [table.slice(lo, hi - lo) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    thirds = [table.slice(lo, hi - lo) for lo, hi in pairwise(cuts)]
     for name, part in zip(("c", "b", "a"), thirds):  # names sort in reverse key order
         pq.write_table(part, copy / "tokenized" / f"{name}.parquet")
     files = cache_files(copy / "tokenized")
@@ -351,7 +416,8 @@ def test_the_ordered_writer_keeps_rows_where_rays_parquet_sink_does_not(tmp_path
     try:
         for i in range(5):
             write_in_order(table, str(tmp_path / f"ours-{i}.parquet"))
-            assert np.array_equal(pq.read_table(tmp_path / f"ours-{i}.parquet")["key"].to_numpy(), np.arange(len(table)))
+            keys = pq.read_table(tmp_path / f"ours-{i}.parquet")["key"].to_numpy()
+            assert np.array_equal(keys, np.arange(len(table)))
         for i in range(40):
             folder = tmp_path / f"ray-{i}"
             ParquetDatasink(str(folder))._write_parquet_files([table], f"part_{i}", table.schema, str(i), {}, None)

@@ -15,7 +15,8 @@ uses is re-exported here:
     folders = prepare(load_config("jobs/quickstart.yaml"))   # {"val": ..., "padding": ..., ...}
 """
 
+from raypack.data.holdout import KEY_ROW_BITS
 from raypack.data.pipeline.prepare import prepare, prepared_folders
-from raypack.data.pipeline.read import KEY_ROW_BITS, Inputs, read_sources, resolve_inputs
+from raypack.data.pipeline.read import Inputs, read_sources, resolve_inputs
 
 __all__ = ["KEY_ROW_BITS", "Inputs", "prepare", "prepared_folders", "read_sources", "resolve_inputs"]

@@ -43,8 +43,8 @@ import ray
 
 from raypack.config import ArmSpec, Config, DataConfig, PackConfig, arm_spec
 from raypack.data.arm import COMPOSITION_KEYS
-from raypack.data.holdout import holdout_mask
-from raypack.data.pipeline.cache import CACHE_VERSION, cache_files, kept, read_cache_index, tokenize_to_cache
+from raypack.data.holdout import held_out_keys
+from raypack.data.pipeline.cache import CACHE_VERSION, cache_files, read_cache_index, tokenize_to_cache
 from raypack.data.pipeline.group import build_groups
 from raypack.data.pipeline.pack import pack_split, plan_split
 from raypack.data.pipeline.read import Inputs, resolve_inputs
@@ -72,13 +72,13 @@ def tok_hash(cfg: Config, inputs: Inputs) -> str:
 
 
 def holdout_keys(files: list[str], data: DataConfig, seed: int) -> np.ndarray:
-    """Validation conversations: drawn from those data.overlength keeps, the same whatever the arms' policies."""
+    """The held-out conversations' keys (raypack.data.holdout.held_out_keys, as `raypack compare` draws them):
+    from those data.overlength keeps, the same whatever the arms' policies."""
     table = read_cache_index(files, ["status", "num_supervised_tokens"])  # checks the order of a reused cache
-    conv_keys = np.unique(table.column("key").to_numpy()[kept(table, data.overlength)])
-    if len(conv_keys) == 0:
-        return conv_keys
-    mask = holdout_mask(conv_keys, seed, fraction=data.val_fraction, count=data.val_count)
-    return conv_keys[mask]
+    status = np.array(table.column("status").to_pylist(), dtype=object)
+    return held_out_keys(table.column("key").to_numpy(), status, table.column("piece").to_numpy(),
+                         table.column("num_supervised_tokens").to_numpy(), data.overlength, seed,
+                         fraction=data.val_fraction, count=data.val_count)
 
 
 class Job(NamedTuple):

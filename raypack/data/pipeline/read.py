@@ -7,8 +7,9 @@ synth block.
 
 Output: one row per input record, columns RAW_SCHEMA:
 
-    key     int64   file index << KEY_ROW_BITS | row number (1-based); a synthetic row's number. Unique per
-                    record and increasing in input order: every later stage joins and orders by it
+    key     int64   file index << KEY_ROW_BITS | row number (1-based: raypack.data.holdout.record_key); a
+                    synthetic row's number. Unique per record and increasing in input order: every later
+                    stage joins and orders by it, and the validation hold-out hashes it
     source  string  "path:row" (or "synth:preset:row"), for error messages and rejected.jsonl
     raw     string  the record as JSON text ("" for a record that could not be read)
     fmt     string  its format (detected per file unless data.format is set)
@@ -33,9 +34,9 @@ import ray.data
 
 from raypack.config import Config, DataConfig, SynthConfig
 from raypack.data import formats, hub, synth
+from raypack.data.holdout import record_key
 from raypack.data.local import expand_sources
 
-KEY_ROW_BITS = 40  # key = file index << 40 | row number: input order, unique per record
 READ_CHUNK_ROWS = 1024
 RAW_COLUMNS = ("key", "source", "raw", "fmt", "reason", "detail")
 RAW_SCHEMA = pa.schema([("key", pa.int64()), ("source", pa.string()), ("raw", pa.string()), ("fmt", pa.string()),
@@ -118,8 +119,7 @@ def _read_files(batch: dict, fmt: str, hf_root: str):
                         file_fmt = formats.detect_format(value)
                     except formats.FormatError as err:
                         raise formats.FormatError(f"{path}:{row_num}: {err}; or set data.format") from err
-                rows.append(_raw_row((int(index) << KEY_ROW_BITS) | row_num, f"{path}:{row_num}", value,
-                                     file_fmt or ""))
+                rows.append(_raw_row(record_key(int(index), row_num), f"{path}:{row_num}", value, file_fmt or ""))
                 if len(rows) == READ_CHUNK_ROWS:
                     yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
                     rows = []
