@@ -303,8 +303,9 @@ class Command:
 
 GROUPS = {"bench": "benchmarks that print figures"}
 COMMANDS = (
-    Command("compare", cmd_compare, "tokenize once and pack every arm; print their counts side by side",
-            reads=("data.max_seq_len", "synth", "pack.arms", "pack.window")),
+    Command("compare", cmd_compare, "tokenize once, hold out prepare's validation split and pack every arm; "
+            "print their counts side by side",
+            reads=("data.max_seq_len", "data.val_fraction", "data.val_count", "synth", "pack.arms", "pack.window")),
     Command("prepare", cmd_prepare, "tokenize and pack every arm on Ray Data into Parquet shards",
             reads=("prepare",)),
     Command("train", cmd_train, "prepare (cached) and train every arm, or train.arm=<arm>, on Ray Train",

@@ -136,12 +136,17 @@ def test_no_module_imports_another_modules_private_names():
     assert found == [], f"private names imported across modules: {found}"
 
 
-# Each outside engine and the one module that touches it (STYLE.md): Ray Data by the pipeline, Ray Train by the
-# launcher, the loop and the progress line (its callback runs in Ray Train's controller), Ray Tune by the sweep that runs it and by the reader of its results (raypack.tune.trials:
-# Tune's result API, no Ray running; apart from the sweep so that the pure analysis needs neither),
-# DeepSpeed by its engine module, lm-eval by the harness, MLflow by raypack.tracking.
-ENGINE_OWNERS = {"ray.data": {"raypack/data/pipeline.py"}, "ray.train": {"raypack/train/launch.py",
-                 "raypack/train/loop.py", "raypack/train/progress.py"}, "ray.tune": {"raypack/tune/sweep.py", "raypack/tune/trials.py"},
+# Each outside engine and the one module that touches it (STYLE.md): Ray Data by the pipeline package, in the
+# stages that build datasets (read, tokenize into the cache, group) and the module that keeps their rows in order
+# (planning and packing are plain Ray tasks, and prepare only starts them), Ray Train by the launcher, the loop
+# and the progress line (its callback runs in Ray Train's controller), Ray Tune by the sweep that runs it and by
+# the reader of its results (raypack.tune.trials: Tune's result API, no Ray running; apart from the sweep so that
+# the pure analysis needs neither), DeepSpeed by its engine module, lm-eval by the harness, MLflow by
+# raypack.tracking.
+PIPELINE = "raypack/data/pipeline"
+ENGINE_OWNERS = {"ray.data": {f"{PIPELINE}/{stage}.py" for stage in ("read", "cache", "group", "ordered")},
+                 "ray.train": {"raypack/train/launch.py", "raypack/train/loop.py", "raypack/train/progress.py"},
+                 "ray.tune": {"raypack/tune/sweep.py", "raypack/tune/trials.py"},
                  "deepspeed": {"raypack/train/engine.py"}, "lm_eval": {"raypack/eval/harness.py"},
                  "mlflow": {"raypack/tracking.py"}}
 
@@ -171,3 +176,28 @@ def test_each_engine_is_imported_by_its_one_module(tmp_path):
     (stray / "study").mkdir(parents=True)
     (stray / "study" / "run.py").write_text("def f():\n    from ray import tune\n")
     assert engine_importers(stray)["ray.tune"] == {"raypack/study/run.py"}
+
+
+def pipeline_stage_importers(root: Path) -> list[str]:
+    """Files outside raypack/data/pipeline/ that import one of its stage modules instead of the package."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.is_relative_to(root / "data" / "pipeline"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(root.parent)}:{node.lineno} {name}" for name in names
+                      if name.startswith("raypack.data.pipeline.")]
+    return found
+
+
+def test_the_rest_of_raypack_uses_the_pipeline_through_its_package(tmp_path):
+    """`from raypack.data.pipeline import prepare` everywhere outside the package: its modules (read, cache, group,
+    pack, prepare, ordered) are the package's inside, free to move. Negative control: a stray stage import is seen."""
+    root = Path(importlib.util.find_spec("raypack").origin).parent
+    assert pipeline_stage_importers(root) == []
+    stray = tmp_path / "raypack"
+    (stray / "train").mkdir(parents=True)
+    (stray / "train" / "launch.py").write_text("from raypack.data.pipeline.cache import kept\n")
+    assert pipeline_stage_importers(stray) == ["raypack/train/launch.py:1 raypack.data.pipeline.cache"]

@@ -28,13 +28,16 @@ def test_compare_on_synthetic_data_reconciles(tmp_path, capsys):
     report = json.loads((tmp_path / "compare" / "compare.json").read_text())
     tok = report["tokenize"]
     assert report["num_input_rows"] == 300 == tok["num_conversations"]
-    arms = report["arms"]
-    # Every arm packs the same samples; all but random keep every supervised token.
-    assert {a["num_tokens"] for a in arms.values()} == {tok["num_tokens"]}
+    arms, val = report["arms"], report["validation"]
+    # Every arm packs the same samples, the input's but the validation split's (jobs/compare.yaml holds out 10%,
+    # as prepare does); all but random keep every supervised token.
+    assert 0 < val["num_val_conversations"] < 300 and val["num_val_samples"] > 0
+    assert {a["num_tokens"] for a in arms.values()} == {tok["num_tokens"] - val["num_val_tokens"]}
+    train_supervised = tok["num_supervised_tokens"] - val["num_val_supervised_tokens"]
     for name in ("padding", "greedy-cross", "bfd-isolated", "bfd-cross"):
-        assert arms[name]["num_supervised_tokens"] == tok["num_supervised_tokens"]
-    assert arms["random-cross"]["num_supervised_tokens"] <= tok["num_supervised_tokens"]
-    assert arms["padding"]["num_rows"] == tok["num_samples"]
+        assert arms[name]["num_supervised_tokens"] == train_supervised
+    assert arms["random-cross"]["num_supervised_tokens"] <= train_supervised
+    assert arms["padding"]["num_rows"] == tok["num_samples"] - val["num_val_samples"]
     assert arms["bfd-isolated"]["num_rows"] <= 1.01 * arms["bfd-isolated"]["lower_bound_rows"]
     assert (tmp_path / "compare" / "config.yaml").exists()
 

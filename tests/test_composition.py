@@ -24,8 +24,9 @@ from raypack.data.tokenize import IGNORE_INDEX
 
 ARMS = "[bfd-cross, bfd-cross+related, bfd-cross+unrelated, bfd-cross+none+single-turn, greedy-isolated+related]"
 NUM_SAMPLES = 500
-# Nothing held out, as `raypack compare` holds out nothing, so both pack the same samples; grouped arms
-# read two buffers of 250 samples, so the counts of a split planned buffer by buffer are compared too.
+# Nothing held out (compare holds out what prepare holds out: tests/test_pipeline.py checks that), so grouped
+# arms read all 500 samples in two buffers of 250, and the counts of a split planned buffer by buffer are
+# compared too.
 COMPOSED = ["data.val_fraction=0.0", "pack.group_buffer=250"]
 TIMINGS = ("seconds", "tokenize_seconds")
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from raypack.config import ConfigError, load_config
-from raypack.data.pipeline import _runs, prepare, prepared_folders
+from raypack.data.pipeline import prepare, prepared_folders
+from raypack.data.pipeline.pack import shard_runs
 from raypack.data.prepared import FLAT_DIR, write_flat
 
 TIMINGS = ("seconds", "tokenize_seconds")
@@ -114,11 +115,11 @@ def test_pack_workers_is_checked_and_stays_out_of_the_hash(tmp_path):
 
 
 def test_runs_are_contiguous_balanced_and_never_empty():
-    assert _runs([], 4) == []
-    assert _runs([10], 4) == [(0, 1)]
-    assert _runs([5, 5, 5, 5, 5, 5], 3) == [(0, 2), (2, 4), (4, 6)]
-    assert _runs([100, 1, 1, 1], 2) == [(0, 1), (1, 4)]
-    assert _runs([1, 1, 1], 8) == [(0, 1), (1, 2), (2, 3)]
+    assert shard_runs([], 4) == []
+    assert shard_runs([10], 4) == [(0, 1)]
+    assert shard_runs([5, 5, 5, 5, 5, 5], 3) == [(0, 2), (2, 4), (4, 6)]
+    assert shard_runs([100, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert shard_runs([1, 1, 1], 8) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_where_synth_writes_stays_out_of_the_hash(tmp_path):

@@ -1,11 +1,14 @@
-"""`raypack prepare` on a local Ray cluster: counts reconcile, bad rows are kept aside, output is deterministic;
-the padfree arm is padding's rows, and the loop takes padding's steps from them.
+"""`raypack prepare` on a local Ray cluster: counts reconcile, bad rows are kept aside, output is deterministic
+whatever the workers, batches and the order Ray's writers would put rows in; the padfree arm is padding's rows,
+and the loop takes padding's steps from them.
 
     .venv/bin/pytest tests/test_pipeline.py -q
 """
 
 import json
 import shutil
+from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +18,17 @@ import pytest
 from raypack.config import load_config
 from raypack.data.formats import FormatError
 from raypack.data.local import load_or_synth, prepare_local
-from raypack.data.pipeline import prepare
-from raypack.data.prepared import read_manifest
+from raypack.data.pipeline import KEY_ROW_BITS, prepare
+from raypack.data.pipeline.cache import cache_files, read_cache_index
+from raypack.data.pipeline.group import load_groups
+from raypack.data.pipeline.ordered import write_in_order
+from raypack.data.prepared import read_manifest, shard_files
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARMS = "[padding, padfree, random-cross, greedy-cross, bfd-isolated, bfd-cross]"
+TIMINGS = ("seconds", "tokenize_seconds")
 
 
 def config(tmp_path, *overrides):
@@ -37,10 +44,13 @@ def real_files(tmp_path_factory):
     return folder
 
 
+REAL = ("data.val_count=6", "pack.window=16")  # prepared_real's settings, beside the real files
+
+
 @pytest.fixture(scope="module")
 def prepared_real(ray_local, real_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep")
-    cfg = config(out, f"data.sources=[{real_files}]", "data.val_count=6", "pack.window=16")
+    cfg = config(out, f"data.sources=[{real_files}]", *REAL)
     return cfg, prepare(cfg)
 
 
@@ -188,6 +198,67 @@ def test_rejected_rows_are_written_with_reason_and_row(prepared_real):
                       10: "missing_field"}
 
 
+def compare_report(out, real_files, *overrides) -> dict:
+    """compare.json of `raypack compare` on prepared_real's config (plus these overrides), written under out."""
+    from raypack.cli import main
+
+    assert main(["compare", "jobs/compare.yaml", f"output_dir={out}", "data.max_seq_len=512", f"pack.arms={ARMS}",
+                 f"data.sources=[{real_files}]", *REAL, *overrides]) == 0
+    return json.loads((out / "compare" / "compare.json").read_text())
+
+
+def compare_disagreements(report: dict, folders: dict) -> dict:
+    """{(arm, key): (compare's value, the manifest's)} for every count of compare's arms a manifest differs on."""
+    found = {}
+    for arm, stats in report["arms"].items():
+        manifest = read_manifest(folders[arm]).to_dict()
+        assert set(stats) - {"seconds", "max_row_len"} <= set(manifest), arm  # nothing escapes the comparison
+        found.update({(arm, key): (value, manifest[key]) for key, value in stats.items()
+                      if key in manifest and key not in TIMINGS and value != manifest[key]})
+    return found
+
+
+def test_compare_holds_out_the_validation_split_prepare_holds_out(prepared_real, real_files, tmp_path):
+    """`raypack compare` (in process) holds out the conversations `raypack prepare` holds out, so every count of
+    every arm is the arm's manifest's: samples, rows, tokens, supervised tokens, padding, lower bound, held-out
+    conversations. Negative control: with nothing held out compare packs more samples in every arm, and the
+    comparison says so."""
+    _, folders = prepared_real
+    report = compare_report(tmp_path / "same", real_files)
+    val = read_manifest(folders["val"])
+    assert report["validation"] == {"num_val_conversations": 6, "num_val_samples": val.num_samples,
+                                    "num_val_tokens": val.num_tokens,
+                                    "num_val_supervised_tokens": val.num_supervised_tokens}
+    assert set(report["arms"]) == set(folders) - {"val"}
+    assert compare_disagreements(report, folders) == {}
+
+    found = compare_disagreements(compare_report(tmp_path / "none", real_files, "data.val_count=0",
+                                                  "data.val_fraction=0"), folders)
+    for arm in report["arms"]:
+        assert (arm, "num_samples") in found and (arm, "num_val_conversations") in found, (arm, found)
+        assert found[(arm, "num_samples")][0] == found[(arm, "num_samples")][1] + val.num_samples
+
+
+def test_compare_keys_conversations_as_the_read_stage_does(real_files):
+    """conversation_keys gives each conversation compare loads the read stage's key (file index << 40 | row; the
+    reference loads file by file), a file listed twice two sets of keys (negative control: a key per path, as
+    one might take it from the conversation's source, repeats them)."""
+    from raypack.config import DataConfig, SynthConfig
+    from raypack.data import formats
+    from raypack.data.local import conversation_keys, expand_sources
+
+    data = DataConfig(sources=[str(real_files), str(real_files / "sharegpt_small.json")])
+    paths = expand_sources(data.sources)
+    expected = [(index << KEY_ROW_BITS) | int(c["source"].rpartition(":")[2]) for index, path in enumerate(paths)
+                for c in formats.load_conversations([path]).conversations]
+    conversations = load_or_synth(data, SynthConfig()).conversations
+    assert conversation_keys(data, conversations).tolist() == expected
+    assert len(set(expected)) == len(expected) == 62 + 20  # the folder's conversations, then sharegpt's again
+    per_path = [(paths.index(path) << KEY_ROW_BITS) | int(row)
+                for path, _, row in (c["source"].rpartition(":") for c in conversations)]
+    assert len(set(per_path)) == 62 < len(per_path)
+
+
 def test_rows_match_the_in_process_reference(ray_local, tmp_path):
     """With nothing held out and one window, the Ray pipeline's rows equal the pure core's."""
     cfg = config(tmp_path, "synth.num_samples=400", "data.val_fraction=0.0", "pack.window=0",
@@ -229,19 +300,135 @@ def test_one_tokenization_serves_every_overlength_policy(ray_local, tmp_path):
     assert rows["padding+drop"] < rows["padding+truncate"] < rows["padding+split"], rows
 
 
-def test_output_is_byte_identical_whatever_the_workers(ray_local, tmp_path):
+def split_bytes(folder) -> dict[str, bytes]:
+    """Every file of a prepared split by relative path (shards, flat/, manifest.json without its timings)."""
+    files = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "manifest.json":
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k not in TIMINGS}).encode()
+            files[str(path.relative_to(folder))] = data
+    return files
+
+
+def groups_of(folders) -> dict:
+    """The content groups a prepare wrote (load_groups), with the centroids they were assigned by."""
+    (folder,) = Path(folders["bfd-cross+related"]).parent.glob("groups-*")
+    return {**load_groups(folder), "centroids": np.load(folder / "clusters.npz")["centroids"], "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_local, tmp_path_factory):
+    """The same input prepared twice, into two folders: 1 tokenizer actor with batches of 64; then 2 actors with
+    batches of 3, blocks of ~100 small chunks (what pyarrow's threaded writer put out of order), the cache written
+    in one call and the content groups built on it in a later one with Ray Data's order setting off, as a new
+    process that reuses the cache starts. Returns [(config, folders)] per run."""
+    import ray.data
+
+    def config_of(root, actors, batch, *arms):
+        return config(root, "synth.num_samples=700", "pack.window=100", f"prepare.num_tokenizer_actors={actors}",
+                      f"prepare.tokenize_batch_size={batch}", f"pack.arms=[{', '.join(arms)}]")
+
     runs = []
-    for i, (actors, batch) in enumerate([(1, 64), (2, 17)]):
-        cfg = config(tmp_path / str(i), "synth.num_samples=700", "pack.window=100",
-                     f"prepare.num_tokenizer_actors={actors}", f"prepare.tokenize_batch_size={batch}",
-                     "pack.arms=[greedy-cross, bfd-isolated]")
-        folders = prepare(cfg)
-        runs.append({name: {p.name: p.read_bytes() for p in sorted(Path(f).glob("*.parquet"))}
-                     for name, f in folders.items()})
-    assert runs[0].keys() == runs[1].keys()
-    for name in runs[0]:
-        assert runs[0][name] == runs[1][name], f"{name} differs between worker counts"
-        assert runs[0][name]  # not vacuous: shards were written
+    for actors, batch in ((1, 64), (2, 3)):
+        root = tmp_path_factory.mktemp(f"actors{actors}")
+        if batch == 3:
+            prepare(config_of(root, actors, batch, "greedy-cross"))
+            ray.data.DataContext.get_current().execution_options.preserve_order = False
+        cfg = config_of(root, actors, batch, "greedy-cross", "bfd-isolated", "bfd-cross+related")
+        runs.append((cfg, prepare(cfg)))
+    return runs
+
+
+def test_output_is_byte_identical_whatever_the_workers_and_batches(two_runs):
+    """Every split's shards, flat/ and manifest (timings aside), and the content groups, are the same bytes and
+    arrays in both runs (negative control: tests/test_parallel_pack.py's other window changes them)."""
+    (_, first), (_, second) = two_runs
+    assert first.keys() == second.keys() == {"val", "greedy-cross", "bfd-isolated", "bfd-cross+related"}
+    for name in first:
+        files = split_bytes(first[name])
+        assert sum(n.endswith(".parquet") for n in files) >= 1, name  # not vacuous: shards were written
+        assert split_bytes(second[name]) == files, f"{name} differs between the runs"
+    groups = [groups_of(folders) for _, folders in two_runs]
+    for key in ("keys", "pieces", "clusters", "vectors", "centroids"):
+        assert np.array_equal(groups[0][key], groups[1][key]), key
+    assert read_manifest(first["bfd-cross+related"]).num_clusters > 1
+
+
+def test_a_cache_out_of_input_order_is_refused(two_runs, tmp_path):
+    """A reused tokenized cache whose rows are out of input order stops prepare, naming the cache, the row and the
+    way out; its files are taken by their first key, not their names (a pure check on three files named in
+    reverse)."""
+    cfg, folders = two_runs[0]
+    tok = Path(folders["val"]).parent
+    copy = tmp_path / "prepared" / tok.name
+    (copy / "tokenized").mkdir(parents=True)
+    shutil.copy(tok / "tokenized.json", copy)
+    table = pq.read_table(cache_files(tok / "tokenized"))
+    cuts = [0, len(table) // 3, 2 * len(table) // 3, len(table)]
+    thirds = [table.slice(lo, hi - lo) for lo, hi in pairwise(cuts)]
+    for name, part in zip(("c", "b", "a"), thirds):  # names sort in reverse key order
+        pq.write_table(part, copy / "tokenized" / f"{name}.parquet")
+    files = cache_files(copy / "tokenized")
+    assert [Path(f).name for f in files] == ["c.parquet", "b.parquet", "a.parquet"]
+    assert read_cache_index(files, []).num_rows == len(table)
+
+    pq.write_table(thirds[1].take(np.arange(len(thirds[1]))[::-1]), copy / "tokenized" / "b.parquet")  # negative
+    with pytest.raises(RuntimeError, match=r"tokenized cache .* is not in input order: row \d+ .*prepare.reuse=false"):
+        prepare(replace(cfg, prepare=replace(cfg.prepare, output_dir=str(tmp_path / "prepared"))))
+
+
+def test_vectors_are_joined_to_their_clusters_by_key(two_runs, tmp_path):
+    """load_groups pairs each vector with its cluster by (key, piece): vector files whose rows and names are
+    shuffled give the same groups; a vector file that lacks a sample is refused (negative control)."""
+    groups = groups_of(two_runs[0][1])
+    copy = tmp_path / "groups"
+    shutil.copytree(groups["folder"], copy)
+    vectors = pq.read_table(shard_files(copy / "vectors"))
+    shutil.rmtree(copy / "vectors")
+    (copy / "vectors").mkdir()
+    shuffled = vectors.take(np.random.default_rng(0).permutation(len(vectors)))
+    half = len(shuffled) // 2
+    pq.write_table(shuffled.slice(0, half), copy / "vectors" / "b.parquet")
+    pq.write_table(shuffled.slice(half), copy / "vectors" / "a.parquet")
+    loaded = load_groups(copy)
+    for key in ("keys", "pieces", "clusters", "vectors"):
+        assert np.array_equal(loaded[key], groups[key]), key
+    pq.write_table(shuffled.slice(half + 1), copy / "vectors" / "a.parquet")
+    with pytest.raises(RuntimeError, match="do not hold the same samples"):
+        load_groups(copy)
+
+
+def test_the_ordered_writer_keeps_rows_where_rays_parquet_sink_does_not(tmp_path):
+    """A table of 512 chunks, written with 8 pyarrow threads (a worker with OMP_NUM_THREADS=8): write_in_order keeps
+    every row in place; Ray 2.60's Parquet sink (what Dataset.write_parquet runs: pyarrow.dataset.write_dataset
+    with use_threads=True) puts some out of order (negative control; about 9 writes in 10 on a 2-core machine)."""
+    import pyarrow as pa
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+
+    rows = 32
+    table = pa.concat_tables([pa.table({"key": pa.array(np.arange(c * rows, (c + 1) * rows), pa.int64()),
+                                        "ids": pa.array([[c, c + 1]] * rows, pa.list_(pa.int32()))})
+                              for c in range(512)])
+    threads = pa.cpu_count()
+    pa.set_cpu_count(8)
+    try:
+        for i in range(5):
+            write_in_order(table, str(tmp_path / f"ours-{i}.parquet"))
+            keys = pq.read_table(tmp_path / f"ours-{i}.parquet")["key"].to_numpy()
+            assert np.array_equal(keys, np.arange(len(table)))
+        for i in range(40):
+            folder = tmp_path / f"ray-{i}"
+            ParquetDatasink(str(folder))._write_parquet_files([table], f"part_{i}", table.schema, str(i), {}, None)
+            keys = pq.read_table(folder)["key"].to_numpy()
+            assert sorted(keys) == list(range(len(table)))  # every row is there ...
+            if not np.array_equal(keys, np.arange(len(table))):
+                break  # ... but not in order
+        else:
+            pytest.fail("Ray's Parquet sink kept the order in 40 writes: has Ray fixed it? (then write_parquet may do)")
+    finally:
+        pa.set_cpu_count(threads)
 
 
 def test_prepared_outputs_are_reused(ray_local, tmp_path, capsys):

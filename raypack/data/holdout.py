@@ -1,8 +1,9 @@
 """Which conversations are held out for validation: deterministic by key and seed (pure core).
 
-A conversation is held out by a hash of its key (its place in the input) and the
-seed, never by its position in a shard, so every arm, every worker count and
-every rerun holds out exactly the same conversations.
+A conversation is held out by a hash of its key (its place in the input: `record_key`, the file's index among
+the sources and the row's number in it) and the seed, never by its position in a shard, so every arm, every
+worker count, every rerun, `raypack prepare` (raypack.data.pipeline) and `raypack compare` (raypack.data.local)
+hold out exactly the same conversations (`held_out_keys`).
 
     >>> keys = np.arange(1, 11, dtype=np.int64)
     >>> holdout_mask(keys, seed=0, count=3).sum()
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from raypack.data.overlength import kept_rows
+
+KEY_ROW_BITS = 40  # key = file index << 40 | row number: input order, unique per record
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -45,3 +49,19 @@ def holdout_mask(keys: np.ndarray, seed: int, fraction: float = 0.0, count: int 
         mask[np.argsort(scores, kind="stable")[:count]] = True
         return mask
     return scores < fraction
+
+
+def record_key(file_index: int, row: int) -> int:
+    """The key of row `row` (from 1) of the file at `file_index` among the sources; a synthetic row's is its row."""
+    return (file_index << KEY_ROW_BITS) | row
+
+
+def held_out_keys(key: np.ndarray, status: np.ndarray, piece: np.ndarray, num_supervised: np.ndarray,
+                  overlength: str, seed: int, fraction: float = 0.0, count: int = 0) -> np.ndarray:
+    """The held-out conversations' keys, sorted, from the tokenized cache's columns (one row per sample piece or
+    dropped record: raypack.data.overlength): drawn from the conversations `overlength` keeps a sample of, so the
+    same whatever the arms' own policies."""
+    conv_keys = np.unique(np.asarray(key)[kept_rows(status, piece, num_supervised, overlength)])
+    if len(conv_keys) == 0:
+        return conv_keys
+    return conv_keys[holdout_mask(conv_keys, seed, fraction=fraction, count=count)]
