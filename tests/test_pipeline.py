@@ -25,6 +25,7 @@ from raypack.data.pipeline.ordered import write_in_order
 from raypack.data.prepared import read_manifest, shard_files
 from raypack.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from raypack.model import load_tokenizer
+from test_parallel_pack import split_files
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARMS = "[padding, padfree, random-cross, greedy-cross, bfd-isolated, bfd-cross]"
@@ -300,18 +301,6 @@ def test_one_tokenization_serves_every_overlength_policy(ray_local, tmp_path):
     assert rows["padding+drop"] < rows["padding+truncate"] < rows["padding+split"], rows
 
 
-def split_bytes(folder) -> dict[str, bytes]:
-    """Every file of a prepared split by relative path (shards, flat/, manifest.json without its timings)."""
-    files = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            if path.name == "manifest.json":
-                data = json.dumps({k: v for k, v in json.loads(data).items() if k not in TIMINGS}).encode()
-            files[str(path.relative_to(folder))] = data
-    return files
-
-
 def groups_of(folders) -> dict:
     """The content groups a prepare wrote (load_groups), with the centroids they were assigned by."""
     (folder,) = Path(folders["bfd-cross+related"]).parent.glob("groups-*")
@@ -347,9 +336,9 @@ def test_output_is_byte_identical_whatever_the_workers_and_batches(two_runs):
     (_, first), (_, second) = two_runs
     assert first.keys() == second.keys() == {"val", "greedy-cross", "bfd-isolated", "bfd-cross+related"}
     for name in first:
-        files = split_bytes(first[name])
+        files = split_files(first[name])
         assert sum(n.endswith(".parquet") for n in files) >= 1, name  # not vacuous: shards were written
-        assert split_bytes(second[name]) == files, f"{name} differs between the runs"
+        assert split_files(second[name]) == files, f"{name} differs between the runs"
     groups = [groups_of(folders) for _, folders in two_runs]
     for key in ("keys", "pieces", "clusters", "vectors", "centroids"):
         assert np.array_equal(groups[0][key], groups[1][key]), key

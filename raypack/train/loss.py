@@ -132,15 +132,14 @@ def segment_ids_from_seq_lens(seq_lens: list, length: int) -> torch.Tensor:
     return out
 
 
-def _sample_sums(losses: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor):
-    """Sum of target losses and number of targets per (row, sample), flattened."""
-    targets_segment = segments[:, 1:].to(losses.device)
-    per_row = int(targets_segment.max()) + 1 if targets_segment.numel() else 1
-    rows = torch.arange(losses.shape[0], device=losses.device).unsqueeze(1)
-    key = (rows * per_row + targets_segment)[mask]
-    sums = losses.new_zeros(losses.shape[0] * per_row).index_add(0, key, losses[mask])
-    counts = torch.bincount(key, minlength=losses.shape[0] * per_row)
-    return sums, counts
+def _sample_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the host, from the labels and segments alone: ([B, T-1] target mask, [B, T-1] sample key of each
+    position (unique per row and sample), targets per key)."""
+    mask = batch["labels"][:, 1:].cpu() != IGNORE_INDEX
+    segments = segment_ids(batch)[:, 1:].cpu()
+    per_row = int(segments.max()) + 1 if segments.numel() else 1
+    key = torch.arange(mask.shape[0]).unsqueeze(1) * per_row + segments
+    return mask, key, torch.bincount(key[mask], minlength=mask.shape[0] * per_row)
 
 
 def _sample_weights(batch: dict) -> torch.Tensor:
@@ -150,11 +149,7 @@ def _sample_weights(batch: dict) -> torch.Tensor:
     (token_losses * weights).sum(): computed from the labels alone (on the host, where
     the collator leaves them), so the device never has to report a count back.
     """
-    mask = batch["labels"][:, 1:].cpu() != IGNORE_INDEX
-    segments = segment_ids(batch)[:, 1:].cpu()
-    per_row = int(segments.max()) + 1 if segments.numel() else 1
-    key = torch.arange(mask.shape[0]).unsqueeze(1) * per_row + segments
-    counts = torch.bincount(key[mask], minlength=mask.shape[0] * per_row)
+    mask, key, counts = _sample_targets(batch)
     return torch.where(mask, 1.0 / counts[key].clamp(min=1), 0.0)
 
 
@@ -171,12 +166,10 @@ def step_denominator(micro_batches: list[dict], reduction: str) -> float:
         return float(len(micro_batches))
     total = 0
     for batch in micro_batches:
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
         if reduction == "token":
-            total += int(mask.sum())
+            total += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         else:
-            _, counts = _sample_sums(torch.zeros(mask.shape, device=mask.device), mask, segment_ids(batch))
-            total += int((counts > 0).sum())
+            total += int((_sample_targets(batch)[2] > 0).sum())
     return float(total)
 
 
