@@ -18,6 +18,7 @@ the command reads, with the help text they are declared with.
     raypack eval jobs/quickstart.yaml eval.model_dir=out/model eval.preset=none   # + eval.val_dir=FOLDER
     raypack probe jobs/quickstart.yaml train.arm=bfd-cross probe.num_samples=64 [probe.out=F.json]
     raypack synth jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=1000 synth.out=data.jsonl
+    raypack synth jobs/compare.yaml synth.task=facts synth.out=facts.jsonl   # + facts.heldout.jsonl
     raypack bench pack jobs/compare.yaml synth.num_samples=1200000 [--no-trl] --json out/bench_pack.json
     raypack bench grouping jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=100000 [--clusters 16]
     raypack bench pipeline jobs/compare.yaml synth.num_samples=100000 pack.window=100000 --json out/bench_pipeline.json
@@ -180,12 +181,17 @@ def cmd_probe(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_synth(cfg: Config, args: argparse.Namespace) -> int:
-    from raypack.data.synth import synth_conversations, write_jsonl
+    from raypack.data import synth
 
     s = cfg.synth
-    out = s.out or Path(cfg.output_dir) / "synth" / f"{s.preset}-{s.num_samples}-seed{s.seed}.jsonl"
-    n = write_jsonl(synth_conversations(s.preset, s.num_samples, s.seed), out)
-    print(f"wrote {n} conversations ({s.preset}, seed {s.seed}) to {out}")
+    out = Path(s.out or Path(cfg.output_dir) / "synth" / f"{synth.name(s)}-seed{s.seed}.jsonl")
+    n = synth.write_jsonl(synth.synth_rows(s, cfg.data.tokenizer), out)
+    line = f"wrote {n} conversations ({synth.describe(s)}, seed {s.seed}) to {out}"
+    if s.task == "facts":
+        heldout = out.with_name(out.name.removesuffix(".jsonl") + ".heldout.jsonl")
+        num_heldout = synth.write_jsonl(iter(synth.facts_heldout(s, cfg.data.tokenizer)), heldout)
+        line += f", and {num_heldout} held-out conversations (new phrasings of its entities) to {heldout}"
+    print(line)
     return 0
 
 
@@ -335,7 +341,8 @@ COMMANDS = (
     Command("probe", cmd_probe, "does the model use its context? a held-out sample's loss alone vs after an "
             "unrelated or a related sample in the same row",
             reads=("probe", "eval.model_dir", "eval.val_dir", "train.arm", "seed")),
-    Command("synth", cmd_synth, "write synthetic conversations with a paper dataset's length profile (JSONL)",
+    Command("synth", cmd_synth, "write synthetic conversations (JSONL): synth.task words or chain with a paper "
+            "dataset's length profile, or facts (and its held-out rows to <out>.heldout.jsonl)",
             reads=("synth",)),
     Command("bench pack", cmd_bench_pack, "plan every packing strategy on the same synthetic lengths (synth.*) "
             "and TRL's bfd", reads=("synth", "data.max_seq_len", "pack.window"),

@@ -33,6 +33,7 @@ UNPACKED_ARMS = {"padding": None, "padfree": "isolated"}
 ATTENTIONS = ("isolated", "cross")  # raypack.data.pack
 GROUPINGS = ("none", "related", "unrelated")  # raypack.data.compose
 SYNTH_PRESETS = ("wildchat-gpt4-69k", "tulu-326k", "wildchat-652k", "opensource-1.2m")  # raypack.data.synth
+SYNTH_TASKS = ("words", "chain", "facts")  # raypack.data.synth
 GROUP_BACKENDS = ("tfidf", "embedding")
 ARM_TURNS = ("single-turn", "all-turns")
 
@@ -52,9 +53,21 @@ def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
 class SynthConfig:
     """Synthetic data, used when `data.sources` is empty."""
 
-    preset: str = _field("opensource-1.2m", "length distribution to imitate", SYNTH_PRESETS)
-    num_samples: int = _field(2000, "number of conversations to synthesise")
+    task: str = _field("words", "what the conversations say: words (words drawn independently from one topic's "
+                       "list: only their frequencies can be learnt), chain (the same lengths, turns and topics, each "
+                       "next word the previous one's fixed successor in its topic with probability 0.8: learnable "
+                       "text) or facts (short questions about num_entities entities, each answered by its own fixed "
+                       "pair of attribute words; preset and num_samples do not apply)", SYNTH_TASKS)
+    preset: str = _field("opensource-1.2m", "length distribution to imitate (tasks words and chain)", SYNTH_PRESETS)
+    num_samples: int = _field(2000, "number of conversations to synthesise (tasks words and chain; facts makes "
+                              "num_entities * per_entity)")
     seed: int = _field(0, "seed of the synthetic data")
+    num_entities: int = _field(500, "facts: entities, each a single-token word of data.tokenizer")
+    per_entity: int = _field(4, "facts: training conversations per entity, each a different phrasing of its question")
+    num_values: int = _field(32, "facts: attribute words; each entity's answer is a pair drawn from num_values x "
+                             "num_values, fixed per entity")
+    heldout_per_entity: int = _field(2, "facts: held-out conversations per entity (`raypack synth` writes them to "
+                                     "<out>.heldout.jsonl), phrasings no training conversation of that entity uses")
     out: str = _field("", "the JSONL file `raypack synth` writes, a filesystem path (not a URI); '' is "
                       "<output_dir>/synth/<preset>-<num_samples>-seed<seed>.jsonl")
 
@@ -739,9 +752,13 @@ def validate(cfg: Config) -> Config:
         parse_arm(arm)
     if len(set(cfg.pack.arms)) != len(cfg.pack.arms):
         raise ConfigError(f"pack.arms: duplicate arm in {cfg.pack.arms}")
-    for key, value in (("data.max_seq_len", cfg.data.max_seq_len), ("synth.num_samples", cfg.synth.num_samples)):
+    for key, value in (("data.max_seq_len", cfg.data.max_seq_len), ("synth.num_samples", cfg.synth.num_samples),
+                       ("synth.num_entities", cfg.synth.num_entities), ("synth.per_entity", cfg.synth.per_entity),
+                       ("synth.num_values", cfg.synth.num_values)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.synth.heldout_per_entity < 0:
+        raise ConfigError(f"synth.heldout_per_entity: must be >= 0, got {cfg.synth.heldout_per_entity}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.data.val_count < 0:

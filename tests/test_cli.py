@@ -76,6 +76,14 @@ def test_synth_writes_messages_jsonl(tmp_path, capsys):
     assert len((tmp_path / "synth" / "opensource-1.2m-3-seed0.jsonl").read_text().splitlines()) == 3
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 25 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    # facts: num_entities * per_entity rows, and the held-out rows beside them.
+    capsys.readouterr()
+    assert main(["synth", "jobs/compare.yaml", "synth.task=facts", "synth.num_entities=30", "synth.per_entity=2",
+                 f"synth.out={tmp_path / 'f.jsonl'}"]) == 0
+    assert "60 held-out conversations" in capsys.readouterr().out
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 60
+    heldout = [json.loads(line) for line in (tmp_path / "f.heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == 60 and {r["task"] for r in heldout} == {"facts"}
 
 
 def test_bench_pack_prints_and_writes_json(tmp_path, capsys):

@@ -205,7 +205,7 @@ def test_config_names_are_what_the_data_modules_implement():
     from raypack import config
     from raypack.data import synth
 
-    assert tuple(synth.PRESETS) == config.SYNTH_PRESETS
+    assert tuple(synth.PRESETS) == config.SYNTH_PRESETS and synth.TASKS == config.SYNTH_TASKS
     tree = ast.parse(open(importlib.util.find_spec("raypack.config").origin).read())
     modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]

@@ -260,6 +260,33 @@ def test_compare_keys_conversations_as_the_read_stage_does(real_files):
     assert len(set(per_path)) == 62 < len(per_path)
 
 
+def test_synth_read_tasks_make_every_task_alone_or_together():
+    """The read stage's synth tasks (one per block, in any worker, in any order) give a task's rows as
+    raypack.data.synth makes them in sequence, keyed 1..n as compare keys them; the words task's cache identity is
+    what it was before tasks existed (prepared caches stay valid)."""
+    import pyarrow as pa
+
+    from raypack.config import DataConfig, SynthConfig
+    from raypack.data import facts, synth
+    from raypack.data.local import conversation_keys
+    from raypack.data.pipeline.read import _synth_rows, resolve_inputs
+
+    cfg = SynthConfig(task="facts", num_entities=300, per_entity=4)  # 1200 rows: blocks of 1000 and 200
+    together = pa.concat_tables(_synth_rows({"id": [0, 1]}, cfg, "tiny")).to_pylist()
+    facts.world.cache_clear()  # a fresh worker
+    apart = [*_synth_rows({"id": [1]}, cfg, "tiny"), *_synth_rows({"id": [0]}, cfg, "tiny")]
+    apart = sorted(pa.concat_tables(apart).to_pylist(), key=lambda r: r["key"])
+    assert apart == together
+    assert [json.loads(r["raw"]) for r in together] == list(synth.synth_rows(cfg))
+    assert [r["key"] for r in together] == list(range(1, 1201))
+    assert {r["source"].rpartition(":")[0] for r in together} == {"synth:facts"}
+    local = load_or_synth(DataConfig(), cfg).conversations
+    assert [c["messages"] for c in local] == [json.loads(r["raw"])["messages"] for r in together]
+    assert conversation_keys(DataConfig(), local).tolist() == [r["key"] for r in together]
+    assert resolve_inputs(DataConfig(), SynthConfig()).fingerprint == \
+        ["synth", {"preset": "opensource-1.2m", "num_samples": 2000, "seed": 0}]
+
+
 def test_rows_match_the_in_process_reference(ray_local, tmp_path):
     """With nothing held out and one window, the Ray pipeline's rows equal the pure core's."""
     cfg = config(tmp_path, "synth.num_samples=400", "data.val_fraction=0.0", "pack.window=0",

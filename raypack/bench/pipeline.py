@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import ray
 
-from raypack.config import Config, validate
+from raypack.config import Config, SynthConfig, validate
 from raypack.data import formats, synth
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
@@ -46,22 +46,24 @@ SHARD_SAMPLES = 20_000
 
 
 @ray.remote(num_cpus=1)
-def _write_shard(preset: str, seed: int, first_block: int, num: int, out: str) -> int:
+def _write_shard(synth_cfg: SynthConfig, tokenizer: str, first_block: int, num: int, out: str) -> int:
     rows = (row for b in range(first_block, first_block + -(-num // synth.BLOCK_SIZE))
-            for row in synth.synth_block(preset, seed, b, min(synth.BLOCK_SIZE, num - (b - first_block) * synth.BLOCK_SIZE)))
+            for row in synth.synth_block(synth_cfg, b, tokenizer))
     return synth.write_jsonl(rows, out)
 
 
-def write_synth_shards(preset: str, num_samples: int, seed: int, folder: Path) -> list[str]:
-    """The first num_samples conversations of the preset as JSONL shards (reused when present)."""
+def write_synth_shards(synth_cfg: SynthConfig, tokenizer: str, folder: Path) -> list[str]:
+    """The synth settings' rows (raypack.data.synth.synth_rows) as JSONL shards (reused when present)."""
     folder.mkdir(parents=True, exist_ok=True)
+    s, total = synth_cfg, synth.num_rows(synth_cfg)
+    stem = {"words": s.preset, "chain": f"chain-{s.preset}"}.get(s.task, f"{synth.name(s)}-{Path(tokenizer).name}")
     paths, refs = [], []
-    for i, start in enumerate(range(0, num_samples, SHARD_SAMPLES)):
-        num = min(SHARD_SAMPLES, num_samples - start)
-        path = folder / f"{preset}-{seed}-{i:04d}.jsonl"
+    for i, start in enumerate(range(0, total, SHARD_SAMPLES)):
+        num = min(SHARD_SAMPLES, total - start)
+        path = folder / f"{stem}-{s.seed}-{i:04d}.jsonl"
         paths.append(str(path))
         if not path.exists():
-            refs.append(_write_shard.remote(preset, seed, start // synth.BLOCK_SIZE, num, str(path)))
+            refs.append(_write_shard.remote(s, tokenizer, start // synth.BLOCK_SIZE, num, str(path)))
     ray.get(refs)
     return paths
 
@@ -103,13 +105,13 @@ def bench_pipeline(cfg: Config, work_dir: str, arm: str = "bfd-isolated", bare: 
                    pack_workers: list[int] | None = None) -> dict:
     """Measure the pipeline and the bare tokenizer on the same shards; returns JSON-ready figures.
 
-    cfg.synth says what to write (preset, num_samples, seed); the pipeline runs with cfg's
+    cfg.synth says what to write (synth.task and its settings); the pipeline runs with cfg's
     settings (data.max_seq_len, pack.window, prepare.*) on those shards, for `arm` alone.
     """
     ensure_ray()
     work = Path(work_dir)
-    preset, num_samples, seed, window = cfg.synth.preset, cfg.synth.num_samples, cfg.synth.seed, cfg.pack.window
-    paths = write_synth_shards(preset, num_samples, seed, work / "text")
+    preset, num_samples, seed, window = cfg.synth.preset, synth.num_rows(cfg.synth), cfg.synth.seed, cfg.pack.window
+    paths = write_synth_shards(cfg.synth, cfg.data.tokenizer, work / "text")
     cfg = validate(replace(cfg, data=replace(cfg.data, sources=paths, format="messages", val_fraction=0.0),
                            pack=replace(cfg.pack, arms=[arm]),
                            prepare=replace(cfg.prepare, output_dir=str(work / "prepared"), reuse=False)))

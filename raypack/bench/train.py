@@ -30,6 +30,7 @@ from pathlib import Path
 
 from raypack.config import Config, from_dict, load_config
 from raypack.data.pipeline import prepare
+from raypack.data.synth import num_rows
 from raypack.train.launch import arm_config, build_trainer, run_dir, train_arm
 from raypack.train.loop import barrier, optimizer_step, set_up
 from raypack.train.loss import all_reduce_sum, step_denominator
@@ -48,7 +49,7 @@ def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
     folders = prepare(cfg)
     out = {"config": {"num_workers": cfg.train.num_workers, "global_batch_size": cfg.train.global_batch_size,
                       "micro_batch_size": cfg.train.micro_batch_size, "max_seq_len": cfg.data.max_seq_len,
-                      "num_samples": cfg.synth.num_samples if not cfg.data.sources else None}, "arms": {}}
+                      "num_samples": num_rows(cfg.synth) if not cfg.data.sources else None}, "arms": {}}
     for arm in ARMS:
         start = time.perf_counter()
         summary = train_arm(cfg, arm, folders[arm])

@@ -73,8 +73,8 @@ def load_or_synth(data: DataConfig, synth_cfg: SynthConfig) -> formats.LoadResul
     """Conversations from data.sources, or synthetic ones when there are none."""
     if data.sources:
         return formats.load_conversations(expand_sources(data.sources), fmt=data.format, strict=data.strict)
-    rows = synth.synth_conversations(synth_cfg.preset, synth_cfg.num_samples, synth_cfg.seed)
-    convs = [formats.normalise_row(r, "messages", f"synth:{synth_cfg.preset}:{i + 1}") for i, r in enumerate(rows)]
+    rows, prefix = synth.synth_rows(synth_cfg, data.tokenizer), synth.source_prefix(synth_cfg)
+    convs = [formats.normalise_row(r, "messages", f"{prefix}:{i + 1}") for i, r in enumerate(rows)]
     return formats.LoadResult(conversations=convs, rejected=[], num_input_rows=len(convs),
                               rejected_reasons={r: 0 for r in formats.REJECT_REASONS})
 
@@ -164,7 +164,7 @@ def compare(cfg: Config) -> Path:
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    source = ", ".join(cfg.data.sources) or f"synthetic {cfg.synth.preset} x {cfg.synth.num_samples}"
+    source = ", ".join(cfg.data.sources) or f"synthetic {synth.describe(cfg.synth)}"
     print(f"raypack compare: {source}, max_seq_len {cfg.data.max_seq_len}, window {cfg.pack.window}", flush=True)
     start = time.perf_counter()
     prep = prepare_local(cfg)

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -56,7 +55,7 @@ def resolve_inputs(data: DataConfig, synth_cfg: SynthConfig) -> Inputs:
     """Every source in order: files, globs and folders expanded, an hf: dataset listed at a pinned revision (only
     its file list and card are fetched here); with no sources, the synth settings identify the input."""
     if not data.sources:  # what the samples are made of; where `raypack synth` writes them is not
-        return Inputs([], ["synth", {k: v for k, v in asdict(synth_cfg).items() if k != "out"}])
+        return Inputs([], ["synth", synth.identity(synth_cfg)])
     paths, fingerprint, notes = [], [], []
     for src in data.sources:
         if src.startswith("hf:"):
@@ -127,11 +126,12 @@ def _read_files(batch: dict, fmt: str, hf_root: str):
             yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
-def _synth_rows(batch: dict, preset: str, seed: int, num_samples: int):
+def _synth_rows(batch: dict, synth_cfg: SynthConfig, tokenizer: str):
+    prefix = synth.source_prefix(synth_cfg)
     for block in batch["id"]:
         first = int(block) * synth.BLOCK_SIZE
-        rows = synth.synth_block(preset, seed, int(block), min(synth.BLOCK_SIZE, num_samples - first))
-        yield pa.Table.from_pylist([_raw_row(first + i + 1, f"synth:{preset}:{first + i + 1}", row, "messages")
+        rows = synth.synth_block(synth_cfg, int(block), tokenizer)
+        yield pa.Table.from_pylist([_raw_row(first + i + 1, f"{prefix}:{first + i + 1}", row, "messages")
                                     for i, row in enumerate(rows)], schema=RAW_SCHEMA)
 
 
@@ -142,11 +142,10 @@ def read_sources(cfg: Config, inputs: Inputs | None = None) -> ray.data.Dataset:
     driver); `inputs` are resolve_inputs(cfg.data, cfg.synth), resolved here if not given."""
     data = cfg.data
     if not data.sources:
-        n = cfg.synth.num_samples
-        num_blocks = -(-n // synth.BLOCK_SIZE)
+        num_blocks = synth.num_blocks(cfg.synth)
         return ray.data.range(num_blocks, override_num_blocks=num_blocks).map_batches(
-            _synth_rows, batch_size=1, fn_kwargs={"preset": cfg.synth.preset, "seed": cfg.synth.seed,
-                                                  "num_samples": n}, num_cpus=cfg.prepare.read_num_cpus)
+            _synth_rows, batch_size=1, fn_kwargs={"synth_cfg": cfg.synth, "tokenizer": data.tokenizer},
+            num_cpus=cfg.prepare.read_num_cpus)
     paths = (inputs or resolve_inputs(data, cfg.synth)).paths
     items = [{"file_index": i, "path": p} for i, p in enumerate(paths)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
