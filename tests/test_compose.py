@@ -249,7 +249,8 @@ def test_composition_stats_on_a_hand_made_plan():
     stats = composition_stats(plan, clusters, multi_turn)
     assert stats == {
         "num_rows": 4, "num_packed_rows": 1, "mean_samples_per_packed_row": 3.0,
-        "num_clusters_used": 3, "num_mixed_cluster_rows": 1, "mean_clusters_per_packed_row": 2.0,
+        "num_clusters_used": 3, "num_mixed_cluster_rows": 1, "num_repeated_cluster_rows": 1,
+        "mean_clusters_per_packed_row": 2.0,
         "mixed_cluster_row_fraction": 1.0,
         "repeated_cluster_row_fraction": 1.0, "num_single_turn_samples": 5, "num_multi_turn_samples": 1,
         "num_multi_turn_rows": 1, "num_packed_rows_with_multi_turn": 0,
