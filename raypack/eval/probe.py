@@ -242,6 +242,12 @@ def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
                for r in rows.take(np.arange(rows.num_rows))]
     if len(samples) < 3:
         raise ValueError(f"{val_folder} has {len(samples)} samples; the probe needs at least 3")
+    if by_topic:
+        clusters, k = topic_samples(val_folder)
+        if len(clusters) != len(samples):
+            raise ValueError(f"{val_folder}: {len(clusters)} topics for {len(samples)} rows; prepare it again")
+    else:
+        clusters, k = cluster_samples([s["input_ids"] for s in samples], probe.num_clusters, seed)
     device = probe.device if probe.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -249,12 +255,6 @@ def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
     if not max_seq_len:
         longest = max(len(s["input_ids"]) for s in samples)
         max_seq_len = min(longest, getattr(model.config, "max_position_embeddings", None) or longest)
-    if by_topic:
-        clusters, k = topic_samples(val_folder)
-        if len(clusters) != len(samples):
-            raise ValueError(f"{val_folder}: {len(clusters)} topics for {len(samples)} rows; prepare it again")
-    else:
-        clusters, k = cluster_samples([s["input_ids"] for s in samples], probe.num_clusters, seed)
 
     def forward(batch: dict) -> torch.Tensor:
         inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
