@@ -218,7 +218,7 @@ def test_topics_as_clusters_draw_related_from_the_same_topic_and_unrelated_from_
 
     samples, truth = clustered_samples()
     names = np.array(["owl", "cat", "dog", "elm", "ash"])[truth]
-    labels, topics = topic_clusters(names.tolist())
+    labels, _ = topic_clusters(names.tolist())
     targets, related, unrelated = probe_pairs(labels, 100, seed=0)
     assert len(targets) == len(samples)
     assert (names[related] == names[targets]).all() and (related != targets).all()
