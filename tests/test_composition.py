@@ -2,12 +2,14 @@
 
 The synthetic conversations carry their topic (10 topics), so a pack's relatedness is checked against the
 truth, not only against the features the grouping itself used. `raypack compare` on the same config reports
-the very counts the prepared manifests hold.
+the very counts the prepared manifests hold. Grouping by the data's own topic (pack.group_backend=topic) is
+checked on hand-made facts-like records (many topics of 4 short conversations), against their topic fields.
 
     .venv/bin/pytest tests/test_composition.py -q
 """
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +19,11 @@ import pytest
 
 from raypack.cli import main
 from raypack.config import ConfigError, arm_spec, load_config
+from raypack.data.holdout import record_key
 from raypack.data.pipeline import prepare
-from raypack.data.prepared import read_manifest
+from raypack.data.pipeline.group import load_groups
+from raypack.data.pipeline.prepare import groups_dir
+from raypack.data.prepared import read_manifest, row_topics
 from raypack.data.synth import synth_conversations
 from raypack.data.tokenize import IGNORE_INDEX
 
@@ -197,3 +202,139 @@ def test_arm_suffixes():
                          ("bfd-cross+topic", "suffixes must be"), ("bfd-cross+related+related", "distinct")):
         with pytest.raises(ConfigError, match=message):
             load_config("jobs/composition-quick.yaml", [f"pack.arms=[{bad}]"])
+
+
+# ---------------------------------------------------------------- grouping by the data's own topic
+
+TOPIC_ARMS = "[bfd-cross, bfd-cross+related, greedy-isolated+related, bfd-cross+unrelated, greedy-cross+unrelated]"
+NUM_TOPICS = 60
+FILLERS = ("please", "so", "now", "tell", "me", "quick", "then", "ok")
+QUESTIONS = ("what colour is the", "where does the", "how big is the", "which shape has the")
+VALUES = ("red", "blue", "green", "round", "square", "small", "tall", "soft", "loud", "dark")
+
+
+def topic_rows(num_topics: int, seed: int = 0) -> list[dict]:
+    """Facts-like records (issue 23's row format): each topic an entity with a fixed two-word answer, asked 4
+    ways; about 20-30 tiny-tokenizer tokens each, shuffled so a topic's conversations are not neighbours."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in range(num_topics):
+        entity = f"thing{t}"
+        answer = " ".join(rng.choice(VALUES, 2))
+        for q in QUESTIONS:
+            filler = " ".join(rng.choice(FILLERS, int(rng.integers(1, 5))))
+            rows.append({"id": f"facts-{seed}-{len(rows)}", "topic": entity, "task": "facts",
+                         "messages": [{"role": "user", "content": f"{filler} {q} {entity}?"},
+                                      {"role": "assistant", "content": answer}]})
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+TOPIC_OVERRIDES = ("data.max_seq_len=128", "data.val_fraction=0.2", "pack.group_backend=topic",
+                   "pack.num_clusters=0", "probe.num_clusters=0")
+
+
+def topic_config(tmp_path, source, *extra):
+    return load_config("jobs/composition-quick.yaml", [
+        f"prepare.output_dir={tmp_path / 'prepared'}", f"data.sources=[{source}]", *TOPIC_OVERRIDES,
+        f"pack.arms={TOPIC_ARMS}", *extra])
+
+
+@pytest.fixture(scope="module")
+def topical(ray_local, tmp_path_factory):
+    """The facts-like records prepared with pack.group_backend=topic: (config, folders, topic by key)."""
+    tmp = tmp_path_factory.mktemp("topical")
+    rows = topic_rows(NUM_TOPICS)
+    source = write_rows(tmp / "facts.jsonl", rows)
+    cfg = topic_config(tmp, source)
+    topic = {record_key(0, i + 1): r["topic"] for i, r in enumerate(rows)}  # one file: index 0, rows from 1
+    return cfg, prepare(cfg), topic
+
+
+def row_key_topics(folder, topic) -> list[list[str]]:
+    """Each packed row's samples' topics, from the input records by key (not from the shards' own column)."""
+    return [[topic[k] for k in r["sample_keys"]] for r in rows_of(folder)]
+
+
+def test_topic_groups_are_the_records_topics(topical):
+    """The group stage's clusters are the topics: the same partition of the samples as grouping the records'
+    topic fields in plain Python, one cluster per topic, no vectors."""
+    cfg, folders, topic = topical
+    groups = load_groups(groups_dir(cfg.pack, cfg.seed, Path(folders["val"]).parent))
+    assert groups["backend"] == "topic" and groups["vectors"] is None and groups["num_clusters"] == NUM_TOPICS
+    assert sorted(groups["keys"].tolist()) == sorted(topic)  # every record is a candidate (both splits)
+    by_cluster, by_topic = {}, {}
+    for key, cluster in zip(groups["keys"].tolist(), groups["clusters"].tolist()):
+        by_cluster.setdefault(cluster, set()).add(key)
+        assert groups["topics"][cluster] == topic[key]
+    for key, name in topic.items():
+        by_topic.setdefault(name, set()).add(key)
+    assert sorted(map(sorted, by_cluster.values())) == sorted(map(sorted, by_topic.values()))
+
+
+def test_related_topic_packs_hold_one_topic_and_unrelated_ones_none_twice(topical):
+    """Every packed row of a related arm holds one topic; no row of an unrelated arm holds a topic twice.
+    Negative control: the ungrouped packer's rows, checked the same way, mix topics and repeat some."""
+    _, folders, topic = topical
+    rows = {arm: [t for t in row_key_topics(folders[arm], topic) if len(t) > 1] for arm in folders if arm != "val"}
+    plain = rows["bfd-cross"]
+    assert sum(len(set(t)) > 1 for t in plain) > 0.9 * len(plain) and any(len(set(t)) < len(t) for t in plain)
+    for arm in ("bfd-cross+related", "greedy-isolated+related"):
+        assert rows[arm] and all(len(set(t)) == 1 for t in rows[arm]), arm
+        m = read_manifest(folders[arm])
+        assert m.group_backend == "topic" and m.num_clusters == NUM_TOPICS and m.num_mixed_cluster_rows == 0
+        assert m.within_pack_cosine is None and m.across_pack_cosine is None  # no vectors, no cosines
+    for arm in ("bfd-cross+unrelated", "greedy-cross+unrelated"):
+        assert rows[arm] and all(len(set(t)) == len(t) for t in rows[arm]), arm
+        assert read_manifest(folders[arm]).num_repeated_cluster_rows == 0
+    assert read_manifest(folders["bfd-cross"]).num_repeated_cluster_rows == sum(len(set(t)) < len(t) for t in plain)
+
+
+def test_every_split_keeps_each_samples_topic(topical):
+    """The shards' sample_topics are the records' topics (what the probe draws its contexts by), the validation
+    split's included."""
+    _, folders, topic = topical
+    for name in ("val", "bfd-cross+unrelated"):
+        keys = [r["sample_keys"] for r in rows_of(folders[name])]
+        assert row_topics(folders[name]) == [[topic[k] for k in ks] for ks in keys], name
+    assert len(row_topics(folders["val"])) == read_manifest(folders["val"]).num_rows > 0
+
+
+def test_compare_reports_the_counts_prepare_writes_for_topics(topical, tmp_path):
+    """`raypack compare` groups by topic in process exactly as prepare does: every count of every arm agrees."""
+    cfg, folders, _ = topical
+    out = tmp_path / "compare"
+    assert main(["compare", "jobs/composition-quick.yaml", f"output_dir={out}", *TOPIC_OVERRIDES,
+                 f"data.sources=[{cfg.data.sources[0]}]", f"pack.arms={TOPIC_ARMS}"]) == 0
+    report = json.loads((out / "composition-quick" / "compare.json").read_text())
+    assert disagreements(report, folders) == {}
+    assert report["arms"]["bfd-cross"]["num_repeated_cluster_rows"] > 0  # not vacuous
+    assert "within_pack_cosine" not in report["arms"]["bfd-cross+related"]
+
+
+def test_records_without_a_topic_are_refused(ray_local, tmp_path, capsys):
+    """Negative control: grouping by topic refuses records without one, naming how many and the first, in prepare
+    and in compare, and says what to use instead."""
+    rows = topic_rows(3)
+    for i in (1, 4, 7):
+        del rows[i]["topic"]
+    source = write_rows(tmp_path / "some.jsonl", rows)
+    message = rf"3 of 12 samples have no topic \(the first: {source}:2\).*group_backend=tfidf or embedding"
+    with pytest.raises(ValueError, match=message):
+        prepare(topic_config(tmp_path, source, "pack.arms=[bfd-cross+related]"))
+    capsys.readouterr()
+    assert main(["compare", "jobs/composition-quick.yaml", f"output_dir={tmp_path / 'compare'}", *TOPIC_OVERRIDES,
+                 f"data.sources=[{source}]", "pack.arms=[bfd-cross+related]"]) != 0
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_topic_grouping_refuses_a_cluster_count():
+    for key in ("pack.num_clusters", "probe.num_clusters"):
+        with pytest.raises(ConfigError, match=f"{key}=10 does not apply to pack.group_backend=topic"):
+            load_config("jobs/composition-quick.yaml", ["pack.group_backend=topic", f"{key}=10",
+                                                        *(f"{k}=0" for k in ("pack.num_clusters", "probe.num_clusters")
+                                                          if k != key)])

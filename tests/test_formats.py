@@ -57,6 +57,7 @@ def test_alpaca_golden():
         ],
         "tools": None,
         "source": f"{path}:2",
+        "topic": "",
     }
     # Row 6 has a non-empty input, joined after the instruction by a blank line.
     user = result.conversations[5]["messages"][0]
@@ -102,6 +103,7 @@ def test_sharegpt_golden():
         ],
         "tools": None,
         "source": f"{path}:1",
+        "topic": "",
     }
 
 
@@ -292,6 +294,7 @@ def test_parquet_round_trip(tmp_path):
         "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
         "tools": None,
         "source": f"{path}:2",
+        "topic": "",
     }
     # The output type itself survives Arrow, as it must through Ray Data.
     assert pa.Table.from_pylist(result.conversations).to_pylist() == result.conversations
@@ -324,3 +327,18 @@ def test_bad_arguments():
         load_conversations(["data.csv"])
     with pytest.raises(FormatError, match="cannot read"):
         load_conversations(["/nonexistent/data.jsonl"])
+
+
+def test_topic_is_carried_in_every_format_and_never_rejects(tmp_path):
+    """A row's string `topic` field becomes the conversation's topic (what pack.group_backend=topic groups by);
+    absent, null or not a string is "" (no topic), and the row is still kept."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows = [{"messages": turns, "topic": "owl"}, {"messages": turns}, {"messages": turns, "topic": None},
+            {"messages": turns, "topic": 7}, {"messages": turns, "topic": ["owl"]}]
+    result = load_conversations([_write_jsonl(tmp_path / "t.jsonl", rows)])
+    assert not result.rejected
+    assert [c["topic"] for c in result.conversations] == ["owl", "", "", "", ""]
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "topic": "cat"}
+    alpaca = {"instruction": "q", "output": "a", "topic": "dog"}
+    assert normalise_row(sharegpt, "sharegpt", "x:1")["topic"] == "cat"
+    assert normalise_row(alpaca, "alpaca", "x:1")["topic"] == "dog"

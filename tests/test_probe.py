@@ -210,11 +210,32 @@ def test_losses_do_not_depend_on_batching():
     assert np.array_equal(one, many) and np.isfinite(one).all()
 
 
-def write_val_folder(folder, samples):
-    """A validation split's Parquet shard as prepare writes it (one sample per row); RowStore converts it."""
+def test_topics_as_clusters_draw_related_from_the_same_topic_and_unrelated_from_another():
+    """pack.group_backend=topic: the probe's clusters are the samples' topics (topic_clusters), so related contexts
+    share the target's topic and unrelated ones do not; a copier leans on them. Negative control: the same
+    samples under shuffled topic labels give related contexts whose answer is not the target's, and no drop."""
+    from raypack.data.features import topic_clusters
+
+    samples, truth = clustered_samples()
+    names = np.array(["owl", "cat", "dog", "elm", "ash"])[truth]
+    labels, _ = topic_clusters(names.tolist())
+    targets, related, unrelated = probe_pairs(labels, 100, seed=0)
+    assert len(targets) == len(samples)
+    assert (names[related] == names[targets]).all() and (related != targets).all()
+    assert (names[unrelated] != names[targets]).all()
+    by_topic = probe(copy_forward, samples, labels)
+    assert by_topic["delta_related_ci"][1] < 0 and by_topic["loss_related"] < 1e-3
+    shuffled = probe(copy_forward, samples, np.random.default_rng(0).permutation(labels))
+    assert shuffled["delta_related"] > by_topic["delta_related"] + 1.0
+
+
+def write_val_folder(folder, samples, topics=None):
+    """A validation split's Parquet shard as prepare writes it (one sample per row); RowStore converts it.
+    With `topics`, the sample_topics column prepare writes (one topic per row)."""
     folder.mkdir()
     column = lambda arrays: pa.array([np.asarray(x, dtype=np.int32) for x in arrays], pa.list_(pa.int32()))
-    pq.write_table(pa.table({
+    extra = {} if topics is None else {"sample_topics": pa.array([[t] for t in topics], pa.list_(pa.string()))}
+    pq.write_table(pa.table({**extra,
         "row_index": pa.array(np.arange(len(samples), dtype=np.int64)),
         "input_ids": column(s["input_ids"] for s in samples),
         "labels": column(s["labels"] for s in samples),
@@ -250,3 +271,28 @@ def test_cli_probe_end_to_end(tmp_path, capsys):
     assert result["num_samples"] == 12 and result["num_clusters"] == 4
     assert result["max_seq_len"] == max(len(s["input_ids"]) for s in samples)
     assert result["delta_related_ci"][0] <= result["delta_related"] <= result["delta_related_ci"][1]
+
+
+def test_cli_probe_draws_contexts_by_topic_when_packs_are_grouped_by_topic(tmp_path, capsys):
+    """`raypack probe` with pack.group_backend=topic takes the val split's topics as its clusters (two topics
+    here, where tf-idf would fit its own k) and says so; a split without topics is refused with the way out."""
+    from raypack.cli import main
+    from raypack.model import build_tiny_model, load_tokenizer
+
+    model_dir = tmp_path / "model"
+    build_tiny_model(seed=0).save_pretrained(model_dir)
+    load_tokenizer("tiny").save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    samples = [sample(rng, rng.integers(100, 4000, 8), rng.integers(3000, 4000, 4)) for _ in range(12)]
+    samples.append(sample(rng, rng.integers(100, 500, 40), rng.integers(3000, 4000, 6)))  # sets max_seq_len
+    write_val_folder(tmp_path / "val", samples, topics=["owl", "cat"] * 6 + ["owl"])
+    write_val_folder(tmp_path / "old", samples)
+    args = ["probe", "jobs/quickstart.yaml", f"eval.model_dir={model_dir}", "probe.num_samples=8",
+            "pack.group_backend=topic", "pack.num_clusters=0", "probe.num_clusters=0"]
+    out = tmp_path / "probe.json"
+    assert main([*args, f"eval.val_dir={tmp_path / 'val'}", f"probe.out={out}"]) == 0
+    assert "context probe: 8 targets, 2 topics" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["contexts_by"] == "topic" and result["num_clusters"] == 2 and result["num_samples"] == 8
+    assert main([*args, f"eval.val_dir={tmp_path / 'old'}"]) != 0
+    assert "no part-*.parquet with a sample_topics column" in capsys.readouterr().err

@@ -120,9 +120,14 @@ def test_composition_and_probe_sections(tmp_path):
     related["probe"] = probe(-0.3)
     plain = {**record("bfd-cross", 0, 2, 20.0, 1000, 1010, 2.6, {}), "probe": probe(-0.01)}
     empty = {**record("padding", 0, 8, 40.0, 1000, 1500, 2.0, {}), "probe": probe(0.0, num_samples=0)}
-    summary = write_report([empty, plain, related], tmp_path, "composition", [])
+    # Grouped by topic: no vectors, so its manifest has no cosines, and the table shows '-' for them.
+    topic = record("greedy-cross+related", 0, 2, 20.0, 1000, 1010, 2.5, {})
+    topic["manifest"].update(grouping="related", only_single_turn=False, num_clusters=60, group_backend="topic",
+                             num_shared_rows=9, num_mixed_cluster_rows=0, rows_over_lower_bound=1.3)
+    summary = write_report([empty, plain, related, topic], tmp_path, "composition", [])
     md = (tmp_path / "report.md").read_text()
     assert "## What goes into a pack" in md and "| bfd-cross+related | related | no | 10 | 0.2000 | 0.0500 | 1 / 9" in md
+    assert "| greedy-cross+related | related | no | 60 | - | - | 0 / 9 |" in md
     assert "## Context reliance" in md and "-0.3000 [-0.4000, -0.2000]" in md
     assert summary["arms"]["bfd-cross+related"]["probe_delta_related"] == pytest.approx(-0.3)
     assert "probe.png" in summary["plots"] and (tmp_path / "probe.png").exists()

@@ -31,8 +31,12 @@ The stats record, one dict whose keys are in this order:
   cosine of sample pairs sharing a row and of pairs in different rows, from
   ``features.pack_similarity`` over the whole arm, all buffers as one plan, seeded
   by ``seed``, on the vectors in float16 as prepare stores them),
-  ``num_similarity_pairs``, ``num_shared_rows`` (rows of two or more samples) and
-  ``num_mixed_cluster_rows`` (those holding two or more clusters).
+  ``num_similarity_pairs``, ``num_shared_rows`` (rows of two or more samples),
+  ``num_mixed_cluster_rows`` (those holding two or more clusters) and
+  ``num_repeated_cluster_rows`` (those holding some cluster twice). Topic groups
+  (``group_backend`` topic: the data's own topics, no vectors) have no cosine keys,
+  and are planned strictly (``raypack.data.compose``: related rows hold one topic,
+  unrelated rows no topic twice).
 
 Example: six samples, bfd, rows of 8 tokens, the multi-turn sample 3 alone:
 
@@ -58,7 +62,8 @@ from raypack.data.pack import PackPlan, concat_plans, plan_stats
 
 COMPOSITION_KEYS = ("grouping", "only_single_turn", "num_single_turn_samples", "num_multi_turn_samples",
                     "num_multi_turn_rows", "num_clusters", "group_backend", "within_pack_cosine",
-                    "across_pack_cosine", "num_similarity_pairs", "num_shared_rows", "num_mixed_cluster_rows")
+                    "across_pack_cosine", "num_similarity_pairs", "num_shared_rows", "num_mixed_cluster_rows",
+                    "num_repeated_cluster_rows")
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,14 @@ class ContentGroups:
     """What the samples are about (``raypack.data.features``), one entry per sample."""
 
     clusters: np.ndarray  # int cluster label
-    vectors: np.ndarray  # content vector (samples x dim)
-    num_clusters: int  # the k the clusters were fitted with
-    backend: str  # pack.group_backend: tfidf or embedding
+    vectors: np.ndarray | None  # content vector (samples x dim); None for topic groups
+    num_clusters: int  # the k the clusters were fitted with (topic: the distinct topics)
+    backend: str  # pack.group_backend: tfidf, embedding or topic
+
+    def take(self, index: np.ndarray) -> "ContentGroups":
+        """These samples' groups (the same k and backend)."""
+        vectors = None if self.vectors is None else self.vectors[index]
+        return ContentGroups(self.clusters[index], vectors, self.num_clusters, self.backend)
 
 
 @dataclass(frozen=True)
@@ -94,15 +104,18 @@ def plan_arm(lengths: np.ndarray, spec: ArmSpec, *, max_seq_len: int, window: in
     if spec.only_single_turn and (turns is None or len(turns) != n):
         raise ValueError("a single-turn-only arm needs turns: the number of assistant turns of each sample")
     content = groups if spec.packer != "padding" else None
-    if content is not None and (len(content.clusters) != n or len(content.vectors) != n):
-        raise ValueError(f"content groups cover {len(content.clusters)} clusters and {len(content.vectors)} vectors "
+    if content is not None and (len(content.clusters) != n or (content.vectors is not None
+                                                                and len(content.vectors) != n)):
+        num_vectors = "no" if content.vectors is None else len(content.vectors)
+        raise ValueError(f"content groups cover {len(content.clusters)} clusters and {num_vectors} vectors "
                          f"but there are {n} samples; give one of each per sample")
+    strict = content is not None and content.backend == "topic"
     multi_turn = np.asarray(turns) > 1 if spec.only_single_turn else None
     size = (group_buffer if spec.grouping != "none" else window) or max(n, 1)
     starts = np.arange(0, n, size, dtype=np.int64)
     plans = [plan_composed(lengths[lo:lo + size], max_seq_len, spec.packer, window, spec.grouping,
                            None if content is None else content.clusters[lo:lo + size],
-                           None if multi_turn is None else multi_turn[lo:lo + size])
+                           None if multi_turn is None else multi_turn[lo:lo + size], strict)
              for lo in starts.tolist()]
     plan = concat_plans(plans, [np.arange(lo, min(lo + size, n), dtype=np.int64) for lo in starts.tolist()])
     # A padfree micro-batch is its rows end to end, one flat row (raypack.data.collate): it computes no pad, as
@@ -123,12 +136,15 @@ def _composition(plan: PackPlan, spec: ArmSpec, multi_turn: np.ndarray | None, c
         out.update(num_single_turn_samples=int((~multi_turn).sum()), num_multi_turn_samples=int(multi_turn.sum()),
                    num_multi_turn_rows=counts["num_multi_turn_rows"])
     if content is not None:
-        similarity = {"within_pack_cosine": None, "across_pack_cosine": None, "num_pairs": 0}
-        if len(content.vectors):
-            # float16: the precision prepare keeps the vectors in, so both commands measure the same cosines.
-            similarity = pack_similarity(np.asarray(content.vectors, dtype=np.float16), plan, seed=seed)
-        out.update(num_clusters=int(content.num_clusters), group_backend=content.backend,
-                   within_pack_cosine=similarity["within_pack_cosine"],
-                   across_pack_cosine=similarity["across_pack_cosine"], num_similarity_pairs=similarity["num_pairs"],
-                   num_shared_rows=counts["num_packed_rows"], num_mixed_cluster_rows=counts["num_mixed_cluster_rows"])
+        out.update(num_clusters=int(content.num_clusters), group_backend=content.backend)
+        if content.vectors is not None:
+            similarity = {"within_pack_cosine": None, "across_pack_cosine": None, "num_pairs": 0}
+            if len(content.vectors):
+                # float16: the precision prepare keeps the vectors in, so both commands measure the same cosines.
+                similarity = pack_similarity(np.asarray(content.vectors, dtype=np.float16), plan, seed=seed)
+            out.update(within_pack_cosine=similarity["within_pack_cosine"],
+                       across_pack_cosine=similarity["across_pack_cosine"],
+                       num_similarity_pairs=similarity["num_pairs"])
+        out.update(num_shared_rows=counts["num_packed_rows"], num_mixed_cluster_rows=counts["num_mixed_cluster_rows"],
+                   num_repeated_cluster_rows=counts["num_repeated_cluster_rows"])
     return out

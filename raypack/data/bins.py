@@ -93,7 +93,8 @@ def check_plan_inputs(lengths, max_seq_len, strategy: str, window) -> tuple[np.n
 
 
 def fit_rows(lengths: np.ndarray, max_seq_len: int, window: int, best_fit: bool,
-             clusters: np.ndarray | None = None, max_skips: int = 0) -> tuple[np.ndarray, np.ndarray]:
+             clusters: np.ndarray | None = None, max_skips: int = 0, strict: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
     """First-fit (``best_fit=False``) or best-fit decreasing rows of whole samples, each window on its own.
 
     ``lengths`` are checked (``check_lengths``) and each ``<= max_seq_len``;
@@ -103,7 +104,8 @@ def fit_rows(lengths: np.ndarray, max_seq_len: int, window: int, best_fit: bool,
     first) among the rows it fits, else to a new row. With ``clusters`` (one int
     per sample), a sample skips the fitting rows that already hold a sample of its
     cluster, up to ``max_skips`` of them; when none is left it takes the row the
-    plain rule picks. Returns ``(piece_sample, row_offsets)``: the samples in row
+    plain rule picks, or with ``strict`` a new row (so no row holds a cluster
+    twice). Returns ``(piece_sample, row_offsets)``: the samples in row
     order (a row keeps its insertion order), row ``r`` holding
     ``piece_sample[row_offsets[r]:row_offsets[r + 1]]``; see the module docstring.
     """
@@ -131,13 +133,13 @@ def fit_rows(lengths: np.ndarray, max_seq_len: int, window: int, best_fit: bool,
         tree = np.empty(2 * next_pow2(win), dtype=np.int32)
         chains = np.empty(0, dtype=np.int64)
     # Without clusters the kernels get None for them and numba compiles the cluster code out.
-    num_rows = fit_windows(lengths, dense, num_clusters, max_seq_len, win, best_fit, max_skips,
+    num_rows = fit_windows(lengths, dense, num_clusters, max_seq_len, win, best_fit, max_skips, strict,
                            order, row_of, counts, table, tree, chains, piece_sample, row_offsets)
     return piece_sample, row_offsets[: num_rows + 1].copy()
 
 
 @numba.njit(cache=True)
-def fit_windows(lengths, clusters, num_clusters, max_seq_len, window, best_fit, max_skips,
+def fit_windows(lengths, clusters, num_clusters, max_seq_len, window, best_fit, max_skips, strict,
                 order, row_of, counts, table, tree, chains, piece_sample, row_offsets):
     """``fit_rows``'s loop: sort, fit and emit each window; returns the total number of rows.
 
@@ -153,22 +155,22 @@ def fit_windows(lengths, clusters, num_clusters, max_seq_len, window, best_fit, 
         if best_fit:
             head, tail, nxt = chains[:size], chains[size: 2 * size], chains[2 * size: 2 * size + win]
             if clusters is None:
-                rows = best_fit_window(lengths, None, 0, order, lo, hi, max_seq_len, 0, None, 0, tree,
+                rows = best_fit_window(lengths, None, 0, order, lo, hi, max_seq_len, 0, False, None, 0, tree,
                                        head, tail, nxt, None, None, row_of)
             else:
                 mask = next_pow2(2 * win) - 1
                 table[: mask + 1] = -1
                 prv = chains[2 * size + win: 2 * size + 2 * win]
                 room_of = chains[2 * size + 2 * win: 2 * size + 3 * win]
-                rows = best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table,
-                                       mask, tree, head, tail, nxt, prv, room_of, row_of)
+                rows = best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, strict,
+                                       table, mask, tree, head, tail, nxt, prv, room_of, row_of)
         elif clusters is None:
-            rows = first_fit_window(lengths, None, 0, order, lo, hi, max_seq_len, 0, None, 0, tree, row_of)
+            rows = first_fit_window(lengths, None, 0, order, lo, hi, max_seq_len, 0, False, None, 0, tree, row_of)
         else:
             mask = next_pow2(2 * win) - 1
             table[: mask + 1] = -1
-            rows = first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table,
-                                    mask, tree, row_of)
+            rows = first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, strict,
+                                    table, mask, tree, row_of)
         emit_rows(order, row_of, lo, hi, rows, num_rows, counts, piece_sample, row_offsets)
         num_rows += rows
     row_offsets[num_rows] = n
@@ -176,15 +178,16 @@ def fit_windows(lengths, clusters, num_clusters, max_seq_len, window, best_fit, 
 
 
 @numba.njit(cache=True)
-def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
-                     row_of):
+def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, strict, table, mask,
+                     tree, row_of):
     """First-fit rows for samples order[lo:hi]; row_of[k] is the window-local row of order[k]; returns the rows.
 
     Leaf r of the tree is the room left in row r. Rows not yet opened have full
     room, so the leftmost leaf that fits is either an open row or the next new
     row, and opening a row needs no special case. With clusters (None: without),
     the fitting rows are walked left to right (``tree_next``) past those holding
-    the sample's cluster, whose (row, cluster) keys ``table`` holds.
+    the sample's cluster, whose (row, cluster) keys ``table`` holds; ``strict``
+    opens a new row when that walk finds none.
     """
     tree[:] = max_seq_len
     rows = 0
@@ -205,7 +208,8 @@ def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len
                 skips += 1
                 start = r + 1
         if row < 0:
-            row = tree_leftmost(tree, length)
+            # A new row's leaf has full room, so rows is the next row a strict sample may open.
+            row = rows if clusters is not None and strict else tree_leftmost(tree, length)
         if row == rows:
             rows += 1
         row_of[k] = row
@@ -216,8 +220,8 @@ def first_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len
 
 
 @numba.njit(cache=True)
-def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, table, mask, tree,
-                    head, tail, nxt, prv, room_of, row_of):
+def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len, max_skips, strict, table, mask,
+                    tree, head, tail, nxt, prv, room_of, row_of):
     """Best-fit rows for samples order[lo:hi]; row_of[k] is the window-local row of order[k]; returns the rows.
 
     Leaf r of the tree is r while some open row has exactly r tokens of room, else 0,
@@ -225,9 +229,10 @@ def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len,
     room queue FIFO: head[r], tail[r], nxt[row]. With clusters (None: without,
     and then ``prv`` and ``room_of`` are None too) the queues are doubly linked
     (prv[row], and room_of[row]), so that a row found past the rows holding the
-    sample's cluster can leave from the middle and the others keep their order.
-    The search and the queue updates are written out here, not called: through
-    helper functions numba ran this loop 15-30% slower.
+    sample's cluster can leave from the middle and the others keep their order;
+    ``strict`` opens a new row when the search finds none. The search and the
+    queue updates are written out here, not called: through helper functions
+    numba ran this loop 15-30% slower.
     """
     tree[:] = 0
     head[:] = -1
@@ -236,8 +241,8 @@ def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len,
     for k in range(lo, hi):
         sample = order[k]
         length = lengths[sample]
+        row = -1
         if tree[1] >= length:
-            row = -1
             if clusters is not None:
                 # The tightest rooms first, each room's rows in queue order; skip rows holding the cluster.
                 cluster = clusters[sample]
@@ -254,27 +259,28 @@ def best_fit_window(lengths, clusters, num_clusters, order, lo, hi, max_seq_len,
                     if row >= 0:
                         break
                     room = tree_next(tree, length, room + 1)
-            if row < 0:
+            if row < 0 and not (clusters is not None and strict):
                 room = tree_leftmost(tree, length)
                 row = head[room]
-            if clusters is None:
-                # The row is its queue's head.
-                head[room] = nxt[row]
-                if head[room] == -1:
-                    tail[room] = -1
-            else:
-                room = room_of[row]
-                if prv[row] == -1:
+            if row >= 0:  # else strict, and every row with room holds the cluster: a new row below
+                if clusters is None:
+                    # The row is its queue's head.
                     head[room] = nxt[row]
+                    if head[room] == -1:
+                        tail[room] = -1
                 else:
-                    nxt[prv[row]] = nxt[row]
-                if nxt[row] == -1:
-                    tail[room] = prv[row]
-                else:
-                    prv[nxt[row]] = prv[row]
-            if head[room] == -1:
-                tree_set(tree, room, 0)
-        else:
+                    room = room_of[row]
+                    if prv[row] == -1:
+                        head[room] = nxt[row]
+                    else:
+                        nxt[prv[row]] = nxt[row]
+                    if nxt[row] == -1:
+                        tail[room] = prv[row]
+                    else:
+                        prv[nxt[row]] = prv[row]
+                if head[room] == -1:
+                    tree_set(tree, room, 0)
+        if row < 0:
             row = rows
             rows += 1
             room = max_seq_len

@@ -29,6 +29,17 @@
 
   ``padding`` has one sample per row, so it only takes ``grouping="none"``.
 
+- ``strict`` (for clusters that are the data's own topics, ``pack.group_backend:
+  topic``): ``related`` greedy/bfd keep every cluster's rows to themselves (no
+  tails pooled: every packed row holds one cluster, at the price of up to one
+  part-filled row per cluster), and ``unrelated`` greedy/bfd open a new row rather
+  than put a sample in a row that holds its cluster (no packed row holds a
+  cluster twice; a new row is opened only where every row with room holds the
+  cluster, or after ``MAX_SKIPS`` such rows). ``random`` is the same either way:
+  ``related`` never pools, and ``unrelated`` repeats a cluster only where the
+  round-robin order runs out of other clusters (one cluster far larger than the
+  rest).
+
 - ``multi_turn``, a bool per sample: multi-turn samples are not packed. Each
   gets rows of its own (one row, or for ``random`` a sample longer than
   ``max_seq_len`` is cut into rows of its own), after all the packed rows; only
@@ -59,6 +70,18 @@ packing with sample 3 multi-turn: it gets a row of its own, after the packed row
 >>> multi_turn = np.array([False, False, False, True, False, False])
 >>> rows(plan_composed(lengths, 8, "bfd", grouping="unrelated", clusters=clusters, multi_turn=multi_turn))
 [[0, 5], [1, 4], [2], [3]]
+
+Strict: ``related`` keeps cluster 0's part-filled row [2] to itself. ``unrelated``, four samples of which three
+are of cluster 0: the last one finds room only in rows holding cluster 0, so it joins the tightest of them,
+or strictly opens a row of its own.
+
+>>> rows(plan_composed(lengths, 8, "bfd", grouping="related", clusters=clusters, strict=True))
+[[0, 4], [2], [1, 3, 5]]
+>>> lengths, clusters = np.array([5, 5, 2, 1]), np.array([0, 1, 0, 0])
+>>> rows(plan_composed(lengths, 8, "bfd", grouping="unrelated", clusters=clusters))
+[[0], [1, 2, 3]]
+>>> rows(plan_composed(lengths, 8, "bfd", grouping="unrelated", clusters=clusters, strict=True))
+[[0], [1, 2], [3]]
 """
 
 import numpy as np
@@ -73,8 +96,10 @@ TAIL_FILL = 0.9  # related greedy/bfd: a cluster's least-filled row at most this
 
 
 def plan_composed(lengths: np.ndarray, max_seq_len: int, strategy: str, window: int = 0, grouping: str = "none",
-                  clusters: np.ndarray | None = None, multi_turn: np.ndarray | None = None) -> PackPlan:
-    """Plan rows like ``plan_pack``, grouping samples by cluster and leaving multi-turn samples unpacked.
+                  clusters: np.ndarray | None = None, multi_turn: np.ndarray | None = None,
+                  strict: bool = False) -> PackPlan:
+    """Plan rows like ``plan_pack``, grouping samples by cluster and leaving multi-turn samples unpacked;
+    ``strict`` groups strictly by cluster (topics: no pooled tails, no repeats).
 
     See the module docstring for the rules and an example.
     """
@@ -89,7 +114,7 @@ def plan_composed(lengths: np.ndarray, max_seq_len: int, strategy: str, window: 
 
     single = np.flatnonzero(~multi_turn)
     packed = _plan_grouped(lengths[single], max_seq_len, strategy, window, grouping,
-                           None if clusters is None else clusters[single])
+                           None if clusters is None else clusters[single], strict)
     multi = np.flatnonzero(multi_turn)
     # window=1 plans every multi-turn sample alone: one row, or rows of its own when random splits it.
     alone = plan_pack(lengths[multi], max_seq_len, "random" if strategy == "random" else "padding", 1)
@@ -122,7 +147,7 @@ def _check_multi_turn(multi_turn, n: int) -> np.ndarray:
     return multi_turn.astype(bool, copy=False)
 
 
-def _plan_grouped(lengths, max_seq_len, strategy, window, grouping, clusters) -> PackPlan:
+def _plan_grouped(lengths, max_seq_len, strategy, window, grouping, clusters, strict) -> PackPlan:
     if grouping == "none":
         return plan_pack(lengths, max_seq_len, strategy, window)
     if grouping == "related":
@@ -130,15 +155,15 @@ def _plan_grouped(lengths, max_seq_len, strategy, window, grouping, clusters) ->
         bounds = np.flatnonzero(np.diff(clusters[by_cluster])) + 1
         members = np.split(by_cluster, bounds) if len(by_cluster) else []
         plans = [plan_pack(lengths[m], max_seq_len, strategy, window) for m in members]
-        if strategy in ("greedy", "bfd"):
+        if strategy in ("greedy", "bfd") and not strict:
             return _repack_tails(plans, members, lengths, max_seq_len, strategy, window)
         return concat_plans(plans, members)
     if strategy == "random":
         order = _round_robin(clusters)
         return concat_plans([plan_pack(lengths[order], max_seq_len, "random", window)], [order])
     # Longest first, each sample to the first-fit or best-fit row that does not hold its cluster yet.
-    return PackPlan.of_whole_samples(*fit_rows(lengths, max_seq_len, window, strategy == "bfd", clusters, MAX_SKIPS),
-                                     lengths)
+    return PackPlan.of_whole_samples(*fit_rows(lengths, max_seq_len, window, strategy == "bfd", clusters, MAX_SKIPS,
+                                              strict), lengths)
 
 
 def _repack_tails(plans: list[PackPlan], members: list[np.ndarray], lengths, max_seq_len, strategy, window
@@ -211,13 +236,14 @@ def composition_stats(plan: PackPlan, clusters: np.ndarray | None = None,
         clusters_per_row = np.bincount(row_clusters, minlength=plan.num_rows)
         num_packed = max(int(packed.sum()), 1)
         num_mixed = int((clusters_per_row[packed] >= 2).sum())
+        num_repeated = int((clusters_per_row[packed] < samples_per_row[packed]).sum())
         stats.update({
             "num_clusters_used": len(labels),
             "num_mixed_cluster_rows": num_mixed,
+            "num_repeated_cluster_rows": num_repeated,
             "mean_clusters_per_packed_row": float(clusters_per_row[packed].mean()) if packed.any() else 0.0,
             "mixed_cluster_row_fraction": num_mixed / num_packed,
-            "repeated_cluster_row_fraction": float((clusters_per_row[packed] < samples_per_row[packed]).sum()
-                                                   / num_packed),
+            "repeated_cluster_row_fraction": num_repeated / num_packed,
         })
     if multi_turn is not None:
         multi_turn = _check_multi_turn(multi_turn, len(multi_turn))

@@ -19,6 +19,9 @@ text is needed and every data worker can compute it on the samples it holds:
 4. ``pack_similarity(vectors, plan)``: mean cosine of sample pairs that share a row
    against pairs in different rows, which says whether a plan grouped related samples.
 
+Data that carries its own topic (a record's ``topic`` field) needs none of this:
+``topic_clusters`` labels each sample by its topic (``pack.group_backend: topic``).
+
 Example: two samples on one topic share terms, the third shares none.
 
 >>> import numpy as np
@@ -317,6 +320,26 @@ def assign_clusters(vectors: np.ndarray, centroids: np.ndarray, batch: int = 655
         # A vector's own norm scales all its cosines alike, so the argmax needs no normalising.
         out[lo: lo + batch] = np.argmax(np.asarray(vectors[lo: lo + batch], np.float32) @ unit_centroids.T, axis=1)
     return out
+
+
+def topic_clusters(topics, sources=None) -> tuple[np.ndarray, list[str]]:
+    """Cluster labels from the samples' own topics: the dense index of each topic among the sorted distinct
+    topics, and those topics. ValueError when a sample has no topic (""), naming how many and, from
+    ``sources`` (one "path:row" per sample) when given, the first.
+
+    >>> labels, topics = topic_clusters(["owl", "cat", "owl"])
+    >>> labels.tolist(), topics
+    ([1, 0, 1], ['cat', 'owl'])
+    """
+    topics = np.asarray(list(topics), dtype=object)
+    missing = np.flatnonzero(topics == "")
+    if len(missing):
+        where = f" (the first: {sources[int(missing[0])]})" if sources is not None else ""
+        raise ValueError(f"pack.group_backend=topic: {len(missing)} of {len(topics)} samples have no topic{where}; "
+                         "give every record a string 'topic' field, or group data without topics by content "
+                         "with pack.group_backend=tfidf or embedding")
+    distinct, labels = np.unique(topics.astype(str), return_inverse=True) if len(topics) else ([], np.zeros(0))
+    return np.asarray(labels, dtype=np.int64).reshape(-1), [str(t) for t in distinct]
 
 
 # ---------------------------------------------------------------- similarity inside packs

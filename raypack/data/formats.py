@@ -12,7 +12,12 @@ Every valid row becomes a plain, Arrow-friendly dict, for example::
     {"messages": [{"role": "user", "content": "Name a colour."},
                   {"role": "assistant", "content": "Blue."}],
      "tools": None,
-     "source": "data/alpaca.json:1"}
+     "source": "data/alpaca.json:1",
+     "topic": ""}
+
+``topic`` is the row's own ``topic`` field when it is a string, else "" (no topic):
+what ``pack.group_backend: topic`` groups by (raypack.data.pipeline.group). It is
+never a reason to reject a row; grouping by topic refuses samples without one.
 
 Every invalid row is rejected with exactly one reason from ``REJECT_REASONS``. When
 several apply, the first failing check in this fixed order names the row:
@@ -154,7 +159,13 @@ def normalise_row(row: dict, fmt: str, source: str) -> dict:
     extract, role_map = _EXTRACTORS[fmt]
     turns, tools = extract(row)
     messages = _validate_turns(turns, role_map)
-    return {"messages": messages, "tools": tools, "source": source}
+    return {"messages": messages, "tools": tools, "source": source, "topic": row_topic(row)}
+
+
+def row_topic(row: dict) -> str:
+    """The row's ``topic`` field if it is a string, else "" (absent, null or another type: no topic)."""
+    topic = row.get("topic")
+    return topic if isinstance(topic, str) else ""
 
 
 def _validate_turns(turns: list[Turn], role_map: dict[str, str]) -> list[dict]:

@@ -116,14 +116,15 @@ def prepare_local(cfg: Config) -> LocalPrep:
     specs = {arm: arm_spec(arm, cfg.pack) for arm in cfg.pack.arms}
     groups = None
     if any(spec.grouping != "none" for spec in specs.values()):
-        groups = content_groups(samples, cfg.pack, cfg.data.tokenizer, cfg.seed)
+        conversations = [load.conversations[s["conversation"]] for s in samples]
+        groups = content_groups(samples, cfg.pack, cfg.data.tokenizer, cfg.seed,
+                                topics=[c["topic"] for c in conversations], sources=[c["source"] for c in conversations])
     arms = []
     for arm, spec in specs.items():
         start = time.perf_counter()
         policy = spec.overlength or cfg.data.overlength
         chosen = np.flatnonzero((_kept(columns, policy) & ~held)[candidates])
-        arm_groups = groups and ContentGroups(groups.clusters[chosen], groups.vectors[chosen], groups.num_clusters,
-                                              groups.backend)
+        arm_groups = groups and groups.take(chosen)
         planned = plan_arm(lengths[chosen], spec, max_seq_len=cfg.data.max_seq_len, window=cfg.pack.window,
                            group_buffer=cfg.pack.group_buffer, micro_batch_size=cfg.train.micro_batch_size,
                            seed=cfg.seed, turns=turns[chosen], groups=arm_groups)
@@ -190,8 +191,15 @@ def compare(cfg: Config) -> Path:
     return out
 
 
-def content_groups(samples: list[dict], pack: PackConfig, tokenizer: str, seed: int) -> ContentGroups:
-    """Content vectors and k-means clusters of the samples, in process (pack.group_backend)."""
+def content_groups(samples: list[dict], pack: PackConfig, tokenizer: str, seed: int, topics: list[str] | None = None,
+                   sources: list[str] | None = None) -> ContentGroups:
+    """Content vectors and k-means clusters of the samples, in process (pack.group_backend); for topic, the
+    samples' topics (and sources, which the error for a sample without one names) as clusters, no vectors."""
+    if pack.group_backend == "topic":
+        if topics is None:
+            raise ValueError("pack.group_backend=topic needs each sample's topic")
+        clusters, distinct = features.topic_clusters(topics, sources)
+        return ContentGroups(clusters, None, len(distinct), "topic")
     ids = [s["input_ids"] for s in samples]
     if pack.group_backend == "tfidf":
         vectors, clusters, k = features.tfidf_clusters(ids, pack.num_clusters, seed=seed, dim=pack.feature_dim,

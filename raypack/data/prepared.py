@@ -4,7 +4,8 @@ follows from the manifest in raypack.train.plan.
 A prepared split is a folder that `raypack prepare` (raypack.data.pipeline) writes:
 
     manifest.json        the split's counts and settings: a Manifest (read_manifest, write_manifest)
-    part-*.parquet       the rows with their sample keys and pieces (for analysis; training does not read them)
+    part-*.parquet       the rows with their sample keys, pieces and topics (for analysis and the probe's topics:
+                         row_topics; training does not read them)
     flat/                the rows as flat token buffers, memory-mapped by every training worker:
       input_ids.npy      int32 [total tokens]  every row's tokens end to end, row 0 first
       labels.npy         int32 [total tokens]
@@ -148,6 +149,7 @@ class Manifest:
     num_similarity_pairs: int | None = None
     num_shared_rows: int | None = None
     num_mixed_cluster_rows: int | None = None
+    num_repeated_cluster_rows: int | None = None  # packed rows holding some cluster twice
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -233,6 +235,20 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
 def shard_files(folder: str | Path) -> list[str]:
     """The split's Parquet shards in row order."""
     return sorted(str(p) for p in Path(folder).glob("*.parquet"))
+
+
+def row_topics(folder: str | Path) -> list[list[str]]:
+    """Each row's samples' topics ("" for a sample without one), by row_index, from the split's shards.
+
+    ValueError for a split prepared before the shards kept topics (prepare it again)."""
+    files = shard_files(folder)
+    if not files or "sample_topics" not in pq.read_schema(files[0]).names:
+        raise ValueError(f"{folder}: no part-*.parquet with a sample_topics column (prepared before topics were "
+                         "kept); prepare it again: raypack prepare CONFIG prepare.reuse=false")
+    table = pq.read_table(files, columns=["row_index", "sample_topics"])
+    order = np.argsort(table.column("row_index").to_numpy(), kind="stable")
+    topics = table.column("sample_topics").to_pylist()
+    return [topics[i] for i in order]
 
 
 # ---------------------------------------------------------------- rows

@@ -25,7 +25,8 @@ PREPARE_COLUMNS = (
 ) + OVERLENGTH_COLUMNS
 COMPOSITION_COLUMNS = (
     ("grouping", "grouping"), ("clusters", "num_clusters"), ("within cos", "within_pack_cosine"),
-    ("across cos", "across_pack_cosine"), ("mixed packs", "num_mixed_cluster_rows"), ("shared packs", "num_shared_rows"),
+    ("across cos", "across_pack_cosine"), ("mixed packs", "num_mixed_cluster_rows"),
+    ("repeat packs", "num_repeated_cluster_rows"), ("shared packs", "num_shared_rows"),
     ("single-turn", "num_single_turn_samples"), ("multi-turn", "num_multi_turn_samples"),
     ("rows/LB", "rows_over_lower_bound"),
 )

@@ -19,12 +19,18 @@ if it copies blindly, rises with unrelated context.
     raypack probe jobs/quickstart.yaml train.arm=bfd-cross [probe.num_samples=256 probe.num_clusters=0 ...]
     raypack probe CONFIG eval.model_dir=MODEL eval.val_dir=out/prepared/tok-<hash>/val-<hash> [probe.out=F.json]
 
-    result = probe_model(model_dir, val_folder, cfg.probe, seed=cfg.seed)   # one process, saved HF model
+    result = probe_model(model_dir, val_folder, cfg.probe, seed=cfg.seed,   # one process, saved HF model
+                         by_topic=cfg.pack.group_backend == "topic")
     result = run_probe(forward, samples, clusters, num_samples, seed, max_seq_len, pad_token_id)  # pure core
 
 Rules:
 - Clusters are k-means over hashed tf-idf vectors of each sample's token ids
   (raypack.data.features); `num_clusters=0` picks k with `auto_num_clusters`.
+  With pack.group_backend=topic (`by_topic`) they are the samples' own topics
+  instead, as the packs were grouped: related = the same topic, unrelated =
+  another topic (the validation split's shards keep each sample's topic:
+  raypack.data.prepared.row_topics). The result says which: `contexts_by` is
+  "tfidf" or "topic".
 - A target must be at most max_seq_len // 2 tokens, so every context keeps at
   least as many tokens as the target; a context that does not fit is cut from
   its LEFT (its end, nearest the target, is kept). Contexts carry no labels.
@@ -208,9 +214,22 @@ def cluster_samples(samples: list[np.ndarray], num_clusters: int, seed: int) -> 
     return np.asarray(clusters), int(k)
 
 
+def topic_samples(val_folder: str) -> tuple[np.ndarray, int]:
+    """Cluster ids of a validation split's samples by their topics (one sample per row) and the number of topics;
+    ValueError when a sample has none (raypack.data.features.topic_clusters)."""
+    from raypack.data.features import topic_clusters
+    from raypack.data.prepared import row_topics
+
+    topics = [row[0] for row in row_topics(val_folder)]
+    clusters, distinct = topic_clusters(topics)
+    return clusters, len(distinct)
+
+
 def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
-                log: Callable[[str], None] | None = None) -> dict:
-    """The probe of a saved Hugging Face model on a prepared validation split (one process, on probe.device)."""
+                log: Callable[[str], None] | None = None, by_topic: bool = False) -> dict:
+    """The probe of a saved Hugging Face model on a prepared validation split (one process, on probe.device);
+    related and unrelated contexts by the samples' topics when `by_topic` (pack.group_backend=topic), else by
+    tf-idf clusters."""
     from transformers import AutoModelForCausalLM
 
     from raypack.data.prepared import RowStore
@@ -223,6 +242,12 @@ def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
                for r in rows.take(np.arange(rows.num_rows))]
     if len(samples) < 3:
         raise ValueError(f"{val_folder} has {len(samples)} samples; the probe needs at least 3")
+    if by_topic:
+        clusters, k = topic_samples(val_folder)
+        if len(clusters) != len(samples):
+            raise ValueError(f"{val_folder}: {len(clusters)} topics for {len(samples)} rows; prepare it again")
+    else:
+        clusters, k = cluster_samples([s["input_ids"] for s in samples], probe.num_clusters, seed)
     device = probe.device if probe.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_dir)  # a pad token even if the folder's has none
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -230,7 +255,6 @@ def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
     if not max_seq_len:
         longest = max(len(s["input_ids"]) for s in samples)
         max_seq_len = min(longest, getattr(model.config, "max_position_embeddings", None) or longest)
-    clusters, k = cluster_samples([s["input_ids"] for s in samples], probe.num_clusters, seed)
 
     def forward(batch: dict) -> torch.Tensor:
         inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
@@ -238,12 +262,12 @@ def probe_model(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
 
     result = run_probe(forward, samples, clusters, probe.num_samples, seed, max_seq_len, tokenizer.pad_token_id,
                        probe.micro_batch_size, log)
-    return {"model": str(model_dir), "val": str(val_folder), "num_clusters": k,
-            "num_nonempty_clusters": len(np.unique(clusters)), **result}
+    return {"model": str(model_dir), "val": str(val_folder), "contexts_by": "topic" if by_topic else "tfidf",
+            "num_clusters": k, "num_nonempty_clusters": len(np.unique(clusters)), **result}
 
 
 def probe_on_ray(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int, num_gpus: float,
-                 num_cpus: float) -> dict:
+                 num_cpus: float, by_topic: bool = False) -> dict:
     """`probe_model` as one Ray task holding `num_gpus` GPUs (device cuda when > 0) and `num_cpus` CPUs.
 
     What `raypack study` runs for every arm; paths are made absolute, so they must be
@@ -253,7 +277,8 @@ def probe_on_ray(model_dir: str, val_folder: str, probe: ProbeConfig, seed: int,
 
     remote = ray.remote(probe_model).options(num_gpus=num_gpus, num_cpus=num_cpus)
     probe = replace(probe, device="cuda" if num_gpus > 0 else "cpu")
-    return ray.get(remote.remote(str(Path(model_dir).resolve()), str(Path(val_folder).resolve()), probe, seed=seed))
+    return ray.get(remote.remote(str(Path(model_dir).resolve()), str(Path(val_folder).resolve()), probe, seed=seed,
+                                 by_topic=by_topic))
 
 
 def format_probe(result: dict) -> str:
@@ -261,7 +286,8 @@ def format_probe(result: dict) -> str:
     def num(x, sign=""):
         return "n/a" if x is None else f"{x:{sign}.4f}"
 
-    lines = [(f"context probe: {result['num_samples']} targets, {result.get('num_clusters', '?')} clusters, "
+    groups = "topics" if result.get("contexts_by") == "topic" else "clusters"
+    lines = [(f"context probe: {result['num_samples']} targets, {result.get('num_clusters', '?')} {groups}, "
               f"max_seq_len {result['max_seq_len']} (loss on each target's supervised tokens)"),
              f"{'context':<10} {'mean loss':>10} {'vs alone':>10}  95% CI",
              f"{'alone':<10} {num(result['loss_alone']):>10}"]

@@ -120,7 +120,8 @@ def probe_checkpoints(cfg: Config) -> dict:
     results = {}
     for name, model_dir in _announced(models):
         start = time.perf_counter()
-        result = probe_model(model_dir, val, cfg.probe, seed=cfg.seed, log=lambda line: print(line, flush=True))
+        result = probe_model(model_dir, val, cfg.probe, seed=cfg.seed, log=lambda line: print(line, flush=True),
+                             by_topic=cfg.pack.group_backend == "topic")
         result["seconds"] = round(time.perf_counter() - start, 1)
         print(format_probe(result))
         results[name] = result

@@ -180,9 +180,10 @@ def record_metrics(record: dict) -> dict[str, float]:
 
 
 def _probe(cfg: Config, model_dir: str, val_folder: str) -> dict:
-    """The context-reliance probe of the exported model (a Ray task with the eval task's resources)."""
+    """The context-reliance probe of the exported model (a Ray task with the eval task's resources); its contexts
+    by topic when the packs were grouped by topic."""
     from raypack.eval.probe import probe_on_ray
 
     return probe_on_ray(model_dir, val_folder, cfg.probe, seed=cfg.seed, num_gpus=cfg.eval.num_gpus,
-                        num_cpus=cfg.eval.num_cpus)
+                        num_cpus=cfg.eval.num_cpus, by_topic=cfg.pack.group_backend == "topic")
 

@@ -11,13 +11,14 @@ Output: `tok-<hash>/tokenized/*.parquet`, columns TOKENIZED_SCHEMA, one row per
     rejected record   status `rejected`, with reason and detail, no tokens
     dropped record    a conversation with no supervised token (status `dropped_no_supervised`), no tokens
 
-keyed by (key, piece): key is the read stage's (one per input record), piece the piece number. Order: input
-order, by key, a key's pieces 0, 1, ... in a row. The stage runs in input order and writes each file in order
-(raypack.data.pipeline.ordered); readers take the files by their first key (cache_files) and check the order
-(read_cache_index: when the cache is written, and whenever prepare reuses it), since the later stages address
-the cache's samples by their ordinal in this order (raypack.data.pipeline.pack). Beside it `tokenized.json` (the
-pass's counts: summarise_tokenized) and `rejected/rejected.jsonl` (every rejected record: source file, row,
-reason, detail).
+Every sample row carries its record's `topic` (raypack.data.formats.row_topic; "" without one), what
+pack.group_backend=topic groups by. Keyed by (key, piece): key is the read stage's (one per input record),
+piece the piece number. Order: input order, by key, a key's pieces 0, 1, ... in a row. The stage runs in
+input order and writes each file in order (raypack.data.pipeline.ordered); readers take the files by their
+first key (cache_files) and check the order (read_cache_index: when the cache is written, and whenever
+prepare reuses it), since the later stages address the cache's samples by their ordinal in this order
+(raypack.data.pipeline.pack). Beside it `tokenized.json` (the pass's counts: summarise_tokenized) and
+`rejected/rejected.jsonl` (every rejected record: source file, row, reason, detail).
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ STATUS_REJECTED = "rejected"
 TOKENIZED_SCHEMA = pa.schema([
     ("key", pa.int64()), ("piece", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("source", pa.string()), ("num_tokens", pa.int32()),
-    ("num_supervised_tokens", pa.int32()), ("num_turns", pa.int32()), ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
+    ("num_supervised_tokens", pa.int32()), ("num_turns", pa.int32()), ("topic", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
 ])
-CACHE_VERSION = 3  # 2: num_turns (assistant messages of the sample's conversation); 3: every piece of a long
-# conversation, the over-length policy applied per split (raypack.data.overlength)
+CACHE_VERSION = 4  # 2: num_turns (assistant messages of the sample's conversation); 3: every piece of a long
+# conversation, the over-length policy applied per split (raypack.data.overlength); 4: topic (the record's topic
+# field, "" without one: raypack.data.formats.row_topic)
 
 
 def list_column(arrays: list[np.ndarray]) -> pa.ListArray:
@@ -87,9 +89,10 @@ class TokenizeBatch:
                                  template=self.data["template"])
         for sample in result.samples:
             i = conv_record[sample["conversation"]]
-            turns = formats.num_assistant_turns(conversations[sample["conversation"]])
+            conversation = conversations[sample["conversation"]]
             rows_of[i].append(self._row(records[i], sample["piece"], result.outcomes[sample["conversation"]],
-                                        "", "", sample, turns))
+                                        "", "", sample, formats.num_assistant_turns(conversation),
+                                        conversation["topic"]))
         for conv_index, outcome in enumerate(result.outcomes):
             i = conv_record[conv_index]
             if not rows_of[i]:  # dropped: one row records the outcome so the counts reconcile
@@ -98,19 +101,20 @@ class TokenizeBatch:
 
     @staticmethod
     def _row(rec: dict, piece: int, status: str, reason: str, detail: str, sample: dict | None = None,
-             num_turns: int = 0) -> dict:
+             num_turns: int = 0, topic: str = "") -> dict:
         empty = np.zeros(0, dtype=np.int32)
         ids = sample["input_ids"] if sample else empty
         labels = sample["labels"] if sample else empty
         return {"key": rec["key"], "piece": piece, "status": status, "reason": reason, "detail": detail,
-                "source": rec["source"], "num_turns": num_turns, "input_ids": ids, "labels": labels}
+                "source": rec["source"], "num_turns": num_turns, "topic": topic, "input_ids": ids,
+                "labels": labels}
 
     @staticmethod
     def _table(rows: list[dict]) -> pa.Table:
         ids = [r["input_ids"] for r in rows]
         labels = [r["labels"] for r in rows]
         columns = {name: [r[name] for r in rows]
-                   for name in ("key", "piece", "status", "reason", "detail", "source", "num_turns")}
+                   for name in ("key", "piece", "status", "reason", "detail", "source", "num_turns", "topic")}
         columns["num_tokens"] = [len(a) for a in ids]
         columns["num_supervised_tokens"] = [int(np.count_nonzero(a != IGNORE_INDEX)) for a in labels]
         arrays = [pa.array(columns[f.name], f.type) for f in TOKENIZED_SCHEMA if f.name in columns]

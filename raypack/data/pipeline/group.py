@@ -1,4 +1,5 @@
-"""Stage 3 of `raypack prepare`, group (only when some arm has a `pack.grouping`): content vectors and clusters.
+"""Stage 3 of `raypack prepare`, group (only when some arm has a `pack.grouping`): content vectors and clusters,
+or the data's own topics.
 
 Input: the tokenized cache's files (raypack.data.pipeline.cache), of which the candidate samples (every sample
 some over-length policy may keep, both splits: cache.candidates), so that one grouping serves every arm.
@@ -6,7 +7,9 @@ some over-length policy may keep, both splits: cache.candidates), so that one gr
 Output: `tok-<hash>/groups-<hash>/` (the folder prepare names from the grouping settings):
 
     vectors/*.parquet   key, piece, vector (float16, pack.feature_dim or the embedding's size): one per candidate
-    clusters.npz        keys, pieces, clusters (int), centroids: one cluster per candidate
+                        (not for topic)
+    clusters.npz        keys, pieces, clusters (int), centroids: one cluster per candidate (topic: topics, the
+                        sorted distinct topics, cluster c being topics[c]; no centroids)
     groups.json         backend, model, num_samples, num_clusters, cluster_sizes, seconds
 
 keyed by (key, piece), the cache's key. Order: every dataset runs in input order and writes in order
@@ -19,6 +22,9 @@ planning stage checks the keys and pieces against its own samples before it uses
 Backends: `tfidf` (hashed TF-IDF sketches: a document-frequency pass, then vectors; raypack.data.features), or
 `embedding` (a sentence encoder in an actor pool, on GPUs when prepare.embed_num_gpus). k-means centroids are
 fitted in one task on at most pack.kmeans_samples evenly spaced vectors; every vector is then assigned.
+`topic` reads the cache's topic column on the driver (no vectors, no k-means, pack.num_clusters must be 0):
+one cluster per distinct topic (raypack.data.features.topic_clusters), and a ValueError when a candidate has
+none.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import ray.data
 
 from raypack.config import Config
 from raypack.data import features
-from raypack.data.pipeline.cache import candidates
+from raypack.data.pipeline.cache import candidates, read_cache_index
 from raypack.data.pipeline.ordered import input_order, write_parquet_in_order
 from raypack.data.prepared import shard_files
 from raypack.model import load_tokenizer
@@ -146,6 +152,8 @@ def build_groups(cfg: Config, files: list[str], out: Path) -> Path:
     start = time.perf_counter()
     print(f"raypack prepare: grouping samples by content ({pack.group_backend})", flush=True)
     shutil.rmtree(out, ignore_errors=True)
+    if pack.group_backend == "topic":
+        return _topic_groups(files, out, start)
     out.mkdir(parents=True)
     with input_order(prep.block_mb):
         _write_vectors(cfg, files, out / "vectors")
@@ -169,12 +177,37 @@ def build_groups(cfg: Config, files: list[str], out: Path) -> Path:
     return out
 
 
+def _topic_groups(files: list[str], out: Path, start: float) -> Path:
+    """pack.group_backend=topic: each candidate's cluster is its topic's index among the sorted distinct topics."""
+    table = read_cache_index(files, ["status", "num_supervised_tokens", "topic"])
+    chosen = candidates(table)
+    topics = np.array(table.column("topic").to_pylist(), dtype=object)[chosen]
+    sources = None
+    if (topics == "").any():  # the error names a record, so read where the records came from
+        sources = np.array(pq.read_table(files, columns=["source"]).column("source").to_pylist(), dtype=object)
+        sources = sources[chosen]
+    clusters, distinct = features.topic_clusters(topics, sources)
+    keys, pieces = table.column("key").to_numpy()[chosen], table.column("piece").to_numpy()[chosen]
+    out.mkdir(parents=True)
+    np.savez(out / "clusters.npz", keys=keys, pieces=pieces, clusters=clusters, topics=np.array(distinct, dtype=str))
+    info = {"backend": "topic", "model": None, "num_samples": len(keys), "num_clusters": len(distinct),
+            "cluster_sizes": np.bincount(clusters, minlength=len(distinct)).tolist(),
+            "seconds": time.perf_counter() - start}
+    (out / "groups.json").write_text(json.dumps(info, indent=2))
+    print(f"raypack prepare: {len(keys):,} samples in {len(distinct)} topics ({info['seconds']:.1f} s)", flush=True)
+    return out
+
+
 def load_groups(folder: str | Path) -> dict:
     """What build_groups wrote, joined by (key, piece) and in that order (the candidates' cache order): keys,
-    pieces, clusters, float16 vectors. Raises RuntimeError if vectors/ and clusters.npz hold different samples."""
+    pieces, clusters, float16 vectors (None for topic groups; their `topics` instead). Raises RuntimeError if
+    vectors/ and clusters.npz hold different samples."""
     folder = Path(folder)
     arrays = np.load(folder / "clusters.npz")
     info = json.loads((folder / "groups.json").read_text())
+    if info["backend"] == "topic":  # saved in (key, piece) order by _topic_groups, with no vectors to join
+        return {"keys": arrays["keys"], "pieces": arrays["pieces"], "clusters": arrays["clusters"], "vectors": None,
+                "num_clusters": info["num_clusters"], "backend": "topic", "topics": arrays["topics"].tolist()}
     keys, pieces, vectors = _read_vectors(shard_files(folder / "vectors"))
     order = np.lexsort((arrays["pieces"], arrays["keys"]))
     if not (np.array_equal(arrays["keys"][order], keys) and np.array_equal(arrays["pieces"][order], pieces)):

@@ -12,6 +12,8 @@ rows) with the columns of _rows_table:
     row_index  int64        the row's place in the split, from 0, in shard-name order
     input_ids, labels, position_ids, seq_lens    the packed row (raypack.data.pack.pack_rows)
     sample_keys, sample_pieces   (key, piece) of every sample the row holds, in row order
+    sample_topics  the topic of each of them (the record's topic field, "" without one: what the probe's
+                   topic contexts are drawn by, raypack.data.prepared.row_topics)
     num_tokens, num_supervised_tokens
 
 and flat/ (raypack.data.prepared: the same rows memory-mapped for training). Order: rows in plan order, buffer
@@ -127,8 +129,8 @@ def plan_split(files: list[str], holdout_keys: np.ndarray, select: str, spec: Ar
                 and np.array_equal(loaded["pieces"][kept_index], split["piece"])):
             raise RuntimeError(f"content groups {groups_dir} do not hold the tokenized cache's samples (keys or "
                                "pieces differ); prepare again with prepare.reuse=false")
-        groups = ContentGroups(loaded["clusters"][kept_index], loaded["vectors"][kept_index], loaded["num_clusters"],
-                               loaded["backend"])
+        groups = ContentGroups(loaded["clusters"], loaded["vectors"], loaded["num_clusters"],
+                               loaded["backend"]).take(kept_index)
     arm = plan_arm(split["length"], spec, max_seq_len=max_seq_len, window=window, group_buffer=group_buffer,
                    micro_batch_size=micro_batch_size, seed=seed, turns=split["turns"], groups=groups)
     shards, num_rows = [], 0
@@ -150,17 +152,18 @@ def _shard_plan(plan: PackPlan, lo: int, hi: int) -> PackPlan:
 
 
 def _read_samples(split: SplitPlan, holdout_keys: np.ndarray, select: str, overlength: str, needed: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Keys, pieces and tokens (copies) of the split's samples at the sorted ordinals `needed`.
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict], np.ndarray]:
+    """Keys, pieces, tokens (copies) and topics of the split's samples at the sorted ordinals `needed`.
 
     Row groups holding none of them are skipped; nothing else of the split is kept.
     """
     keys, pieces = np.zeros(len(needed), np.int64), np.zeros(len(needed), np.int32)
     tokens: list[dict] = [{} for _ in needed]
+    topics = np.full(len(needed), "", dtype=object)
     wanted = [(path, group, first) for path, group, first, count in split.row_groups
               if np.searchsorted(needed, first) < np.searchsorted(needed, first + count)]
     firsts = {(path, group): first for path, group, first in wanted}
-    columns = ["key", "piece", "status", "num_supervised_tokens", "input_ids", "labels"]
+    columns = ["key", "piece", "status", "num_supervised_tokens", "topic", "input_ids", "labels"]
     for (path, group), batches in _row_group_batches([(p, g) for p, g, _ in wanted], columns):
         ordinal = firsts[(path, group)]
         for batch in batches:
@@ -178,14 +181,15 @@ def _read_samples(split: SplitPlan, holdout_keys: np.ndarray, select: str, overl
             ids_values = ids_col.values.to_numpy(zero_copy_only=False)
             lab_values = lab_col.values.to_numpy(zero_copy_only=False)
             batch_keys, batch_pieces = batch.column("key").to_numpy(), batch.column("piece").to_numpy()
+            batch_topics = batch.column("topic").to_pylist()
             for i, s in zip(rows[hit], slot[hit]):
                 lo, hi = offsets[i], offsets[i + 1]
-                keys[s], pieces[s] = batch_keys[i], batch_pieces[i]
+                keys[s], pieces[s], topics[s] = batch_keys[i], batch_pieces[i], batch_topics[i]
                 tokens[s] = {"input_ids": ids_values[lo:hi].copy(), "labels": lab_values[lo:hi].copy()}
     if not all(tokens):
         raise RuntimeError(f"{sum(not t for t in tokens)} planned samples were not found in the tokenized cache; "
                            "prepare again with prepare.reuse=false")
-    return keys, pieces, tokens
+    return keys, pieces, tokens, topics
 
 
 @ray.remote
@@ -199,7 +203,7 @@ def pack_shards(split: SplitPlan, shards: list[Shard], holdout_keys: np.ndarray,
     needed = np.unique(np.concatenate(
         [split.buffer_starts[s.buffer] + _shard_plan(split.plans[s.buffer], s.lo, s.hi).piece_sample
          for s in shards]))
-    keys, pieces, tokens = _read_samples(split, holdout_keys, select, overlength, needed)
+    keys, pieces, tokens, topics = _read_samples(split, holdout_keys, select, overlength, needed)
     if not (np.array_equal(keys, split.keys[needed]) and np.array_equal(pieces, split.pieces[needed])):
         raise RuntimeError("the tokenized cache changed between planning and packing (its samples are not the "
                            "planned ones); prepare again with prepare.reuse=false")
@@ -212,7 +216,8 @@ def pack_shards(split: SplitPlan, shards: list[Shard], holdout_keys: np.ndarray,
         rows = pack_rows(PackPlan(piece_sample.astype(np.int64), plan.piece_start, plan.piece_end, plan.row_offsets),
                          [tokens[i] for i in used], attention)
         supervised = row_supervised_tokens(rows)
-        table = _rows_table(rows, supervised, keys[local], pieces[local], plan.row_offsets, s.first_row)
+        table = _rows_table(rows, supervised, keys[local], pieces[local], topics[local], plan.row_offsets,
+                            s.first_row)
         path = Path(out) / f"part-{s.buffer:05d}-{s.chunk:03d}.parquet"
         pq.write_table(table, path)
         converter.add(table, path)
@@ -259,7 +264,7 @@ def pack_split(refs, select: str, spec: ArmSpec, holdout_ref, prep: PrepareConfi
 
 
 def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarray, sample_pieces: np.ndarray,
-                row_offsets: np.ndarray, first_row: int) -> pa.Table:
+                sample_topics: np.ndarray, row_offsets: np.ndarray, first_row: int) -> pa.Table:
     n = len(rows)
     offsets = pa.array(row_offsets.astype(np.int32))
     return pa.table({
@@ -270,6 +275,7 @@ def _rows_table(rows: list[dict], supervised: np.ndarray, sample_keys: np.ndarra
         "seq_lens": list_column([r["seq_lens"] for r in rows]),
         "sample_keys": pa.ListArray.from_arrays(offsets, pa.array(sample_keys.astype(np.int64))),
         "sample_pieces": pa.ListArray.from_arrays(offsets, pa.array(sample_pieces.astype(np.int32))),
+        "sample_topics": pa.ListArray.from_arrays(offsets, pa.array(sample_topics.tolist(), pa.string())),
         "num_tokens": pa.array([len(r["input_ids"]) for r in rows], pa.int32()),
         "num_supervised_tokens": pa.array(supervised.astype(np.int32)),
     })

@@ -15,7 +15,7 @@ Layout under `prepare.output_dir` (by default `<output_dir>/prepared`):
     tok-<hash>/tokenized/*.parquet        one row per sample piece, rejected or dropped record
     tok-<hash>/tokenized.json             counts of the tokenization pass
     tok-<hash>/rejected/rejected.jsonl    every rejected row: source file, row, reason, detail
-    tok-<hash>/groups-<hash>/             content vectors and clusters of grouped arms
+    tok-<hash>/groups-<hash>/             content vectors and clusters of grouped arms (or topics)
     tok-<hash>/val-<hash>/                held-out conversations, one sample per row: part-*.parquet,
                                           flat/ and manifest.json (raypack.data.prepared)
     tok-<hash>/<arm>-<hash>/              train rows of one arm, the same files (padfree: padding's
@@ -59,9 +59,12 @@ def config_hash(*parts) -> str:
 
 
 def groups_dir(pack: PackConfig, seed: int, tok_dir: Path) -> Path:
-    """Where build_groups writes the content clusters for the pack section's grouping settings."""
+    """Where build_groups writes the content clusters for the pack section's grouping settings (topic groups
+    depend on the tokenized cache alone)."""
     model = pack.embedding_model if pack.group_backend == "embedding" else None
     settings = config_hash(pack.group_backend, model, pack.feature_dim, pack.num_clusters, pack.kmeans_samples, seed)
+    if pack.group_backend == "topic":
+        settings = config_hash("topic")
     return tok_dir / f"groups-{settings}"
 
 
