@@ -437,6 +437,7 @@ def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
     assert main(["analyze", str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "alpha padding:" in out and "1 batch size with usable trials" in out
+    assert "a measurement? |" in out  # analysis.md's alpha table, with its verdict column
     table = pd.read_csv(sweep / "trials.csv")
     assert len(table) == 4 and set(table["status"]) == {"finished"} and (table["tokens"] > 0).all()
 

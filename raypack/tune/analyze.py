@@ -300,7 +300,8 @@ def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_
                      f"{boot} | {est['num_batch_sizes']} | {f'not a measurement: {why}' if why else 'yes'} |")
         notes += _alpha_notes(arm, est)
     lines += [""] + [f"- {n}" for n in notes]
-    lines += ["", "## Objective at each point", "", "Mean over seeds [95% Student-t interval over seeds].", "",
+    lines += ["", "## Objective at each point", "", "Mean over seeds [95% Student-t interval over seeds; a point with one "
+              "seed has none].", "",
               "| arm | global batch | lr | seeds | objective |", "|---|---|---|---|---|"]
     for p in result["points"]:
         lines.append(f"| {p['arm']} | {int(p['global_batch_size'])} | {_g(p['lr'], 3)} | {int(p['seeds'])} | "
