@@ -144,6 +144,7 @@ def cmd_analyze(cfg: Config | None, args: argparse.Namespace) -> int:
     print((Path(args.sweep_dir) / "analysis.md").read_text())
     for arm, a in result["alpha"].items():
         boot = f"; bootstrap 95% {a['bootstrap_95'][0]:.3f}..{a['bootstrap_95'][1]:.3f}" if a["bootstrap_95"] else ""
+        boot += f"; not a measurement: {a['not_a_measurement']}" if a["not_a_measurement"] else ""
         print(f"alpha {arm}: {a['alpha']:.3f} (grid lr*: {a['alpha_grid']:.3f}; {a['num_batch_sizes']} batch "
               f"sizes{boot})" if a["num_batch_sizes"] > 1 else f"alpha {arm}: n/a (one batch size)")
     print(f"wrote trials.csv, trials.parquet, analysis.md, {', '.join(result['plots'])} in {args.sweep_dir}")

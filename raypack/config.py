@@ -349,8 +349,8 @@ class StudyConfig:
                         "takes the fewest steps any arm takes, its LR schedule fitted to them) or equal tokens "
                         "per step (each arm's rows per step hold as many real tokens as padding's)",
                         STUDY_MATCH)
-    seeds: int = _field(1, "training seeds per arm (train.seed, train.seed + 1, ...); > 1 reports mean and "
-                        "spread")
+    seeds: int = _field(1, "training seeds per arm (train.seed, train.seed + 1, ...); >= 2 gives every "
+                        "figure a 95% interval over seeds and every difference from study.reference its Welch interval")
     setting: str = _field("corrected", "corrected: the arms, window, loss and match of this config; paper: the "
                           f"paper's setting exactly, arms {', '.join(PAPER_ARMS)} (each with the over-length policy "
                           f"the paper's code had), pack.window {PAPER_WINDOW}, train.loss_reduction paper, match "
@@ -358,6 +358,9 @@ class StudyConfig:
                           "study and one report, from one tokenization pass", STUDY_SETTINGS)
     out: str = _field("", "study folder, a filesystem path every node reaches (not a URI); '' is "
                       "<output_dir>/study/<name>. An interrupted study resumes there: finished arms are not rerun")
+    reference: str = _field("", "the arm every other arm's difference is measured from in the report (Welch's "
+                            "difference of seed means, its 95% interval, how many standard errors); '' is the "
+                            "padding arm of the arm's setting (padding or padding+<policy>), else the first arm")
 
 
 SWEEP_METRICS = ("val_loss", "loss")
@@ -800,6 +803,10 @@ def validate(cfg: Config) -> Config:
     if cfg.train.arm and cfg.train.arm not in arms:
         raise ConfigError(f"train.arm: {cfg.train.arm!r} is not an arm of this config: {arms} "
                           f"(pack.arms under study.setting={cfg.study.setting})")
+    if cfg.study.reference and cfg.study.reference not in arms:
+        raise ConfigError(f"study.reference: {cfg.study.reference!r} is not an arm of this study: {arms} "
+                          f"(pack.arms under study.setting={cfg.study.setting}); give one of them, or '' for the "
+                          "padding arm")
     if cfg.model.attn_implementation == "flash_attention_2" and (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
         raise ConfigError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true and bf16 "
                           "(flash-attn has no fp32 kernels); use sdpa, or train.precision=auto/bf16 on GPU")

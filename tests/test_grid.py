@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import scipy.stats
 
 from raypack.cli import main
 from raypack.config import load_config, to_dict
@@ -109,21 +110,25 @@ def test_grid_rows_figures_and_the_papers_reference_against_the_records(studies,
         assert row["average_points"] == pytest.approx(statistics.fmean(points(r) for r in runs.values()))
         deltas = [points(runs[s]) - points(base[s]) for s in (0, 1)]
         assert row["delta_points"] == pytest.approx(statistics.fmean(deltas), abs=1e-9)
-        assert row["delta_points_spread"] == pytest.approx(statistics.stdev(deltas), abs=1e-9)
+        if arm != BASELINE[arm]:  # Welch's difference of the seed averages, as scipy computes it
+            mine, theirs = [points(r) for r in runs.values()], [points(r) for r in base.values()]
+            welch = scipy.stats.ttest_ind(mine, theirs, equal_var=False)
+            assert row["delta_points_welch"]["ci"] == pytest.approx(list(welch.confidence_interval()), abs=1e-9)
+            assert row["delta_points_welch"]["t"] == pytest.approx(welch.statistic)
     assert {a: r["paper_arm"] for a, r in both["arms"].items()} == {
         "padding": "padding", "random-cross": "random", "padfree": None, "bfd-isolated": None,
         "padding+truncate": "padding", "random-cross+split": "random", "greedy-cross+drop": "greedy"}
     assert both["arms"]["padfree"]["delta_points"] != 0  # padfree is an arm of its own, not padding
     assert both["paper_delta"] == corrected["paper_delta"] == dict(zip(("random", "greedy"), PAPER_8B_TULU))
     assert both["hours_unit"] == "GPU-hours" and corrected["arms"]["random-cross"]["delta_points"] == pytest.approx(5.0)
-    assert corrected["arms"]["random-cross"]["delta_points_spread"] is None  # one seed: no spread
+    assert corrected["arms"]["random-cross"]["delta_points_welch"]["ci"] is None  # one seed: no interval
     # The negative control: the paper's model on synthetic data is not the paper's job, and CPU time is not GPU time.
     assert synthetic["paper_job"] is None and synthetic["paper_delta"] is None
     assert synthetic["hours_unit"] == "CPU worker-hours"
     assert synthetic["arms"]["random-cross"]["device_hours"] == pytest.approx(18.0 * 2 / 3600)
     md = (out / "grid.md").read_text()
-    assert "| meta-llama/Meta-Llama-3-8B | hf:Super-shuhe/packing-tulu | corrected | +5.00 | - | - | - | - | " \
-           "+0.94 / +1.59 |" in md
+    assert "| meta-llama/Meta-Llama-3-8B | hf:Super-shuhe/packing-tulu | corrected | +5.00 (no interval: one seed) " \
+           "| - | - | - | - | +0.94 / +1.59 |" in md
     cost = md[md.index("## Training cost (CPU worker-hours / GPU-hours)"):]
     assert "| synthetic-tulu | 0.02 | 0.01 | - | - | - | - | - | CPU worker-hours |" in cost
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -206,3 +211,26 @@ def test_examples_in_the_docstrings():
     from raypack.study import grid, report
 
     assert doctest.testmod(grid).failed == 0 and doctest.testmod(report).failed == 0
+
+
+def test_delta_vs_padding_has_its_welch_interval_and_says_when_it_is_not_significant(tmp_path):
+    """Three seeds: greedy-cross clearly above padding (significant, positive), random-cross within padding's
+    noise (the negative control: 'not significant'); each average carries its interval over seeds."""
+    from raypack.study.grid import combine, markdown
+
+    runs = {"padding": [(k, 10, 60.0, scores(a, 0.3)) for k, a in enumerate((0.50, 0.52, 0.48))],
+            "greedy-cross": [(k, 4, 30.0, scores(a, 0.3)) for k, a in enumerate((0.60, 0.61, 0.59))],
+            "random-cross": [(k, 4, 30.0, scores(a, 0.3)) for k, a in enumerate((0.51, 0.49, 0.50))]}
+    write_study(tmp_path / "seeded", config_of("jobs/quickstart.yaml", "seeded", list(runs), "study.seeds=3"), runs)
+    row = combine([str(tmp_path / "seeded")])["rows"][0]
+    pad = [100 * (a + 0.3) / 2 for a in (0.50, 0.52, 0.48)]
+    greedy, rand = row["arms"]["greedy-cross"]["delta_points_welch"], row["arms"]["random-cross"]["delta_points_welch"]
+    assert greedy["diff"] == pytest.approx(5.0) and greedy["significant"] and greedy["ci"][0] > 0
+    assert rand["significant"] is False and rand["ci"][0] < 0 < rand["ci"][1]
+    assert row["arms"]["padding"]["average_points_ci"] == pytest.approx(
+        list(scipy.stats.t.interval(0.95, 2, loc=statistics.fmean(pad), scale=scipy.stats.sem(pad))))
+    md = markdown(combine([str(tmp_path / "seeded")]))
+    delta = md[md.index("## Δ vs padding"):md.index("## Benchmark average")]
+    assert f"+5.00 [{greedy['ci'][0]:+.2f}, {greedy['ci'][1]:+.2f}], {greedy['t']:.1f} SE |" in delta
+    assert delta.count("not significant") == 1 and "+0.00 [-2.08, +2.08], 0.0 SE, not significant" in delta
+    assert "40.00 [" in md[md.index("## Benchmark average"):]

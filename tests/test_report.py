@@ -6,6 +6,7 @@
 import json
 
 import pytest
+import scipy.stats
 
 from raypack.study.report import markdown, summarise, write_report
 
@@ -37,8 +38,8 @@ def test_summary_means_spreads_and_delta_vs_padding():
     assert pad["padding_fraction"] == pytest.approx(1 / 3)
     assert pad["average"] == pytest.approx((0.3 + 0.5) / 2)  # seed means of (a + b) / 2
     assert bfd["average"] == pytest.approx((0.3 + 0.4) / 2)
-    assert bfd["average_delta_vs_padding"] == pytest.approx(-0.05)
-    assert pad["average_delta_vs_padding"] == pytest.approx(0.0)
+    assert bfd["average_delta_vs_reference"] == pytest.approx(-0.05)
+    assert pad["average_delta_vs_reference"] == pytest.approx(0.0)
     assert pad["num_rows"] == 50 and bfd["steps"] == 2
 
 
@@ -64,8 +65,8 @@ def test_both_settings_compare_with_their_own_padding_and_data_differences_are_s
                arm("greedy-cross+drop", "paper", 0.46, 900, "drop")]
     summary = summarise(records)
     arms = summary["arms"]
-    assert arms["greedy-cross"]["average_delta_vs_padding"] == pytest.approx(0.05)
-    assert arms["greedy-cross+drop"]["average_delta_vs_padding"] == pytest.approx(0.06)  # vs padding+truncate
+    assert arms["greedy-cross"]["average_delta_vs_reference"] == pytest.approx(0.05)
+    assert arms["greedy-cross+drop"]["average_delta_vs_reference"] == pytest.approx(0.06)  # vs padding+truncate
     md = markdown(summary, "t", [])
     assert "## The arms saw different data" in md and "greedy-cross+drop 900 (-10.00%)" in md and "padding 1,000 (as greedy-cross, padding+truncate)" in md
     assert "| drop |" in md  # the over-length column
@@ -78,7 +79,7 @@ def test_a_skipped_benchmark_has_its_column_saying_why_and_stays_out_of_the_aver
     assert summary["skipped"] == {"humaneval_instruct": why} and summary["tasks"] == ["a/acc", "b/exact_match"]
     assert summary["arms"]["padding"]["average"] == pytest.approx((0.3 + 0.5) / 2)  # the scored tasks' mean
     md = markdown(summary, "t", [])
-    assert "| arm | a/acc | b/exact_match | humaneval_instruct | average | Δ vs padding |" in md
+    assert "| arm | a/acc | b/exact_match | humaneval_instruct | average | Δ vs reference |" in md
     assert md.count("| skipped |") == 2  # one cell per arm
     assert f"humaneval_instruct: {why}; the average is over the 2 benchmarks scored." in md
     # Negative control: records without a skipped task give no such column or line.
@@ -89,11 +90,11 @@ def test_a_skipped_benchmark_has_its_column_saying_why_and_stays_out_of_the_aver
 def test_write_report_gives_markdown_json_and_plots(tmp_path):
     summary = write_report(RECORDS, tmp_path, "test study", ["note one"])
     md = (tmp_path / "report.md").read_text()
-    assert "| padding |" in md and "| bfd-isolated |" in md and "Δ vs padding" in md and "note one" in md
-    assert "42.0 ± 2.8" in md  # padding's train time, mean ± spread
+    assert "| padding |" in md and "| bfd-isolated |" in md and "Δ vs reference" in md and "note one" in md
+    assert "42.0 [16.6, 67.4]" in md  # padding's train time 40, 44: mean 42 ± t(0.975; 1) 12.706 x se 2
     data = json.loads((tmp_path / "report.json").read_text())  # strict JSON: NaN written as null
-    assert data["arms"]["bfd-isolated"]["average_delta_vs_padding"] == pytest.approx(-0.05)
-    assert sorted(summary["plots"]) == ["loss_vs_step.png", "loss_vs_time.png", "score_per_arm.png",
+    assert data["arms"]["bfd-isolated"]["average_delta_vs_reference"] == pytest.approx(-0.05)
+    assert sorted(summary["plots"]) == ["loss_vs_step.png", "loss_vs_time.png", "score_per_arm.png", "seeds.png",
                                         "time_per_arm.png"]
     for name in summary["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -135,3 +136,93 @@ def test_composition_and_probe_sections(tmp_path):
     # Without grouping or probes, neither section appears.
     md = (write_report(RECORDS, tmp_path / "plain", "plain", []) and (tmp_path / "plain" / "report.md").read_text())
     assert "What goes into a pack" not in md and "Context reliance" not in md
+
+
+# Three seeds per arm. bfd-cross: validation loss clearly below padding's, score clearly above, probe gap far more
+# negative (the separated arm); bfd-isolated: within padding's seed-to-seed noise (the negative control).
+VAL = {"padding": [2.00, 2.10, 1.95], "bfd-cross": [1.50, 1.55, 1.45], "bfd-isolated": [2.05, 1.98, 2.08]}
+SCORE = {"padding": [0.30, 0.35, 0.32], "bfd-cross": [0.60, 0.62, 0.58], "bfd-isolated": [0.31, 0.36, 0.30]}
+GAP = {"padding": [-0.10, 0.05, -0.02], "bfd-cross": [-2.7, -2.4, -3.0], "bfd-isolated": [0.02, -0.08, -0.04]}
+
+
+def seeded_records(arms=("padding", "bfd-cross", "bfd-isolated"), seeds=(0, 1, 2)):
+    records = []
+    for arm in arms:
+        for k in seeds:
+            r = record(arm, k, 4, 10.0 + k, 1000, 1100, VAL[arm][k], {"a/acc": SCORE[arm][k]})
+            r["probe"] = {**probe(GAP[arm][k]), "related_minus_unrelated": GAP[arm][k],
+                          "related_minus_unrelated_ci": [GAP[arm][k] - 0.2, GAP[arm][k] + 0.2]}
+            records.append(r)
+    return records
+
+
+def test_differences_from_the_reference_are_welchs_against_scipy(tmp_path):
+    """Each figure's interval over seeds is scipy's t.interval, each difference from padding scipy's Welch test;
+    the separated arm is significant with the right sign, the overlapping arm is said to be not significant."""
+    summary = write_report(seeded_records(), tmp_path, "seeds", [])
+    arms = summary["arms"]
+    assert summary["reference"] == "" and {row["reference"] for row in arms.values()} == {"padding"}
+    assert arms["padding"]["differences"] == {}
+    for arm in ("bfd-cross", "bfd-isolated"):
+        ci = scipy.stats.t.interval(0.95, 2, loc=sum(VAL[arm]) / 3, scale=scipy.stats.sem(VAL[arm]))
+        assert arms[arm]["val_loss_ci"] == pytest.approx(list(ci), rel=1e-9)
+        for key, values in (("val_loss", VAL), ("average", SCORE), ("probe_related_minus_unrelated", GAP)):
+            d, ref = arms[arm]["differences"][key], scipy.stats.ttest_ind(values[arm], values["padding"],
+                                                                          equal_var=False)
+            assert d["t"] == pytest.approx(ref.statistic) and d["df"] == pytest.approx(ref.df), (arm, key)
+            assert d["ci"] == pytest.approx(tuple(ref.confidence_interval()), rel=1e-9), (arm, key)
+    cross, isolated = arms["bfd-cross"]["differences"], arms["bfd-isolated"]["differences"]
+    assert cross["val_loss"]["significant"] and cross["val_loss"]["ci"][1] < 0  # lower loss than padding
+    assert cross["average"]["significant"] and cross["average"]["ci"][0] > 0  # higher score
+    assert cross["probe_related_minus_unrelated"]["significant"] and cross["probe_related_minus_unrelated"]["t"] < -5
+    # The negative control: within padding's noise, every interval includes 0.
+    assert not any(d["significant"] for d in isolated.values() if d["significant"] is not None)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Differences from the reference arm" in md
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in md.splitlines()
+            if line.startswith("| bfd-")}
+    assert rows[("bfd-cross", "padding", "val loss")].endswith(" SE | " + f"{cross['val_loss']['df']:.1f} |")
+    assert "not significant" not in rows[("bfd-cross", "padding", "val loss")]
+    assert "-0.5167 [" in rows[("bfd-cross", "padding", "val loss")]
+    for figure in ("val loss", "a/acc", "benchmark average", "probe: related − unrelated"):
+        assert "not significant" in rows[("bfd-isolated", "padding", figure)], figure
+    # Per-seed points and the probe's per-seed bootstrap intervals are kept.
+    assert "seeds.png" in summary["plots"] and (tmp_path / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+    assert arms["bfd-cross"]["probe_related_minus_unrelated_bootstrap_ci"][1] == pytest.approx([-2.6, -2.2])
+    assert "| bfd-cross | 1 | 0.0500 [0.0000, 0.1000] | -2.4000 [-2.5000, -2.3000] | -2.4000 [-2.6000, -2.2000] |" in md
+    assert "Each figure: mean over seeds [0, 1, 2] [95% Student-t interval" in md
+
+
+def test_the_reference_arm_is_study_reference_else_padding_else_the_first_arm():
+    records = seeded_records()
+    chosen = summarise(records, reference="bfd-isolated")["arms"]
+    assert {row["reference"] for row in chosen.values()} == {"bfd-isolated"}
+    assert chosen["bfd-isolated"]["differences"] == {} and chosen["padding"]["differences"]["val_loss"]["diff"] \
+        == pytest.approx(sum(VAL["padding"]) / 3 - sum(VAL["bfd-isolated"]) / 3)
+    assert "study.reference = bfd-isolated" in markdown(summarise(records, "bfd-isolated"), "t", [])
+    no_padding = summarise([r for r in records if r["arm"] != "padding"])["arms"]
+    assert {row["reference"] for row in no_padding.values()} == {"bfd-cross"}
+    with pytest.raises(ValueError, match="study.reference: 'greedy-cross' is not an arm of this study"):
+        summarise(records, reference="greedy-cross")
+    # The config refuses it before any training; an arm of the paper's setting is one under study.setting=both.
+    from raypack.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="study.reference: 'greedy-cross' is not an arm of this study"):
+        load_config("jobs/quickstart.yaml", ["pack.arms=[padding, bfd-cross]", "study.reference=greedy-cross"])
+    assert load_config("jobs/quickstart.yaml", ["pack.arms=[padding, bfd-cross]", "study.setting=both",
+                                                "study.reference=padding+truncate"]).study.reference == "padding+truncate"
+
+
+def test_one_seed_says_intervals_need_two():
+    summary = summarise(seeded_records(seeds=(0,)))
+    d = summary["arms"]["bfd-cross"]["differences"]["val_loss"]
+    assert d["diff"] == pytest.approx(-0.5) and d["ci"] is None and d["significant"] is None
+    assert summary["arms"]["bfd-cross"]["val_loss_ci"] is None
+    md = markdown(summary, "t", [])
+    assert "One seed per arm: intervals need study.seeds >= 2" in md and "intervals and the significance of " \
+        "differences need study.seeds >= 2" in md
+    assert "| bfd-cross | padding | val loss | -0.5000 (no interval: one seed) |" in md
+    assert not any("significant" in line for line in md.splitlines() if line.startswith("| "))  # no verdict
+    # One seed's probe row shows that seed's bootstrap interval; there is no per-seed table.
+    assert "| bfd-cross | 32 | 3.0000 | 0.0500 [0.0000, 0.1000] | -2.7000 [-2.8000, -2.6000] |" in md
+    assert "Per seed, with the probe's" not in md

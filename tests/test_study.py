@@ -88,7 +88,7 @@ def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsy
         record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
         assert [c["step"] for c in record["curve"]] == [1, 2, 3]
         assert record["curve"][-1]["val_loss"] == pytest.approx(record["val_loss"])
-    assert report["arms"]["padding"]["average_delta_vs_padding"] == 0.0
+    assert report["arms"]["padding"]["average_delta_vs_reference"] == 0.0
     # The preset's code task was skipped, not run: its column says so and the average is the scored tasks' mean.
     from raypack.eval.tasks import SKIPPED_CODE
 

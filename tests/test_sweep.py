@@ -192,6 +192,74 @@ def test_analyze_reports_best_configs_and_the_cost_of_the_other_arms_lr(recorded
         assert (sweep / name).stat().st_size > 10_000, name
 
 
+def test_the_objective_at_each_point_and_alpha_have_their_intervals(recorded_sweep):
+    """padding: 3 seeds shifting the loss by 0, 0.01, 0.02, so each point's interval is scipy's t interval of
+    those three values; its alpha is a measurement (lr* inside the grid, a bootstrap interval). bfd-isolated has
+    one seed: no interval, so its alpha is not a measurement, and its points have no interval."""
+    import scipy.stats
+
+    sweep, result = recorded_sweep
+    points = {(p["arm"], p["global_batch_size"], p["lr"]): p for p in result["points"]}
+    at = points[("padding", 16, LRS[3])]  # not the lr of the early-stopped trial
+    seeds = [constructed_loss("padding", 16, LRS[3], k) for k in range(3)]
+    assert at["seeds"] == 3 and at["mean"] == pytest.approx(sum(seeds) / 3)
+    assert (at["ci_lo"], at["ci_hi"]) == pytest.approx(scipy.stats.t.interval(
+        0.95, 2, loc=sum(seeds) / 3, scale=scipy.stats.sem(seeds)))
+    assert at["ci_hi"] - at["ci_lo"] == pytest.approx(2 * 4.3027 * 0.01 / math.sqrt(3), abs=1e-4)  # by hand
+    assert points[("bfd-isolated", 16, LRS[3])]["seeds"] == 1 and math.isnan(points[("bfd-isolated", 16, LRS[3])]["ci_lo"])
+    assert result["alpha"]["padding"]["not_a_measurement"] is None
+    assert result["alpha"]["bfd-isolated"]["not_a_measurement"] == "no interval (one seed: set sweep.seeds >= 2)"
+    text = (sweep / "analysis.md").read_text()
+    assert "| padding | 1 | 1 | 1, 1, 1 | 0 | [1, 1] | 3 | yes |" in text
+    assert "| bfd-isolated | 0.5 | 0.5 | - | - | - | 3 | not a measurement: no interval (one seed" in text
+    lo, hi = at["ci_lo"], at["ci_hi"]
+    assert f"| padding | 16 | 0.0002 | 3 | {at['mean']:.4g} [{lo:.4g}, {hi:.4g}] |" in text
+    assert "## Objective at each point" in text
+
+
+def test_the_bootstrap_interval_of_alpha_spans_the_seeds_alphas():
+    """Two seeds with lr* ∝ batch^1 and ∝ batch^0.5 (parabolas of equal width in log lr): a resample of the seeds
+    is {0, 0}, {1, 1} or {0, 1}, whose alphas are 1, 0.5 and 0.75 (the mean parabola's vertex is the mean log
+    lr*), each extreme in about a quarter of the resamples, so the 95% percentile interval is exactly [0.5, 1]."""
+    import pandas as pd
+
+    from raypack.tune.analyze import COLUMNS, alpha_estimate
+
+    star = {0: lambda b: 1e-4 * (b / 8), 1: lambda b: 1e-4 * (b / 8) ** 0.5}
+    rows = [{"arm": "padding", "global_batch_size": b, "lr": lr, "seed": k, "status": "finished",
+             "objective": 2.0 + math.log(lr / star[k](b)) ** 2} for k in (0, 1) for b in BATCHES for lr in LRS]
+    est = alpha_estimate(pd.DataFrame(rows, columns=COLUMNS))
+    assert est["seed_alphas"] == pytest.approx([1.0, 0.5]) and est["alpha"] == pytest.approx(0.75)
+    assert est["bootstrap_95"] == pytest.approx((0.5, 1.0))
+    # Negative control: seeds that agree (both lr* ∝ batch^1) give a zero-width interval.
+    same = [{**r, "objective": 2.0 + math.log(r["lr"] / star[0](r["global_batch_size"])) ** 2} for r in rows]
+    assert alpha_estimate(pd.DataFrame(same, columns=COLUMNS))["bootstrap_95"] == pytest.approx((1.0, 1.0))
+
+
+def test_alpha_with_lr_star_at_the_grid_edge_is_not_a_measurement(tmp_path):
+    """2 seeds x 2 batch sizes, lr* = 1e-4 x batch / 8 on grids whose lowest lr is lr* at batch 8: the
+    bootstrap interval exists, yet alpha is not a measurement. Negative control: the same sweep with the grid
+    widened by one lr below is one."""
+    from raypack.tune.analyze import analyze
+    from raypack.tune.trials import load_trials
+
+    def sweep_of(name, lrs):
+        sweep = tmp_path / name
+        sweep.mkdir()
+        write_experiment_state(sweep, [
+            write_trial(sweep, f"t{k}{b}{i}", {"arm": "padding", "optim.lr": lr, "train.global_batch_size": b,
+                                               "train.seed": k}, [constructed_loss("padding", b, lr, k)])
+            for k in (0, 1) for b in (8, 16) for i, lr in enumerate(lrs)])
+        return analyze(sweep, load_trials(sweep)), (sweep / "analysis.md").read_text()
+
+    edge, text = sweep_of("edge", LRS[2:5])
+    assert edge["alpha"]["padding"]["bootstrap_95"] is not None
+    assert edge["alpha"]["padding"]["not_a_measurement"] == "lr* at the edge of the lr grid at batch size [8]"
+    assert "| not a measurement: lr* at the edge of the lr grid at batch size [8] |" in text
+    inside, text = sweep_of("inside", LRS[1:5])
+    assert inside["alpha"]["padding"]["not_a_measurement"] is None and text.count("| yes |") == 1
+
+
 def small_sweep(sweep):
     """3 LRs at one batch size, lr* = 1e-4 inside the grid."""
     sweep.mkdir()
@@ -369,6 +437,7 @@ def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):
     assert main(["analyze", str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "alpha padding:" in out and "1 batch size with usable trials" in out
+    assert "a measurement? |" in out  # analysis.md's alpha table, with its verdict column
     table = pd.read_csv(sweep / "trials.csv")
     assert len(table) == 4 and set(table["status"]) == {"finished"} and (table["tokens"] > 0).all()
 

@@ -10,16 +10,18 @@ arm is done: its arms, seeds and benchmarks) and runs/<arm>/seed<k>/result.json
 
 One row per study, rows of the same model x dataset together (the paper's setting
 and the corrected one of the same pair are two rows, labelled by study name and
-setting), and per arm, averaged over seeds (± the sample standard deviation when
-a study has several):
+setting), and per arm, the mean over seeds with its 95% Student-t interval when a
+study has several (raypack.stats; grid.json also keeps the sample sd, `_spread`):
   optimizer steps;
   device-hours: the arm's training time (the sum of its step times, the study
     report's "train time") x the devices it held: GPU-hours when the study trained
     on GPUs (train.use_gpu, one GPU per worker), CPU worker-hours otherwise;
   benchmark average, in points (scores x 100, averaged over the study's
     benchmarks as its report does: raypack.study.report.average_score);
-  delta vs padding, in points: the arm's average minus its padding arm's, seed
-    by seed.
+  delta vs padding, in points: Welch's difference of the arm's and its padding
+    arm's seed averages, with its 95% interval and t (how many standard errors),
+    "not significant" when the interval includes 0 (grid.json: delta_points and
+    delta_points_welch).
 
 Arms are matched by their base, the name before any +suffix. The paper's arms
 (PAPER_ARMS): padding, random-cross (random packing) and greedy-cross (greedy
@@ -42,7 +44,8 @@ import math
 from pathlib import Path
 
 from raypack.config import OVERLENGTH_POLICIES
-from raypack.study.report import average_score, describe_data, mean_spread
+from raypack.stats import Difference, estimate, format_difference, welch
+from raypack.study.report import average_score, describe_data
 
 # The paper's published deltas vs padding of its 6-benchmark average (MMLU, GSM8K, MATH, BBH, IFEval, HumanEval),
 # in points, (random packing, greedy packing) per (model, dataset).
@@ -146,9 +149,20 @@ def _get(data: dict, key: tuple[str, ...]):
     return data
 
 
-def _figure(values: list) -> tuple[float | None, float | None]:
-    mean, spread = mean_spread(values)
-    return (None if math.isnan(mean) else mean), spread
+def _figure(values: list) -> tuple[float | None, float | None, list[float] | None]:
+    """Mean (None without values), sample sd and 95% interval over seeds (raypack.stats.estimate)."""
+    e = estimate(values)
+    return (None if math.isnan(e.mean) else e.mean), e.sd, list(e.ci) if e.ci else None
+
+
+def _delta(points: list, base: list, same: bool) -> dict:
+    """An arm's Δ vs its padding arm: Welch's difference of their seed averages (points), as grid.json keeps it;
+    the padding arm itself has Δ 0 and no interval."""
+    if same:
+        return {"diff": 0.0 if any(p is not None for p in points) else None, "se": None, "df": None, "ci": None,
+                "t": None, "significant": None, "note": "the padding arm itself"}
+    d = welch(points, base).to_dict()
+    return {**d, "diff": None if math.isnan(d["diff"]) else d["diff"], "ci": list(d["ci"]) if d["ci"] else None}
 
 
 def study_row(study: dict) -> dict:
@@ -165,15 +179,15 @@ def study_row(study: dict) -> dict:
     arms = {}
     for arm, runs in records.items():
         base = baseline(arm, list(records))
-        delta = [points[arm][s] - points[base][s] if base and points[arm][s] is not None
-                 and points[base].get(s) is not None else None for s in points[arm]]
         figures = {"steps": [r["steps"] for r in runs],
                    "device_hours": [r["train_seconds"] * devices / 3600 for r in runs],
                    "held_device_hours": [r["fit_seconds"] * devices / 3600 for r in runs],
-                   "average_points": list(points[arm].values()), "delta_points": delta}
+                   "average_points": list(points[arm].values())}
         arms[arm] = {"paper_arm": paper_arm(arm), "baseline": base, "seeds": [r["seed"] for r in runs]}
         for key, values in figures.items():
-            arms[arm][key], arms[arm][f"{key}_spread"] = _figure(values)
+            arms[arm][key], arms[arm][f"{key}_spread"], arms[arm][f"{key}_ci"] = _figure(values)
+        delta = _delta(list(points[arm].values()), list(points[base].values()) if base else [], arm == base)
+        arms[arm]["delta_points"], arms[arm]["delta_points_welch"] = delta["diff"], delta
     gpu = bool(train.get("use_gpu"))
     return {"study": config["name"], "folder": study["folder"], "model": config["model"]["name_or_path"],
             "dataset": describe_data(config), "setting": "; ".join(setting),
@@ -217,21 +231,27 @@ FORMATS = {"delta_points": lambda v: f"{v:+.2f}", "average_points": lambda v: f"
            "steps": lambda v: f"{v:,.1f}".removesuffix(".0"), "device_hours": _hours}
 
 
-def _number(value: float | None, spread: float | None, key: str) -> str:
-    """A figure as the tables show it (FORMATS: points to 2 decimals, hours to 2-3 digits), ± spread."""
+def _number(arm: dict, key: str) -> str:
+    """A figure as the tables show it (FORMATS: points to 2 decimals, hours to 2-3 digits) with its 95% interval
+    over seeds; Δ vs padding as Welch's difference, its interval, t and "not significant" (raypack.stats)."""
+    value = arm[key]
     if value is None:
         return "-"
-    text = FORMATS[key](value)
-    return text + (f" ± {FORMATS[key](spread).lstrip('+')}" if spread is not None else "")
+    if key == "delta_points":
+        d = arm["delta_points_welch"]
+        if d["note"] == "the padding arm itself":
+            return FORMATS[key](value)
+        return format_difference(Difference(**{**d, "ci": tuple(d["ci"]) if d["ci"] else None}), 2)
+    ci = arm.get(f"{key}_ci")
+    return FORMATS[key](value) + (f" [{FORMATS[key](ci[0])}, {FORMATS[key](ci[1])}]" if ci else "")
 
 
 def _table(grid: dict, arms: list[str], key: str, extra=None) -> list[str]:
-    """Rows: model | dataset | study | one column per arm (`key` ± spread) | the extra columns."""
+    """Rows: model | dataset | study | one column per arm (`key` [interval]) | the extra columns."""
     head, extra = ["model", "dataset", "study", *arms], extra or []
     lines = ["| " + " | ".join(head + [name for name, _ in extra]) + " |", "|---" * (len(head) + len(extra)) + "|"]
     for row in grid["rows"]:
-        cells = [_number(row["arms"][a][key], row["arms"][a][f"{key}_spread"], key) if a in row["arms"]
-                 else "-" for a in arms]
+        cells = [_number(row["arms"][a], key) if a in row["arms"] else "-" for a in arms]
         lines.append("| " + " | ".join([row["model"], row["dataset"], row["label"], *cells,
                                          *(cell(row) for _, cell in extra)]) + " |")
     return lines
@@ -259,8 +279,12 @@ def markdown(grid: dict) -> str:
     lines = [f"# The grid: {len(rows)} studies", "",
              "Benchmark averages and deltas are in points (scores x 100, over each study's own benchmarks); "
              "Δ vs padding is an arm's average minus its padding arm's (`baseline` in grid.json: the padding arm "
-             "of the same over-length suffix, else a suffixed one for a suffixed arm, else plain padding), seed by "
-             "seed. padfree is not padding. Mean ± sample standard deviation over seeds where a study has several.",
+             "of the same over-length suffix, else a suffixed one for a suffixed arm, else plain padding). padfree "
+             "is not padding. Where a study has several seeds: each figure is the mean over seeds [its 95% "
+             "Student-t interval], and Δ is Welch's difference of the two arms' seed means [its 95% interval "
+             "(Welch-Satterthwaite df, seeds taken as independent)], with t, the difference in standard errors; "
+             "a Δ whose interval includes 0 is not significant. A study with one seed has no intervals (they need "
+             "study.seeds >= 2).",
              "", f"paper: the paper's published Δ (random / greedy) where a study is one of its jobs "
              f"({PAPER_SOURCE}); its random column is our {roles['random']}, its greedy column our "
              f"{roles['greedy']}." + (" The paper's average includes HumanEval; a study that skipped a benchmark "
@@ -304,7 +328,9 @@ def plot(grid: dict, out: Path) -> str:
                 continue
             x = i + (j - (len(arms) - 1) / 2) * width
             if a["delta_points"] is not None:
-                delta_ax.bar(x, a["delta_points"], width, yerr=a["delta_points_spread"], capsize=3,
+                ci = a["delta_points_welch"]["ci"]
+                yerr = [[a["delta_points"] - ci[0]], [ci[1] - a["delta_points"]]] if ci else None
+                delta_ax.bar(x, a["delta_points"], width, yerr=yerr, capsize=3,
                              color=colours[arm], label=None if arm in labelled else arm)
                 labelled.add(arm)
             ref = (row["paper_delta"] or {}).get(a["paper_arm"])
@@ -316,7 +342,7 @@ def plot(grid: dict, out: Path) -> str:
             if base and base["device_hours"]:
                 cost_ax.bar(x, a["device_hours"] / base["device_hours"], width, color=colours[arm])
     ticks = [f"{Path(r['model'].rstrip('/')).name}\n{r['dataset']}\n{r['label']}" for r in rows]
-    for ax, what in ((delta_ax, "Δ vs padding, benchmark average (points)"),
+    for ax, what in ((delta_ax, "Δ vs padding, benchmark average (points, 95% interval)"),
                      (cost_ax, "training device-hours / padding's")):
         ax.axhline(0 if ax is delta_ax else 1, color="black", lw=0.8)
         ax.set_xticks(range(len(rows)), ticks, fontsize=7)

@@ -7,18 +7,30 @@ Input: one record per (arm, seed) run, as `raypack.study.run` writes them to
      "final_train_loss", "val_loss", "scores": {"task/metric": value}, "skipped": {task: why},
      "manifest": {...}, "curve": [{"step", "loss", "val_loss"?, "time_s"}]}
 
-Per arm the report gives the mean over seeds (and the spread, sample standard
-deviation, when there are several) of: optimizer steps, training time,
-samples/s, real tokens/s, padding fraction, rows, truncated/split/dropped
-counts, final train loss, validation loss, every benchmark score, their average
-and the delta of that average vs padding (a benchmark the study skipped, such as
-HumanEval without eval.allow_code_execution, has its column saying so and is not
-in the average); what went into the packs (grouping,
-within- vs across-pack similarity, single-turn-only counts) when an arm was
-composed; and the context-reliance probe (record["probe"], raypack.eval.probe)
-when the study ran it. The plots: train and validation loss vs step and vs
-training time, one line per arm; training time and average score per arm as
-bars; the probe's loss changes with their intervals.
+Per arm the report gives the mean over seeds, with its 95% Student-t interval
+when there are several (raypack.stats; report.json also keeps the sample
+standard deviation, `_spread`), of: optimizer steps, training time, samples/s,
+real tokens/s, padding fraction, rows, truncated/split/dropped counts, final
+train loss, validation loss, every benchmark score and their average (a
+benchmark the study skipped, such as HumanEval without
+eval.allow_code_execution, has its column saying so and is not in the average);
+what went into the packs (grouping, within- vs across-pack similarity,
+single-turn-only counts) when an arm was composed; and the context-reliance
+probe (record["probe"], raypack.eval.probe) when the study ran it: its gaps over
+seeds, and each seed's bootstrap interval over the probed samples.
+
+Differences from the reference arm (study.reference; '' is the padding arm of
+the arm's setting, else the first arm): for the validation loss, the final train
+loss, each benchmark score, their average and the probe's three gaps, Welch's
+difference of the seed means with its 95% interval and t (how many standard
+errors); "not significant" when the interval includes 0. With one seed there
+are no intervals, and the report says they need study.seeds >= 2.
+
+The plots: train and validation loss vs step and vs training time, one line per
+arm; training time and average score per arm as bars with their intervals; the
+probe's loss changes with their intervals; seeds.png, one dot per seed beside
+the mean and its interval, for the validation loss, the average score and the
+probe's related-minus-unrelated gap.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ import math
 import statistics
 from pathlib import Path
 
+from raypack.stats import estimate, format_difference, welch
+
 MANIFEST_COUNTS = ("num_rows", "num_supervised_tokens", "overlength", "num_truncated", "num_split",
                    "num_dropped_too_long", "num_dropped_no_supervised")
 # What went into the packs (raypack.data.compose), from each arm's manifest.
@@ -35,19 +49,6 @@ COMPOSITION_KEYS = ("grouping", "only_single_turn", "num_clusters", "within_pack
                     "num_shared_rows", "num_mixed_cluster_rows", "num_single_turn_samples", "num_multi_turn_samples",
                     "rows_over_lower_bound")
 PROBE_KEYS = ("loss_alone", "delta_unrelated", "delta_related", "related_minus_unrelated")
-
-
-def mean_spread(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation of the values given (None and NaN left out); (NaN, None) when there
-    are none, spread None when there is one. The rule for every figure over seeds (this report, raypack report).
-
-    >>> mean_spread([1.0, 3.0, None])
-    (2.0, 1.4142135623730951)
-    """
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return float("nan"), None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def describe_data(config: dict) -> str:
@@ -67,48 +68,71 @@ def average_score(scores: dict, tasks: list[str]) -> float | None:
     return statistics.fmean(scores[t] for t in tasks) if tasks and all(t in scores for t in tasks) else None
 
 
-def summarise(records: list[dict]) -> dict:
-    """report.json's content: per arm means and spreads over seeds, in the order arms first appear."""
+def summarise(records: list[dict], reference: str = "") -> dict:
+    """report.json's content: per arm the mean, sample sd (`_spread`) and 95% interval (`_ci`) over seeds of each
+    figure, in the order arms first appear, and each arm's Welch differences from its reference arm
+    (`differences`, raypack.stats.welch; `reference`: study.reference, '' for reference_arm's default)."""
     arms: dict[str, list[dict]] = {}
     for record in records:
         arms.setdefault(record["arm"], []).append(record)
     tasks = sorted({t for r in records for t in r.get("scores", {})})
     skipped = {task: why for r in records for task, why in r.get("skipped", {}).items()}
-    out = {"arms": {}, "tasks": tasks, "skipped": skipped, "seeds": sorted({r["seed"] for r in records})}
+    out = {"arms": {}, "tasks": tasks, "skipped": skipped, "seeds": sorted({r["seed"] for r in records}),
+           "reference": reference}
+    values = {}  # per arm, the per-seed values of each figure: what the differences are computed from
     for arm, runs in arms.items():
         row: dict = {"seeds": [r["seed"] for r in runs]}
-        per_run = {
-            "steps": [r["steps"] for r in runs],
-            "train_seconds": [r["train_seconds"] for r in runs],
-            "fit_seconds": [r["fit_seconds"] for r in runs],
-            "samples_per_sec": [r["samples"] / r["train_seconds"] for r in runs],
-            "tokens_per_sec": [r["tokens"] / r["train_seconds"] for r in runs],
-            "padding_fraction": [1 - r["tokens"] / r["row_tokens"] for r in runs],
-            "final_train_loss": [r["final_train_loss"] for r in runs],
-            "val_loss": [r["val_loss"] for r in runs],
-        }
-        for task in tasks:
-            per_run[f"score:{task}"] = [r.get("scores", {}).get(task) for r in runs]
-        if tasks:
-            per_run["average"] = [average_score(r.get("scores", {}), tasks) for r in runs]
-        for key, values in per_run.items():
-            row[key], row[f"{key}_spread"] = mean_spread(values)
+        per_run = values[arm] = _per_run(runs, tasks)
+        for key, figures in per_run.items():
+            e = estimate(figures)
+            row[key], row[f"{key}_spread"], row[f"{key}_ci"] = e.mean, e.sd, list(e.ci) if e.ci else None
         for key in MANIFEST_COUNTS + COMPOSITION_KEYS:
             row[key] = runs[0]["manifest"].get(key)
-        probes = [r["probe"] for r in runs if r.get("probe")]
-        if probes:
-            for key in PROBE_KEYS:
-                row[f"probe_{key}"], row[f"probe_{key}_spread"] = mean_spread([p[key] for p in probes])
-            for key in ("delta_unrelated_ci", "delta_related_ci", "related_minus_unrelated_ci"):  # first seed's
-                row[f"probe_{key}"] = probes[0][key]
-            row["probe_num_samples"] = probes[0]["num_samples"]
+        probed = [r for r in runs if r.get("probe")]
+        if probed:
+            row["probe_seeds"] = [r["seed"] for r in probed]
+            for key in PROBE_KEYS[1:]:  # the probe's own bootstrap interval over its samples, per seed
+                row[f"probe_{key}_per_seed"] = [r["probe"][key] for r in probed]
+                row[f"probe_{key}_bootstrap_ci"] = [r["probe"][f"{key}_ci"] for r in probed]
+            row["probe_num_samples"] = probed[0]["probe"]["num_samples"]
         row["setting"] = runs[0].get("setting", "corrected")
         out["arms"][arm] = row
     for arm, row in out["arms"].items():
-        base = out["arms"].get(padding_arm(out["arms"], row["setting"]))
-        row["average_delta_vs_padding"] = (row["average"] - base["average"]
-                                           if base and tasks and not math.isnan(base["average"]) else None)
+        ref = row["reference"] = reference_arm(out["arms"], row["setting"], reference)
+        row["differences"] = {} if arm == ref else {
+            key: welch(values[arm][key], values[ref][key]).to_dict()
+            for key in difference_keys(tasks) if key in values[arm] and key in values[ref]}
+        delta = row["differences"].get("average", {}).get("diff", 0.0 if arm == ref else None)
+        row["average_delta_vs_reference"] = delta if tasks and not math.isnan(out["arms"][ref]["average"]) else None
     return out
+
+
+def _per_run(runs: list[dict], tasks: list[str]) -> dict[str, list]:
+    """Each figure of an arm, one value per seed (None where a run has none)."""
+    per_run = {
+        "steps": [r["steps"] for r in runs],
+        "train_seconds": [r["train_seconds"] for r in runs],
+        "fit_seconds": [r["fit_seconds"] for r in runs],
+        "samples_per_sec": [r["samples"] / r["train_seconds"] for r in runs],
+        "tokens_per_sec": [r["tokens"] / r["train_seconds"] for r in runs],
+        "padding_fraction": [1 - r["tokens"] / r["row_tokens"] for r in runs],
+        "final_train_loss": [r["final_train_loss"] for r in runs],
+        "val_loss": [r["val_loss"] for r in runs],
+    }
+    for task in tasks:
+        per_run[f"score:{task}"] = [r.get("scores", {}).get(task) for r in runs]
+    if tasks:
+        per_run["average"] = [average_score(r.get("scores", {}), tasks) for r in runs]
+    if any(r.get("probe") for r in runs):
+        for key in PROBE_KEYS:
+            per_run[f"probe_{key}"] = [r["probe"][key] if r.get("probe") else None for r in runs]
+    return per_run
+
+
+def difference_keys(tasks: list[str]) -> list[str]:
+    """The figures each arm is compared with its reference arm on, in the report's order."""
+    return ["val_loss", "final_train_loss", *(f"score:{t}" for t in tasks), *(["average"] if tasks else []),
+            *(f"probe_{key}" for key in PROBE_KEYS[1:])]
 
 
 def padding_arm(arms: dict, setting: str) -> str | None:
@@ -119,16 +143,41 @@ def padding_arm(arms: dict, setting: str) -> str | None:
         next(iter(padding), None)
 
 
-def _fmt(value, spread=None, digits: int = 4) -> str:
+def reference_arm(arms: dict, setting: str, reference: str = "") -> str:
+    """The arm an arm of `setting` is compared with: study.reference when given, else the setting's padding arm
+    (padding_arm), else the study's first arm.
+
+    >>> arms = {"bfd-cross": {}, "padding": {}, "bfd-isolated": {}}
+    >>> reference_arm(arms, "corrected"), reference_arm(arms, "corrected", "bfd-isolated")
+    ('padding', 'bfd-isolated')
+    >>> reference_arm({"bfd-cross": {}, "bfd-isolated": {}}, "corrected")
+    'bfd-cross'
+    """
+    if reference and reference not in arms:
+        raise ValueError(f"study.reference: {reference!r} is not an arm of this study: {list(arms)}; give one of "
+                         "them, or '' for the padding arm")
+    return reference or padding_arm(arms, setting) or next(iter(arms))
+
+
+def _number(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _fmt(value, ci=None, digits: int = 4) -> str:
+    """A figure as the tables show it: the mean, then its 95% interval over seeds [lo, hi] when it has one."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, str):
         return value
-    if isinstance(value, float):
-        text = f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
-    else:
-        text = f"{value:,}"
-    return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
+    text = _number(value, digits) if isinstance(value, float) else f"{value:,}"
+    return text + (f" [{_number(ci[0], digits)}, {_number(ci[1], digits)}]" if ci else "")
+
+
+# The figures of "Differences from the reference arm", as the report names them.
+DIFFERENCE_LABELS = {"val_loss": "val loss", "final_train_loss": "final train loss", "average": "benchmark average",
+                     "probe_delta_unrelated": "probe: Δ unrelated context",
+                     "probe_delta_related": "probe: Δ related context",
+                     "probe_related_minus_unrelated": "probe: related − unrelated"}
 
 
 def markdown(summary: dict, title: str, notes: list[str]) -> str:
@@ -142,25 +191,63 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
     lines = [f"# {title}", "", *notes, "", "## Cost and loss (the paper's Table 3)", "",
              "| arm | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for arm, row in arms.items():
-        cells = [_fmt(row[k], row.get(f"{k}_spread"), d) for k, _, d in cols]
+        cells = [_fmt(row[k], row.get(f"{k}_ci"), d) for k, _, d in cols]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     tasks, skipped = summary["tasks"], summary.get("skipped", {})
     if tasks or skipped:
         lines += ["", "## Benchmarks (the paper's Table 1)", "",
-                  "| arm | " + " | ".join([*tasks, *skipped]) + " | average | Δ vs padding |",
+                  "| arm | " + " | ".join([*tasks, *skipped]) + " | average | Δ vs reference |",
                   "|---" * (len(tasks) + len(skipped) + 3) + "|"]
         for arm, row in arms.items():
-            cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_spread")) for t in tasks] + ["skipped"] * len(skipped)
-            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row.get('average'), row.get('average_spread'))}"
-                         f" | {_fmt(row.get('average_delta_vs_padding'))} |")
+            cells = [_fmt(row[f"score:{t}"], row.get(f"score:{t}_ci")) for t in tasks] + ["skipped"] * len(skipped)
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_fmt(row.get('average'), row.get('average_ci'))}"
+                         f" | {_fmt(row.get('average_delta_vs_reference'))} |")
         if skipped:
             lines += [""] + [f"{task}: {why}; the average is over the {len(tasks)} benchmarks scored."
                              for task, why in skipped.items()]
-    lines += _data_lines(arms) + _composition_lines(arms) + _probe_lines(arms)
+    lines += _difference_lines(summary) + _data_lines(arms) + _composition_lines(arms) + _probe_lines(summary)
     if len(summary["seeds"]) > 1:
-        lines += ["", f"Mean ± sample standard deviation over seeds {summary['seeds']}."]
+        lines += ["", f"Each figure: mean over seeds {summary['seeds']} [95% Student-t interval, n - 1 degrees of "
+                      "freedom for n seeds] (report.json also holds the sample standard deviation, `_spread`)."]
+    else:
+        lines += ["", f"One seed ({', '.join(map(str, summary['seeds']))}): no intervals over seeds; intervals and "
+                      "the significance of differences need study.seeds >= 2."]
     lines += ["", "Plots: " + ", ".join(summary.get("plots", [])) + ".", ""]
     return "\n".join(lines)
+
+
+def _difference_lines(summary: dict) -> list[str]:
+    """Each arm minus its reference arm, figure by figure: Welch's difference, its interval and t."""
+    arms = summary["arms"]
+    if not any(row.get("differences") for row in arms.values()):
+        return []
+    references = sorted({row["reference"] for row in arms.values()})
+    how = f"study.reference = {summary['reference']}" if summary.get("reference") else \
+        "study.reference is '': the padding arm of the arm's setting, else the first arm"
+    lines = ["", "## Differences from the reference arm", "",
+             f"Each arm's mean over seeds minus its reference arm's ({', '.join(references)}; {how}), with Welch's "
+             "95% interval (Welch-Satterthwaite degrees of freedom, seeds taken as independent) and t, the "
+             "difference in standard errors. A difference whose interval includes 0 is not significant. Losses: "
+             "lower is better; scores: higher is better.", ""]
+    if len(summary["seeds"]) < 2:
+        lines += ["One seed per arm: intervals need study.seeds >= 2, so each difference below is the one seed's.",
+                  ""]
+    lines += ["| arm | reference | figure | difference [95% interval], t | df |", "|---|---|---|---|---|"]
+    for arm, row in arms.items():
+        for key, d in row["differences"].items():
+            if d["diff"] is None or math.isnan(d["diff"]):
+                continue
+            label = DIFFERENCE_LABELS.get(key, key.removeprefix("score:"))
+            lines.append(f"| {arm} | {row['reference']} | {label} | {format_difference(_difference(d))} | "
+                         f"{_fmt(d['df'], digits=1)} |")
+    return lines
+
+
+def _difference(d: dict):
+    """A difference from report.json's dict back to raypack.stats.Difference (for its formatting)."""
+    from raypack.stats import Difference
+
+    return Difference(**{**d, "ci": tuple(d["ci"]) if d["ci"] else None})
 
 
 def _data_lines(arms: dict) -> list[str]:
@@ -198,26 +285,45 @@ def _composition_lines(arms: dict) -> list[str]:
     return lines
 
 
-def _probe_lines(arms: dict) -> list[str]:
+def _probe_lines(summary: dict) -> list[str]:
+    arms = summary["arms"]
     if not any("probe_loss_alone" in row for row in arms.values()):
         return []
+    several = any(len(row.get("probe_seeds", [])) > 1 for row in arms.values())
     lines = ["", "## Context reliance (the paper's third question)", "",
              "Loss on a held-out sample's assistant tokens when the same attention context first holds another "
              "held-out sample, minus its loss alone (`raypack probe`): about 0 means the model ignores its context; "
-             "a drop with related context and a rise with unrelated context mean it leans on it. "
-             "95% bootstrap intervals.", "",
+             "a drop with related context and a rise with unrelated context mean it leans on it. " +
+             ("Mean over seeds [95% interval over seeds]; the probe's own bootstrap intervals (over its samples, "
+              "within a seed) follow per seed." if several else
+              "One seed: its 95% bootstrap interval over the probed samples (an interval over seeds needs "
+              "study.seeds >= 2)."), "",
              "| arm | samples | loss alone | Δ unrelated context | Δ related context | related − unrelated |",
              "|---" * 6 + "|"]
+    gaps = ("delta_unrelated", "delta_related", "related_minus_unrelated")
     for arm, row in arms.items():
         if "probe_loss_alone" not in row:
             continue
-        cells = [_fmt(row["probe_num_samples"]), _fmt(row["probe_loss_alone"], row.get("probe_loss_alone_spread"))]
-        for key in ("delta_unrelated", "delta_related", "related_minus_unrelated"):
-            ci = row[f"probe_{key}_ci"]
-            interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and None not in ci else ""
-            cells.append(f"{_fmt(row[f'probe_{key}'], row.get(f'probe_{key}_spread'))}{interval}")
+        cells = [_fmt(row["probe_num_samples"]), _fmt(row["probe_loss_alone"], row.get("probe_loss_alone_ci"))]
+        for key in gaps:
+            ci = row[f"probe_{key}_ci"] or next(iter(row[f"probe_{key}_bootstrap_ci"]))
+            cells.append(_fmt(row[f"probe_{key}"], ci if ci and None not in ci else None))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if several:
+        lines += ["", "Per seed, with the probe's 95% bootstrap interval over its samples:", "",
+                  "| arm | seed | Δ unrelated context | Δ related context | related − unrelated |", "|---" * 5 + "|"]
+        for arm, row in arms.items():
+            for i, seed in enumerate(row.get("probe_seeds", [])):
+                cells = [_bootstrap_cell(row, key, i) for key in gaps]
+                lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _bootstrap_cell(row: dict, key: str, i: int) -> str:
+    """One seed's probe gap [its bootstrap interval]: the gap is that seed's value of the per-seed figures."""
+    ci = row[f"probe_{key}_bootstrap_ci"][i]
+    value = row[f"probe_{key}_per_seed"][i]
+    return _fmt(value, ci if ci and None not in ci else None)
 
 
 def plot(records: list[dict], summary: dict, out: Path) -> list[str]:
@@ -253,9 +359,9 @@ def plot(records: list[dict], summary: dict, out: Path) -> list[str]:
         values = [summary["arms"][a].get(key) for a in arms]
         if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
             continue
-        spreads = [summary["arms"][a].get(f"{key}_spread") or 0.0 for a in arms]
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(arms, values, yerr=spreads, color=[colours[a] for a in arms], capsize=4)
+        ax.bar(arms, values, yerr=_yerr(values, [summary["arms"][a].get(f"{key}_ci") for a in arms]),
+               color=[colours[a] for a in arms], capsize=4)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=20)
         ax.grid(axis="y", alpha=0.3)
@@ -264,7 +370,56 @@ def plot(records: list[dict], summary: dict, out: Path) -> list[str]:
         plt.close(fig)
         written.append(name)
     written += _plot_probe(summary, colours, out, plt)
+    written += _plot_seeds(records, summary, colours, out, plt)
     return written
+
+
+def _yerr(values: list[float], cis: list) -> list[list[float]]:
+    """Error bars from each value to its interval's ends (0 where there is no interval)."""
+    return [[v - ci[0] if ci else 0.0 for v, ci in zip(values, cis)],
+            [ci[1] - v if ci else 0.0 for v, ci in zip(values, cis)]]
+
+
+SEED_PANELS = (("val_loss", "validation loss (per token)"), ("average", "average benchmark score"),
+               ("probe_related_minus_unrelated", "probe: related − unrelated context (nats)"))
+
+
+def _seed_value(record: dict, key: str, tasks: list[str]) -> float | None:
+    if key == "average":
+        return average_score(record.get("scores", {}), tasks)
+    if key.startswith("probe_"):
+        return (record.get("probe") or {}).get(key.removeprefix("probe_"))
+    return record.get(key)
+
+
+def _plot_seeds(records: list[dict], summary: dict, colours: dict, out: Path, plt) -> list[str]:
+    """seeds.png: per arm one dot per seed, and the mean with its 95% interval over seeds beside them, for the
+    validation loss, the benchmark average and the probe's related-minus-unrelated gap (those the study has)."""
+    arms = list(summary["arms"])
+    panels = [(key, label) for key, label in SEED_PANELS
+              if any(not math.isnan(summary["arms"][a].get(key, math.nan)) for a in arms)]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, arm in enumerate(arms):
+            points = [_seed_value(r, key, summary["tasks"]) for r in records if r["arm"] == arm]
+            points = [p for p in points if p is not None and not math.isnan(p)]
+            offsets = [(j - (len(points) - 1) / 2) * 0.06 for j in range(len(points))]
+            ax.plot([i - 0.15 + o for o in offsets], points, "o", color=colours[arm], alpha=0.7, ms=5)
+            row = summary["arms"][arm]
+            if points:
+                ci = row.get(f"{key}_ci")
+                ax.errorbar([i + 0.15], [row[key]], yerr=_yerr([row[key]], [ci]), fmt="_", color="black",
+                            ms=14, capsize=4)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_title("dots: seeds; bar: mean and 95% interval over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "seeds.png", dpi=110)
+    plt.close(fig)
+    return ["seeds.png"]
 
 
 def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
@@ -277,7 +432,8 @@ def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
                                              ("delta_related", "related context", ""))):
         for i, arm in enumerate(arms):
             row = summary["arms"][arm]
-            value, ci = row[f"probe_{key}"], row[f"probe_{key}_ci"]
+            # The interval over seeds, else (one seed) the probe's bootstrap interval over its samples.
+            value, ci = row[f"probe_{key}"], row[f"probe_{key}_ci"] or row[f"probe_{key}_bootstrap_ci"][0]
             if ci is None or None in ci or math.isnan(value):  # no probe pairs in a tiny split
                 continue
             lo, hi = ci
@@ -285,7 +441,7 @@ def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
                    color=colours[arm], hatch=hatch, edgecolor="black", label=label if i == 0 else None)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(arms)), arms, rotation=20)
-    ax.set_ylabel("loss change vs no context (95% CI)")
+    ax.set_ylabel("loss change vs no context (95% interval)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -294,10 +450,10 @@ def _plot_probe(summary: dict, colours: dict, out: Path, plt) -> list[str]:
     return ["probe.png"]
 
 
-def write_report(records: list[dict], out: Path, title: str, notes: list[str]) -> dict:
-    """report.json, report.md and the plots into `out`; returns the summary."""
+def write_report(records: list[dict], out: Path, title: str, notes: list[str], reference: str = "") -> dict:
+    """report.json, report.md and the plots into `out`; returns the summary. `reference`: study.reference."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(records)
+    summary = summarise(records, reference)
     summary["title"], summary["notes"] = title, notes
     summary["plots"] = plot(records, summary, out)
     (out / "report.json").write_text(json.dumps(_no_nan(summary), indent=2))

@@ -112,7 +112,7 @@ def run_study(cfg: Config) -> Path:
              f"max_seq_len {cfg.data.max_seq_len}; {cfg.train.num_workers} workers; "
              f"validation: {read_manifest(folders['val']).num_rows} held-out samples, the same for every arm.",
              *[_setting_note(variant) for variant in setting_configs(cfg)], *notes]
-    write_report(records, out, title, notes)
+    write_report(records, out, title, notes, cfg.study.reference)
     if parent:
         parent.log_artifacts([out / "config.json", *sorted(out.glob("report.*")), *sorted(out.glob("*.png"))])
         parent.end()

@@ -13,7 +13,9 @@ runs/<trial_id>-<arm>/raypack/. Writes into the sweep folder (raypack.tune.sweep
                                 (Tune's time_total_s), final_train_loss, best_val_loss, best_val_step,
                                 final_val_loss, objective (the final val_loss, or train loss: sweep.metric)
     analysis.md                 best config per arm; lr* per batch size; the exponent alpha in
-                                lr* ∝ batch^alpha; what each arm loses with the other arm's lr*
+                                lr* ∝ batch^alpha with its interval, or why it is not a measurement;
+                                the objective at each point with its interval over seeds; what each
+                                arm loses with the other arm's lr*
     heatmaps.png, loss_vs_lr.png, best_curves.png, lr_star_vs_batch.png
 
 How lr* and alpha are found, per arm: the objective of finished and early-stopped trials is averaged over
@@ -21,7 +23,11 @@ seeds at each (batch size, lr); lr*(B) is the lr with the lowest mean ("grid lr*
 parabola in log lr through it and its two neighbours ("interpolated lr*"; the grid point itself when it is
 at the edge of the grid, which the notes flag). alpha is the least-squares slope of log lr* against log B
 (interpolated lr*; the grid-lr* slope is shown beside it). With several seeds the same fit is made per
-seed (spread of alpha over seeds) and on 1000 bootstrap resamples of the seeds (95% interval).
+seed (spread of alpha over seeds) and on 1000 bootstrap resamples of the seeds (95% percentile interval).
+alpha is reported as "not a measurement" (and why) when an arm's lr* sits at the edge of its lr grid at some
+batch size, when it has fewer than 2 batch sizes, or when it has no interval (one seed). The objective at every
+point is shown as its mean with a 95% Student-t interval over seeds (raypack.stats), and loss_vs_lr.png draws each
+seed's trial beside the means.
 
     >>> round(fit_alpha([8, 16, 32], [1e-3, 2e-3, 4e-3]), 6)
     1.0
@@ -38,6 +44,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from raypack.stats import estimate
 from raypack.train.metrics import read_metrics
 
 DONE = ("finished", "stopped early")
@@ -73,10 +80,18 @@ def _usable(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"].isin(DONE) & np.isfinite(df["objective"].astype(float))]
 
 
+POINT_COLUMNS = ["arm", "global_batch_size", "lr", "mean", "std", "seeds", "ci_lo", "ci_hi"]
+
+
 def _points(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread of the objective over seeds at each (arm, batch size, lr) of usable trials."""
-    grouped = _usable(df).groupby(["arm", "global_batch_size", "lr"])["objective"]
-    return grouped.agg(mean="mean", std="std", seeds="count").reset_index()
+    """The objective over seeds at each (arm, batch size, lr) of usable trials: mean, sample sd, number of seeds
+    and 95% Student-t interval (raypack.stats.estimate; sd and interval NaN with one seed)."""
+    rows = []
+    for (arm, batch, lr), group in _usable(df).groupby(["arm", "global_batch_size", "lr"]):
+        e = estimate(group["objective"].astype(float))
+        rows.append([arm, batch, lr, e.mean, math.nan if e.sd is None else e.sd, e.n,
+                     *(e.ci if e.ci else (math.nan, math.nan))])
+    return pd.DataFrame(rows, columns=POINT_COLUMNS)
 
 
 def _lr_star_table(points: pd.DataFrame) -> pd.DataFrame:
@@ -84,10 +99,12 @@ def _lr_star_table(points: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for batch, group in points.sort_values("lr").groupby("global_batch_size"):
         grid, interp, edge = lr_star(group["lr"], group["mean"])
+        best = group.loc[group["mean"].idxmin()]
         rows.append({"global_batch_size": batch, "lr_star": grid, "lr_star_interp": interp, "at_edge": edge,
-                     "objective": float(group["mean"].min()), "num_lrs": len(group)})
+                     "objective": float(best["mean"]), "objective_ci_lo": float(best["ci_lo"]),
+                     "objective_ci_hi": float(best["ci_hi"]), "seeds": int(best["seeds"]), "num_lrs": len(group)})
     return pd.DataFrame(rows, columns=["global_batch_size", "lr_star", "lr_star_interp", "at_edge", "objective",
-                                       "num_lrs"])
+                                       "objective_ci_lo", "objective_ci_hi", "seeds", "num_lrs"])
 
 
 def alpha_estimate(arm_trials: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
@@ -115,6 +132,19 @@ def alpha_estimate(arm_trials: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLE
     if np.isfinite(boots).any():
         out["bootstrap_95"] = tuple(float(v) for v in np.nanpercentile(boots, [2.5, 97.5]))
     return out
+
+
+def not_a_measurement(est: dict) -> str | None:
+    """Why an arm's alpha is not a measurement, or None when it is: it needs 2 batch sizes or more, every lr*
+    inside its lr grid (at an edge the optimum may lie outside it) and an interval (2 seeds or more)."""
+    if est["num_batch_sizes"] < 2 or not math.isfinite(est["alpha"]):
+        return "fewer than 2 batch sizes with usable trials"
+    edges = [int(b) for b, e in zip(est["table"]["global_batch_size"], est["table"]["at_edge"]) if e]
+    if edges:
+        return f"lr* at the edge of the lr grid at batch size {edges}"
+    if est["bootstrap_95"] is None:
+        return "no interval (one seed: set sweep.seeds >= 2)"
+    return None
 
 
 def _alpha_of(groups: list, means: np.ndarray) -> float:
@@ -200,8 +230,10 @@ def analyze(sweep_dir: str | Path, records: list[dict]) -> dict:
     stars = {arm: est["table"] for arm, est in estimates.items()}
     result = {"num_trials": len(df), "status": df["status"].value_counts().to_dict(),
               "best": best_trials(records), "transfer": transfer(points, stars),
-              "alpha": {arm: {k: v for k, v in est.items() if k != "table"} for arm, est in estimates.items()},
-              "lr_star": {arm: t.to_dict("records") for arm, t in stars.items()}}
+              "alpha": {arm: {**{k: v for k, v in est.items() if k != "table"},
+                              "not_a_measurement": not_a_measurement(est)} for arm, est in estimates.items()},
+              "lr_star": {arm: t.to_dict("records") for arm, t in stars.items()},
+              "points": points.to_dict("records")}
     result["plots"] = plot(df, points, estimates, result["best"], sweep)
     best_eval = json.loads((sweep / "best_eval.json").read_text()) if (sweep / "best_eval.json").exists() else {}
     (sweep / "analysis.md").write_text(markdown(sweep, df, result, estimates, best_eval))
@@ -214,22 +246,33 @@ def _g(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _mean_ci(mean: float, lo: float, hi: float) -> str:
+    """'mean [lo, hi]' (4 significant digits), the mean alone where there is no interval (one seed)."""
+    return _g(float(mean)) + (f" [{_g(float(lo))}, {_g(float(hi))}]" if math.isfinite(lo) else "")
+
+
+def _objective(table: pd.DataFrame, trial: dict) -> str:
+    """The objective at an arm's best (batch size, lr*) with its interval over seeds."""
+    row = table[table["global_batch_size"] == trial["global_batch_size"]].iloc[0]
+    return _mean_ci(row["objective"], row["objective_ci_lo"], row["objective_ci_hi"])
+
+
 def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_eval: dict) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in result["status"].items())
     base = yaml.safe_load((sweep / "config.yaml").read_text()) if (sweep / "config.yaml").exists() else {}
     metric = base.get("sweep", {}).get("metric", "val_loss")
     what = "final training loss" if metric == "loss" else "final validation loss (per token, shared held-out split)"
     lines = [f"# Sweep analysis: {sweep.name}", "", (f"{len(df)} trials: {counts}. Objective: {what}; mean over "
-                                                      "seeds of finished and early-stopped trials."),
+                                                      "seeds of finished and early-stopped trials [its 95% "
+                                                      "Student-t interval over seeds, where a point has 2 or more]."),
              "", "## Best config per arm", "",
              "| arm | lr | global batch | objective | seeds | best trial | steps | tokens | train s | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, t in result["best"].items():
         point = estimates[arm]["table"]
-        mean = point.loc[point["global_batch_size"] == t["global_batch_size"], "objective"]
         seeds = int(((df["arm"] == arm) & (df["global_batch_size"] == t["global_batch_size"])
                      & np.isclose(df["lr"], t["lr"]) & df["status"].isin(DONE)).sum())
-        lines.append(f"| {arm} | {_g(t['lr'], 3)} | {t['global_batch_size']} | {_g(float(mean.iloc[0]))} | {seeds} "
+        lines.append(f"| {arm} | {_g(t['lr'], 3)} | {t['global_batch_size']} | {_objective(point, t)} | {seeds} "
                      f"| {t['trial_id']} | {t['steps']} | {t['tokens']:,} | {_g(t['train_seconds'], 3)} | "
                      f"{_g(t['wall_seconds'], 3)} |")
     lines += ["", "## Best learning rate per batch size", "",
@@ -238,21 +281,31 @@ def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_
     for arm, est in estimates.items():
         for _, r in est["table"].iterrows():
             lines.append(f"| {arm} | {int(r['global_batch_size'])} | {_g(r['lr_star'], 3)} | "
-                         f"{_g(r['lr_star_interp'], 3)} | {_g(r['objective'])} | {int(r['num_lrs'])} | "
+                         f"{_g(r['lr_star_interp'], 3)} | {_mean_ci(r['objective'], r['objective_ci_lo'], r['objective_ci_hi'])} | "
+                         f"{int(r['num_lrs'])} | "
                          f"{'yes' if r['at_edge'] else ''} |")
     lines += ["", "## lr* ∝ batch^alpha", "",
-              "| arm | alpha | alpha (grid lr*) | alpha per seed | sd over seeds | bootstrap 95% | batch sizes |",
-              "|---|---|---|---|---|---|---|"]
+              "alpha is a measurement when every lr* is inside its lr grid and alpha has an interval (the 95% "
+              "bootstrap over seeds: 2 seeds or more); otherwise the table says it is not a measurement and why.", "",
+              "| arm | alpha | alpha (grid lr*) | alpha per seed | sd over seeds | bootstrap 95% | batch sizes | "
+              "a measurement? |", "|---|---|---|---|---|---|---|---|"]
     notes = []
     for arm, est in estimates.items():
         seed_alphas = [a for a in est["seed_alphas"] if math.isfinite(a)]
         spread = _g(float(np.std(seed_alphas, ddof=1)), 3) if len(seed_alphas) > 1 else "-"
         boot = "[{}, {}]".format(*(_g(v, 3) for v in est["bootstrap_95"])) if est["bootstrap_95"] else "-"
         per_seed = ", ".join(_g(a, 3) for a in est["seed_alphas"]) or "-"
+        why = not_a_measurement(est)
         lines.append(f"| {arm} | {_g(est['alpha'], 3)} | {_g(est['alpha_grid'], 3)} | {per_seed} | {spread} | "
-                     f"{boot} | {est['num_batch_sizes']} |")
+                     f"{boot} | {est['num_batch_sizes']} | {f'not a measurement: {why}' if why else 'yes'} |")
         notes += _alpha_notes(arm, est)
     lines += [""] + [f"- {n}" for n in notes]
+    lines += ["", "## Objective at each point", "", "Mean over seeds [95% Student-t interval over seeds; a point with one "
+              "seed has none].", "",
+              "| arm | global batch | lr | seeds | objective |", "|---|---|---|---|---|"]
+    for p in result["points"]:
+        lines.append(f"| {p['arm']} | {int(p['global_batch_size'])} | {_g(p['lr'], 3)} | {int(p['seeds'])} | "
+                     f"{_mean_ci(p['mean'], p['ci_lo'], p['ci_hi'])} |")
     if result["transfer"]:
         lines += ["", "## With the other arm's lr* (same batch size)", "",
                   "| arm | global batch | own lr* | objective | other arm | its lr* | objective there | worse by |",
@@ -283,7 +336,7 @@ def plot(df: pd.DataFrame, points: pd.DataFrame, estimates: dict, best: dict, ou
     written = []
     if not points.empty:
         _heatmaps(plt, points, arms, out / "heatmaps.png")
-        _loss_vs_lr(plt, points, arms, out / "loss_vs_lr.png")
+        _loss_vs_lr(plt, points, _usable(df), arms, out / "loss_vs_lr.png")
         _lr_star_vs_batch(plt, estimates, out / "lr_star_vs_batch.png")
         written += ["heatmaps.png", "loss_vs_lr.png", "lr_star_vs_batch.png"]
     if best:
@@ -312,19 +365,25 @@ def _heatmaps(plt, points: pd.DataFrame, arms: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _loss_vs_lr(plt, points: pd.DataFrame, arms: list[str], path: Path) -> None:
+def _loss_vs_lr(plt, points: pd.DataFrame, trials: pd.DataFrame, arms: list[str], path: Path) -> None:
+    """Per arm, the objective vs lr at each batch size: the mean with its 95% interval over seeds, and each
+    seed's trial as a small dot."""
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4), squeeze=False, sharey=True)
     for ax, arm in zip(axes[0], arms):
-        for batch, group in points[points["arm"] == arm].sort_values("lr").groupby("global_batch_size"):
-            ax.errorbar(group["lr"], group["mean"], yerr=group["std"].fillna(0.0), marker="o", capsize=3,
+        for i, (batch, group) in enumerate(points[points["arm"] == arm].sort_values("lr").groupby("global_batch_size")):
+            colour = plt.cm.tab10(i % 10)
+            yerr = [(group["mean"] - group["ci_lo"]).fillna(0.0), (group["ci_hi"] - group["mean"]).fillna(0.0)]
+            ax.errorbar(group["lr"], group["mean"], yerr=yerr, marker="o", capsize=3, color=colour,
                         label=f"batch {batch}")
+            seeds = trials[(trials["arm"] == arm) & (trials["global_batch_size"] == batch)]
+            ax.plot(seeds["lr"], seeds["objective"].astype(float), ".", color=colour, alpha=0.5, ms=4)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("learning rate")
         ax.set_title(arm)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("objective (mean ± sd over seeds)")
+    axes[0][0].set_ylabel("objective (mean, 95% interval; dots: seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
