@@ -56,11 +56,19 @@ def describe_data(config: dict) -> str:
 
     >>> describe_data({"data": {"sources": []}, "synth": {"preset": "tulu-326k", "num_samples": 1000, "seed": 0}})
     'synthetic tulu-326k x 1,000 (seed 0)'
+    >>> describe_data({"data": {"sources": []}, "synth": {"task": "facts", "num_entities": 300, "per_entity": 4,
+    ...                                                  "num_values": 32, "seed": 0}})
+    'synthetic facts: 300 entities x 4 conversations, answers from 32 x 32 value pairs (seed 0)'
     """
     data, synth = config["data"], config["synth"]
     if data["sources"]:
         return ", ".join(data["sources"])
-    return f"synthetic {synth['preset']} x {synth['num_samples']:,} (seed {synth['seed']})"
+    task = synth.get("task", "words")  # a config.json written before synth.task existed is words
+    if task == "facts":
+        return (f"synthetic facts: {synth['num_entities']:,} entities x {synth['per_entity']} conversations, answers "
+                f"from {synth['num_values']} x {synth['num_values']} value pairs (seed {synth['seed']})")
+    what = "" if task == "words" else f"{task} text, "
+    return f"synthetic {what}{synth['preset']} x {synth['num_samples']:,} (seed {synth['seed']})"
 
 
 def average_score(scores: dict, tasks: list[str]) -> float | None:
