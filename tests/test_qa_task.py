@@ -137,8 +137,15 @@ def test_the_task_files_hold_the_rows_and_a_greedy_exact_match_task(tasks):
     assert [m["metric"] for m in cfg["metric_list"]] == ["exact_match"]
     assert cfg["metric_list"][0]["regexes_to_ignore"] == ["^\\s+", "\\s+$"]
     assert is_qa_task(TaskSpec(str(tasks["right"])))
-    # Negative control: raypack's own copy task (another generation task) is not one.
+    # Negative controls: raypack's own copy task (another generation task) is not one, nor a task whose YAML uses
+    # lm-eval's !function tag (read, not refused), nor one that is not YAML.
     assert not is_qa_task(TaskSpec(str(Path(qa_task.__file__).parents[1] / "assets/eval_tasks/raypack_copy.yaml")))
+    other = tasks["right"].parent / "other.yaml"
+    other.write_text("task: other\nprocess_results: !function utils.process_results\nmetadata: {version: 1.0}\n")
+    assert not is_qa_task(TaskSpec(str(other)))
+    other.write_text("task: [unclosed\n")
+    assert not is_qa_task(TaskSpec(str(other)))
+    other.unlink()
 
 
 @pytest.mark.parametrize("messages, problem", [

@@ -127,12 +127,23 @@ def write_qa_task(rows: list[dict], folder: str | Path, name: str, until: tuple[
     return path
 
 
+class _TaskLoader(yaml.SafeLoader):
+    """Reads any lm-eval task YAML: its tags (`!function utils.process_results`) are read as None."""
+
+
+_TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
 def is_qa_task(spec: TaskSpec) -> bool:
     """Whether `spec` is a task YAML write_qa_task wrote (self-contained; needs the chat template)."""
     if not spec.is_path or not Path(spec.name).is_file():
         return False
-    cfg = yaml.safe_load(Path(spec.name).read_text())
-    return isinstance(cfg, dict) and (cfg.get("metadata") or {}).get("written_by") == WRITTEN_BY
+    try:
+        cfg = yaml.load(Path(spec.name).read_text(), Loader=_TaskLoader)  # a SafeLoader
+    except yaml.YAMLError:
+        return False  # not ours; lm-eval says what is wrong with it
+    return isinstance(cfg, dict) and isinstance(cfg.get("metadata"), dict) and \
+        cfg["metadata"].get("written_by") == WRITTEN_BY
 
 
 def refuse_without_chat_template(specs: list[TaskSpec], apply_chat_template: bool) -> None:
