@@ -17,7 +17,7 @@
    export the model, score it with lm-eval (eval.*) as a Ray task (the
    preset's HumanEval skipped, and recorded as skipped, unless
    eval.allow_code_execution; with synthetic facts data also the held-out
-   questions by exact match, a task written once into <study>/tasks,
+   questions by exact match, a task written into <study>/tasks at the start,
    raypack.eval.qa_task), run the
    context-reliance probe on the held-out split (probe.*,
    raypack.eval.probe), and write <study>/runs/<arm>/seed<k>/result.json;
