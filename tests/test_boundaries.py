@@ -25,7 +25,7 @@ CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
         "raypack.train.resume", "raypack.train.restore", "raypack.train.plan", "raypack.train.metrics",
         "raypack.train.loss", "raypack.train.flops", "raypack.train.extensions", "raypack.eval.tasks",
         "raypack.eval.scores", "raypack.eval.backend", "raypack.eval.cost", "raypack.eval.credentials",
-        "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze", "raypack.stats",
+        "raypack.eval.qa_task", "raypack.study.report", "raypack.study.grid", "raypack.tune.analyze", "raypack.stats",
         "raypack.tracking"]
 FORBIDDEN = ("ray", "deepspeed", "lm_eval")
 # What the driver, a notebook or `raypack plan` reads without torch: rows and manifest, the run plan, the logs.

@@ -12,6 +12,8 @@ import pytest
 from raypack.config import load_config
 
 ARMS = ["padding", "bfd-isolated"]
+HELDOUT_ROWS = [{"messages": [{"role": "user", "content": f"what about the {entity}?"},
+                              {"role": "assistant", "content": "red stone"}]} for entity in ("lamp", "door", "ship")]
 
 
 def study_config(tmp_path, *overrides):
@@ -61,16 +63,21 @@ def test_match_tokens_gives_packed_arms_fewer_rows_per_step(prepared):
 @pytest.fixture(scope="module")
 def finished_study(ray_local, tmp_path_factory, mlflow_server):
     """One study of both arms, 3 steps each, scored and probed, tracked on a real MLflow server: (its config, its
-    folder). Its preset also holds a code task, as the paper's holds HumanEval: skipped (code execution is off)."""
+    folder). Its preset also holds a code task, as the paper's holds HumanEval: skipped (code execution is off).
+    Its data also has held-out questions, as synthetic facts have (HELDOUT_ROWS stands in for
+    raypack.data.synth.facts_heldout), scored through the chat template as one more benchmark."""
+    from raypack.eval import qa_task
     from raypack.eval.tasks import PRESETS, TaskSpec
     from raypack.study.run import run_study
 
     tmp = tmp_path_factory.mktemp("study")
     # 512 tokens and 40% held out, so the probe finds held-out targets of at most half a row.
     cfg = study_config(tmp, "train.max_steps=3", "eval.limit=4", "data.max_seq_len=512", "data.val_fraction=0.4",
+                       "eval.apply_chat_template=true",
                        "tracking.enabled=true", f"tracking.uri={mlflow_server}", "tracking.experiment=study-test")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(PRESETS, "offline", (*PRESETS["offline"], TaskSpec("humaneval", 0)))
+        mp.setattr(qa_task, "heldout_rows", lambda cfg: HELDOUT_ROWS)
         return cfg, run_study(cfg)
 
 
@@ -89,17 +96,28 @@ def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsy
         assert [c["step"] for c in record["curve"]] == [1, 2, 3]
         assert record["curve"][-1]["val_loss"] == pytest.approx(record["val_loss"])
     assert report["arms"]["padding"]["average_delta_vs_reference"] == 0.0
-    # The preset's code task was skipped, not run: its column says so and the average is the scored tasks' mean.
-    from raypack.eval.tasks import SKIPPED_CODE
+    # The held-out questions: written once into the study, scored for every arm beside the preset's tasks.
+    from raypack.eval.qa_task import HELDOUT_TASK
 
-    assert report["skipped"] == {"humaneval": SKIPPED_CODE} and not any("humaneval" in t for t in report["tasks"])
+    lines = (out / "tasks" / f"{HELDOUT_TASK}.jsonl").read_text().splitlines()
+    assert [json.loads(line)["answer"] for line in lines] == ["red stone"] * len(HELDOUT_ROWS)
+    assert f"{HELDOUT_TASK}/exact_match" in report["tasks"] and len(report["tasks"]) > 1
     for arm in ARMS:
         record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
-        assert record["skipped"] == {"humaneval": SKIPPED_CODE}
+        assert record["scores"][f"{HELDOUT_TASK}/exact_match"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    # The preset's code task was skipped, not run: its column says so and the average is the scored tasks' mean.
+    # (Under the chat template the preset's humaneval is its chat variant.)
+    from raypack.eval.tasks import SKIPPED_CODE
+
+    code = "humaneval_instruct"
+    assert report["skipped"] == {code: SKIPPED_CODE} and not any("humaneval" in t for t in report["tasks"])
+    for arm in ARMS:
+        record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
+        assert record["skipped"] == {code: SKIPPED_CODE}
         assert report["arms"][arm]["average"] == pytest.approx(sum(record["scores"].values()) / len(record["scores"]))
     md = (out / "report.md").read_text()
-    assert f"| {' | '.join(report['tasks'])} | humaneval | average |" in md and "| skipped |" in md
-    assert f"humaneval: {SKIPPED_CODE}; the average is over the {len(report['tasks'])} benchmarks scored." in md
+    assert f"| {' | '.join(report['tasks'])} | {code} | average |" in md and "| skipped |" in md
+    assert f"{code}: {SKIPPED_CODE}; the average is over the {len(report['tasks'])} benchmarks scored." in md
     for name in ("report.md", "loss_vs_step.png", "loss_vs_time.png", "time_per_arm.png", "score_per_arm.png",
                  "probe.png"):
         assert (out / name).exists(), name

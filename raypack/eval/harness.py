@@ -48,6 +48,7 @@ import yaml
 
 from raypack.config import EvalConfig
 from raypack.eval.backend import eval_launch
+from raypack.eval.qa_task import is_qa_task, refuse_without_chat_template
 from raypack.eval.scores import benchmark_scores
 from raypack.eval.tasks import TaskSpec, refuse_code_execution
 
@@ -68,7 +69,9 @@ def evaluate(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None
     as the Ray task evaluate_on_ray started. With `log_samples`, the result also holds
     lm-eval's per-example records under "samples". Unknown task names, missing
     checkpoint files, a checkpoint without the chat template eval.apply_chat_template
-    needs and refused code execution are ValueErrors raised before the model is loaded.
+    needs, a held-out question task (raypack.eval.qa_task) without
+    eval.apply_chat_template and refused code execution are ValueErrors raised before
+    the model is loaded.
     With ev.allow_code_execution the evaluation runs in a child process without
     credentials (evaluate_without_credentials), else in this one (evaluate_in_process).
     """
@@ -77,6 +80,7 @@ def evaluate(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None = None
     if not specs:
         raise ValueError("no tasks to evaluate: choose a preset other than 'none' or name tasks")
     refuse_code_execution(specs, ev.allow_code_execution)
+    refuse_without_chat_template(specs, ev.apply_chat_template)
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a Hugging Face checkpoint folder (no config.json); give the folder "
                          "a trained model was saved to")
@@ -182,6 +186,7 @@ def evaluate_on_ray(model_dir: str, specs: list[TaskSpec], ev: EvalConfig | None
 
     ev = ev or EvalConfig()
     refuse_code_execution(list(specs), ev.allow_code_execution)
+    refuse_without_chat_template(list(specs), ev.apply_chat_template)
     launch = eval_launch(ev, model_dir, max_seq_len, on_ray=True)  # its rules are checked before Ray waits for GPUs
     specs = [TaskSpec(str(Path(s.name).resolve()), s.num_fewshot) if s.is_path else s for s in specs]
     remote = ray.remote(evaluate).options(num_gpus=launch.num_gpus, num_cpus=launch.num_cpus)
@@ -212,11 +217,12 @@ def check_chat_template(model_dir: str) -> None:
 def load_tasks(specs: list[TaskSpec], allow_code_execution: bool) -> tuple[TaskManager, list]:
     """lm-eval's task registry and the specs' top-level task and group objects, ready to run.
 
-    When every spec is one of raypack's offline tasks, the hub-offline variables are set
+    When every spec is one of raypack's offline tasks or a held-out question task
+    (raypack.eval.qa_task: local data, no includes), the hub-offline variables are set
     (they count only before the process first imports lm_eval) and lm-eval's built-in
     registry is not indexed.
     """
-    offline = all(s.is_offline for s in specs)
+    offline = all(s.is_offline or is_qa_task(s) for s in specs)
     if offline:
         for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)

@@ -1,6 +1,8 @@
 """What `raypack eval` and `raypack probe` score, and how: the checkpoints (eval.model_dir, or the models
 `raypack train` exported for train.arm or every arm), the validation split (eval.val_dir, or the config's
-own), lm-eval's tasks and the validation loss, or the context probe.
+own), lm-eval's tasks and the validation loss, or the context probe. With synthetic facts data (synth.task facts,
+no data.sources) `eval` also scores the held-out questions by exact match (raypack.eval.qa_task), a task written
+into <output_dir>/tasks/<name>.
 
     raypack eval jobs/quickstart.yaml [eval.preset=paper eval.tasks=[gsm8k:4] eval.limit=N eval.out=F]
     raypack probe jobs/quickstart.yaml train.arm=bfd-cross probe.num_samples=64 [probe.out=F.json]
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 from raypack.config import Config, ConfigError, setting_configs
+from raypack.eval.qa_task import heldout_task
 from raypack.eval.tasks import eval_tasks
 from raypack.tables import write_json
 
@@ -57,6 +60,8 @@ def evaluate_checkpoints(cfg: Config) -> dict:
     """`raypack eval`: every checkpoint's lm-eval scores and validation loss, printed and written to eval.out."""
     ev = cfg.eval
     specs, skipped = eval_tasks(ev)  # code tasks skipped or refused before Ray or lm-eval start
+    heldout = heldout_task(cfg, Path(cfg.output_dir) / "tasks" / cfg.name)  # facts data: its held-out questions
+    specs += [heldout] if heldout else []
     models = checkpoints(cfg)
     val = val_split(cfg)
     if not specs and not val:

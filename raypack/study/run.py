@@ -16,7 +16,9 @@
    (validation loss every train.eval_every_steps, about 10 points by default),
    export the model, score it with lm-eval (eval.*) as a Ray task (the
    preset's HumanEval skipped, and recorded as skipped, unless
-   eval.allow_code_execution), run the
+   eval.allow_code_execution; with synthetic facts data also the held-out
+   questions by exact match, a task written into <study>/tasks at the start,
+   raypack.eval.qa_task), run the
    context-reliance probe on the held-out split (probe.*,
    raypack.eval.probe), and write <study>/runs/<arm>/seed<k>/result.json;
 4. report.md, report.json and PNG plots in <study> (raypack.study.report).
@@ -37,6 +39,7 @@ from raypack.config import Config, setting_configs, to_dict
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.eval.harness import score_on_ray
+from raypack.eval.qa_task import heldout_task
 from raypack.eval.tasks import eval_tasks
 from raypack.ray_start import ensure_ray
 from raypack.study.report import describe_data, write_report
@@ -84,6 +87,8 @@ def run_study(cfg: Config) -> Path:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     # bad task names and refused code tasks fail before any training; the preset's code tasks are skipped
     specs, skipped = eval_tasks(cfg.eval)
+    heldout = heldout_task(cfg, out / "tasks")  # facts data: its held-out questions, one more benchmark column
+    specs += [heldout] if heldout else []
     ensure_ray()
     folders, plans, notes = {}, {}, []
     for variant in setting_configs(cfg):  # study.setting=both: the paper's arms reuse the tokenized cache
