@@ -315,12 +315,14 @@ def identity(synth_cfg: SynthConfig) -> dict:
 
 
 def describe(synth_cfg: SynthConfig) -> str:
-    """What the settings make, for a report line: 'opensource-1.2m x 2000', 'chain opensource-1.2m x 2000',
-    'facts: 500 entities x 4'."""
+    """What the settings make, for `raypack synth`, `raypack compare` and the study report's data line:
+    'opensource-1.2m x 2,000', 'chain text, opensource-1.2m x 2,000',
+    'facts: 500 entities x 4 conversations, answers from 32 x 32 value pairs'."""
     s = synth_cfg
     if s.task == "facts":
-        return f"facts: {s.num_entities} entities x {s.per_entity}"
-    return ("" if s.task == "words" else f"{s.task} ") + f"{s.preset} x {s.num_samples}"
+        return (f"facts: {s.num_entities:,} entities x {s.per_entity} conversations, answers from "
+                f"{s.num_values} x {s.num_values} value pairs")
+    return ("" if s.task == "words" else f"{s.task} text, ") + f"{s.preset} x {s.num_samples:,}"
 
 
 def name(synth_cfg: SynthConfig) -> str:

@@ -38,8 +38,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import fields
 from pathlib import Path
 
+from raypack.config import SynthConfig
+from raypack.data.synth import describe
 from raypack.stats import estimate, format_difference, welch
 
 MANIFEST_COUNTS = ("num_rows", "num_supervised_tokens", "overlength", "num_truncated", "num_split",
@@ -63,12 +66,9 @@ def describe_data(config: dict) -> str:
     data, synth = config["data"], config["synth"]
     if data["sources"]:
         return ", ".join(data["sources"])
-    task = synth.get("task", "words")  # a config.json written before synth.task existed is words
-    if task == "facts":
-        return (f"synthetic facts: {synth['num_entities']:,} entities x {synth['per_entity']} conversations, answers "
-                f"from {synth['num_values']} x {synth['num_values']} value pairs (seed {synth['seed']})")
-    what = "" if task == "words" else f"{task} text, "
-    return f"synthetic {what}{synth['preset']} x {synth['num_samples']:,} (seed {synth['seed']})"
+    # a config.json written before synth.task existed has no task fields: its data is words, SynthConfig's default
+    known = {f.name for f in fields(SynthConfig)}
+    return f"synthetic {describe(SynthConfig(**{k: v for k, v in synth.items() if k in known}))} (seed {synth['seed']})"
 
 
 def average_score(scores: dict, tasks: list[str]) -> float | None:
