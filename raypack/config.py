@@ -538,6 +538,9 @@ def arm_spec(arm: str, pack: PackConfig) -> ArmSpec:
     return ArmSpec(strategy, attention, grouping, single, overlength)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)) if typing.get_origin(tp) is None else str(tp)
 
@@ -562,6 +565,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
                         raise  # the right kind of value, a wrong item: say which
             raise ConfigError(f"{key}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
         (tp,) = options
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # 1e-2: PyYAML reads an exponent without a dot (YAML 1.1) as a string
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True

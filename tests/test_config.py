@@ -51,6 +51,18 @@ def test_dotted_overrides_are_typed():
     assert cfg.pack.arms == ["padding", "bfd-cross"] and cfg.data.strict is True and cfg.name == "x"
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-2 as a string; a float key takes it as the number a user means.
+    cfg = load_config(None, ["optim.lr=1e-2", "sweep.lr=[1e-3, 3.0e-3, 2E-2]"])
+    assert cfg.optim.lr == 0.01 and cfg.sweep.lr == [0.001, 0.003, 0.02]
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 5e-4\n")
+    assert load_config(tmp_path / "c.yaml").optim.lr == 0.0005
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float"):
+        load_config(None, ["optim.lr=1e-2x"])  # negative control: not a number
+    with pytest.raises(ConfigError, match=r"data\.max_seq_len: expected int"):
+        load_config(None, ["data.max_seq_len=1e3"])  # an int key stays an int key
+
+
 def test_unknown_key_names_it_and_lists_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["pack.windw=3"])
