@@ -51,7 +51,7 @@ def test_a_trial_is_the_base_config_plus_cli_overrides():
     ("sweep.arms=[bfd-cross]", "sweep.arms"),
     ("sweep.global_batch_size=[6]", "sweep.global_batch_size"),
     ("sweep.lr={loguniform: [1.0e-3, 1.0e-5], samples: 2}", "sweep.lr"),
-    ("sweep.lr=[1e-4]", "sweep.lr[0]"),  # YAML reads 1e-4 as a string: the message names the item
+    ("sweep.lr=[1.0e-4, fast]", "sweep.lr[1]"),  # not a number: the message names the item
     ("sweep.trial_cpus=0", "sweep.trial_cpus"),
 ])
 def test_bad_sweep_settings_name_the_key(override, key):
