@@ -203,7 +203,7 @@ def test_report_puts_the_study_beside_another_in_one_grid(finished_study, finish
     assert len(grid["rows"]) == len(real) + 1
     rows = {row["study"]: row for row in grid["rows"]}
     ours, paper = rows[cfg.name], rows["paper-8b-tulu"]
-    assert (ours["model"], ours["dataset"]) == ("tiny", "synthetic opensource-1.2m x 120 (seed 0)")
+    assert (ours["model"], ours["dataset"]) == ("tiny", "synthetic chain text, opensource-1.2m x 120 (seed 0)")
     assert ours["paper_delta"] is None
     assert paper["paper_delta"] == {"random": 0.94, "greedy": 1.59} and ours["hours_unit"] == "CPU worker-hours"
     for folder in real:  # steps and worker-hours from each real study's own metrics.jsonl
