@@ -316,9 +316,9 @@ def _engines_by_stage(rank: int, port: int, folder: str, out_path: str) -> None:
             loss_sum, num_tokens = optimizer_step(engine, optimizer, micro_batches, step_denominator(micro_batches,
                                                   "token"), 1e-2, "token", 1, impl)
             losses.append(loss_sum / num_tokens)
-        results[(stage, weight_decay) if impl == "full" or stage == 3 else (stage, weight_decay, impl)] = {"groups": decay_split(engine.module), "losses": losses,
-                                          "optimizer": type(optimizer).__name__,
-                                          "group_decay": [g["weight_decay"] for g in optimizer.param_groups]}
+        key = (stage, weight_decay) if impl == "full" or stage == 3 else (stage, weight_decay, impl)
+        results[key] = {"groups": decay_split(engine.module), "losses": losses, "optimizer": type(optimizer).__name__,
+                        "group_decay": [g["weight_decay"] for g in optimizer.param_groups]}
         if handle is not None:
             del handle
             unset_hf_deepspeed_config()

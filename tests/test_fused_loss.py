@@ -113,7 +113,7 @@ def test_an_off_by_one_chunk_boundary_is_caught(references):
 
 
 def test_chunks_cover_every_row_once():
-    for num_rows in range(0, 23):
+    for num_rows in range(23):
         for rows in (1, 4, 5, 64):
             covered = [i for start, end in loss_module.chunks(num_rows, rows) for i in range(start, end)]
             assert covered == list(range(num_rows))
@@ -163,7 +163,8 @@ def test_the_default_kernel_is_torchs_where_torch_has_it(monkeypatch):
 
 def _engines(rank: int, port: int, folder: str, out_path: str) -> None:
     """In a fresh process (one rank, gloo): per ZeRO stage and tied/untied, one engine built as the loop builds
-    it from the saved tiny model (ZeRO-3: partitioned at construction, each rank reading its slices) runs every reduction with the full loss and the fused one on both
+    it from the saved tiny model (ZeRO-3: partitioned at construction, each rank reading its slices) runs
+    every reduction with the full loss and the fused one on both
     kernels; gradients read with safe_get_full_grad, then a step at LR 0 clears them and leaves the weights."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -188,7 +189,7 @@ def _engines(rank: int, port: int, folder: str, out_path: str) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = 0.0
 
-            def grads():
+            def grads(engine=engine):
                 return {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
 
             for reduction in LOSS_REDUCTIONS:

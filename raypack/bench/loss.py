@@ -77,12 +77,13 @@ def bench_loss(vocab: int = LLAMA3_VOCAB, rows: int = 2, tokens: int = 2048, ste
 
 
 def format_loss_result(result: dict) -> str:
-    lines = [f"bench loss: 2-layer tiny Llama, vocabulary {result['vocab']:,}, {result['rows']} x {result['tokens']} "
-             f"tokens, fp32 CPU, {result['steps']} steps (fastest shown)",
+    lines = [(f"bench loss: 2-layer tiny Llama, vocabulary {result['vocab']:,}, {result['rows']} x "
+              f"{result['tokens']} tokens, fp32 CPU, {result['steps']} steps (fastest shown)"),
              f"{'impl':>6}  {'step_time_s':>11}  {'peak_rss_mb':>11}  {'rss_before_mb':>13}  first loss"]
     for impl in ("full", "fused"):
         r = result[impl]
-        lines.append(f"{impl:>6}  {r['step_time_s']:>11.2f}  {r['peak_rss_mb']:>11.0f}  {r['rss_mb_before_steps']:>13.0f}"
+        lines.append(f"{impl:>6}  {r['step_time_s']:>11.2f}  {r['peak_rss_mb']:>11.0f}  "
+                     f"{r['rss_mb_before_steps']:>13.0f}"
                      f"  {r['losses'][0]:.6f}")
     lines.append(f"peak RSS full / fused: {result['memory_ratio_full_over_fused']:.2f}x; step time fused / full: "
                  f"{result['time_ratio_fused_over_full']:.2f}x")

@@ -78,7 +78,6 @@ device, so a GPU's queue never waits on the host mid-step. What it needs to coun
 the host (tests/test_loss.py checks it with logits on the meta device).
 """
 
-import math
 from typing import NamedTuple
 
 import torch
