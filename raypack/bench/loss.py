@@ -1,6 +1,8 @@
 """What the loss costs at a real vocabulary: one training step, train.loss_impl full vs fused (`raypack bench loss`).
 
-    raypack bench loss [--vocab 128256] [--rows 2] [--tokens 2048] [--steps 3] [--json F]
+    raypack bench loss jobs/compare.yaml data.max_seq_len=2048 [--vocab 128256] [--steps 3] [--json F]
+
+(rows: train.micro_batch_size, tokens per row: data.max_seq_len.)
 
 Each impl runs in a fresh Python process of its own (so one's peak memory cannot hide
 the other's): a 2-layer tiny Llama (raypack.model.build_tiny_model: hidden 64) with
