@@ -158,6 +158,17 @@ def test_the_default_kernel_is_torchs_where_torch_has_it(monkeypatch):
         assert loss_module.default_linear_kernel() == "chunked"
 
 
+def test_the_fused_loss_imports_neither_ray_nor_deepspeed():
+    """Pure core: the loss and the output-layer hook need no DeepSpeed, at any ZeRO stage."""
+    import subprocess
+    import sys
+
+    code = ("import sys, raypack.train.loss, raypack.train.head, raypack.train.validate; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed', 'lm_eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------- DeepSpeed engines at ZeRO 0, 2 and 3
 
 
