@@ -186,6 +186,10 @@ class TrainConfig:
                                  "every sample weighs the same; paper: mean of micro-batch means, as the "
                                  "paper's code (over-weights tokens of short samples when padding)",
                                  ("token", "sample", "paper"))
+    loss_impl: str = _field("fused", "fused: the loss from the final hidden states and the output weight in "
+                            "chunks of tokens, never the full logits (much less memory at a large vocabulary; "
+                            "raypack.train.loss); full: the model's logits, then cross-entropy (the reference "
+                            "to compare with). Training and validation use the same", ("fused", "full"))
     precision: str = _field("auto", "auto: bf16 on GPU, fp32 on CPU; bf16 needs use_gpu",
                             ("auto", "bf16", "fp32"))
     gradient_clipping: float = _field(1.0, "max global gradient norm; 0 turns clipping off")

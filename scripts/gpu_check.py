@@ -52,6 +52,14 @@ isolation Per dtype (bf16 and fp32; the dry run fp32 only) and attention backend
           seconds includes flex_attention's compilation. A backend that cannot run
           is {"skipped": reason} (flash_attention_2 without flash_attn or in fp32,
           an error's message). peak_memory_mb: the largest allocation of the check.
+loss      The output layer and the loss alone (train.loss_impl full vs fused, issue 24): hidden
+          states [2, max_seq_len, hidden] and an output weight [128,256, hidden] (Llama-3's
+          vocabulary; the dry run: its own), every target supervised, one forward + backward
+          each: step_time_s (between synchronizes, the faster of 2 runs), peak_memory_mb =
+          max_memory_allocated above what was allocated before (null on CPU), loss (the mean
+          token loss), fused_over_full for both, and max_grad_difference (fused vs full,
+          hidden and weight gradients). kernel: torch's F.linear_cross_entropy or raypack's
+          chunked fallback (raypack.train.loss.default_linear_kernel: torch < 2.13 lacks it).
 forbidden_modules  ray/deepspeed/numba/pyarrow modules loaded by this run: [] here.
           (transformers 5.17 imports scikit-learn, hence pandas and pyarrow, when
           they are installed: a non-empty list there comes from that, not raypack.)
@@ -86,7 +94,8 @@ from raypack.data.synth import sample_lengths
 from raypack.data.tokenize import IGNORE_INDEX
 from raypack.model import TINY_PAD_ID, resolve_attn_implementation, tiny_llama_config
 from raypack.train.flops import mfu, peak_tflops, step_flops
-from raypack.train.loss import micro_batch_loss, step_denominator, token_losses
+from raypack.train.loss import (default_linear_kernel, fused_token_losses, micro_batch_loss, step_denominator,
+                                token_losses)
 
 # arm -> (strategy, attention) as a manifest says; raypack.data.collate.arm_collation turns them into the loop's
 # collate mode and layout (padfree: padding's micro-batches as one flat isolated row, no pads)
@@ -96,12 +105,14 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 FORBIDDEN = {"ray", "deepspeed", "numba", "pyarrow"}
 GPU = {"model": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                   "num_attention_heads": 32, "num_key_value_heads": 8},
-       "vocab_size": 32768, "max_seq_len": 4096, "num_samples": 3000, "warmup": 3, "steps": 10,
+       "vocab_size": 32768, "loss_vocab_size": 128_256, "max_seq_len": 4096, "num_samples": 3000, "warmup": 3,
+       "steps": 10,
        "dtypes": ("bf16", "fp32"), "tolerance": {"bf16": 0.05, "fp32": 1e-4},  # bf16: on the MEAN (docstring)
        "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2")}
 CPU = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 2},
-       "vocab_size": 4096, "max_seq_len": 256, "num_samples": 200, "warmup": 1, "steps": 2,
+       "vocab_size": 4096, "loss_vocab_size": 4096, "max_seq_len": 256, "num_samples": 200, "warmup": 1,
+       "steps": 2,
        "dtypes": ("fp32",), "tolerance": {"fp32": 1e-5},
        "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2")}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -282,6 +293,40 @@ def flash_attn_importable() -> bool:
     return True
 
 
+def loss_step(setup: dict, device: str, dtype: torch.dtype, seed: int) -> dict:
+    """The loss section (module docstring): full vs fused on the same hidden states and weight."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden_size, vocab = setup["model"]["hidden_size"], setup["loss_vocab_size"]
+    hidden = (torch.randn(2, setup["max_seq_len"], hidden_size, generator=generator) * 0.5).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * 0.02).to(device, dtype)
+    labels = torch.randint(0, vocab, (2, setup["max_seq_len"]), generator=generator)
+    out = {"tokens": int(labels.numel()), "vocab_size": vocab, "kernel": default_linear_kernel()}
+    grads = {}
+    for impl in ("full", "fused"):
+        times = []
+        for _ in range(2):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            synchronize(device)
+            reset_peak(device)
+            before = torch.cuda.memory_allocated() if device == "cuda" else 0
+            start = time.perf_counter()
+            losses = token_losses(h @ w.T, labels)[0] if impl == "full" else fused_token_losses(h, w, labels)
+            loss = losses.sum() / losses.numel()
+            loss.backward()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+            peak = peak_memory_mb(device)
+        grads[impl] = (h.grad.float(), w.grad.float())
+        out[impl] = {"step_time_s": min(times), "loss": float(loss),
+                     "peak_memory_mb": None if peak is None else peak - before / 2**20}
+        del h, w, losses, loss
+    out["max_grad_difference"] = max(float((a - b).abs().max()) for a, b in zip(grads["full"], grads["fused"]))
+    out["fused_over_full"] = {"step_time_s": out["fused"]["step_time_s"] / out["full"]["step_time_s"],
+                              "peak_memory_mb": None if device != "cuda" else
+                              out["fused"]["peak_memory_mb"] / out["full"]["peak_memory_mb"]}
+    return out
+
+
 def progress(message: str) -> None:
     print(f"gpu_check: {message}", file=sys.stderr, flush=True)
 
@@ -359,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     result["tokens_per_sec_vs_padding"] = {
         arm: arms[arm]["tokens_per_sec"] / arms["padding"]["tokens_per_sec"]
         for arm in ARMS if "tokens_per_sec" in arms[arm] and "tokens_per_sec" in arms["padding"]}
+    try:
+        result["loss"] = loss_step(setup, device, DTYPES[precision], args.seed)
+    except Exception as err:  # noqa: BLE001  (e.g. out of memory at full: keep the rest)
+        result["loss"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        reset_peak(device)
+    progress(f"loss: {result['loss']}")
+    save()
     isolation(setup, chosen, device, args.seed, result.setdefault("isolation", {}), save)
     result["forbidden_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
     result["seconds"] = time.perf_counter() - started

@@ -33,13 +33,23 @@ def report(tmp_path_factory):
 
 
 def test_every_section_and_arm(report):
-    for key in ("device", "date", "torch", "transformers", "model", "data", "isolation", "arms", "seconds"):
+    for key in ("device", "date", "torch", "transformers", "model", "data", "isolation", "arms", "loss", "seconds"):
         assert key in report
     assert report["dry_run"] is True and report["device"] == "cpu"
     for dtype in ("bf16", "fp32"):
         assert set(report["isolation"][dtype]) == set(BACKENDS)
     assert set(report["arms"]) == set(ARMS)
     assert all(3 <= len(lens) <= 8 for lens in report["isolation"]["seq_lens"])
+
+
+def test_loss_section_compares_full_and_fused(report):
+    """The loss step full vs fused on the same inputs: the same mean loss and gradients (fp32 on CPU); the
+    timing and the fused / full ratio are reported (memory: null on CPU)."""
+    loss = report["loss"]
+    assert loss["kernel"] in ("torch", "chunked") and loss["tokens"] == 2 * 256
+    assert abs(loss["fused"]["loss"] - loss["full"]["loss"]) < 1e-5 and loss["max_grad_difference"] < 1e-5
+    assert loss["full"]["step_time_s"] > 0 and loss["fused_over_full"]["step_time_s"] > 0
+    assert loss["full"]["peak_memory_mb"] is None
 
 
 def test_isolated_equals_alone_and_cross_differs(report):

@@ -42,7 +42,9 @@ Per step, on each rank:
     fetch and collate its gradient_accumulation micro-batches
     D = all_reduce_sum(step_denominator(micro_batches))       (raypack.train.loss)
     set the LR to lr_at(step, schedule_steps) on every param group  (raypack.train.plan)
-    for each micro-batch: forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False)
+    for each micro-batch: forward -> token losses (train.loss_impl: fused in the output layer, or from the
+                          logits; raypack.train.head) -> reduce_token_losses (raypack.train.loss)
+                          -> engine.backward(loss, scale_wrt_gas=False)
                           -> engine.step()   (DeepSpeed updates at the last one)
 
 Outputs under run_dir (rank 0 unless noted):
@@ -117,7 +119,8 @@ from raypack.tracking import Run, numeric
 from raypack.train.engine import (decay_split, full_state_dict, initialize, load_into_partitions,
                                   local_parameter_elements, partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
-from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+from raypack.train.head import model_token_losses
+from raypack.train.loss import all_reduce_sum, reduce_token_losses, segment_ids_from_seq_lens, step_denominator
 from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 from raypack.train.plan import RunPlan, lr_at, run_plan
 from raypack.train.restore import restored
@@ -187,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, plan.schedule_steps, cfg.optim)
         token_loss_sum, num_supervised = optimizer_step(engine, w.optimizer, micro_batches, denominator, lr,
-                                                        train.loss_reduction, world_size)
+                                                        train.loss_reduction, world_size, train.loss_impl)
 
         # Metrics: sums over ranks, then rates.
         real_tokens = sum(r["num_tokens"] for mb in picked for r in mb)
@@ -216,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
         }
         done = step + 1
         if val and plan.evaluates_at(done):
-            metrics["val_loss"] = _validation_loss(engine, val, w.pad_token_id)
+            metrics["val_loss"] = _validation_loss(engine, val, w.pad_token_id, train.loss_impl)
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
         progress.add(metrics)
 
@@ -343,9 +346,10 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
 
 
 def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: float, lr: float,
-                   loss_reduction: str, world_size: int) -> tuple[float, float]:
+                   loss_reduction: str, world_size: int, loss_impl: str = "fused") -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches: the LR set on every param group, then per micro-batch
-    forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False) -> engine.step() (DeepSpeed
+    forward to the token losses (`loss_impl`, raypack.train.head) -> reduce_token_losses ->
+    engine.backward(loss, scale_wrt_gas=False) -> engine.step() (DeepSpeed
     updates at the last one; raypack.train.engine states the contract). `denominator` is the step's loss
     denominator summed over ranks (raypack.train.loss.step_denominator). Returns the sum of the micro-batches'
     token losses and their number of supervised tokens (this rank's), the loss read from the device once. The
@@ -356,8 +360,8 @@ def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: fl
     token_loss_sum, num_supervised = torch.zeros((), device=engine.device), 0
     for batch in micro_batches:
         inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
-        logits = engine(**inputs, use_cache=False).logits
-        out = micro_batch_loss(logits, batch, loss_reduction, denominator, world_size)
+        losses, _ = model_token_losses(engine, engine.module, inputs, batch["labels"], loss_impl)
+        out = reduce_token_losses(losses, batch, loss_reduction, denominator, world_size)
         engine.backward(out.loss, scale_wrt_gas=False)
         engine.step()
         token_loss_sum += out.token_loss_sum  # stays on the device: read once per step, below
@@ -383,13 +387,14 @@ def _model_shape(model) -> dict:
             "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
 
 
-def _validation_loss(engine, val: tuple, pad_token_id: int) -> float:
-    """Per-token loss on the shared validation split, summed over ranks (raypack.train.validate)."""
+def _validation_loss(engine, val: tuple, pad_token_id: int, loss_impl: str) -> float:
+    """Per-token loss on the shared validation split, summed over ranks (raypack.train.validate), computed as
+    training computes it (`loss_impl`)."""
     rows, groups, num_forwards = val
 
-    def forward(batch: dict) -> torch.Tensor:
+    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "attention_mask")}
-        return engine(**inputs, use_cache=False).logits
+        return model_token_losses(engine, engine.module, inputs, batch["labels"], loss_impl)
 
     engine.eval()
     loss_sum, num_tokens = validation_sums(forward, rows, groups, num_forwards, pad_token_id)

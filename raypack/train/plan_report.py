@@ -235,8 +235,9 @@ def _plan_figures(arm, use_gpu: bool, limits) -> dict:
 
 PLAN_NOTES = [
     "layers: what the decoder layers keep for backward (checkpointing: their inputs + one recomputed);",
-    "loss: final norm, logits, fp32 log-softmax and its gradients; host/node: the workers' rows + offloaded",
-    "states (or the model while it loads at ZeRO 0-2). Not counted: CUDA context, communication buffers,",
+    "loss: final norm, then train.loss_impl=fused: hidden states and chunks of logits; full: the logits, fp32",
+    "log-softmax and their gradients; host/node: the workers' rows + offloaded states (or the model while it",
+    "loads at ZeRO 0-2). Not counted: CUDA context, communication buffers,",
     "fragmentation (the headroom). Formulas and assumptions: raypack/train/memory.py.",
 ]
 
