@@ -243,10 +243,13 @@ class ModelConfig:
 
     name_or_path: str = _field("tiny", "'tiny' (random-init 2-layer Llama for the tiny tokenizer), or a local "
                                "path / hub id for AutoModelForCausalLM")
-    attn_implementation: str = _field("auto", "auto: flash_attention_2 when flash_attn is importable and "
-                                      "training runs on GPU in bf16, else sdpa; every choice isolates the "
-                                      "samples of isolated arms (their micro-batches are flattened)",
-                                      ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2"))
+    attn_implementation: str = _field("auto", "auto: on GPU, isolated and padfree arms get flash_attention_2 "
+                                      "if flash_attn imports, else raypack_varlen (torch's varlen_attn) in bf16, "
+                                      "else flex_attention; padding and cross arms sdpa; on CPU sdpa "
+                                      "(raypack.model.select_attn_implementation, docs/models.md); every choice "
+                                      "isolates the samples of isolated arms",
+                                      ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                       "raypack_varlen"))
     trust_remote_code: bool = _field(False, "allow model code from the hub (only for models that need it)")
 
 
@@ -816,9 +819,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"study.reference: {cfg.study.reference!r} is not an arm of this study: {arms} "
                           f"(pack.arms under study.setting={cfg.study.setting}); give one of them, or '' for the "
                           "padding arm")
-    if cfg.model.attn_implementation == "flash_attention_2" and (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
-        raise ConfigError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true and bf16 "
-                          "(flash-attn has no fp32 kernels); use sdpa, or train.precision=auto/bf16 on GPU")
+    if cfg.model.attn_implementation in ("flash_attention_2", "raypack_varlen") and \
+            (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs train.use_gpu=true and "
+                          "bf16 (its flash kernel runs on CUDA only and has no fp32 kernels); use sdpa or auto, or "
+                          "train.precision=auto/bf16 on GPU")
     if cfg.model.name_or_path == "tiny" and cfg.data.tokenizer != "tiny":
         raise ConfigError("model.name_or_path=tiny needs data.tokenizer=tiny (its vocabulary is sized for it)")
     validate_eval(cfg.eval)

@@ -27,7 +27,7 @@ h heads, k key/value heads, d head dim):
                 heads (2 n H e instead) and the mask as floats, rows x row_len^2 x e
                 eager: key and value repeated, the probabilities rows x h x row_len^2 x (4 + e)
                 (fp32 softmax and its 16-bit copy; 4 in fp32), no log-sum-exp
-                flash_attention_2, flex_attention: no mask and no row_len^2 term
+                flash_attention_2, raypack_varlen, flex_attention: no mask and no row_len^2 term
     MLP         4 n I e            gate, SiLU(gate), up and their product
     With train.gradient_checkpointing a layer keeps only its input, n H e, and one
     layer at a time is recomputed in the backward pass (counted once more in full).
@@ -92,7 +92,7 @@ from raypack.train.engine import resolve_precision
 from raypack.train.loss import chunk_rows
 
 GIB = 2**30
-ATTENTION_KINDS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTENTION_KINDS = ("sdpa", "eager", "flash_attention_2", "flex_attention", "raypack_varlen")
 MODES = ("padding", "cross", "isolated", "padfree")
 
 
@@ -175,14 +175,14 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShap
     return shape_from_config(config)
 
 
-def resolve_attention(name: str, use_gpu: bool, precision: str) -> str:
-    """model.attn_implementation as the loop resolves it (raypack.model), judged on THIS machine: auto is
-    flash_attention_2 only where flash_attn imports, so a head node without it plans for sdpa (more memory)."""
+def resolve_attention(name: str, use_gpu: bool, precision: str, attention: str | None = "isolated") -> str:
+    """model.attn_implementation as the loop resolves it for an arm of `attention` (a manifest's: "isolated",
+    "cross" or None; raypack.model.resolve_attn_implementation), judged on THIS machine: auto picks
+    flash_attention_2 only where flash_attn imports, so a head node without it plans for raypack_varlen or
+    flex_attention (the same memory: no mask) when its torch has varlen_attn or not."""
     from raypack.model import resolve_attn_implementation
 
-    if name == "auto" and precision == "fp32":
-        return "sdpa"  # flash-attn has no fp32 kernels
-    return resolve_attn_implementation(name, "cuda" if use_gpu else "cpu")
+    return resolve_attn_implementation(name, "cuda" if use_gpu else "cpu", precision, attention)
 
 
 @dataclass(frozen=True)
@@ -365,17 +365,30 @@ def arm_mode(arm: str, pack: PackConfig) -> str:
     return spec.strategy if spec.strategy in UNPACKED_ARMS else spec.attention
 
 
-def precision_and_attention(train: TrainConfig, model: ModelConfig) -> tuple[str, str]:
-    """The training precision and attention implementation the job's workers will use (resolved here)."""
-    precision = resolve_precision(train.precision, "cuda" if train.use_gpu else "cpu")
-    return precision, resolve_attention(model.attn_implementation, train.use_gpu, precision)
+def arm_attentions(cfg: Config, precision: str) -> dict[str, str]:
+    """{arm: the attention implementation its workers will use} (auto is resolved per arm, here)."""
+    return {arm: resolve_attention(cfg.model.attn_implementation, cfg.train.use_gpu, precision,
+                                   arm_spec(arm, cfg.pack).attention) for arm in cfg.pack.arms}
+
+
+def precision_and_attention(cfg: Config) -> tuple[str, str]:
+    """The training precision and the attention implementation(s) the job's workers will use (resolved here):
+    one name, or "<name> for <arms>; ..." when auto picks differently per arm."""
+    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    by_name: dict[str, list[str]] = {}
+    for arm, attention in arm_attentions(cfg, precision).items():
+        by_name.setdefault(attention, []).append(arm)
+    if len(by_name) == 1:
+        return precision, next(iter(by_name))
+    return precision, "; ".join(f"{name} for {', '.join(arms)}" for name, arms in by_name.items())
 
 
 def estimate_job(cfg: Config, shape: ModelShape, num_tokens: dict[str, int] | None = None) -> dict[str, ArmMemory]:
     """Every arm of cfg.pack.arms: {arm: ArmMemory}; num_tokens gives prepared arms' real tokens (host rows)."""
-    precision, attention = precision_and_attention(cfg.train, cfg.model)
-    return {arm: estimate_arm(shape, arm_mode(arm, cfg.pack), cfg.train, cfg.data.max_seq_len, precision, attention,
-                              (num_tokens or {}).get(arm, 0))
+    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    attentions = arm_attentions(cfg, precision)
+    return {arm: estimate_arm(shape, arm_mode(arm, cfg.pack), cfg.train, cfg.data.max_seq_len, precision,
+                              attentions[arm], (num_tokens or {}).get(arm, 0))
             for arm in cfg.pack.arms}
 
 

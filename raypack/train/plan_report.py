@@ -186,7 +186,7 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
     counts = {arm: arm_counts(cfg.train, cfg.optim, str(folders[arm]), shape) for arm in cfg.pack.arms
               if arm in folders and (folders[arm] / "manifest.json").exists()}
     arms = memory.estimate_job(cfg, shape, {arm: c["num_tokens"] for arm, c in counts.items()})
-    precision, attention = memory.precision_and_attention(cfg.train, cfg.model)
+    precision, attention = memory.precision_and_attention(cfg)
     limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
     lines = _plan_header(cfg, shape, precision, attention, limits)
     lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]

@@ -37,19 +37,20 @@ def validation_groups(rows: RowStore, micro_batch_size: int, rank: int,
 
 @torch.no_grad()
 def validation_sums(losses_of, rows: RowStore, groups: list[np.ndarray], num_forwards: int,
-                    pad_token_id: int) -> tuple[float, int]:
+                    pad_token_id: int, boundaries: bool = False) -> tuple[float, int]:
     """(sum of token losses, number of supervised tokens) over this rank's groups of rows.
 
     `losses_of(batch) -> ([B, T-1] token losses, mask)`, as raypack.train.head.model_token_losses
     gives them (the loop: train.loss_impl, the same as training). A rank with fewer groups repeats its first with
     zero weight, so every rank calls forward num_forwards times (a rank with no
     group at all can only occur when the split has fewer micro-batches than
-    ranks; it then repeats row 0).
+    ranks; it then repeats row 0). `boundaries`: the batches carry the sample boundaries an attention such
+    as raypack_varlen needs (raypack.data.collate.takes_boundaries).
     """
     loss_sum, num_tokens = 0.0, 0
     for i in range(num_forwards):
         idx = groups[i] if i < len(groups) else (groups[0] if groups else np.zeros(1, dtype=np.int64))
-        batch = collate(rows.take(idx), "padding", pad_token_id)
+        batch = collate(rows.take(idx), "padding", pad_token_id, boundaries=boundaries)
         losses, mask = losses_of(batch)
         if i < len(groups):
             loss_sum += float(losses[mask].sum())
