@@ -2,9 +2,11 @@
 
     .venv/bin/python -m pytest -q tests/test_gpu_check.py
 
-The dry run must show isolation (packed == alone within fp32 tolerance on sdpa
-and eager) with a negative control (`cross` differs), report every arm, and
-import no ray/deepspeed/numba/pyarrow module: the accelerator machine has none.
+The dry run must show isolation (packed == alone within fp32 tolerance on sdpa,
+eager and raypack_varlen, the last with the reference kernel injected) with a
+negative control (`cross` differs), report every arm (the isolated ones on
+raypack_varlen), and import no ray/deepspeed/numba/pyarrow module: the
+accelerator machine has none.
 """
 
 import importlib.util
@@ -17,8 +19,8 @@ import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-ARMS = ("padding", "padfree", "bfd-isolated", "bfd-cross")
-BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+ARMS = ("padding", "padfree", "bfd-isolated", "bfd-cross", "bfd-isolated/sdpa")
+BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "raypack_varlen")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,10 @@ def test_loss_section_compares_full_and_fused(report):
 
 
 def test_isolated_equals_alone_and_cross_differs(report):
+    assert report["varlen_kernel"] == "reference (injected)"
+    varlen = report["isolation"]["fp32"]["raypack_varlen"]  # one flat row with boundaries; alone on sdpa
+    assert varlen["isolated_max_abs_diff"] < 1e-5 and varlen["cross_max_abs_diff"] > 1e-3, varlen
+    assert varlen["ok"] is True and "isolated_flat_max_abs_diff" not in varlen
     for backend in ("sdpa", "eager"):
         check = report["isolation"]["fp32"][backend]
         assert check["isolated_max_abs_diff"] < 1e-5, check
@@ -69,12 +75,15 @@ def test_arms_report_speed_and_padding(report):
     for arm in ARMS:
         assert arms[arm]["tokens_per_sec"] > 0
         assert arms[arm]["row_tokens_per_sec"] >= arms[arm]["tokens_per_sec"]
-        assert arms[arm]["attn_implementation"] == "sdpa"
+        assert arms[arm]["attn_implementation"] == ("raypack_varlen" if arm in ("padfree", "bfd-isolated") else "sdpa")
+        assert arms[arm]["auto_attn_implementation"] == "sdpa"  # auto on CPU
         assert arms[arm]["mfu"] is None  # no peak known for a CPU
-    assert arms["padding"]["padding_fraction"] > max(arms["bfd-isolated"]["padding_fraction"],
+    assert arms["padding"]["padding_fraction"] > max(arms["bfd-isolated/sdpa"]["padding_fraction"],
                                                      arms["bfd-cross"]["padding_fraction"])
-    # sdpa gets isolated [B, T] rows, as in the loop (flash_attention_2 would get one padding-free row).
-    assert arms["bfd-isolated"]["padding_fraction"] == pytest.approx(arms["bfd-cross"]["padding_fraction"])
+    # sdpa gets isolated [B, T] rows, as in the loop; raypack_varlen one padding-free row.
+    assert arms["bfd-isolated/sdpa"]["padding_fraction"] == pytest.approx(arms["bfd-cross"]["padding_fraction"])
+    assert arms["bfd-isolated"]["padding_fraction"] == 0.0
+    assert report["tokens_per_sec_vs_cross"]["bfd-cross"] == 1.0 and "bfd-isolated" in report["tokens_per_sec_vs_cross"]
     # padfree: padding's samples as one flat row, so every token computed is real (and as many as padding's).
     assert arms["padfree"]["padding_fraction"] == 0.0
     assert arms["padfree"]["tokens_per_sec"] * arms["padfree"]["step_time_s"] == \
