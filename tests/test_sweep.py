@@ -61,7 +61,7 @@ def test_bad_sweep_settings_name_the_key(override, key):
 
 def test_sweep_presets_load():
     quick, big = load_config("jobs/sweep-quick.yaml"), load_config("jobs/sweep-8b.yaml")
-    assert len(quick.sweep.arms) * len(quick.sweep.lr) * len(quick.sweep.global_batch_size) == 12
+    assert len(quick.sweep.arms) * len(quick.sweep.lr) * len(quick.sweep.global_batch_size) == 2 * 4 * 2
     assert big.model.name_or_path == "meta-llama/Meta-Llama-3-8B" and big.train.use_gpu
 
 
