@@ -24,6 +24,7 @@ the command reads, with the help text they are declared with.
     raypack bench pipeline jobs/compare.yaml synth.num_samples=100000 pack.window=100000 --json out/bench_pipeline.json
     raypack bench pipeline jobs/compare.yaml synth.num_samples=20000 pack.window=2000 --skip-bare --pack-workers 1,2
     raypack bench train jobs/quickstart.yaml [key=value ...] [--json F]   # padding vs bfd-isolated, one epoch
+    raypack bench loss jobs/compare.yaml data.max_seq_len=2048 [--vocab 128256] [--json F]   # full vs fused loss
     raypack bench loader jobs/compare.yaml --sizes 2000,20000,190000 --json out/bench_loader.json
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
     raypack config --fields                                 # every config key, documented
@@ -251,6 +252,14 @@ def cmd_bench_train(cfg: Config, args: argparse.Namespace) -> int:
     return _report(format_train_result(result), result, args.json)
 
 
+def cmd_bench_loss(cfg: Config, args: argparse.Namespace) -> int:
+    from raypack.bench.loss import bench_loss, format_loss_result
+
+    result = bench_loss(vocab=args.vocab, rows=cfg.train.micro_batch_size, tokens=cfg.data.max_seq_len,
+                        steps=args.steps)
+    return _report(format_loss_result(result), result, args.json)
+
+
 def cmd_bench_loader(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.loader import bench_loader, format_loader_result
 
@@ -362,6 +371,13 @@ COMMANDS = (
                         "(prepare.pack_workers)"), JSON)),
     Command("bench train", cmd_bench_train, "one epoch of padding vs bfd-isolated on the same samples (tiny "
             "model)", flags=(work_dir("runs (a fresh name each time)"), JSON)),
+    Command("bench loss", cmd_bench_loss, "one training step of a 2-layer model at a real vocabulary, "
+            "train.loss_impl full vs fused, each in its own process: step time and peak RSS (a micro-batch of "
+            "train.micro_batch_size rows of data.max_seq_len tokens)",
+            reads=("train.micro_batch_size", "data.max_seq_len"),
+            flags=(flag("--vocab", type=int, default=128_256, help="vocabulary size (Llama-3's by default)"),
+                   flag("--steps", type=int, default=3, help="optimizer steps per impl; the fastest is shown"),
+                   JSON)),
     Command("bench loader", cmd_bench_loader, "what the training loop's row fetch costs (time per micro-batch, "
             "worker PSS/RSS) as the split grows, on synthetic packed rows: train.num_workers processes read "
             "micro-batches of train.micro_batch_size rows at once",

@@ -186,6 +186,10 @@ class TrainConfig:
                                  "every sample weighs the same; paper: mean of micro-batch means, as the "
                                  "paper's code (over-weights tokens of short samples when padding)",
                                  ("token", "sample", "paper"))
+    loss_impl: str = _field("fused", "fused: the loss from the final hidden states and the output weight in "
+                            "chunks of tokens, never the full logits (much less memory at a large vocabulary; "
+                            "raypack.train.loss); full: the model's logits, then cross-entropy (the reference "
+                            "to compare with). Training and validation use the same", ("fused", "full"))
     precision: str = _field("auto", "auto: bf16 on GPU, fp32 on CPU; bf16 needs use_gpu",
                             ("auto", "bf16", "fp32"))
     gradient_clipping: float = _field(1.0, "max global gradient norm; 0 turns clipping off")
@@ -239,10 +243,13 @@ class ModelConfig:
 
     name_or_path: str = _field("tiny", "'tiny' (random-init 2-layer Llama for the tiny tokenizer), or a local "
                                "path / hub id for AutoModelForCausalLM")
-    attn_implementation: str = _field("auto", "auto: flash_attention_2 when flash_attn is importable and "
-                                      "training runs on GPU in bf16, else sdpa; every choice isolates the "
-                                      "samples of isolated arms (their micro-batches are flattened)",
-                                      ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2"))
+    attn_implementation: str = _field("auto", "auto: on GPU, isolated and padfree arms get flash_attention_2 "
+                                      "if flash_attn imports, else raypack_varlen (torch's varlen_attn) in bf16, "
+                                      "else flex_attention; padding and cross arms sdpa; on CPU sdpa "
+                                      "(raypack.model.select_attn_implementation, docs/models.md); every choice "
+                                      "isolates the samples of isolated arms",
+                                      ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                       "raypack_varlen"))
     trust_remote_code: bool = _field(False, "allow model code from the hub (only for models that need it)")
 
 
@@ -812,9 +819,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"study.reference: {cfg.study.reference!r} is not an arm of this study: {arms} "
                           f"(pack.arms under study.setting={cfg.study.setting}); give one of them, or '' for the "
                           "padding arm")
-    if cfg.model.attn_implementation == "flash_attention_2" and (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
-        raise ConfigError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true and bf16 "
-                          "(flash-attn has no fp32 kernels); use sdpa, or train.precision=auto/bf16 on GPU")
+    if cfg.model.attn_implementation in ("flash_attention_2", "raypack_varlen") and \
+            (not cfg.train.use_gpu or cfg.train.precision == "fp32"):
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs train.use_gpu=true and "
+                          "bf16 (its flash kernel runs on CUDA only and has no fp32 kernels); use sdpa or auto, or "
+                          "train.precision=auto/bf16 on GPU")
     if cfg.model.name_or_path == "tiny" and cfg.data.tokenizer != "tiny":
         raise ConfigError("model.name_or_path=tiny needs data.tokenizer=tiny (its vocabulary is sized for it)")
     validate_eval(cfg.eval)

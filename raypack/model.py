@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM
 
 TINY = "tiny"
+VARLEN = "raypack_varlen"  # raypack.attention.VARLEN (that module imports torch; this one does not at import)
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 
 # The tiny tokenizer's fixed ids (special tokens are trained first, in this order).
@@ -140,6 +141,7 @@ def build_tiny_model(
     if vocab_size is None:
         vocab_size = len(load_tokenizer(TINY))
     config = tiny_llama_config(vocab_size, **overrides)
+    register_attention(attn_implementation)
     config._attn_implementation = attn_implementation
     import torch
     from transformers import AutoModelForCausalLM
@@ -149,28 +151,70 @@ def build_tiny_model(
         return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
 
 
-def resolve_attn_implementation(name: str, device: str, precision: str = "bf16") -> str:
-    """'auto' -> flash_attention_2 when flash_attn imports and training runs on cuda in bf16, else sdpa.
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "raypack_varlen")
 
-    flash-attn has no fp32 kernels, so fp32 never selects it (and an explicit
-    flash_attention_2 with fp32 is refused by the config's validation).
+
+def select_attn_implementation(name: str, attention: str | None, device: str, precision: str,
+                               flash_importable: bool, varlen_available: bool) -> str:
+    """The selection table of model.attn_implementation=auto (pure); any other name is kept.
+
+    `attention`: the arm's (a prepared manifest's): "isolated" for isolated and padfree
+    arms, "cross" or None (padding) for the others. On CUDA in bf16, isolated arms get
+    flash_attention_2 if flash_attn imports, else raypack_varlen (raypack.attention) if
+    this torch has varlen_attn, else flex_attention: each isolates samples without a
+    dense mask. In fp32 (neither flash kernel has fp32) flex_attention. Padding and cross
+    arms get sdpa (causal rows; a padded micro-batch's mask). On CPU: sdpa, as always.
+
+    >>> select_attn_implementation("auto", "isolated", "cuda", "bf16", False, True)
+    'raypack_varlen'
+    >>> select_attn_implementation("auto", "cross", "cuda", "bf16", True, True)
+    'sdpa'
     """
     if name != "auto":
         return name
-    if device == "cuda" and precision == "bf16":
-        try:
-            import flash_attn  # noqa: F401  (optional; only GPU images have it)
-        except ImportError:
-            return "sdpa"
+    if device != "cuda" or attention != "isolated":
+        return "sdpa"
+    if precision == "bf16" and flash_importable:
         return "flash_attention_2"
-    return "sdpa"
+    if precision == "bf16" and varlen_available:
+        return VARLEN
+    return "flex_attention"
+
+
+def register_attention(attn_implementation: str) -> None:
+    """Make raypack's own attention implementation known to transformers before a model is built with it
+    (raypack.attention.register_varlen_attention); other names are transformers' own."""
+    if attn_implementation == VARLEN:
+        from raypack.attention import register_varlen_attention
+
+        register_varlen_attention()
+
+
+def flash_attn_importable() -> bool:
+    """Whether the flash-attn package imports (only some GPU images have it)."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attn_implementation(name: str, device: str, precision: str, attention: str | None) -> str:
+    """model.attn_implementation for an arm of `attention` (a manifest's: "isolated", "cross" or None) on THIS
+    machine: select_attn_implementation with what imports here."""
+    if name != "auto" or device != "cuda":
+        return select_attn_implementation(name, attention, device, precision, False, False)
+    from raypack.attention import varlen_available
+
+    return select_attn_implementation(name, attention, device, precision, flash_attn_importable(), varlen_available())
 
 
 def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_remote_code: bool = False,
                 dtype: torch.dtype | None = None, load_weights: bool = True) -> torch.nn.Module:
     """The model to fine-tune: the tiny preset (random init from `seed`) or AutoModelForCausalLM weights.
 
-    `attn_implementation` must already be resolved (see resolve_attn_implementation);
+    `attn_implementation` must already be resolved (see resolve_attn_implementation; raypack_varlen is
+    registered with transformers here, raypack.attention);
     `dtype` (the training precision; default float32) is the dtype the weights are
     loaded in, so a bf16 run never holds an fp32 copy. Under ZeRO-3 call it while
     the DeepSpeed config is registered with transformers
@@ -184,6 +228,7 @@ def build_model(name_or_path: str, attn_implementation: str, seed: int, trust_re
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
+    register_attention(attn_implementation)
     if name_or_path == TINY:
         return build_tiny_model(seed, attn_implementation, dtype=dtype)
     if not load_weights:

@@ -19,9 +19,14 @@ data      The SAME synthetic samples feed every arm: the lengths of the paper's 
           best-fit-decreasing over the lengths (capacity max_seq_len), shuffled, laid
           out as raypack's packer writes them ("input_ids", "labels", "position_ids"
           restarting per sample, "seq_lens"); padding rows hold one sample each.
-arms      padding / padfree / bfd-isolated / bfd-cross (collate modes padding /
-          isolated as ONE flat row of padding's 2 samples, no pads / isolated / cross),
-          each on a fresh model (same seed) with plain torch AdamW; one micro-batch of
+arms      padding / padfree / bfd-isolated / bfd-cross / bfd-isolated/sdpa (collate
+          modes padding / isolated as ONE flat row of padding's 2 samples, no pads /
+          isolated / cross / isolated), attention (attn_implementation): sdpa for
+          padding and bfd-cross, raypack_varlen (raypack.attention: torch's varlen_attn,
+          the sample boundaries computed on the host) for padfree and bfd-isolated, and
+          bfd-isolated/sdpa the same rows on sdpa's block mask (the figure before
+          issue 24); auto_attn_implementation: what model.attn_implementation=auto would
+          pick for the arm on this machine. Each on a fresh model (same seed) with plain torch AdamW; one micro-batch of
           2 rows per optimizer step (padding and padfree: 2 consecutive samples),
           `warmup` untimed steps, then the `steps` timed batches once untimed (so every
           shape is seen once: padding's change every step; first_pass_step_time_s is
@@ -29,12 +34,15 @@ arms      padding / padfree / bfd-isolated / bfd-cross (collate modes padding /
           (collation outside). tokens_per_sec counts real tokens,
           row_tokens_per_sec everything the model computed (pads included),
           padding_fraction = 1 - real / row tokens (bfd-isolated: 0 as one flat row under
-          flash_attention_2, [B, T] rows as the loop gives them under sdpa),
+          raypack_varlen; bfd-isolated/sdpa: [B, T] rows as the loop gives them to sdpa),
           mfu = raypack.train.flops.step_flops / (time x peak_tflops of the device; null
           when unknown, e.g. CPU), peak_memory_mb = torch.cuda.max_memory_allocated
           after a reset per arm (weights, grads, AdamW state, activations),
-          attn_implementation = flash_attention_2 when flash_attn imports, else sdpa.
-          tokens_per_sec_vs_padding: each arm's tokens_per_sec over padding's.
+          tokens_per_sec_vs_padding / _vs_cross: each arm's tokens_per_sec over padding's /
+          bfd-cross's (issue 24's target: bfd-isolated >= 0.95x bfd-cross).
+          The dry run runs raypack_varlen with the reference kernel injected
+          (raypack.attention.reference_varlen_attn, per-sample sdpa; varlen_kernel says
+          which): the same code path, not torch's kernel (CUDA only).
 isolation Per dtype (bf16 and fp32; the dry run fp32 only) and attention backend,
           on the arms' model: a micro-batch of 2 packed rows (3-8 samples each, their
           lengths in seq_lens) runs as `isolated` and as `cross`, and every sample
@@ -49,9 +57,21 @@ isolation Per dtype (bf16 and fp32; the dry run fp32 only) and attention backend
           bf16 step is 0.0625, and a kernel that reduces in another order moves some
           of ~10^4 tokens by a step or more; on the H200 (2026-11-30) eager, sdpa and
           flex alike gave max 0.07-0.09 and mean 0.015 against a cross max of 5.
-          seconds includes flex_attention's compilation. A backend that cannot run
+          raypack_varlen: the micro-batch carries the host-side boundaries (cross rows: one
+          segment per row, i.e. without the samples' boundaries: the control), and each
+          sample alone runs on sdpa (the per-sample reference, not the kernel checked);
+          its fp32 row on a GPU is skipped with varlen_attn's error where its flash kernel
+          has no fp32. seconds includes flex_attention's compilation. A backend that cannot run
           is {"skipped": reason} (flash_attention_2 without flash_attn or in fp32,
-          an error's message). peak_memory_mb: the largest allocation of the check.
+          raypack_varlen without varlen_attn, an error's message). peak_memory_mb: the largest allocation of the check.
+loss      The output layer and the loss alone (train.loss_impl full vs fused, issue 24): hidden
+          states [2, max_seq_len, hidden] and an output weight [128,256, hidden] (Llama-3's
+          vocabulary; the dry run: its own), every target supervised, one forward + backward
+          each: step_time_s (between synchronizes, the faster of 2 runs), peak_memory_mb =
+          max_memory_allocated above what was allocated before (null on CPU), loss (the mean
+          token loss), fused_over_full for both, and max_grad_difference (fused vs full,
+          hidden and weight gradients). kernel: torch's F.linear_cross_entropy or raypack's
+          chunked fallback (raypack.train.loss.default_linear_kernel: torch < 2.13 lacks it).
 forbidden_modules  ray/deepspeed/numba/pyarrow modules loaded by this run: [] here.
           (transformers 5.17 imports scikit-learn, hence pandas and pyarrow, when
           they are installed: a non-empty list there comes from that, not raypack.)
@@ -81,29 +101,35 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain copy of the repository
 
-from raypack.data.collate import arm_collation, collate, flatten_isolated
+from raypack.attention import (VARLEN, reference_varlen_attn, register_varlen_attention, use_varlen_kernel,
+                               varlen_available)
+from raypack.data.collate import arm_collation, collate, flatten_isolated, model_inputs, takes_boundaries
 from raypack.data.synth import sample_lengths
 from raypack.data.tokenize import IGNORE_INDEX
-from raypack.model import TINY_PAD_ID, resolve_attn_implementation, tiny_llama_config
+from raypack.model import TINY_PAD_ID, flash_attn_importable, resolve_attn_implementation, tiny_llama_config
 from raypack.train.flops import mfu, peak_tflops, step_flops
-from raypack.train.loss import micro_batch_loss, step_denominator, token_losses
+from raypack.train.loss import (default_linear_kernel, fused_token_losses, micro_batch_loss, step_denominator,
+                                token_losses)
 
-# arm -> (strategy, attention) as a manifest says; raypack.data.collate.arm_collation turns them into the loop's
-# collate mode and layout (padfree: padding's micro-batches as one flat isolated row, no pads)
-ARMS = {"padding": ("padding", None), "padfree": ("padfree", "isolated"), "bfd-isolated": ("bfd", "isolated"),
-        "bfd-cross": ("bfd", "cross")}
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# arm -> (strategy, attention as a manifest says, attention implementation); raypack.data.collate.arm_collation
+# turns the first two into the loop's collate mode and layout (padfree: padding's micro-batches as one flat isolated
+# row, no pads). The isolated arms run on raypack_varlen, bfd-isolated/sdpa is the same arm on sdpa's block mask.
+ARMS = {"padding": ("padding", None, "sdpa"), "padfree": ("padfree", "isolated", VARLEN),
+        "bfd-isolated": ("bfd", "isolated", VARLEN), "bfd-cross": ("bfd", "cross", "sdpa"),
+        "bfd-isolated/sdpa": ("bfd", "isolated", "sdpa")}
 FORBIDDEN = {"ray", "deepspeed", "numba", "pyarrow"}
 GPU = {"model": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                   "num_attention_heads": 32, "num_key_value_heads": 8},
-       "vocab_size": 32768, "max_seq_len": 4096, "num_samples": 3000, "warmup": 3, "steps": 10,
+       "vocab_size": 32768, "loss_vocab_size": 128_256, "max_seq_len": 4096, "num_samples": 3000, "warmup": 3,
+       "steps": 10,
        "dtypes": ("bf16", "fp32"), "tolerance": {"bf16": 0.05, "fp32": 1e-4},  # bf16: on the MEAN (docstring)
-       "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2")}
+       "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2", VARLEN)}
 CPU = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 2},
-       "vocab_size": 4096, "max_seq_len": 256, "num_samples": 200, "warmup": 1, "steps": 2,
+       "vocab_size": 4096, "loss_vocab_size": 4096, "max_seq_len": 256, "num_samples": 200, "warmup": 1,
+       "steps": 2,
        "dtypes": ("fp32",), "tolerance": {"fp32": 1e-5},
-       "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2")}
+       "backends": ("sdpa", "eager", "flex_attention", "flash_attention_2", VARLEN)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -153,32 +179,37 @@ def build_model(setup: dict, attn: str, dtype: torch.dtype, device: str, seed: i
 
 
 def forward_losses(model, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-    logits = model(**inputs, use_cache=False).logits
+    logits = model(**model_inputs(batch, device), use_cache=False).logits
     losses, mask = token_losses(logits, batch["labels"])
     return losses.cpu().double(), mask.cpu()
 
 
-def sample_diffs(model, rows: list[dict], device: str, flatten: bool) -> dict:
+def sample_diffs(model, rows: list[dict], device: str, flatten: bool, boundaries: bool = False) -> dict:
     """Max and mean |token loss packed - token loss alone| over the samples of `rows`, per collate mode
-    (isolated rows flat or [B, T] as raypack's loop gives them to this attention: `flatten`)."""
+    (isolated rows flat or [B, T] as raypack's loop gives them to this attention: `flatten`; with the host-side
+    sample boundaries where it takes them: `boundaries`, cross rows then one segment each)."""
     alone, offsets = [], []  # per sample: its losses alone; (row, start in the row, start in the flat row)
     flat_start = 0
+    packed_backend = model.config._attn_implementation
+    if packed_backend == VARLEN:  # its per-sample reference: each sample alone on sdpa, not on the kernel checked
+        model.set_attn_implementation("sdpa")
     for r, row in enumerate(rows):
         start = 0
         for n in row["seq_lens"]:
             one = {k: row[k][start: start + n] for k in ("input_ids", "labels")}
-            losses, mask = forward_losses(model, collate([one], "padding", TINY_PAD_ID), device)
+            losses, mask = forward_losses(model, collate([one], "padding", TINY_PAD_ID, boundaries=boundaries), device)
             alone.append((losses[0][mask[0]], mask[0]))
             offsets.append((r, start, flat_start + start))
             start += int(n)
         flat_start += start
+    model.set_attn_implementation(packed_backend)
     out = {}
     # isolated_flat: the rows as ONE flat row (what padfree always gets), for attentions that isolate [B, T] rows.
     layouts = [("isolated", "isolated", flatten), ("cross", "cross", False)] + \
         ([("isolated_flat", "isolated", True)] if not flatten else [])
     for name, mode, flat_rows in layouts:
-        losses, _ = forward_losses(model, collate(rows, mode, TINY_PAD_ID, flatten=flat_rows), device)
+        losses, _ = forward_losses(model, collate(rows, mode, TINY_PAD_ID, flatten=flat_rows, boundaries=boundaries),
+                                   device)
         diffs = []
         for (ref, mask), (r, start, flat) in zip(alone, offsets):
             row, at = (0, flat) if mode == "isolated" and flat_rows else (r, start)
@@ -197,6 +228,8 @@ def skip_reason(setup: dict, dtype_name: str, backend: str) -> str | None:
         return "flash-attn has no fp32 kernels"
     if backend == "flash_attention_2" and not flash_attn_importable():
         return "flash_attn is not importable"
+    if backend == VARLEN and setup is GPU and not varlen_available():  # the dry run injects the reference kernel
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
     return None
 
 
@@ -214,7 +247,7 @@ def isolation(setup: dict, rows: list[dict], device: str, seed: int, out: dict, 
             try:
                 model.set_attn_implementation(backend)
                 with torch.no_grad():
-                    diffs = sample_diffs(model, rows, device, flatten_isolated(backend))
+                    diffs = sample_diffs(model, rows, device, flatten_isolated(backend), takes_boundaries(backend))
             except Exception as err:  # noqa: BLE001  (a backend that fails is a finding to report, not a crash)
                 results[backend] = {"skipped": f"{type(err).__name__}: {err}"[:500]}
                 continue
@@ -244,11 +277,10 @@ def run_arm(setup: dict, strategy: str, attention: str | None, batches: list[lis
     seconds, cold, real, row_tokens, flops = [], [], 0, 0, 0.0
     warmup, timed = batches[:setup["warmup"]], batches[setup["warmup"]:]
     for i, rows in enumerate(warmup + timed + timed):
-        batch = collate(rows, mode, TINY_PAD_ID, flatten=flat)
+        batch = collate(rows, mode, TINY_PAD_ID, flatten=flat, boundaries=takes_boundaries(attn))
         synchronize(device)
         start = time.perf_counter()
-        inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-        logits = model(**inputs, use_cache=False).logits
+        logits = model(**model_inputs(batch, device), use_cache=False).logits
         micro_batch_loss(logits, batch, "token", step_denominator([batch], "token"), 1).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -274,12 +306,38 @@ def run_arm(setup: dict, strategy: str, attention: str | None, batches: list[lis
     return result
 
 
-def flash_attn_importable() -> bool:
-    try:
-        import flash_attn  # noqa: F401  (optional; only some GPU images have it)
-    except ImportError:
-        return False
-    return True
+def loss_step(setup: dict, device: str, dtype: torch.dtype, seed: int) -> dict:
+    """The loss section (module docstring): full vs fused on the same hidden states and weight."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden_size, vocab = setup["model"]["hidden_size"], setup["loss_vocab_size"]
+    hidden = (torch.randn(2, setup["max_seq_len"], hidden_size, generator=generator) * 0.5).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * 0.02).to(device, dtype)
+    labels = torch.randint(0, vocab, (2, setup["max_seq_len"]), generator=generator)
+    out = {"tokens": int(labels.numel()), "vocab_size": vocab, "kernel": default_linear_kernel()}
+    grads = {}
+    for impl in ("full", "fused"):
+        times = []
+        for _ in range(2):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            synchronize(device)
+            reset_peak(device)
+            before = torch.cuda.memory_allocated() if device == "cuda" else 0
+            start = time.perf_counter()
+            losses = token_losses(h @ w.T, labels)[0] if impl == "full" else fused_token_losses(h, w, labels)
+            loss = losses.sum() / losses.numel()
+            loss.backward()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+            peak = peak_memory_mb(device)
+        grads[impl] = (h.grad.float(), w.grad.float())
+        out[impl] = {"step_time_s": min(times), "loss": float(loss),
+                     "peak_memory_mb": None if peak is None else peak - before / 2**20}
+        del h, w, losses, loss
+    out["max_grad_difference"] = max(float((a - b).abs().max()) for a, b in zip(grads["full"], grads["fused"]))
+    out["fused_over_full"] = {"step_time_s": out["fused"]["step_time_s"] / out["full"]["step_time_s"],
+                              "peak_memory_mb": None if device != "cuda" else
+                              out["fused"]["peak_memory_mb"] / out["full"]["peak_memory_mb"]}
+    return out
 
 
 def progress(message: str) -> None:
@@ -309,10 +367,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="dry run: also check flex_attention (compiled on CPU: 20-100 s more on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    started = time.perf_counter()
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --dry-run on a CPU machine", file=sys.stderr)
         return 2
+    register_varlen_attention()
+    # varlen_attn runs on CUDA only: the dry run takes raypack_varlen's code path with the reference kernel.
+    with use_varlen_kernel(reference_varlen_attn if args.dry_run else None):
+        return run_check(args)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """The check itself (module docstring); main sets up raypack_varlen's kernel around it."""
+    started = time.perf_counter()
     setup, device = (dict(CPU), "cpu") if args.dry_run else (GPU, "cuda")
     if args.dry_run and not args.cpu_flex:
         setup["skip"] = {"flex_attention": "not compiled on CPU unless --cpu-flex (20-100 s on 2 cores); "
@@ -340,25 +406,35 @@ def main(argv: list[str] | None = None) -> int:
     save = lambda: write(result, args.out)  # a run stopped later keeps what it measured
 
     # The arms first: predictable in time; the isolation check then compiles flex_attention.
-    attn = resolve_attn_implementation("auto", device, precision)
+    result["varlen_kernel"] = "reference (injected)" if args.dry_run else "torch varlen_attn"
+    result["flash_attn_importable"], result["varlen_available"] = flash_attn_importable(), varlen_available()
     result["peak_tflops"] = peak = peak_tflops(result["device"], precision)
     num_steps = setup["warmup"] + setup["steps"]
     batches = {"padding": [[samples[2 * i], samples[2 * i + 1]] for i in range(num_steps)],
                "bfd-isolated": [packed[2 * i: 2 * i + 2] for i in range(num_steps)]}
-    batches["bfd-cross"] = batches["bfd-isolated"]
+    batches["bfd-cross"] = batches["bfd-isolated/sdpa"] = batches["bfd-isolated"]
     batches["padfree"] = batches["padding"]
     arms = result["arms"] = {}
-    for arm, (strategy, attention) in ARMS.items():
+    for arm, (strategy, attention, attn) in ARMS.items():
+        auto = resolve_attn_implementation("auto", device, precision, attention)  # what training would pick here
         try:
             arms[arm] = run_arm(setup, strategy, attention, batches[arm], device, DTYPES[precision], attn, args.seed, peak)
         except Exception as err:  # noqa: BLE001  (e.g. out of memory: keep the other arms' figures)
             arms[arm] = {"attn_implementation": attn, "error": f"{type(err).__name__}: {err}"[:500]}
             reset_peak(device)
+        arms[arm]["auto_attn_implementation"] = auto
         progress(f"{arm}: {arms[arm]}")
         save()
-    result["tokens_per_sec_vs_padding"] = {
-        arm: arms[arm]["tokens_per_sec"] / arms["padding"]["tokens_per_sec"]
-        for arm in ARMS if "tokens_per_sec" in arms[arm] and "tokens_per_sec" in arms["padding"]}
+    for name, ref in (("tokens_per_sec_vs_padding", "padding"), ("tokens_per_sec_vs_cross", "bfd-cross")):
+        result[name] = {arm: arms[arm]["tokens_per_sec"] / arms[ref]["tokens_per_sec"]
+                        for arm in ARMS if "tokens_per_sec" in arms[arm] and "tokens_per_sec" in arms[ref]}
+    try:
+        result["loss"] = loss_step(setup, device, DTYPES[precision], args.seed)
+    except Exception as err:  # noqa: BLE001  (e.g. out of memory at full: keep the rest)
+        result["loss"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+        reset_peak(device)
+    progress(f"loss: {result['loss']}")
+    save()
     isolation(setup, chosen, device, args.seed, result.setdefault("isolation", {}), save)
     result["forbidden_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
     result["seconds"] = time.perf_counter() - started

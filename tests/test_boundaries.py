@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-CORE = ["raypack.config", "raypack.model", "raypack.tables", "raypack.every",
+CORE = ["raypack.config", "raypack.model", "raypack.attention", "raypack.tables", "raypack.every",
         "raypack.data.formats", "raypack.data.hub", "raypack.data.tokenize", "raypack.data.overlength",
         "raypack.data.bins", "raypack.data.pack",
         "raypack.data.compose", "raypack.data.arm", "raypack.data.features", "raypack.data.order",

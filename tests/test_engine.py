@@ -7,7 +7,7 @@ Everything but `test_deepspeed_zero2_step_matches_a_plain_torch_step`,
 pure Python. The first starts a single-process DeepSpeed engine (ZeRO-2, fp32,
 gloo) in a spawned process; the first run on a machine JIT-builds DeepSpeed's shm
 comm op (about 40 s on 2 cores, cached under ~/.cache/torch_extensions/raypack-<key>),
-later runs take ~15 s. The second trains a saved model at ZeRO-2 and ZeRO-3 and
+later runs take ~15 s. The second trains a saved model at ZeRO-2 (full and fused loss) and ZeRO-3 (fused) and
 builds bf16 engines at ZeRO 1-3 in one spawned process; the third spawns 2 ranks
 that save and resume at ZeRO-2 and ZeRO-3 (~25 s).
 """
@@ -290,8 +290,9 @@ def test_step_flops_and_mfu():
 
 
 def _engines_by_stage(rank: int, port: int, folder: str, out_path: str) -> None:
-    """In a fresh process (one rank): the tiny model saved as a folder, trained 3 steps at ZeRO-2 and ZeRO-3 with
-    weight decay 0.1 and at ZeRO-2 without, as the loop builds them (ZeRO-3: built partitioned, each rank
+    """In a fresh process (one rank): the tiny model saved as a folder, trained 3 steps by the loop's
+    optimizer_step at ZeRO-2 with weight decay 0.1 (the full loss and the fused one), at ZeRO-3 with weight decay
+    0.1 (fused) and at ZeRO-2 without (full), as the loop builds them (ZeRO-3: built partitioned, each rank
     reading its slices); then bf16 engines at ZeRO 1-3 with raypack's config and without its data_types."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -299,7 +300,9 @@ def _engines_by_stage(rank: int, port: int, folder: str, out_path: str) -> None:
     data = rows()
     micro_batches = [collate(data[:2], "padding", TINY_PAD_ID), collate(data[2:], "padding", TINY_PAD_ID)]
     results = {}
-    for stage, weight_decay in ((2, 0.1), (3, 0.1), (2, 0.0)):
+    from raypack.train.loop import optimizer_step
+
+    for stage, weight_decay, impl in ((2, 0.1, "full"), (3, 0.1, "fused"), (2, 0.0, "full"), (2, 0.1, "fused")):
         train = TrainConfig(num_workers=1, micro_batch_size=2, global_batch_size=4, zero_stage=stage)
         handle = partitioned_construction(train, 1, "cpu")
         model = build_model(folder, "sdpa", 0, load_weights=handle is None)
@@ -309,18 +312,13 @@ def _engines_by_stage(rank: int, port: int, folder: str, out_path: str) -> None:
         engine, optimizer = initialize(model, train, OptimConfig(lr=1e-2, weight_decay=weight_decay,
                                                                  warmup_ratio=0.0), 1, "cpu")
         losses = []
-        for _ in range(3):
-            denominator = step_denominator(micro_batches, "token")
-            for batch in micro_batches:
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits
-                out = micro_batch_loss(logits, batch, "token", denominator, world_size=1)
-                engine.backward(out.loss, scale_wrt_gas=False)
-                engine.step()
-                losses.append(float(out.token_loss_sum) / denominator)
-        results[(stage, weight_decay)] = {"groups": decay_split(engine.module), "losses": losses,
-                                          "optimizer": type(optimizer).__name__,
-                                          "group_decay": [g["weight_decay"] for g in optimizer.param_groups]}
+        for _ in range(3):  # the loop's own optimizer step, with the full or the fused loss
+            loss_sum, num_tokens = optimizer_step(engine, optimizer, micro_batches, step_denominator(micro_batches,
+                                                  "token"), 1e-2, "token", 1, impl)
+            losses.append(loss_sum / num_tokens)
+        key = (stage, weight_decay) if impl == "full" or stage == 3 else (stage, weight_decay, impl)
+        results[key] = {"groups": decay_split(engine.module), "losses": losses, "optimizer": type(optimizer).__name__,
+                        "group_decay": [g["weight_decay"] for g in optimizer.param_groups]}
         if handle is not None:
             del handle
             unset_hf_deepspeed_config()
@@ -353,12 +351,22 @@ def test_zero3_decays_the_same_parameters_and_trains_as_zero2(engines_by_stage):
     """ZeRO-3 parameters are 1-element placeholders: the decay split reads their real shapes, so ZeRO-3 decays
     the same parameters as ZeRO-2 and its 3 steps with weight decay 0.1 give ZeRO-2's losses. Negative control:
     weight decay 0 and 0.1 give different losses (so a ZeRO-3 run decaying nothing could not pass)."""
-    zero2, zero3, no_decay = (engines_by_stage[k] for k in ((2, 0.1), (3, 0.1), (2, 0.0)))
+    zero2, zero3, no_decay = (engines_by_stage[k] for k in ((2, 0.1), (3, 0.1), (2, 0.0)))  # ZeRO-3 fused
     assert zero3["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" and zero2["optimizer"] == "DeepSpeedZeroOptimizer"
     assert zero3["groups"] == zero2["groups"] and len(zero3["groups"][0]) == 16 and len(zero3["groups"][1]) == 5
     assert zero3["group_decay"] == zero2["group_decay"] == [0.1, 0.0]
     assert np.max(np.abs(np.array(zero3["losses"]) - zero2["losses"])) < 1e-5
     assert np.max(np.abs(np.array(no_decay["losses"]) - zero2["losses"])) > 1e-4
+
+
+def test_three_steps_with_the_fused_loss_equal_the_full_loss(engines_by_stage):
+    """train.loss_impl: 3 optimizer steps of the loop's optimizer_step (ZeRO-2, AdamW, clipping) give the same
+    losses with the fused loss as with the full logits (and ZeRO-3 fused as ZeRO-2 full, above). Negative control:
+    the same steps without weight decay differ by far more than the tolerance."""
+    full, fused, no_decay = (engines_by_stage[k] for k in ((2, 0.1), (2, 0.1, "fused"), (2, 0.0)))
+    assert len(fused["losses"]) == 3 and fused["losses"][2] < fused["losses"][0]
+    assert np.max(np.abs(np.array(fused["losses"]) - full["losses"])) < 1e-5
+    assert np.max(np.abs(np.array(no_decay["losses"]) - full["losses"])) > 1e-4
 
 
 def test_bf16_engines_accumulate_gradients_in_fp32(engines_by_stage):

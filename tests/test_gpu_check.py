@@ -2,9 +2,11 @@
 
     .venv/bin/python -m pytest -q tests/test_gpu_check.py
 
-The dry run must show isolation (packed == alone within fp32 tolerance on sdpa
-and eager) with a negative control (`cross` differs), report every arm, and
-import no ray/deepspeed/numba/pyarrow module: the accelerator machine has none.
+The dry run must show isolation (packed == alone within fp32 tolerance on sdpa,
+eager and raypack_varlen, the last with the reference kernel injected) with a
+negative control (`cross` differs), report every arm (the isolated ones on
+raypack_varlen), and import no ray/deepspeed/numba/pyarrow module: the
+accelerator machine has none.
 """
 
 import importlib.util
@@ -17,8 +19,8 @@ import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-ARMS = ("padding", "padfree", "bfd-isolated", "bfd-cross")
-BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+ARMS = ("padding", "padfree", "bfd-isolated", "bfd-cross", "bfd-isolated/sdpa")
+BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "raypack_varlen")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def report(tmp_path_factory):
 
 
 def test_every_section_and_arm(report):
-    for key in ("device", "date", "torch", "transformers", "model", "data", "isolation", "arms", "seconds"):
+    for key in ("device", "date", "torch", "transformers", "model", "data", "isolation", "arms", "loss", "seconds"):
         assert key in report
     assert report["dry_run"] is True and report["device"] == "cpu"
     for dtype in ("bf16", "fp32"):
@@ -42,7 +44,21 @@ def test_every_section_and_arm(report):
     assert all(3 <= len(lens) <= 8 for lens in report["isolation"]["seq_lens"])
 
 
+def test_loss_section_compares_full_and_fused(report):
+    """The loss step full vs fused on the same inputs: the same mean loss and gradients (fp32 on CPU); the
+    timing and the fused / full ratio are reported (memory: null on CPU)."""
+    loss = report["loss"]
+    assert loss["kernel"] in ("torch", "chunked") and loss["tokens"] == 2 * 256
+    assert abs(loss["fused"]["loss"] - loss["full"]["loss"]) < 1e-5 and loss["max_grad_difference"] < 1e-5
+    assert loss["full"]["step_time_s"] > 0 and loss["fused_over_full"]["step_time_s"] > 0
+    assert loss["full"]["peak_memory_mb"] is None
+
+
 def test_isolated_equals_alone_and_cross_differs(report):
+    assert report["varlen_kernel"] == "reference (injected)"
+    varlen = report["isolation"]["fp32"]["raypack_varlen"]  # one flat row with boundaries; alone on sdpa
+    assert varlen["isolated_max_abs_diff"] < 1e-5 and varlen["cross_max_abs_diff"] > 1e-3, varlen
+    assert varlen["ok"] is True and "isolated_flat_max_abs_diff" not in varlen
     for backend in ("sdpa", "eager"):
         check = report["isolation"]["fp32"][backend]
         assert check["isolated_max_abs_diff"] < 1e-5, check
@@ -59,12 +75,15 @@ def test_arms_report_speed_and_padding(report):
     for arm in ARMS:
         assert arms[arm]["tokens_per_sec"] > 0
         assert arms[arm]["row_tokens_per_sec"] >= arms[arm]["tokens_per_sec"]
-        assert arms[arm]["attn_implementation"] == "sdpa"
+        assert arms[arm]["attn_implementation"] == ("raypack_varlen" if arm in ("padfree", "bfd-isolated") else "sdpa")
+        assert arms[arm]["auto_attn_implementation"] == "sdpa"  # auto on CPU
         assert arms[arm]["mfu"] is None  # no peak known for a CPU
-    assert arms["padding"]["padding_fraction"] > max(arms["bfd-isolated"]["padding_fraction"],
+    assert arms["padding"]["padding_fraction"] > max(arms["bfd-isolated/sdpa"]["padding_fraction"],
                                                      arms["bfd-cross"]["padding_fraction"])
-    # sdpa gets isolated [B, T] rows, as in the loop (flash_attention_2 would get one padding-free row).
-    assert arms["bfd-isolated"]["padding_fraction"] == pytest.approx(arms["bfd-cross"]["padding_fraction"])
+    # sdpa gets isolated [B, T] rows, as in the loop; raypack_varlen one padding-free row.
+    assert arms["bfd-isolated/sdpa"]["padding_fraction"] == pytest.approx(arms["bfd-cross"]["padding_fraction"])
+    assert arms["bfd-isolated"]["padding_fraction"] == 0.0
+    assert report["tokens_per_sec_vs_cross"]["bfd-cross"] == 1.0 and "bfd-isolated" in report["tokens_per_sec_vs_cross"]
     # padfree: padding's samples as one flat row, so every token computed is real (and as many as padding's).
     assert arms["padfree"]["padding_fraction"] == 0.0
     assert arms["padfree"]["tokens_per_sec"] * arms["padfree"]["step_time_s"] == \

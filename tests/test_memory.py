@@ -23,8 +23,8 @@ from raypack.config import PlanConfig, TrainConfig, load_config
 from raypack.data.collate import collate
 from raypack.model import build_tiny_model, enable_checkpointing, tiny_llama_config
 from raypack.train.loss import micro_batch_loss
-from raypack.train.memory import (GIB, PUBLISHED_SHAPES, MicroBatch, activation_bytes, budget, estimate_arm, fits,
-                                  micro_batch, model_shape, shape_from_config, state_bytes)
+from raypack.train.memory import (GIB, PUBLISHED_SHAPES, MicroBatch, activation_bytes, budget, estimate_arm,
+                                  estimate_job, fits, micro_batch, model_shape, shape_from_config, state_bytes)
 
 TOLERANCE = 0.10  # measured within 1% on transformers 5.24 / torch 2.13; 10% leaves room for library drift
 SHAPE_KW = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -156,6 +156,23 @@ def test_logits_of_a_128k_vocabulary_take_gigabytes():
     # bf16 logits held by the loop + fp32 log-softmax + its two fp32 gradients: 14 bytes per logit.
     assert act.loss + act.head - shape.hidden_size * 8192 * 8 - 8192 * 4 == 8192 * 128_256 * 14
     assert act.loss / GIB > 9
+
+
+def test_the_8b_jobs_loss_term_is_under_a_gib_fused_and_as_before_full():
+    """raypack plan on jobs/paper-8b-tulu.yaml: the loss column (final norm + loss buffers) <= 1 GiB with the
+    fused loss (the default), the 14-bytes-per-logit term with train.loss_impl=full (negative control: the
+    same column, over 13 GiB)."""
+    cfg = load_config("jobs/paper-8b-tulu.yaml")
+    shape = PUBLISHED_SHAPES[cfg.model.name_or_path]
+    assert cfg.train.loss_impl == "fused"
+    for arm, memory in estimate_job(cfg, shape).items():
+        act = memory.activations
+        assert (act.head + act.loss) / GIB <= 1.0, arm
+        full = estimate_job(load_config("jobs/paper-8b-tulu.yaml", ["train.loss_impl=full"]), shape)[arm]
+        tokens = full.batch.tokens
+        assert full.activations.loss + full.activations.head - shape.hidden_size * tokens * 8 - tokens * 4 == \
+            tokens * shape.vocab_size * 14
+        assert (full.activations.head + full.activations.loss) / GIB > 13
 
 
 def test_a_job_over_its_gpu_does_not_fit():

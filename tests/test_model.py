@@ -109,10 +109,11 @@ def test_auto_attention_never_picks_flash_attention_in_fp32_or_on_cpu(monkeypatc
     from raypack.model import resolve_attn_implementation
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))  # as if installed
-    assert resolve_attn_implementation("auto", "cuda", "bf16") == "flash_attention_2"
-    assert resolve_attn_implementation("auto", "cuda", "fp32") == "sdpa"  # flash-attn has no fp32 kernels
-    assert resolve_attn_implementation("auto", "cpu", "fp32") == "sdpa"
-    assert resolve_attn_implementation("eager", "cuda", "bf16") == "eager"  # an explicit choice is kept
+    assert resolve_attn_implementation("auto", "cuda", "bf16", "isolated") == "flash_attention_2"
+    # flash-attn has no fp32 kernels (nor has varlen_attn): flex_attention isolates without a dense mask
+    assert resolve_attn_implementation("auto", "cuda", "fp32", "isolated") == "flex_attention"
+    assert resolve_attn_implementation("auto", "cpu", "fp32", "isolated") == "sdpa"
+    assert resolve_attn_implementation("eager", "cuda", "bf16", "isolated") == "eager"  # an explicit choice is kept
 
 
 def test_flash_attention_without_gpu_bf16_is_refused():

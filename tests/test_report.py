@@ -226,3 +226,18 @@ def test_one_seed_says_intervals_need_two():
     # One seed's probe row shows that seed's bootstrap interval; there is no per-seed table.
     assert "| bfd-cross | 32 | 3.0000 | 0.0500 [0.0000, 0.1000] | -2.7000 [-2.8000, -2.6000] |" in md
     assert "Per seed, with the probe's" not in md
+
+
+def test_the_arm_table_names_each_arms_attention_implementation():
+    """auto picks the kernel per arm and machine: the table says which one each arm's runs used, and an arm
+    whose seeds ran on different kernels shows both (negative control: they are not merged into one name)."""
+    records = [{**RECORDS[0], "attn_implementation": "sdpa"}, {**RECORDS[1], "attn_implementation": "sdpa"},
+               {**RECORDS[2], "attn_implementation": "raypack_varlen"},
+               {**RECORDS[3], "attn_implementation": "flash_attention_2"}]
+    summary = summarise(records)
+    assert summary["arms"]["padding"]["attn_implementation"] == "sdpa"
+    assert summary["arms"]["bfd-isolated"]["attn_implementation"] == "flash_attention_2/raypack_varlen"
+    md = markdown(summary, "t", [])
+    assert "| val loss | attention |" in md
+    assert md.count("| sdpa |") == 1 and "| flash_attention_2/raypack_varlen |" in md
+    assert summarise(RECORDS)["arms"]["padding"]["attn_implementation"] == "?"  # older records: unknown, said so

@@ -95,6 +95,7 @@ def test_study_runs_reports_and_resumes_without_retraining(finished_study, capsy
         record = json.loads((out / "runs" / arm / "seed0" / "result.json").read_text())
         assert [c["step"] for c in record["curve"]] == [1, 2, 3]
         assert record["curve"][-1]["val_loss"] == pytest.approx(record["val_loss"])
+        assert record["attn_implementation"] == row["attn_implementation"] == "sdpa"  # CPU: auto is sdpa
     assert report["arms"]["padding"]["average_delta_vs_reference"] == 0.0
     # The held-out questions: written once into the study, scored for every arm beside the preset's tasks.
     from raypack.eval.qa_task import HELDOUT_TASK

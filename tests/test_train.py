@@ -102,6 +102,7 @@ def test_the_loop_takes_the_steps_of_the_run_plan(trained):
         (start,) = [e for e in read_events(run_dirs[arm]) if e["event"] == "start"]
         assert (start["total_steps"], start["stop_step"], start["steps_per_epoch"], start["grad_accum"]) == \
             (plan.total_steps, plan.stop_step, plan.steps_per_epoch, plan.grad_accum)
+        assert start["attn_implementation"] == "sdpa"  # auto on CPU, every arm (raypack.model.select_attn_implementation)
         metrics = read_jsonl(run_dirs[arm] / "metrics.jsonl")
         assert [m["step"] for m in metrics] == list(range(1, plan.stop_step + 1))
         assert [m["lr"] for m in metrics] == [lr_at(s, plan.schedule_steps, cfg.optim) for s in range(plan.stop_step)]

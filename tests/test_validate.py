@@ -34,7 +34,8 @@ def model():
 
 def forward_of(model):
     def forward(batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return token_losses(logits, batch["labels"])
     return forward
 
 

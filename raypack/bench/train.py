@@ -93,11 +93,13 @@ def limit_loop_per_worker(config: dict) -> None:
         _, picked, micro_batches = w.step_batches(step)
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, w.plan.schedule_steps, cfg.optim)
-        optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size)
+        optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size,
+                       train.loss_impl)
         barrier()
         taken = time.perf_counter() - start
         start = time.perf_counter()
-        optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size)
+        optimizer_step(w.engine, w.optimizer, micro_batches, denominator, lr, train.loss_reduction, w.world_size,
+                       train.loss_impl)
         barrier()
         replayed = time.perf_counter() - start
         step_tokens = all_reduce_sum(float(sum(r["num_tokens"] for mb in picked for r in mb)))

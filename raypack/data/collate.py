@@ -49,6 +49,20 @@ isolated with flatten=False ([B, T] rows; what the loop gives sdpa, eager and fl
 `flatten_isolated(attn_implementation)` is that choice; `arm_collation` gives an arm's
 mode and layout (padfree always flat: its rows would otherwise be padded).
 
+Sample boundaries (boundaries=True; what flash_attention_2 and raypack_varlen take,
+`takes_boundaries`): the cumulative lengths of the attention's segments over the
+micro-batch's rows laid end to end, computed here on the host from the rows'
+`seq_lens`, so no layer derives them from position_ids on the device (a sync per
+layer) and no batch-size-1 rule applies (transformers' varlen-kwargs path lays
+[B, T] rows end to end before its kernel, as raypack.attention does). Segments:
+isolated rows: each sample, then the row's pad run as one segment; padding and
+cross rows: the whole row, one causal segment (cross samples see earlier ones,
+padding's pads come after every real token). The isolated flat row above gets
+    cu_seq_lens_q = cu_seq_lens_k = [0, 3, 5, 9]  (int32)    max_length_q = max_length_k = 4
+and its [B, T] layout [0, 3, 5, 9, 10] (the second row's one pad is a segment of its own),
+what transformers' prepare_fa_kwargs_from_position_ids derives from position_ids in
+both layouts (tests/test_varlen.py).
+
 cross (the paper's contaminated packing; rows [a, b], [c]):
     input_ids      [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
     labels         [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]
@@ -62,11 +76,26 @@ cross (the paper's contaminated packing; rows [a, b], [c]):
 import numpy as np
 import torch
 
+from raypack.attention import BOUNDARY_KEYS, VARLEN
 from raypack.data.tokenize import IGNORE_INDEX
 
 COLLATE_MODES = ("padding", "isolated", "cross")
 # Attention implementations that isolate [B, T] rows of packed samples from their restarting position_ids.
 ISOLATING_ROWS = ("sdpa", "eager", "flex_attention")
+# Attention implementations given the host-side sample boundaries (module docstring); raypack.attention's names.
+TAKES_BOUNDARIES = ("flash_attention_2", VARLEN)
+# What the model is given of a micro-batch (labels, segment_ids and the rest are the loss's).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids") + BOUNDARY_KEYS
+
+
+def takes_boundaries(attn_implementation: str) -> bool:
+    """Whether micro-batches for this attention carry the sample boundaries (collate(boundaries=True))."""
+    return attn_implementation in TAKES_BOUNDARIES
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The model's keyword arguments of a collated micro-batch, tensors on `device` (the max lengths stay ints)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def flatten_isolated(attn_implementation: str) -> bool:
@@ -95,9 +124,10 @@ def collate(
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
     flatten: bool = True,
+    boundaries: bool = False,
 ) -> dict[str, torch.LongTensor]:
-    """Stack rows into one micro-batch for `mode`; isolated rows are laid end to end unless not `flatten`
-    (see the module docstring)."""
+    """Stack rows into one micro-batch for `mode`; isolated rows are laid end to end unless not `flatten`, and
+    with `boundaries` the batch carries BOUNDARY_KEYS (see the module docstring)."""
     _check_arguments(rows, mode, pad_to_multiple_of)
     if mode == "isolated" and flatten:
         rows = [_flatten(rows)]
@@ -111,13 +141,41 @@ def collate(
         batch["position_ids"] = _stack_isolated_positions(rows, length)
     else:
         batch["position_ids"] = torch.arange(length, dtype=torch.long).expand(len(rows), length).clone()
+    if boundaries:
+        for i, row in enumerate(rows):
+            if mode == "isolated" and int(np.sum(row.get("seq_lens", -1))) != len(row["input_ids"]):
+                raise ValueError(f"row {i}: boundaries=True needs the isolated row's seq_lens, adding up to its "
+                                 f"{len(row['input_ids'])} tokens (got {row.get('seq_lens')})")
+        segments = [row["seq_lens"] for row in rows] if mode == "isolated" else [[length]] * len(rows)
+        batch.update(sample_boundaries(segments, length))
     return batch
+
+
+def sample_boundaries(seq_lens: list, length: int) -> dict:
+    """BOUNDARY_KEYS for rows of `length` tokens holding samples of `seq_lens` (per row), laid end to end; each
+    row's tokens after its samples (pads) are one more segment.
+
+    >>> b = sample_boundaries([[3, 2], [4]], 5)
+    >>> b["cu_seq_lens_q"].tolist(), b["max_length_q"]
+    ([0, 3, 5, 9, 10], 4)
+    """
+    lengths = []
+    for i, row in enumerate(seq_lens):
+        row = [int(n) for n in row]
+        if min(row, default=1) < 1 or sum(row) > length:
+            raise ValueError(f"row {i}: seq_lens {row} must be positive and add up to at most the row length {length}")
+        lengths += row + ([length - sum(row)] if sum(row) < length else [])
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
 def _flatten(rows: list[dict]) -> dict:
     """The rows of an isolated micro-batch end to end: one row whose positions restart per sample."""
-    return {key: np.concatenate([np.asarray(row[key]) for row in rows])
+    flat = {key: np.concatenate([np.asarray(row[key]) for row in rows])
             for key in ("input_ids", "labels", "position_ids")}
+    if all("seq_lens" in row for row in rows):
+        flat["seq_lens"] = np.concatenate([np.asarray(row["seq_lens"]) for row in rows])
+    return flat
 
 
 def _check_arguments(rows: list[dict], mode: str, pad_to_multiple_of: int | None) -> None:

@@ -4,14 +4,16 @@ Input: one record per (arm, seed) run, as `raypack.study.run` writes them to
 `<study>/runs/<arm>/seed<k>/result.json`:
 
     {"arm", "seed", "steps", "fit_seconds", "train_seconds", "samples", "tokens", "row_tokens",
-     "final_train_loss", "val_loss", "scores": {"task/metric": value}, "skipped": {task: why},
+     "final_train_loss", "val_loss", "attn_implementation", "scores": {"task/metric": value}, "skipped": {task: why},
      "manifest": {...}, "curve": [{"step", "loss", "val_loss"?, "time_s"}]}
 
 Per arm the report gives the mean over seeds, with its 95% Student-t interval
 when there are several (raypack.stats; report.json also keeps the sample
 standard deviation, `_spread`), of: optimizer steps, training time, samples/s,
 real tokens/s, padding fraction, rows, truncated/split/dropped counts, final
-train loss, validation loss, every benchmark score and their average (a
+train loss, validation loss, the attention implementation its runs used (auto
+picks per arm and per machine, so tokens/s compare only between alike kernels;
+"?" for a record without it), every benchmark score and their average (a
 benchmark the study skipped, such as HumanEval without
 eval.allow_code_execution, has its column saying so and is not in the average);
 what went into the packs (grouping, within- vs across-pack similarity,
@@ -104,6 +106,8 @@ def summarise(records: list[dict], reference: str = "") -> dict:
                 row[f"probe_{key}_bootstrap_ci"] = [r["probe"][f"{key}_ci"] for r in probed]
             row["probe_num_samples"] = probed[0]["probe"]["num_samples"]
         row["setting"] = runs[0].get("setting", "corrected")
+        # The attention kernel(s) the arm's runs used: tokens/s compare only between alike kernels.
+        row["attn_implementation"] = "/".join(sorted({r.get("attn_implementation") or "?" for r in runs}))
         out["arms"][arm] = row
     for arm, row in out["arms"].items():
         ref = row["reference"] = reference_arm(out["arms"], row["setting"], reference)
@@ -198,8 +202,9 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
             ("final_train_loss", "final train loss", 4), ("val_loss", "val loss", 4)]
     lines = [f"# {title}", "", *notes, "", "## Cost and loss (the paper's Table 3)", "",
              "| arm | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines[-2:] = [lines[-2] + " attention |", lines[-1] + "---|"]
     for arm, row in arms.items():
-        cells = [_fmt(row[k], row.get(f"{k}_ci"), d) for k, _, d in cols]
+        cells = [_fmt(row[k], row.get(f"{k}_ci"), d) for k, _, d in cols] + [row.get("attn_implementation") or "?"]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     tasks, skipped = summary["tasks"], summary.get("skipped", {})
     if tasks or skipped:

@@ -163,7 +163,8 @@ def _run_arm(cfg: Config, arm: str, seed: int, folders: dict, specs: list, skipp
         "samples": sum(m["num_samples"] for m in metrics), "tokens": sum(m["num_tokens"] for m in metrics),
         "row_tokens": sum(m["num_row_tokens"] for m in metrics), "final_train_loss": metrics[-1]["loss"],
         "val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), float("nan")),
-        "global_batch_size": summary["global_batch_size"], "scores": scores, "skipped": skipped,
+        "global_batch_size": summary["global_batch_size"], "attn_implementation": summary["attn_implementation"],
+        "scores": scores, "skipped": skipped,
         "manifest": read_manifest(folders[arm]).to_dict(), "curve": curve, "model_dir": summary["model_dir"],
         "probe": probe,
     }

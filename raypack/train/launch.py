@@ -151,7 +151,10 @@ def train_arm(cfg: Config, arm: str, folder: str, val_folder: str | None = None,
     if preempted:
         raise Preempted(arm, events[-1]["step"])
     metrics = read_metrics(out)
+    starts = [e for e in events if e["event"] in ("start", "resume")]
     return {"arm": arm, "run_dir": str(out), "num_steps": len(metrics),
+            # the kernel the workers ran (auto resolves per arm and per machine): timings compare only alike
+            "attn_implementation": starts[-1].get("attn_implementation") if starts else None,
             "global_batch_size": cfg.train.global_batch_size, "last": metrics[-1] if metrics else {},
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "model_dir": str(out / "model") if cfg.train.export else None}

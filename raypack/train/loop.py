@@ -32,17 +32,23 @@ recomputes each layer's activations in the backward pass. Once the model is buil
 (identically on every rank, from train.seed), each rank reseeds its generators
 with its own seed (raypack.train.resume.seed_rank). Isolated micro-batches reach the
 model in a layout their attention implementation isolates (raypack.data.collate):
-one padding-free row for flash_attention_2 (varlen from position_ids only at batch
-size 1), [B, T] rows with restarting positions for sdpa, eager and flex_attention
+one padding-free row for flash_attention_2 and raypack_varlen (no pad computed),
+[B, T] rows with restarting positions for sdpa, eager and flex_attention
 (whose block mask then costs B x T^2, not (B x T)^2). The padfree arm's
 micro-batches (padding's rows) are one padding-free row on every implementation:
-that is the arm (raypack.data.collate.arm_collation).
+that is the arm (raypack.data.collate.arm_collation). flash_attention_2 and
+raypack_varlen (raypack.attention) also get each micro-batch's sample boundaries,
+computed on the host from the rows' seq_lens (collate(boundaries=True)), so no layer
+derives them from position_ids. model.attn_implementation=auto is resolved per arm
+(raypack.model.select_attn_implementation) and the one used is in the start event.
 
 Per step, on each rank:
     fetch and collate its gradient_accumulation micro-batches
     D = all_reduce_sum(step_denominator(micro_batches))       (raypack.train.loss)
     set the LR to lr_at(step, schedule_steps) on every param group  (raypack.train.plan)
-    for each micro-batch: forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False)
+    for each micro-batch: forward -> token losses (train.loss_impl: fused in the output layer, or from the
+                          logits; raypack.train.head) -> reduce_token_losses (raypack.train.loss)
+                          -> engine.backward(loss, scale_wrt_gas=False)
                           -> engine.step()   (DeepSpeed updates at the last one)
 
 Outputs under run_dir (rank 0 unless noted):
@@ -108,7 +114,7 @@ import torch
 import torch.distributed as dist
 
 from raypack.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, from_dict, to_dict
-from raypack.data.collate import arm_collation, collate
+from raypack.data.collate import arm_collation, collate, model_inputs, takes_boundaries
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
 from raypack.model import (build_model, enable_checkpointing, has_local_safetensors, import_model_code, load_tokenizer,
@@ -117,7 +123,8 @@ from raypack.tracking import Run, numeric
 from raypack.train.engine import (decay_split, full_state_dict, initialize, load_into_partitions,
                                   local_parameter_elements, partitioned_construction, resolve_precision)
 from raypack.train.flops import mfu, peak_tflops, step_flops
-from raypack.train.loss import all_reduce_sum, micro_batch_loss, segment_ids_from_seq_lens, step_denominator
+from raypack.train.head import model_token_losses
+from raypack.train.loss import all_reduce_sum, reduce_token_losses, segment_ids_from_seq_lens, step_denominator
 from raypack.train.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 from raypack.train.plan import RunPlan, lr_at, run_plan
 from raypack.train.restore import restored
@@ -126,7 +133,6 @@ from raypack.train.validate import validation_groups, validation_sums
 
 CHECKPOINT_TAG = "ds"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Ray Train's controller polls each worker's one-slot report queue every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
 REPORT_INTERVAL_S = 2.0
 PROGRESS_KEYS = ("step", "loss", "lr", "tokens_per_sec", "row_tokens_per_sec", "padding_fraction", "step_time_s",
@@ -187,7 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
         denominator = all_reduce_sum(step_denominator(micro_batches, train.loss_reduction))
         lr = lr_at(step, plan.schedule_steps, cfg.optim)
         token_loss_sum, num_supervised = optimizer_step(engine, w.optimizer, micro_batches, denominator, lr,
-                                                        train.loss_reduction, world_size)
+                                                        train.loss_reduction, world_size, train.loss_impl)
 
         # Metrics: sums over ranks, then rates.
         real_tokens = sum(r["num_tokens"] for mb in picked for r in mb)
@@ -216,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
         }
         done = step + 1
         if val and plan.evaluates_at(done):
-            metrics["val_loss"] = _validation_loss(engine, val, w.pad_token_id)
+            metrics["val_loss"] = _validation_loss(engine, val, w.pad_token_id, train.loss_impl, w.attn)
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
         progress.add(metrics)
 
@@ -279,8 +285,8 @@ class Worker:
             indices = step_rows(self.order[1], step_in_epoch, self.rank, self.world_size, t.micro_batch_size,
                                 plan.grad_accum)
         picked = [self.rows.take(idx) for idx in indices]
-        batches = [micro_batch(mb_rows, self.mode, self.pad_token_id, t.loss_reduction, self.flatten)
-                   for mb_rows in picked]
+        batches = [micro_batch(mb_rows, self.mode, self.pad_token_id, t.loss_reduction, self.flatten,
+                               takes_boundaries(self.attn)) for mb_rows in picked]
         return indices, picked, batches
 
 
@@ -307,7 +313,7 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
     # Model and engine: weights loaded in the training precision; under ZeRO-3 built already partitioned
     # (`zero3` must stay referenced while training runs); DeepSpeed moves the module to the device.
     precision = resolve_precision(train.precision, device)
-    attn = resolve_attn_implementation(model_config.attn_implementation, device, precision)
+    attn = resolve_attn_implementation(model_config.attn_implementation, device, precision, manifest.attention)
     mode, flatten = arm_collation(manifest.strategy, manifest.attention, attn)
     if device == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())  # zero.Init places partitions on the current device
@@ -343,9 +349,10 @@ def set_up(folder: str, train: TrainConfig, optim: OptimConfig, model_config: Mo
 
 
 def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: float, lr: float,
-                   loss_reduction: str, world_size: int) -> tuple[float, float]:
+                   loss_reduction: str, world_size: int, loss_impl: str = "fused") -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches: the LR set on every param group, then per micro-batch
-    forward -> micro_batch_loss -> engine.backward(loss, scale_wrt_gas=False) -> engine.step() (DeepSpeed
+    forward to the token losses (`loss_impl`, raypack.train.head) -> reduce_token_losses ->
+    engine.backward(loss, scale_wrt_gas=False) -> engine.step() (DeepSpeed
     updates at the last one; raypack.train.engine states the contract). `denominator` is the step's loss
     denominator summed over ranks (raypack.train.loss.step_denominator). Returns the sum of the micro-batches'
     token losses and their number of supervised tokens (this rank's), the loss read from the device once. The
@@ -355,9 +362,9 @@ def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: fl
         group["lr"] = lr
     token_loss_sum, num_supervised = torch.zeros((), device=engine.device), 0
     for batch in micro_batches:
-        inputs = {k: batch[k].to(engine.device) for k in MODEL_INPUTS if k in batch}
-        logits = engine(**inputs, use_cache=False).logits
-        out = micro_batch_loss(logits, batch, loss_reduction, denominator, world_size)
+        losses, _ = model_token_losses(engine, engine.module, model_inputs(batch, engine.device), batch["labels"],
+                                       loss_impl)
+        out = reduce_token_losses(losses, batch, loss_reduction, denominator, world_size)
         engine.backward(out.loss, scale_wrt_gas=False)
         engine.step()
         token_loss_sum += out.token_loss_sum  # stays on the device: read once per step, below
@@ -365,10 +372,12 @@ def optimizer_step(engine, optimizer, micro_batches: list[dict], denominator: fl
     return float(token_loss_sum), float(num_supervised)
 
 
-def micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, flatten: bool = True) -> dict:
-    """Collate rows (isolated ones flat for attention kernels that need it, raypack.data.collate); cross rows
-    under `sample` weighting also carry segment_ids (for the loss only)."""
-    batch = collate(rows, mode, pad_token_id, flatten=flatten)
+def micro_batch(rows: list[dict], mode: str, pad_token_id: int, reduction: str, flatten: bool = True,
+                boundaries: bool = False) -> dict:
+    """Collate rows (isolated ones flat for attention kernels that need it, and with the host-side sample
+    boundaries for those that take them, raypack.data.collate); cross rows under `sample` weighting also carry
+    segment_ids (for the loss only)."""
+    batch = collate(rows, mode, pad_token_id, flatten=flatten, boundaries=boundaries)
     if mode == "cross" and reduction == "sample":
         batch["segment_ids"] = segment_ids_from_seq_lens([r["seq_lens"] for r in rows], batch["labels"].shape[1])
     return batch
@@ -383,16 +392,17 @@ def _model_shape(model) -> dict:
             "num_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
 
 
-def _validation_loss(engine, val: tuple, pad_token_id: int) -> float:
-    """Per-token loss on the shared validation split, summed over ranks (raypack.train.validate)."""
+def _validation_loss(engine, val: tuple, pad_token_id: int, loss_impl: str, attn: str) -> float:
+    """Per-token loss on the shared validation split, summed over ranks (raypack.train.validate), computed as
+    training computes it (`loss_impl`; the boundaries `attn` takes)."""
     rows, groups, num_forwards = val
 
-    def forward(batch: dict) -> torch.Tensor:
-        inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "attention_mask")}
-        return engine(**inputs, use_cache=False).logits
+    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return model_token_losses(engine, engine.module, model_inputs(batch, engine.device), batch["labels"],
+                                  loss_impl)
 
     engine.eval()
-    loss_sum, num_tokens = validation_sums(forward, rows, groups, num_forwards, pad_token_id)
+    loss_sum, num_tokens = validation_sums(forward, rows, groups, num_forwards, pad_token_id, takes_boundaries(attn))
     engine.train()
     loss_sum, num_tokens = _sum_over_ranks([loss_sum, num_tokens])
     return loss_sum / num_tokens if num_tokens else float("nan")

@@ -55,6 +55,20 @@ sample a and 22 in sample b; token losses l12, l13, l22):
     sample:  numerator = (l12 + l13) / 2 + l22,    D = 2
     paper:   numerator = (l12 + l13 + l22) / 3,    D = 1
 
+Two ways to the token losses (train.loss_impl, LOSS_IMPLS), the same reductions after:
+
+    full    token_losses(logits, labels): the model's [B, T, vocab] logits, upcast to fp32.
+    fused   fused_token_losses(hidden, weight, labels): from the final hidden states [B, T, H] and
+            the output weight [vocab, H], for the supervised positions only, in chunks of
+            `chunk_rows` tokens; each chunk's logits exist only while that chunk is computed, in
+            forward and again (recomputed) in backward, so no [tokens, vocab] tensor is ever kept.
+            `linear_token_losses` picks the kernel in one place: torch's own
+            F.linear_cross_entropy (reduction="none", which recomputes in backward) where torch has
+            it (2.13, the version raypack pins), else raypack's `ChunkedLinearCrossEntropy` (older
+            torch, e.g. a GPU image's 2.11). Both chunk alike (`chunk_rows`: a chunk's fp32 logits
+            take about CHUNK_BYTES). raypack.train.head hands the model's hidden states and output
+            weight to it from inside the output layer's forward (ZeRO-3 gathers the weight there).
+
 For metrics, `MicroBatchLoss.token_loss_sum` and `.num_tokens` give the same
 per-token mean in every arm and reduction: sum both over the step's micro-batches
 and ranks and divide. `token_loss_sum` stays a tensor on the logits' device (sum it
@@ -73,6 +87,9 @@ import torch.nn.functional as F
 from raypack.data.tokenize import IGNORE_INDEX
 
 LOSS_REDUCTIONS = ("token", "sample", "paper")
+LOSS_IMPLS = ("fused", "full")
+LINEAR_KERNELS = ("torch", "chunked")  # what linear_token_losses runs: torch's op or raypack's fallback
+CHUNK_BYTES = 64 * 2**20  # a chunk's fp32 logits, about
 
 
 class MicroBatchLoss(NamedTuple):
@@ -191,12 +208,22 @@ def micro_batch_loss(logits: torch.Tensor, batch: dict, reduction: str, denomina
     data-parallel ranks whose gradients are averaged.
     """
     _check_reduction(reduction)
+    return reduce_token_losses(token_losses(logits, batch["labels"])[0], batch, reduction, denominator, world_size)
+
+
+def reduce_token_losses(losses: torch.Tensor, batch: dict, reduction: str, denominator: float,
+                        world_size: int) -> MicroBatchLoss:
+    """micro_batch_loss from the micro-batch's [B, T-1] token losses (token_losses or fused_token_losses):
+    0 where the label is IGNORE_INDEX."""
+    _check_reduction(reduction)
     if world_size < 1 or denominator < 0:
         raise ValueError(f"world_size must be >= 1 and denominator >= 0, got {world_size} and {denominator}")
+    if losses.shape != batch["labels"][:, 1:].shape:
+        raise ValueError(f"token losses {tuple(losses.shape)} must be [B, T-1] for labels "
+                         f"{tuple(batch['labels'].shape)}")
     # No value is read back from the device here (one host sync per micro-batch would stall a GPU's queue):
     # the ignored targets' losses are 0 (cross_entropy's ignore_index), and the counts and sample weights come
     # from the labels, which stay on the host.
-    losses, _ = token_losses(logits, batch["labels"])
     token_sum = losses.sum()
     num_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if reduction == "token":
@@ -207,3 +234,109 @@ def micro_batch_loss(logits: torch.Tensor, batch: dict, reduction: str, denomina
         numerator = (losses * _sample_weights(batch).to(losses.device, non_blocking=True)).sum()
     loss = numerator * (world_size / (denominator if denominator > 0 else 1.0))
     return MicroBatchLoss(loss, token_sum.detach(), num_tokens)
+
+
+# ------------------------------------------------------------------ fused linear cross-entropy
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Tokens per chunk: a chunk's fp32 logits take about CHUNK_BYTES, in multiples of 64 rows.
+
+    >>> chunk_rows(128_256)
+    128
+    """
+    return max(64, CHUNK_BYTES // (4 * vocab_size) // 64 * 64)
+
+
+def chunks(num_rows: int, rows: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk of `rows` rows covering 0..num_rows (the last may be shorter).
+
+    >>> chunks(5, 2)
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    if rows < 1:
+        raise ValueError(f"chunk rows must be >= 1, got {rows}")
+    return [(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
+
+
+def default_linear_kernel() -> str:
+    """'torch' where this torch has F.linear_cross_entropy with chunking options (2.13), else 'chunked'."""
+    return "torch" if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions") \
+        else "chunked"
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of hidden @ weight.T against targets, chunk by chunk (torch without its own op).
+
+    forward: per chunk, logits = (h @ W.T) in fp32 (the matmul in the inputs' dtype, as the
+    output layer does in the full path), loss = logsumexp(logits) - logits[target]; only the
+    [rows] losses are kept. backward recomputes each chunk's logits: dlogits = (softmax - onehot)
+    x the rows' upstream gradient; dh = dlogits @ W, dW summed over chunks in fp32. It saves the
+    weight itself (not a detached copy), so under ZeRO-3 backward reads the weight DeepSpeed
+    gathers again for the output layer's backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start, end in chunks(hidden.shape[0], rows):
+            logits = (hidden[start:end] @ weight.T).float()
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            losses[start:end] = torch.logsumexp(logits, dim=-1) - target_logits
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.rows = rows
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start, end in chunks(hidden.shape[0], ctx.rows):
+            h = hidden[start:end]
+            grad_logits = torch.softmax((h @ weight.T).float(), dim=-1)
+            grad_logits[torch.arange(end - start, device=h.device), targets[start:end]] -= 1.0
+            grad_logits *= grad_losses[start:end, None].float()
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, h.float())
+        return grad_hidden, grad_weight.to(weight.dtype) if need_weight else None, None, None
+
+
+def linear_token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None,
+                        kernel: str | None = None) -> torch.Tensor:
+    """[N] cross-entropy of each row of hidden [N, H] @ weight [V, H].T against targets [N] (all real targets),
+    `rows` tokens per chunk (default chunk_rows(V)), on `kernel` (LINEAR_KERNELS; default_linear_kernel())."""
+    rows = rows or chunk_rows(weight.shape[0])
+    kernel = kernel or default_linear_kernel()
+    if kernel == "torch":
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows, chunking_method=None)
+        return F.linear_cross_entropy(hidden, weight, targets, reduction="none", ignore_index=IGNORE_INDEX,
+                                      options=options)
+    if kernel != "chunked":
+        raise ValueError(f"linear kernel {kernel!r} is not one of {', '.join(LINEAR_KERNELS)}")
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, rows)
+
+
+def fused_token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int | None = None,
+                       kernel: str | None = None) -> torch.Tensor:
+    """The [B, T-1] token losses of token_losses(hidden @ weight.T, labels), without the logits.
+
+    hidden: [B, T, H] final hidden states (after the final norm); weight: the output layer's
+    [V, H]. Only the supervised positions are computed (their indices come from the labels on
+    the host, so nothing is read back from the device); the others are 0, as in token_losses.
+    """
+    if hidden.dim() != 3 or hidden.shape[:2] != labels.shape or weight.dim() != 2 \
+            or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [B, T, H] with labels {tuple(labels.shape)} [B, T] "
+                         f"and weight {tuple(weight.shape)} [vocab, H]")
+    batch_size, length = labels.shape
+    targets = labels[:, 1:].cpu()
+    at_row, at_col = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    device = hidden.device
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, (at_row * length + at_col).to(device))
+    losses = linear_token_losses(picked, weight, targets[at_row, at_col].long().to(device), rows, kernel)
+    out = torch.zeros(batch_size * (length - 1), dtype=torch.float32, device=device)
+    return out.index_copy(0, (at_row * (length - 1) + at_col).to(device), losses.float()).view(batch_size, length - 1)

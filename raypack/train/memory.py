@@ -27,14 +27,18 @@ h heads, k key/value heads, d head dim):
                 heads (2 n H e instead) and the mask as floats, rows x row_len^2 x e
                 eager: key and value repeated, the probabilities rows x h x row_len^2 x (4 + e)
                 (fp32 softmax and its 16-bit copy; 4 in fp32), no log-sum-exp
-                flash_attention_2, flex_attention: no mask and no row_len^2 term
+                flash_attention_2, raypack_varlen, flex_attention: no mask and no row_len^2 term
     MLP         4 n I e            gate, SiLU(gate), up and their product
     With train.gradient_checkpointing a layer keeps only its input, n H e, and one
     layer at a time is recomputed in the backward pass (counted once more in full).
-    Head: the final norm, n H (4 + 2e), and the fp32 log-softmax of the loss, 4 n V,
-    kept for backward; at the start of the backward pass the loop still holds the
-    logits (n V e) and the log-softmax's gradient and its input's gradient exist
+    Head, train.loss_impl=full: the final norm, n H (4 + 2e), and the fp32 log-softmax of
+    the loss, 4 n V, kept for backward; at the start of the backward pass the loop still
+    holds the logits (n V e) and the log-softmax's gradient and its input's gradient exist
     (8 n V): raypack.train.loss.token_losses upcasts the shifted logits to fp32.
+    train.loss_impl=fused (raypack.train.loss.fused_token_losses): the final norm and the
+    supervised rows' hidden states the loss keeps, n H e (at most n rows); while a chunk
+    is computed, its fp32 logits and their gradient, 8 c V (c = chunk_rows(V) tokens, 128
+    at Llama-3's vocabulary), and the hidden states' gradient, 4 n H. No n V term.
     The columns add up: the recomputed layer is counted on top of the loss buffers,
     a little more than the true peak.
 
@@ -66,11 +70,14 @@ GPUs, bf16, ZeRO-3 without offload, micro-batch 2 x 4096, sdpa, gradient checkpo
 GiB per GPU; the 80 GiB card keeps 72 usable after 10% headroom:
 
     arm           micro-batch  params  grads  optimizer  gathered  layers   loss  total  layers, ckpt off
-    padding       2x4096+mask    0.47   0.47       2.80      1.79    3.69  13.95  23.17             54.03
-    random-cross       2x4096    0.47   0.47       2.80      1.79    3.53  13.95  23.01             49.03
+    padding       2x4096+mask    0.47   0.47       2.80      2.77    3.69   0.56  10.76             54.03
+    random-cross       2x4096    0.47   0.47       2.80      2.77    3.53   0.56  10.60             49.03
 
-Without checkpointing padding needs 73.5 GiB: over the 72. The loss column is 8192 x
-128,256 logits at 14 bytes each (2 bf16 + 4 saved log-softmax + 8 of gradients).
+With the fused loss (train.loss_impl=fused, the default) the loss column is the final norm,
+the hidden states and 128-token chunks of logits: 0.56 GiB. With train.loss_impl=full it
+is 8192 x 128,256 logits at 14 bytes each (2 bf16 + 4 saved log-softmax + 8 of
+gradients), 13.95 GiB (gathered 1.79, total 23.17 for padding); without checkpointing
+padding then needs 73.5 GiB: over the 72.
 """
 
 from __future__ import annotations
@@ -82,9 +89,10 @@ from pathlib import Path
 from raypack.config import UNPACKED_ARMS, Config, ModelConfig, PackConfig, PlanConfig, TrainConfig, arm_spec
 from raypack.data.collate import flatten_isolated
 from raypack.train.engine import resolve_precision
+from raypack.train.loss import chunk_rows
 
 GIB = 2**30
-ATTENTION_KINDS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTENTION_KINDS = ("sdpa", "eager", "flash_attention_2", "flex_attention", "raypack_varlen")
 MODES = ("padding", "cross", "isolated", "padfree")
 
 
@@ -167,14 +175,14 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShap
     return shape_from_config(config)
 
 
-def resolve_attention(name: str, use_gpu: bool, precision: str) -> str:
-    """model.attn_implementation as the loop resolves it (raypack.model), judged on THIS machine: auto is
-    flash_attention_2 only where flash_attn imports, so a head node without it plans for sdpa (more memory)."""
+def resolve_attention(name: str, use_gpu: bool, precision: str, attention: str | None = "isolated") -> str:
+    """model.attn_implementation as the loop resolves it for an arm of `attention` (a manifest's: "isolated",
+    "cross" or None; raypack.model.resolve_attn_implementation), judged on THIS machine: auto picks
+    flash_attention_2 only where flash_attn imports, so a head node without it plans for raypack_varlen or
+    flex_attention (the same memory: no mask) when its torch has varlen_attn or not."""
     from raypack.model import resolve_attn_implementation
 
-    if name == "auto" and precision == "fp32":
-        return "sdpa"  # flash-attn has no fp32 kernels
-    return resolve_attn_implementation(name, "cuda" if use_gpu else "cpu")
+    return resolve_attn_implementation(name, "cuda" if use_gpu else "cpu", precision, attention)
 
 
 @dataclass(frozen=True)
@@ -242,8 +250,9 @@ def _layer_bytes(shape: ModelShape, batch: MicroBatch, e: int, attention: str) -
 
 
 def activation_bytes(shape: ModelShape, batch: MicroBatch, elem_bytes: int, attention: str,
-                     checkpointing: bool) -> Activations:
-    """Activation bytes of one micro-batch of `batch`'s shape through the whole model (module docstring)."""
+                     checkpointing: bool, loss_impl: str = "full") -> Activations:
+    """Activation bytes of one micro-batch of `batch`'s shape through the whole model (module docstring), with
+    the loss of train.loss_impl (`full` or `fused`)."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_KINDS)}")
     n, e = batch.tokens, elem_bytes
@@ -252,9 +261,16 @@ def activation_bytes(shape: ModelShape, batch: MicroBatch, elem_bytes: int, atte
         layers, recomputed = shape.num_hidden_layers * n * shape.hidden_size * e + layer, layer
     else:
         layers, recomputed = shape.num_hidden_layers * layer, 0
+    norm = n * shape.hidden_size * (4 + 2 * e) + n * 4
+    if loss_impl == "fused":
+        chunk = min(chunk_rows(shape.vocab_size), n) * shape.vocab_size
+        return Activations(layer=layer, layers=layers, head=norm + n * shape.hidden_size * e,
+                           loss=chunk * 8 + n * shape.hidden_size * 4, recomputed=recomputed)
+    if loss_impl != "full":
+        raise ValueError(f"loss_impl {loss_impl!r} is not one of fused, full")
     logits = n * shape.vocab_size
-    head = n * shape.hidden_size * (4 + 2 * e) + n * 4 + logits * 4
-    return Activations(layer=layer, layers=layers, head=head, loss=logits * (e + 8), recomputed=recomputed)
+    return Activations(layer=layer, layers=layers, head=norm + logits * 4, loss=logits * (e + 8),
+                       recomputed=recomputed)
 
 
 @dataclass(frozen=True)
@@ -298,9 +314,11 @@ def state_bytes(num_params: int, precision: str, zero_stage: int, world_size: in
     return StateBytes(params, grads, optimizer, gathered, offloaded)
 
 
-def gathered_params(shape: ModelShape) -> int:
-    """ZeRO-3's working set in parameters: two decoder layers plus the embedding / head matrix (an assumption)."""
-    return 2 * shape.layer_params + shape.embedding_params
+def gathered_params(shape: ModelShape, loss_impl: str = "full") -> int:
+    """ZeRO-3's working set in parameters: two decoder layers plus the embedding / head matrix (an assumption);
+    with the fused loss one more head matrix: torch's F.linear_cross_entropy keeps a detached view of the
+    gathered weight from the forward to the backward, where DeepSpeed gathers it again."""
+    return 2 * shape.layer_params + shape.embedding_params * (2 if loss_impl == "fused" else 1)
 
 
 @dataclass(frozen=True)
@@ -332,11 +350,11 @@ def estimate_arm(shape: ModelShape, mode: str, train: TrainConfig, max_seq_len: 
     batch = micro_batch(mode, train.micro_batch_size, max_seq_len, attention)
     e = 2 if precision == "bf16" else 4
     states = state_bytes(shape.num_params, precision, train.zero_stage, train.num_workers, train.offload_optimizer,
-                         train.offload_params, gathered_params(shape))
+                         train.offload_params, gathered_params(shape, train.loss_impl))
     ckpt = train.gradient_checkpointing
     return ArmMemory(batch=batch, states=states,
-                     activations=activation_bytes(shape, batch, e, attention, ckpt),
-                     other=activation_bytes(shape, batch, e, attention, not ckpt),
+                     activations=activation_bytes(shape, batch, e, attention, ckpt, train.loss_impl),
+                     other=activation_bytes(shape, batch, e, attention, not ckpt, train.loss_impl),
                      load=shape.num_params * e if train.zero_stage < 3 else 0,
                      rows=8 * num_tokens)  # input_ids and labels as int32 (raypack.data.prepared)
 
@@ -347,17 +365,30 @@ def arm_mode(arm: str, pack: PackConfig) -> str:
     return spec.strategy if spec.strategy in UNPACKED_ARMS else spec.attention
 
 
-def precision_and_attention(train: TrainConfig, model: ModelConfig) -> tuple[str, str]:
-    """The training precision and attention implementation the job's workers will use (resolved here)."""
-    precision = resolve_precision(train.precision, "cuda" if train.use_gpu else "cpu")
-    return precision, resolve_attention(model.attn_implementation, train.use_gpu, precision)
+def arm_attentions(cfg: Config, precision: str) -> dict[str, str]:
+    """{arm: the attention implementation its workers will use} (auto is resolved per arm, here)."""
+    return {arm: resolve_attention(cfg.model.attn_implementation, cfg.train.use_gpu, precision,
+                                   arm_spec(arm, cfg.pack).attention) for arm in cfg.pack.arms}
+
+
+def precision_and_attention(cfg: Config) -> tuple[str, str]:
+    """The training precision and the attention implementation(s) the job's workers will use (resolved here):
+    one name, or "<name> for <arms>; ..." when auto picks differently per arm."""
+    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    by_name: dict[str, list[str]] = {}
+    for arm, attention in arm_attentions(cfg, precision).items():
+        by_name.setdefault(attention, []).append(arm)
+    if len(by_name) == 1:
+        return precision, next(iter(by_name))
+    return precision, "; ".join(f"{name} for {', '.join(arms)}" for name, arms in by_name.items())
 
 
 def estimate_job(cfg: Config, shape: ModelShape, num_tokens: dict[str, int] | None = None) -> dict[str, ArmMemory]:
     """Every arm of cfg.pack.arms: {arm: ArmMemory}; num_tokens gives prepared arms' real tokens (host rows)."""
-    precision, attention = precision_and_attention(cfg.train, cfg.model)
-    return {arm: estimate_arm(shape, arm_mode(arm, cfg.pack), cfg.train, cfg.data.max_seq_len, precision, attention,
-                              (num_tokens or {}).get(arm, 0))
+    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    attentions = arm_attentions(cfg, precision)
+    return {arm: estimate_arm(shape, arm_mode(arm, cfg.pack), cfg.train, cfg.data.max_seq_len, precision,
+                              attentions[arm], (num_tokens or {}).get(arm, 0))
             for arm in cfg.pack.arms}
 
 

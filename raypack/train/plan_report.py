@@ -186,7 +186,7 @@ def plan_command(cfg: Config, prepare_first: bool = False, json_path: str | None
     counts = {arm: arm_counts(cfg.train, cfg.optim, str(folders[arm]), shape) for arm in cfg.pack.arms
               if arm in folders and (folders[arm] / "manifest.json").exists()}
     arms = memory.estimate_job(cfg, shape, {arm: c["num_tokens"] for arm, c in counts.items()})
-    precision, attention = memory.precision_and_attention(cfg.train, cfg.model)
+    precision, attention = memory.precision_and_attention(cfg)
     limits, use_gpu = memory.budget(cfg.plan, cfg.train), cfg.train.use_gpu
     lines = _plan_header(cfg, shape, precision, attention, limits)
     lines += ["", f"counts (prepared data in {cfg.prepared_root()}):"]
@@ -235,8 +235,9 @@ def _plan_figures(arm, use_gpu: bool, limits) -> dict:
 
 PLAN_NOTES = [
     "layers: what the decoder layers keep for backward (checkpointing: their inputs + one recomputed);",
-    "loss: final norm, logits, fp32 log-softmax and its gradients; host/node: the workers' rows + offloaded",
-    "states (or the model while it loads at ZeRO 0-2). Not counted: CUDA context, communication buffers,",
+    "loss: final norm, then train.loss_impl=fused: hidden states and chunks of logits; full: the logits, fp32",
+    "log-softmax and their gradients; host/node: the workers' rows + offloaded states (or the model while it",
+    "loads at ZeRO 0-2). Not counted: CUDA context, communication buffers,",
     "fragmentation (the headroom). Formulas and assumptions: raypack/train/memory.py.",
 ]
 

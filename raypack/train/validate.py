@@ -10,7 +10,7 @@ parameters collectively), a rank with none left repeats its first one with zero
 weight. The sums are all-reduced.
 
     groups, n = validation_groups(rows, micro_batch_size, rank, world_size)
-    loss_sum, num_tokens = validation_sums(forward, rows, groups, n, pad_token_id)   # in the training loop
+    loss_sum, num_tokens = validation_sums(losses_of, rows, groups, n, pad_token_id)   # in the training loop
     validation_loss_of_model(model_dir, val_folder)                # `raypack eval --val FOLDER`
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from raypack.data.collate import collate
 from raypack.data.prepared import RowStore
-from raypack.train.loss import token_losses
+from raypack.train.head import check_fused_head, model_token_losses
 
 
 def validation_groups(rows: RowStore, micro_batch_size: int, rank: int,
@@ -36,20 +36,22 @@ def validation_groups(rows: RowStore, micro_batch_size: int, rank: int,
 
 
 @torch.no_grad()
-def validation_sums(forward, rows: RowStore, groups: list[np.ndarray], num_forwards: int,
-                    pad_token_id: int) -> tuple[float, int]:
+def validation_sums(losses_of, rows: RowStore, groups: list[np.ndarray], num_forwards: int,
+                    pad_token_id: int, boundaries: bool = False) -> tuple[float, int]:
     """(sum of token losses, number of supervised tokens) over this rank's groups of rows.
 
-    `forward(batch) -> logits`. A rank with fewer groups repeats its first with
+    `losses_of(batch) -> ([B, T-1] token losses, mask)`, as raypack.train.head.model_token_losses
+    gives them (the loop: train.loss_impl, the same as training). A rank with fewer groups repeats its first with
     zero weight, so every rank calls forward num_forwards times (a rank with no
     group at all can only occur when the split has fewer micro-batches than
-    ranks; it then repeats row 0).
+    ranks; it then repeats row 0). `boundaries`: the batches carry the sample boundaries an attention such
+    as raypack_varlen needs (raypack.data.collate.takes_boundaries).
     """
     loss_sum, num_tokens = 0.0, 0
     for i in range(num_forwards):
         idx = groups[i] if i < len(groups) else (groups[0] if groups else np.zeros(1, dtype=np.int64))
-        batch = collate(rows.take(idx), "padding", pad_token_id)
-        losses, mask = token_losses(forward(batch), batch["labels"])
+        batch = collate(rows.take(idx), "padding", pad_token_id, boundaries=boundaries)
+        losses, mask = losses_of(batch)
         if i < len(groups):
             loss_sum += float(losses[mask].sum())
             num_tokens += int(mask.sum())
@@ -68,10 +70,16 @@ def validation_loss_of_model(model_dir: str, val_folder: str, micro_batch_size: 
     rows = RowStore.open(val_folder)
     groups, num_forwards = validation_groups(rows, micro_batch_size, 0, 1)
 
-    def forward(batch: dict) -> torch.Tensor:
+    def losses_of(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        return model(**inputs, use_cache=False).logits
+        return model_token_losses(model, model, inputs, batch["labels"], impl)
 
-    loss_sum, num_tokens = validation_sums(forward, rows, groups, num_forwards, tokenizer.pad_token_id)
+    try:  # the fused loss where the model allows it (the logits of a 128k vocabulary are large), else full
+        check_fused_head(model)
+        impl = "fused"
+    except ValueError:
+        impl = "full"
+
+    loss_sum, num_tokens = validation_sums(losses_of, rows, groups, num_forwards, tokenizer.pad_token_id)
     return {"val_loss": loss_sum / num_tokens if num_tokens else float("nan"), "val_tokens": num_tokens,
             "val_rows": rows.num_rows}
