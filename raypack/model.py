@@ -151,9 +151,6 @@ def build_tiny_model(
         return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
 
 
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "raypack_varlen")
-
-
 def select_attn_implementation(name: str, attention: str | None, device: str, precision: str,
                                flash_importable: bool, varlen_available: bool) -> str:
     """The selection table of model.attn_implementation=auto (pure); any other name is kept.

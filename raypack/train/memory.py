@@ -89,7 +89,7 @@ from pathlib import Path
 from raypack.config import UNPACKED_ARMS, Config, ModelConfig, PackConfig, PlanConfig, TrainConfig, arm_spec
 from raypack.data.collate import flatten_isolated
 from raypack.train.engine import resolve_precision
-from raypack.train.loss import chunk_rows
+from raypack.train.loss import LOSS_IMPLS, chunk_rows
 
 GIB = 2**30
 ATTENTION_KINDS = ("sdpa", "eager", "flash_attention_2", "flex_attention", "raypack_varlen")
@@ -267,7 +267,7 @@ def activation_bytes(shape: ModelShape, batch: MicroBatch, elem_bytes: int, atte
         return Activations(layer=layer, layers=layers, head=norm + n * shape.hidden_size * e,
                            loss=chunk * 8 + n * shape.hidden_size * 4, recomputed=recomputed)
     if loss_impl != "full":
-        raise ValueError(f"loss_impl {loss_impl!r} is not one of fused, full")
+        raise ValueError(f"loss_impl {loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
     logits = n * shape.vocab_size
     return Activations(layer=layer, layers=layers, head=norm + logits * 4, loss=logits * (e + 8),
                        recomputed=recomputed)
