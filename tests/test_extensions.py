@@ -53,14 +53,15 @@ def waiting(wait, seconds: float) -> threading.Thread:
     return thread
 
 
-def test_each_environment_builds_in_its_own_folder(monkeypatch):
+def test_each_environment_builds_in_its_own_folder(monkeypatch, tmp_path):
     base = environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.8")
     assert base == environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.8")
     others = {environment_key("/clone/.venv", "3.11", "2.13.0+cpu", "0.19.8"),
               environment_key("/work/.venv", "3.12", "2.13.0+cpu", "0.19.8"),
               environment_key("/work/.venv", "3.11", "2.13.0+cu128", "0.19.8"),
-              environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.9")}
-    assert base not in others and len(others) == 4
+              environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.9"),
+              environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.8", "/usr/bin/ninja")}
+    assert base not in others and len(others) == 5
     assert doctest.testmod(extensions).failed == 0
     monkeypatch.setattr(cpp_extension, "FileBaton", FileBaton)  # restored after the test
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
@@ -68,6 +69,16 @@ def test_each_environment_builds_in_its_own_folder(monkeypatch):
     assert os.environ["TORCH_EXTENSIONS_DIR"] == folder == extensions.extensions_root()
     assert Path(folder).parent == Path(cpp_extension.get_default_build_root())
     assert Path(folder).name.startswith("raypack-") and cpp_extension.FileBaton is OwnedBaton
+    # Two ninjas (ninja 1.12+ hashes its build log's commands differently) would rebuild each other's builds:
+    # a process that finds another ninja first on its PATH builds in another folder.
+    other_bin = tmp_path / "bin"
+    other_bin.mkdir()
+    (other_bin / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (other_bin / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other_bin}{os.pathsep}{os.environ['PATH']}")
+    assert extensions.extensions_root() != folder
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)[1:]))
+    assert extensions.extensions_root() == folder
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/the/user/chose")
     assert extensions.prepare() == "/somewhere/the/user/chose"
     monkeypatch.setenv("RAYPACK_BUILD_LOCK_TIMEOUT_S", "soon")

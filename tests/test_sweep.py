@@ -336,7 +336,7 @@ def test_analyze_neither_starts_nor_joins_ray(tmp_path):
 
 def sweep_overrides(tmp):
     return [f"output_dir={tmp / 'out'}", f"prepare.output_dir={tmp / 'prepared'}", "synth.num_samples=80",
-            "data.max_seq_len=256", "train.max_steps=2", "sweep.lr=[1.0e-3, 3.0e-3]", "sweep.global_batch_size=[8]",
+            "data.max_seq_len=256", "train.max_steps=2", "train.num_workers=1", "sweep.lr=[1.0e-3, 3.0e-3]", "sweep.global_batch_size=[8]",
             "sweep.seeds=1"]
 
 

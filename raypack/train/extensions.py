@@ -10,14 +10,20 @@ no owner, so a builder killed mid-build (SIGKILL, out of memory) leaves it behin
 and every later process of that user waits for ever, silently. Two Python
 environments sharing the folder (a checkout's .venv and a clean clone's) write
 different build files there and rebuild in turn, so a killed rebuild is likely.
+So do two `ninja` binaries on one environment (the system's and the environment's
+`ninja` package, which processes started with different PATHs find): ninja 1.12+
+hashes the commands in its build log differently, so each takes the other's log
+for changed commands and rebuilds the op (a clean clone's test session rebuilt it
+four times, about 50 s each).
 
 `prepare()` (raypack.train.engine calls it before it imports deepspeed, in every
 process that may build: the Ray Train workers, a bare process) does two things:
 
 1. TORCH_EXTENSIONS_DIR, unless the user set it, becomes a folder of this
    environment, `<torch's default root>/raypack-<key>`, the key a hash of the
-   interpreter's prefix, the Python, torch and deepspeed versions
-   (`environment_key`), so two environments never share build files.
+   interpreter's prefix, the Python, torch and deepspeed versions and the
+   `ninja` on PATH that torch will run (`environment_key`), so two environments,
+   or two ninjas, never share build files.
 2. torch's JIT build takes an `OwnedBaton` instead of its FileBaton:
    - a builder first takes an flock on <op>/lock.flock, which the kernel drops
      when its holder dies however it dies; it waits for it at most
@@ -47,6 +53,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import socket
 import sys
 import time
@@ -74,8 +81,8 @@ def build_lock_timeout_s() -> float:
     return value
 
 
-def environment_key(prefix: str, python: str, torch_version: str, deepspeed_version: str) -> str:
-    """12 hex digits naming one environment's build folder.
+def environment_key(prefix: str, python: str, torch_version: str, deepspeed_version: str, ninja: str = "") -> str:
+    """12 hex digits naming one environment's build folder; `ninja` is the path of the ninja that builds there.
 
     >>> environment_key("/work/.venv", "3.11", "2.13.0+cpu", "0.19.8") == environment_key(
     ...     "/work/.venv", "3.11", "2.13.0+cpu", "0.19.8")
@@ -84,7 +91,7 @@ def environment_key(prefix: str, python: str, torch_version: str, deepspeed_vers
     ...     "/clone/.venv", "3.11", "2.13.0+cpu", "0.19.8")
     False
     """
-    text = "\0".join((os.path.realpath(prefix), python, torch_version, deepspeed_version))
+    text = "\0".join((os.path.realpath(prefix), python, torch_version, deepspeed_version, ninja))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -98,7 +105,9 @@ def extensions_root() -> str:
     except importlib.metadata.PackageNotFoundError:
         deepspeed_version = "none"
     python = f"{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    key = environment_key(sys.prefix, python, torch.__version__, deepspeed_version)
+    ninja = shutil.which("ninja")  # what torch's build runs: the first on this process's PATH
+    key = environment_key(sys.prefix, python, torch.__version__, deepspeed_version,
+                          os.path.realpath(ninja) if ninja else "none")
     return os.path.join(get_default_build_root(), f"raypack-{key}")
 
 
