@@ -6,8 +6,10 @@
 setup:
 	@bash scripts/setup.sh
 
+# .venv/bin first on PATH, as in an activated environment: every process of the session, Ray's workers included,
+# then runs the environment's ninja, and DeepSpeed's op is built once (raypack.train.extensions).
 test: setup
-	.venv/bin/python -m pytest -q --durations=30
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/python -m pytest -q --durations=30
 
 quickstart: setup
 	.venv/bin/raypack study jobs/quickstart.yaml

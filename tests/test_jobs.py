@@ -41,7 +41,7 @@ def test_study_submitted_with_ray_job_submit_succeeds(ray_head, tmp_path):
     study = tmp_path / "study"
     overrides = [f"study.out={study}", f"prepare.output_dir={tmp_path / 'prepared'}", "synth.num_samples=80",
                  "data.max_seq_len=256", "pack.arms=[padding, bfd-isolated]", "train.max_steps=2",
-                 "train.worker_cpus=0.25", "eval.limit=4", "eval.num_cpus=0.25", "prepare.num_tokenizer_actors=1"]
+                 "train.num_workers=1", "train.worker_cpus=0.25", "eval.limit=4", "eval.num_cpus=0.25", "prepare.num_tokenizer_actors=1"]
     for _ in range(24):  # the dashboard answers before its job agent is up: "try again later"
         submit = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
