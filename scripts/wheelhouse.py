@@ -38,9 +38,9 @@ A summary (every wheel, its size, what was dropped from Ray's) is written to <ou
 from __future__ import annotations
 
 import argparse
+import base64
 import fnmatch
 import hashlib
-import base64
 import json
 import os
 import re
@@ -61,8 +61,8 @@ TRAIN = ["ray[data,train,tune]", "tensorboardX"]
 EVAL = ["lm-eval"]
 # Files of Ray's wheel a Python-only Ray never loads (glob on the path inside the wheel, why).
 RAY_DROPS = [
-    ("ray/jars/*", "the Java worker's jar (ray_dist.jar): loaded only by a JVM, which Ray starts only for Java "
-                   "workers or cross-language calls; raypack's Ray is Python-only"),
+    ("ray/jars/*", ("the Java worker's jar (ray_dist.jar): loaded only by a JVM, which Ray starts only for Java "
+                    "workers or cross-language calls; raypack's Ray is Python-only")),
 ]
 
 
@@ -313,7 +313,8 @@ def verify(python: str, bundle: Path, name: str) -> int:
                     "--quiet", "--target", str(target), *map(str, sorted(bundle.glob("*.whl")))], check=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{target}"}
     checks = {"all": "train,eval"}.get(name, name)
-    done = subprocess.run([python, str(ROOT / "scripts" / "wheelhouse_check.py"), "--checks", checks], env=env)
+    done = subprocess.run([python, str(ROOT / "scripts" / "wheelhouse_check.py"), "--checks", checks], env=env,
+                          check=False)
     print(f"wheelhouse: {name} installed into {target} with {python}: check "
           f"{'passed' if done.returncode == 0 else 'FAILED'}")
     return done.returncode
