@@ -16,9 +16,10 @@ What it does, in order:
 1. reads the host's package list (--host-packages, default scripts/gpu-host-packages.txt: one distribution a
    line, `name==version` where the version is known): those are left out of the bundle, and the pinned ones
    are what everything else is resolved against, so nothing in the bundle asks for another torch;
-2. builds DeepSpeed, which ships only as an sdist, into a pure-Python wheel here (DS_BUILD_OPS=0: no op is
-   compiled; the host JIT-builds one if ever asked, and raypack asks none: torch's AdamW, no fused ops);
-3. resolves the train path (ray[data,train,tune] without Ray's dashboard extras, DeepSpeed's wheel,
+2. builds what ships only as an sdist (SDIST_ONLY) into pure-Python wheels here: DeepSpeed with DS_BUILD_OPS=0
+   (no op compiled; the host JIT-builds one if ever asked, and raypack asks none: torch's AdamW, no fused ops),
+   and three small dependencies of lm-eval; the resolver finds them with --find-links;
+3. resolves the train path (ray[data,train,tune] without Ray's dashboard extras, DeepSpeed,
    tensorboardX) and the eval path (lm-eval) for the target Python and platform with pip's resolver
    (`pip install --dry-run --report`, binary wheels only; pip fetches only the metadata of what it resolves),
    pinned by constraints.txt for whatever the host lacks;
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -57,8 +59,10 @@ UPLOAD_MIB = 64  # what the host takes per command, the repository included (../
 # The train path: Ray without its "default" extra (the dashboard's aiohttp-cors, opencensus, py-spy, ...: a local
 # Ray starts without them, raypack never opens the dashboard), DeepSpeed (built here, step 2), tensorboardX
 # (raypack.train.loop writes TensorBoard event files). MLflow is left out: tracking.enabled=false imports none of it.
-TRAIN = ["ray[data,train,tune]", "tensorboardX"]
+TRAIN = ["ray[data,train,tune]", "deepspeed", "tensorboardX"]
 EVAL = ["lm-eval"]
+# On the index only as source: built here into wheels (all pure Python; a built wheel that is not is refused).
+SDIST_ONLY = ["deepspeed", "rouge-score", "sqlitedict", "word2number"]
 # Files of Ray's wheel a Python-only Ray never loads (glob on the path inside the wheel, why).
 RAY_DROPS = [
     ("ray/jars/*", ("the Java worker's jar (ray_dist.jar): loaded only by a JVM, which Ray starts only for Java "
@@ -117,17 +121,22 @@ def pip(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True, **kwargs)
 
 
-def build_deepspeed(requirement: str, dest: Path) -> Path:
-    """DeepSpeed's sdist as a pure-Python wheel, no op compiled (DS_BUILD_OPS=0)."""
+def build_sdist(requirement: str, dest: Path) -> Path:
+    """A package the index has only as source, built into a pure-Python wheel in `dest` (kept between runs).
+    DeepSpeed: DS_BUILD_OPS=0, no op compiled. Built with this interpreter's setuptools (no build isolation:
+    DeepSpeed's setup reads torch when it is there)."""
     dest.mkdir(parents=True, exist_ok=True)
-    found = sorted(dest.glob("deepspeed-*.whl"))
+    name = normalize(requirement)
+    version = requirement.split("==", 1)[1] if "==" in requirement else None
+    found = [p for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) == name
+             and (version is None or p.name.split("-")[1] == version)]
     if not found:
         env = {**os.environ, "DS_BUILD_OPS": "0", "DS_BUILD_STRING": ""}
-        pip(["wheel", "--no-deps", "--no-binary", "deepspeed", "--no-build-isolation", "-w", str(dest), requirement],
+        pip(["wheel", "--no-deps", "--no-binary", name, "--no-build-isolation", "-w", str(dest), requirement],
             env=env)
-        found = sorted(dest.glob("deepspeed-*.whl"))
+        found = [p for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) == name]
     if len(found) != 1 or not found[0].name.endswith("-py3-none-any.whl"):
-        raise SystemExit(f"wheelhouse: expected one pure-Python DeepSpeed wheel in {dest}, found {found}")
+        raise SystemExit(f"wheelhouse: expected one pure-Python wheel of {requirement} in {dest}, found {found}")
     return found[0]
 
 
@@ -148,10 +157,13 @@ def resolve(requirements: list[str], constraints_file: Path, flags: list[str], w
 def download(items: dict[str, dict], flags: list[str], dest: Path) -> dict[str, Path]:
     """{name: wheel file} for `items` (name -> version), fetched once into `dest` (a cache kept between runs)."""
     dest.mkdir(parents=True, exist_ok=True)
-    missing = [f"{i['name']}=={i['version']}" for n, i in items.items() if not wheel_of(dest, n, i["version"])]
+    missing = [f"{i['name']}=={i['version']}" for n, i in items.items()
+               if not wheel_of(dest, n, i["version"]) and not i["url"].startswith("file:")]
     if missing:
         pip(["download", "--no-deps", *flags, "-d", str(dest), *missing])
-    files = {n: wheel_of(dest, n, i["version"]) for n, i in items.items()}
+    # A wheel pip found on this machine (built here, or a local index) is taken where it lies.
+    files = {n: Path(unquote(urlparse(i["url"]).path)) if i["url"].startswith("file:") else
+             wheel_of(dest, n, i["version"]) for n, i in items.items()}
     lost = [n for n, f in files.items() if f is None]
     if lost:
         raise SystemExit(f"wheelhouse: pip download left no wheel for {lost} in {dest}")
@@ -261,17 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     flags = target_flags(args.python_version, args.platform)
     budget = int(args.budget_mib * MIB) if args.budget_mib else UPLOAD_MIB * MIB - repo_size(ROOT)
 
-    deepspeed = build_deepspeed(pinned("deepspeed", constraints), cache / "built")
-    wanted = {"train": [pinned(r, constraints) for r in TRAIN] + [str(deepspeed)],
-              "eval": [pinned(r, constraints) for r in EVAL]}
+    built = cache / "built"
+    for name in SDIST_ONLY:
+        build_sdist(pinned(name, constraints), built)
+    flags += ["--find-links", str(built)]
+    wanted = {"train": [pinned(r, constraints) for r in TRAIN], "eval": [pinned(r, constraints) for r in EVAL]}
     groups, summary = {}, {"python_version": args.python_version, "platform": args.platform,
                            "budget_bytes": budget, "groups": {}, "ray_dropped": []}
     for group, requirements in wanted.items():
         resolved = resolve(requirements, constraints_file, flags, work)
-        kept = {n: i for n, i in resolved.items() if n not in host and n != "deepspeed"}
+        kept = {n: i for n, i in resolved.items() if n not in host}
         files = download(kept, flags, cache / "downloads")
-        if "deepspeed" in resolved:
-            files["deepspeed"] = deepspeed
         if "ray" in files:
             stripped = cache / "stripped" / files["ray"].name
             stripped.parent.mkdir(parents=True, exist_ok=True)
