@@ -1,11 +1,15 @@
 """Wheelhouse: the wheels raypack's train and eval path need on an offline image that already has torch.
 
-Run on a machine with access to the package index; the bundle then travels with the repository to the
-offline host (../shared/gpu-host.md: Python 3.12, torch 2.11, 64 MiB per command including the repository):
+Run on a machine with access to the package index, with an interpreter that has pip >= 24 (metadata-only
+resolves) and setuptools (the source-only packages are built with it); the bundle then travels with the
+repository to the offline host (../shared/gpu-host.md: Python 3.12, torch 2.11, 64 MiB per command including
+the repository):
 
-    python scripts/wheelhouse.py --out out/wheelhouse                       # Python 3.12, manylinux x86_64
-    python scripts/wheelhouse.py --out out/wheelhouse-311 --python-version 3.11   # the same for a 3.11 image
-    python scripts/wheelhouse.py --out out/wheelhouse --verify /path/to/python3.12 # + install and import check
+    python3 -m venv /tmp/wh && /tmp/wh/bin/pip install -U pip setuptools   # once, if .venv's pip is older
+
+    /tmp/wh/bin/python scripts/wheelhouse.py --out out/wheelhouse             # Python 3.12, manylinux x86_64
+    /tmp/wh/bin/python scripts/wheelhouse.py --out out/wh311 --python-version 3.11   # the same for a 3.11 image
+    /tmp/wh/bin/python scripts/wheelhouse.py --verify /path/to/python3.12     # + install and import check
 
 and on the host, from the repository root:
 
@@ -55,6 +59,7 @@ from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
+MIN_PIP = (24, 0)  # metadata-only resolves (check_pip)
 UPLOAD_MIB = 64  # what the host takes per command, the repository included (../shared/gpu-host.md)
 # The train path: Ray without its "default" extra (the dashboard's aiohttp-cors, opencensus, py-spy, ...: a local
 # Ray starts without them, raypack never opens the dashboard), DeepSpeed (built here, step 2), tensorboardX
@@ -245,6 +250,18 @@ def plan_bundles(groups: dict[str, dict[str, Path]], budget: int) -> dict[str, l
     return {group: sorted(files.values()) for group, files in groups.items()}
 
 
+def check_pip() -> None:
+    """The resolve must read metadata only (PEP 658/714 files beside each wheel on the index): an older pip
+    downloads every wheel it considers, torch and its CUDA libraries included (gigabytes)."""
+    import pip as pip_module
+
+    major, minor = (int(x) for x in pip_module.__version__.split(".")[:2])
+    if (major, minor) < MIN_PIP:
+        raise SystemExit(f"wheelhouse: pip {pip_module.__version__} in {sys.executable} is older than "
+                         f"{'.'.join(map(str, MIN_PIP))}; run this script from a virtual environment with a newer "
+                         "pip and setuptools (python -m venv V && V/bin/pip install -U pip setuptools)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "out" / "wheelhouse"), help="the bundles go here")
@@ -262,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="install each bundle into a fresh folder with this interpreter and check it imports")
     args = parser.parse_args(argv)
 
+    check_pip()
     out = Path(args.out).resolve()
     cache = Path(args.cache).resolve() if args.cache else out / "cache"
     work = cache / "work"
