@@ -1,11 +1,11 @@
 """Wheelhouse: the wheels raypack's train and eval path need on an offline image that already has torch.
 
 Run on a machine with access to the package index, with an interpreter that has pip >= 24 (metadata-only
-resolves) and setuptools (the source-only packages are built with it); the bundle then travels with the
+resolves); the bundle then travels with the
 repository to the offline host (../shared/gpu-host.md: Python 3.12, torch 2.11, 64 MiB per command including
 the repository):
 
-    python3 -m venv /tmp/wh && /tmp/wh/bin/pip install -U pip setuptools   # once, if .venv's pip is older
+    python3 -m venv /tmp/wh && /tmp/wh/bin/pip install -U pip     # once, if .venv's pip is older
 
     /tmp/wh/bin/python scripts/wheelhouse.py --out out/wheelhouse             # Python 3.12, manylinux x86_64
     /tmp/wh/bin/python scripts/wheelhouse.py --out out/wh311 --python-version 3.11   # the same for a 3.11 image
@@ -128,8 +128,9 @@ def pip(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def build_sdist(requirement: str, dest: Path) -> Path:
     """A package the index has only as source, built into a pure-Python wheel in `dest` (kept between runs).
-    DeepSpeed: DS_BUILD_OPS=0, no op compiled. Built with this interpreter's setuptools (no build isolation:
-    DeepSpeed's setup reads torch when it is there)."""
+    DeepSpeed: DS_BUILD_OPS=0, no op compiled. pip's build isolation: the build environment has no torch, so
+    DeepSpeed records none (its torch_info is 0.0, as for any install built without torch) and prebuilds
+    nothing; at run time it finds the host's torch and JIT-builds an op only when one is asked for."""
     dest.mkdir(parents=True, exist_ok=True)
     name = normalize(requirement)
     version = requirement.split("==", 1)[1] if "==" in requirement else None
@@ -137,8 +138,7 @@ def build_sdist(requirement: str, dest: Path) -> Path:
              and (version is None or p.name.split("-")[1] == version)]
     if not found:
         env = {**os.environ, "DS_BUILD_OPS": "0", "DS_BUILD_STRING": ""}
-        pip(["wheel", "--no-deps", "--no-binary", name, "--no-build-isolation", "-w", str(dest), requirement],
-            env=env)
+        pip(["wheel", "--no-deps", "--no-binary", name, "-w", str(dest), requirement], env=env)
         found = [p for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) == name]
     if len(found) != 1 or not found[0].name.endswith("-py3-none-any.whl"):
         raise SystemExit(f"wheelhouse: expected one pure-Python wheel of {requirement} in {dest}, found {found}")
@@ -259,7 +259,7 @@ def check_pip() -> None:
     if (major, minor) < MIN_PIP:
         raise SystemExit(f"wheelhouse: pip {pip_module.__version__} in {sys.executable} is older than "
                          f"{'.'.join(map(str, MIN_PIP))}; run this script from a virtual environment with a newer "
-                         "pip and setuptools (python -m venv V && V/bin/pip install -U pip setuptools)")
+                         "pip (python3 -m venv V && V/bin/pip install -U pip)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             summary["ray_original_bytes"] = files["ray"].stat().st_size
             files["ray"] = stripped
         groups[group] = files
-        summary["groups"][group] = {"left_out_as_on_host": sorted(n for n in resolved if n in host),
+        summary["groups"][group] = {"left_out_as_on_host": sorted(f"{i['name']}=={i['version']}"
+                                                                  for n, i in resolved.items() if n in host),
                                     "wheels": {f.name: f.stat().st_size for f in sorted(files.values())}}
     bundles = plan_bundles(groups, budget)
     for old in ("all", "train", "eval"):
