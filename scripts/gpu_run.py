@@ -115,9 +115,11 @@ def environment() -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "pythonpath": os.environ.get("PYTHONPATH", ""),
             # Absent on the GPU host (hidden in the dry run): asked in a child process, so that this one imports
-            # nothing of them and forbidden_loaded stays a real check.
+            # nothing of them and forbidden_loaded stays a real check. ray.dashboard.optional_deps is Ray's own
+            # test of its dashboard's extras: where it fails, a local Ray starts without the dashboard.
             "importable": {m: subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True,
-                                             check=False).returncode == 0 for m in ("mlflow", "aiohttp_cors")}}
+                                             check=False).returncode == 0
+                           for m in ("mlflow", "aiohttp_cors", "ray.dashboard.optional_deps")}}
 
 
 def gpu_check(*flags: str) -> subprocess.CompletedProcess:

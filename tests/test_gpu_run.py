@@ -34,7 +34,10 @@ def report(tmp_path_factory):
 def test_every_part_ran_and_nothing_of_mlflow_was_imported(report):
     assert report["dry_run"] is True and report["ok"] is True
     assert report["parts"] == {"model": True, "bare": True, "bench": True, "zero3": True, "eval": True}
-    assert report["environment"]["importable"] == {"mlflow": False, "aiohttp_cors": False}  # hidden, as on the host
+    # Hidden, as the host lacks them (the .venv has them: the negative control that the hiding acts); Ray's own
+    # test of its dashboard's extras fails, so the parts ran on a Ray started without its dashboard.
+    assert report["environment"]["importable"] == {"mlflow": False, "aiohttp_cors": False,
+                                                   "ray.dashboard.optional_deps": False}
     assert report["forbidden_loaded"] == []
 
 
