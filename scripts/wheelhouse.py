@@ -137,7 +137,7 @@ def build_sdist(requirement: str, dest: Path) -> Path:
     found = [p for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) == name
              and (version is None or p.name.split("-")[1] == version)]
     if not found:
-        env = {**os.environ, "DS_BUILD_OPS": "0", "DS_BUILD_STRING": ""}
+        env = {**os.environ, "DS_BUILD_OPS": "0"}
         pip(["wheel", "--no-deps", "--no-binary", name, "-w", str(dest), requirement], env=env)
         found = [p for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) == name]
     if len(found) != 1 or not found[0].name.endswith("-py3-none-any.whl"):
