@@ -116,9 +116,25 @@ def pinned(requirement: str, constraints: list[str]) -> str:
     return requirement
 
 
+def platform_tags(platform: str) -> list[str]:
+    """`platform` and every older manylinux tag the same machine runs (pip takes only the tags it is given).
+
+    >>> platform_tags("manylinux_2_19_x86_64")
+    ['manylinux_2_19_x86_64', 'manylinux_2_18_x86_64', 'manylinux_2_17_x86_64', 'manylinux2014_x86_64']
+    """
+    match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if not match:
+        return [platform]
+    glibc, arch = int(match.group(1)), match.group(2)
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc, 16, -1)]
+    return tags + ([f"manylinux2014_{arch}"] if glibc >= 17 else [])
+
+
 def target_flags(python_version: str, platform: str) -> list[str]:
-    return ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
-            "--platform", platform]
+    flags = ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp"]
+    for tag in platform_tags(platform):
+        flags += ["--platform", tag]
+    return flags
 
 
 def pip(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -138,7 +154,7 @@ def build_sdist(requirement: str, dest: Path) -> Path:
              and (version is None or p.name.split("-")[1] == version)]
     if not found:
         env = {**os.environ, "DS_BUILD_OPS": "0"}
-        pip(["wheel", "--no-deps", "--no-binary", name, "-w", str(dest), requirement], env=env)
+        pip(["wheel", "--no-deps", "--no-cache-dir", "--no-binary", name, "-w", str(dest), requirement], env=env)
         found = [p for p in dest.glob("*.whl") if normalize(p.name.split("-")[0]) == name]
     if len(found) != 1 or not found[0].name.endswith("-py3-none-any.whl"):
         raise SystemExit(f"wheelhouse: expected one pure-Python wheel of {requirement} in {dest}, found {found}")
@@ -251,8 +267,9 @@ def plan_bundles(groups: dict[str, dict[str, Path]], budget: int) -> dict[str, l
 
 
 def check_pip() -> None:
-    """The resolve must read metadata only (PEP 658/714 files beside each wheel on the index): an older pip
-    downloads every wheel it considers, torch and its CUDA libraries included (gigabytes)."""
+    """A pip that reads metadata alone where the index serves it (PEP 658/714 files beside each wheel): else
+    the resolve downloads, without keeping, every wheel it considers, torch and its CUDA libraries included
+    (~3.5 GB; an index without those files, as a proxy may be, costs that with any pip)."""
     import pip as pip_module
 
     major, minor = (int(x) for x in pip_module.__version__.split(".")[:2])
@@ -269,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         "<out>/cache (not part of any bundle)")
     parser.add_argument("--python-version", default="3.12", help="the target's Python, e.g. 3.12")
     parser.add_argument("--platform", default="manylinux_2_28_x86_64",
-                        help="the target's platform tag; pip also takes every older manylinux tag (2_28 is what "
-                             "torch 2.11's own wheel needs, so an image running it has at least that glibc)")
+                        help="the target's platform tag; every older manylinux tag down to manylinux2014 is taken "
+                             "too (2_28 is what torch 2.11's own wheel needs, so an image running it has at least "
+                             "that glibc)")
     parser.add_argument("--host-packages", default=str(ROOT / "scripts" / "gpu-host-packages.txt"),
                         help="what the target image already has (name or name==version, one a line)")
     parser.add_argument("--budget-mib", type=float, default=0.0,

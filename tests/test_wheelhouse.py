@@ -93,3 +93,10 @@ def test_one_bundle_when_it_fits_else_one_per_group(tmp_path):
     assert len(wheelhouse.plan_bundles(groups, 1000)["all"]) == 3
     split = wheelhouse.plan_bundles(groups, 999)
     assert {k: len(v) for k, v in split.items()} == {"train": 2, "eval": 2}
+
+
+def test_platform_tags_reach_down_to_manylinux2014():
+    """pip takes only the tags it is given: Ray's wheels are manylinux2014, torch's manylinux_2_28."""
+    tags = wheelhouse.platform_tags("manylinux_2_28_x86_64")
+    assert tags[0] == "manylinux_2_28_x86_64" and tags[-1] == "manylinux2014_x86_64" and len(tags) == 13
+    assert wheelhouse.platform_tags("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
