@@ -199,13 +199,22 @@ def wheel_of(folder: Path, name: str, version: str) -> Path | None:
     return None
 
 
+def wheel_record(names: list[str]) -> str:
+    """The wheel's own RECORD: <name>-<version>.dist-info/RECORD at the top (Ray vendors packages with their own
+    dist-info folders deeper down)."""
+    found = [n for n in names if re.fullmatch(r"[^/]+\.dist-info/RECORD", n)]
+    if len(found) != 1:
+        raise SystemExit(f"wheelhouse: expected one top-level .dist-info/RECORD, found {found}")
+    return found[0]
+
+
 def strip_wheel(src: Path, dest: Path, drops: list[tuple[str, str]]) -> list[dict]:
     """Copy the wheel `src` to `dest` without the files matching `drops` (globs), RECORD rewritten to list exactly
     the files kept; every entry recompressed (deflate, level 9). Returns what was dropped: path, size, reason."""
     dropped = []
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
         names = zin.namelist()
-        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        record = wheel_record(names)
         for info in zin.infolist():
             reason = next((why for pattern, why in drops if fnmatch.fnmatch(info.filename, pattern)), None)
             if reason is not None:
@@ -223,7 +232,7 @@ def record_matches(wheel: Path) -> list[str]:
     """Mismatches between a wheel's RECORD and its files (hashes and the set of paths); [] when they agree."""
     problems = []
     with zipfile.ZipFile(wheel) as z:
-        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        record = wheel_record(z.namelist())
         listed = {}
         for line in z.read(record).decode().splitlines():
             path, digest, _ = line.rsplit(",", 2)

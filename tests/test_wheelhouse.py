@@ -62,7 +62,9 @@ def fake_wheel(path: Path, files: dict[str, bytes]) -> Path:
 
 def test_ray_repack_drops_the_jar_and_keeps_record_true(tmp_path):
     files = {"ray/__init__.py": b"x = 1\n", "ray/jars/ray_dist.jar": b"\0" * 5000,
-             "ray/core/src/ray/raylet/raylet": b"\x7fELF" * 100}
+             "ray/core/src/ray/raylet/raylet": b"\x7fELF" * 100,
+             # Ray vendors packages with their own RECORD: not the wheel's (read the wrong one: 'not in RECORD')
+             "ray/thirdparty_files/aiohttp-3.9.dist-info/RECORD": b"aiohttp/__init__.py,,\n"}
     src = fake_wheel(tmp_path / "ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl", files)
     assert wheelhouse.record_matches(src) == []
     out = tmp_path / "out.whl"
