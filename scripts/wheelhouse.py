@@ -72,6 +72,10 @@ SDIST_ONLY = ["deepspeed", "rouge-score", "sqlitedict", "word2number"]
 RAY_DROPS = [
     ("ray/jars/*", ("the Java worker's jar (ray_dist.jar): loaded only by a JVM, which Ray starts only for Java "
                     "workers or cross-language calls; raypack's Ray is Python-only")),
+    ("ray/dashboard/client/build/*", ("the dashboard's web page (JavaScript, CSS, a source map), read only by the "
+                                      "dashboard head's HTTP server (ray/dashboard/http_server_head.py), which Ray "
+                                      "starts only where its `default` extras import: never with this bundle, "
+                                      "which leaves them out")),
 ]
 
 
