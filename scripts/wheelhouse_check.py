@@ -30,7 +30,7 @@ def run(name: str, results: dict, fn) -> None:
     try:
         results[name] = {"ok": True, **(fn() or {})}
     except ModuleNotFoundError as err:
-        if err.name and err.name.split(".")[0] == "torch" and not has_torch():
+        if missing_torch(err) and not has_torch():
             results[name] = {"ok": None, "skipped": f"needs torch, which does not import here ({err})"}
         else:
             results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:800],
@@ -38,6 +38,16 @@ def run(name: str, results: dict, fn) -> None:
     except Exception as err:  # noqa: BLE001  (each check reports; the others still run)
         results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:800],
                          "traceback": traceback.format_exc()[-1500:]}
+
+
+def missing_torch(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it was raised from, is torch not being found (ray.train.torch re-raises it
+    with a message of its own)."""
+    while err is not None:
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "torch":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def has_torch() -> bool:
