@@ -4,7 +4,8 @@ scripts/wheelhouse.py --verify runs it after installing a bundle into a fresh fo
 
     PYTHONPATH=$PWD:/tmp/rp python3 scripts/wheelhouse_check.py --checks train,eval
 
-Checks (one JSON object on stdout; exit 1 if one failed):
+Checks (the last thing on stdout is one JSON object; Ray Tune prints its table before it; exit 1 if one
+failed):
 train  import ray.train, ray.data, ray.tune and deepspeed; a local Ray started as raypack starts it
        (raypack.ray_start: the dashboard's extras absent must not stop it); a Ray Data map over 100 rows, a
        Tune grid of 2 trials, and a 1-worker TorchTrainer on CPU;
