@@ -34,8 +34,9 @@ if [ "$dry_run" = 1 ]; then
   trap 'rm -rf "$hidden"' EXIT
   for module in mlflow aiohttp_cors opencensus; do
     mkdir -p "$hidden/$module"
-    echo "raise ImportError('$module is hidden by scripts/gpu_run.sh --dry-run: the GPU host has none')" \
-      > "$hidden/$module/__init__.py"
+    # ModuleNotFoundError, as for a module that is not there: Ray's dashboard skips modules on that one only.
+    echo "raise ModuleNotFoundError('$module is hidden by scripts/gpu_run.sh --dry-run: the GPU host has none'," \
+      "name='$module')" > "$hidden/$module/__init__.py"
   done
   export PYTHONPATH="$hidden:$PWD"
   exec "$python" scripts/gpu_run.py --dry-run --out "$out" ${rest[@]+"${rest[@]}"}
