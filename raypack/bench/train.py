@@ -24,7 +24,7 @@ For each arm, on the same prepared samples and the same cores:
 
 Per arm also: the first step's time (kernels chosen, caches warmed) and, over the steps after it,
 `warm_tokens_per_sec`, `warm_mfu` (null where the accelerator's peak is unknown, e.g. CPU), the largest
-`peak_memory_mb` of any step (torch.cuda.max_memory_allocated on rank 0; null on CPU), and what the
+`peak_memory_mb` of any step (torch.cuda.max_memory_allocated on rank 0; on CPU its peak RSS), and what the
 arm ran with: `attn_implementation` (auto resolves per arm), `loss_impl`, `zero_stage`.
 """
 
