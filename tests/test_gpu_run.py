@@ -58,6 +58,10 @@ def test_zero3_checkpointed_every_layer_and_eval_matches_its_validation_loss(rep
     zero3 = report["zero3"]
     assert len(zero3["losses"]) == 3 and zero3["gradient_checkpointing"] is True
     assert zero3["checkpointed_layers"] == report["model"]["layers"] == 2
+    # train.checkpoints=false (the job's): no checkpoint anywhere in the run's storage, though the run ended and
+    # exported (tests/test_train.py finds them at the steps due with the default: the control).
+    storage = Path(zero3["run_dir"]).parent
+    assert list(storage.rglob("checkpoint_*")) == [] and (Path(zero3["model_dir"]) / "config.json").is_file()
     ev = report["eval"]
     assert ev["val_loss_matches"] is True and ev["val_loss_difference"] < 1e-4  # fp32 on CPU: far inside
     assert ev["val_loss"] == pytest.approx(zero3["val_loss"], abs=1e-4)
