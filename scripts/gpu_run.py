@@ -108,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def environment() -> dict:
-    import torch
-    import transformers
+    try:
+        import torch
+        import transformers
+    except ImportError as err:  # the parts will fail on it too; the JSON still says why
+        return {"python": sys.version.split()[0], "error": f"{type(err).__name__}: {err}",
+                "pythonpath": os.environ.get("PYTHONPATH", "")}
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
