@@ -25,7 +25,8 @@ What it does, in order:
    and three small dependencies of lm-eval; the resolver finds them with --find-links;
 3. resolves the train path (ray[data,train,tune] without Ray's dashboard extras, DeepSpeed,
    tensorboardX) and the eval path (lm-eval) for the target Python and platform with pip's resolver
-   (`pip install --dry-run --report`, binary wheels only; pip fetches only the metadata of what it resolves),
+   (`pip install --dry-run --report`, binary wheels only; it reads metadata alone where the index serves it,
+   else it downloads each wheel it considers and keeps none: torch and its CUDA libraries, ~3.5 GB, seconds here),
    pinned by constraints.txt for whatever the host lacks;
 4. downloads the wheels the host lacks (`pip download --no-deps --only-binary=:all:`);
 5. repacks Ray's wheel without what a Python-only Ray never loads (RAY_DROPS, each with its reason) and
