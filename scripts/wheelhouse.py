@@ -379,7 +379,8 @@ def verify(python: str, bundle: Path, name: str) -> int:
     done = subprocess.run([python, str(ROOT / "scripts" / "wheelhouse_check.py"), "--checks", checks], env=env,
                           check=False)
     print(f"wheelhouse: {name} installed into {target} with {python}: check "
-          f"{'passed' if done.returncode == 0 else 'FAILED'}")
+          f"{'passed' if done.returncode == 0 else 'FAILED'} (folder removed)")
+    shutil.rmtree(target, ignore_errors=True)  # ~365 MiB unpacked
     return done.returncode
 
 
