@@ -23,7 +23,7 @@ the command reads, with the help text they are declared with.
     raypack bench grouping jobs/compare.yaml synth.preset=tulu-326k synth.num_samples=100000 [--clusters 16]
     raypack bench pipeline jobs/compare.yaml synth.num_samples=100000 pack.window=100000 --json out/bench_pipeline.json
     raypack bench pipeline jobs/compare.yaml synth.num_samples=20000 pack.window=2000 --skip-bare --pack-workers 1,2
-    raypack bench train jobs/quickstart.yaml [key=value ...] [--json F]   # padding vs bfd-isolated, one epoch
+    raypack bench train jobs/quickstart.yaml [key=value ...] [--arms A,B] [--no-replay] [--json F]   # one epoch
     raypack bench loss jobs/compare.yaml data.max_seq_len=2048 [--vocab 128256] [--json F]   # full vs fused loss
     raypack bench loader jobs/compare.yaml --sizes 2000,20000,190000 --json out/bench_loader.json
     raypack config jobs/quickstart.yaml [key=value ...]    # the resolved config
@@ -248,7 +248,10 @@ def cmd_bench_pipeline(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_bench_train(cfg: Config, args: argparse.Namespace) -> int:
     from raypack.bench.train import bench_train, format_train_result
 
-    result = bench_train(args.config, args.overrides, _work_dir(cfg, args))
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    if not arms:
+        raise ConfigError("--arms: give at least one arm, e.g. --arms padding,bfd-isolated")
+    result = bench_train(args.config, args.overrides, _work_dir(cfg, args), arms=arms, replay=not args.no_replay)
     return _report(format_train_result(result), result, args.json)
 
 
@@ -369,8 +372,13 @@ COMMANDS = (
                    flag("--pack-workers", default="", help="e.g. 1,2: then time the packing stage alone again on "
                         "the same tokenized cache with each number of packing tasks per split "
                         "(prepare.pack_workers)"), JSON)),
-    Command("bench train", cmd_bench_train, "one epoch of padding vs bfd-isolated on the same samples (tiny "
-            "model)", flags=(work_dir("runs (a fresh name each time)"), JSON)),
+    Command("bench train", cmd_bench_train, "one epoch of padding vs bfd-isolated (or --arms) on the same "
+            "samples: tokens/s, MFU, peak memory, the attention and loss each arm ran, and the data handling's "
+            "share against a replay of the same steps",
+            flags=(work_dir("runs (a fresh name each time)"),
+                   flag("--arms", default="padding,bfd-isolated", help="the arms benchmarked, comma separated"),
+                   flag("--no-replay", action="store_true", help="skip the replay run per arm (the ratio)"),
+                   JSON)),
     Command("bench loss", cmd_bench_loss, "one training step of a 2-layer model at a real vocabulary, "
             "train.loss_impl full vs fused, each in its own process: step time and peak RSS (a micro-batch of "
             "train.micro_batch_size rows of data.max_seq_len tokens)",

@@ -211,6 +211,9 @@ class TrainConfig:
                                "<output_dir>/train. A run is <name>-<arm> in it; running again with the same "
                                "name resumes from its latest checkpoint")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: only at epoch ends)")
+    checkpoints: bool = _field(True, "false saves no checkpoint at all, not even at epoch ends: for benchmarks "
+                               "of a large model on a small disk (a 1B model's ZeRO checkpoint with its AdamW "
+                               "state is ~15 GB); such a run cannot resume or survive a worker failure")
     max_failures: int = _field(1, "worker-group restarts from the latest checkpoint before giving up (a lost "
                                "worker or node; the paper jobs allow 3)")
     resume: bool = _field(True, "launching a run that has checkpoints resumes it, refused when the settings "

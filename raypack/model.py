@@ -267,6 +267,15 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def checkpointed_layers(model) -> int:
+    """How many of the model's layers recompute their activations in the backward pass: transformers'
+    GradientCheckpointingLayer modules (the decoder layers) with checkpointing switched on (enable_checkpointing);
+    0 for a model without it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(isinstance(m, GradientCheckpointingLayer) and bool(m.gradient_checkpointing) for m in model.modules())
+
+
 def import_model_code(name_or_path: str, trust_remote_code: bool = False) -> None:
     """Import the model class's code now (transformers imports it lazily on first use): a memory record
     taken after this counts the model's tensors, not the ~100 MB of its Python modules."""

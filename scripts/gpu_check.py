@@ -6,6 +6,12 @@ DeepSpeed, flash-attn or numba needed), run from the repository root:
     python scripts/gpu_check.py --out $OUT/gpu_check.json    # one H200: a few minutes
     python scripts/gpu_check.py --dry-run --out /tmp/x.json  # CPU, tiny model, same code path: ~15 s on 2 cores
     python scripts/gpu_check.py --dry-run --cpu-flex         # also flex_attention, compiled on CPU (+20-100 s)
+    python scripts/gpu_check.py --sections arms --arms padding,bfd-cross   # only these arms' speed
+    python scripts/gpu_check.py --save-model DIR [--dry-run] # write the model the arms train (random init) and stop
+
+--save-model writes the arms' model (GPU model below, bf16; the dry run's in fp32) as a Hugging Face
+folder, so that scripts/gpu_run.sh trains the very same model through `raypack bench train`
+(model.name_or_path=DIR) and the two sets of figures compare.
 
 It prints ONE JSON object (also written to --out, and rewritten there after every
 arm and backend, so a run stopped early keeps what it measured); progress goes to
@@ -366,7 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-flex", action="store_true",
                         help="dry run: also check flex_attention (compiled on CPU: 20-100 s more on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sections", default="arms,loss,isolation",
+                        help="what to run, comma separated: arms, loss, isolation")
+    parser.add_argument("--arms", default=",".join(ARMS), help="the arms timed, comma separated")
+    parser.add_argument("--save-model", default="", metavar="DIR",
+                        help="write the arms' model (random init, seed --seed) to DIR and stop")
     args = parser.parse_args(argv)
+    unknown = (set(args.sections.split(",")) - {"arms", "loss", "isolation"}) | (set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown sections or arms {sorted(unknown)}: sections are arms, loss, isolation; arms "
+                     f"{', '.join(ARMS)}")
+    if args.save_model:
+        return save_model(args)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --dry-run on a CPU machine", file=sys.stderr)
         return 2
@@ -374,6 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     # varlen_attn runs on CUDA only: the dry run takes raypack_varlen's code path with the reference kernel.
     with use_varlen_kernel(reference_varlen_attn if args.dry_run else None):
         return run_check(args)
+
+
+def save_model(args: argparse.Namespace) -> int:
+    """The arms' model, random init from --seed, in the precision the arms train it (--save-model)."""
+    setup, dtype = (CPU, torch.float32) if args.dry_run else (GPU, torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    model = build_model(setup, "sdpa", dtype, device, args.seed)
+    model.save_pretrained(args.save_model)
+    num_params = sum(p.numel() for p in model.parameters())
+    progress(f"saved a {num_params / 1e9:.3f} B-parameter Llama ({dtype}) to {args.save_model}")
+    return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -414,8 +442,12 @@ def run_check(args: argparse.Namespace) -> int:
                "bfd-isolated": [packed[2 * i: 2 * i + 2] for i in range(num_steps)]}
     batches["bfd-cross"] = batches["bfd-isolated/sdpa"] = batches["bfd-isolated"]
     batches["padfree"] = batches["padding"]
+    sections, chosen_arms = args.sections.split(","), args.arms.split(",")
+    result["sections"] = sections
     arms = result["arms"] = {}
     for arm, (strategy, attention, attn) in ARMS.items():
+        if "arms" not in sections or arm not in chosen_arms:
+            continue
         auto = resolve_attn_implementation("auto", device, precision, attention)  # what training would pick here
         try:
             arms[arm] = run_arm(setup, strategy, attention, batches[arm], device, DTYPES[precision], attn, args.seed, peak)
@@ -427,15 +459,17 @@ def run_check(args: argparse.Namespace) -> int:
         save()
     for name, ref in (("tokens_per_sec_vs_padding", "padding"), ("tokens_per_sec_vs_cross", "bfd-cross")):
         result[name] = {arm: arms[arm]["tokens_per_sec"] / arms[ref]["tokens_per_sec"]
-                        for arm in ARMS if "tokens_per_sec" in arms[arm] and "tokens_per_sec" in arms[ref]}
-    try:
-        result["loss"] = loss_step(setup, device, DTYPES[precision], args.seed)
-    except Exception as err:  # noqa: BLE001  (e.g. out of memory at full: keep the rest)
-        result["loss"] = {"error": f"{type(err).__name__}: {err}"[:500]}
-        reset_peak(device)
-    progress(f"loss: {result['loss']}")
-    save()
-    isolation(setup, chosen, device, args.seed, result.setdefault("isolation", {}), save)
+                        for arm in arms if "tokens_per_sec" in arms[arm] and "tokens_per_sec" in arms.get(ref, {})}
+    if "loss" in sections:
+        try:
+            result["loss"] = loss_step(setup, device, DTYPES[precision], args.seed)
+        except Exception as err:  # noqa: BLE001  (e.g. out of memory at full: keep the rest)
+            result["loss"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            reset_peak(device)
+        progress(f"loss: {result['loss']}")
+        save()
+    if "isolation" in sections:
+        isolation(setup, chosen, device, args.seed, result.setdefault("isolation", {}), save)
     result["forbidden_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
     result["seconds"] = time.perf_counter() - started
     write(result, args.out)

@@ -1,6 +1,7 @@
-"""Benchmark of `raypack train`: padding vs bfd-isolated on the same samples, tiny model.
+"""Benchmark of `raypack train`: padding vs bfd-isolated (or --arms) on the same samples.
 
     raypack bench train jobs/quickstart.yaml synth.num_samples=2000 data.max_seq_len=1024
+    raypack bench train jobs/gpu-1x.yaml --arms padding,padfree,bfd-isolated,bfd-cross --no-replay  # GPU
 
 For each arm, on the same prepared samples and the same cores:
 
@@ -19,6 +20,12 @@ For each arm, on the same prepared samples and the same cores:
    taken (step 1, the warm-up, left out of both) divided by the replay's is the
    share data handling leaves (target >= 0.9). The limit run's losses are not a
    normal run's (each step updates the model twice); the training run's are.
+   --no-replay skips it (scripts/gpu_run.sh compares with scripts/gpu_check.py's bare loop instead).
+
+Per arm also: the first step's time (kernels chosen, caches warmed) and, over the steps after it,
+`warm_tokens_per_sec`, `warm_mfu` (null where the accelerator's peak is unknown, e.g. CPU), the largest
+`peak_memory_mb` of any step (torch.cuda.max_memory_allocated on rank 0; on CPU its peak RSS), and what the
+arm ran with: `attn_implementation` (auto resolves per arm), `loss_impl`, `zero_stage`.
 """
 
 from __future__ import annotations
@@ -41,23 +48,22 @@ ARMS = ("padding", "bfd-isolated")
 LIMIT_FILE = "limit.json"
 
 
-def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
+def bench_train(config: str, overrides: list[str], work_dir: str, arms: tuple[str, ...] = ARMS,
+                replay: bool = True) -> dict:
     run = time.strftime("%Y%m%d-%H%M%S")
-    cfg = load_config(config, [f"pack.arms={json.dumps(list(ARMS))}", "train.epochs=1", "train.export=false",
+    cfg = load_config(config, [f"pack.arms={json.dumps(list(arms))}", "train.epochs=1", "train.export=false",
                                f"train.storage_path={Path(work_dir).resolve() / 'runs'}", f"name=bench-{run}",
                                *overrides])
     folders = prepare(cfg)
     out = {"config": {"num_workers": cfg.train.num_workers, "global_batch_size": cfg.train.global_batch_size,
                       "micro_batch_size": cfg.train.micro_batch_size, "max_seq_len": cfg.data.max_seq_len,
                       "num_samples": num_rows(cfg.synth) if not cfg.data.sources else None}, "arms": {}}
-    for arm in ARMS:
+    for arm in arms:
         start = time.perf_counter()
         summary = train_arm(cfg, arm, folders[arm])
         fit_s = time.perf_counter() - start
         metrics = read_metrics(summary["run_dir"])
         epoch_s = sum(m["step_time_s"] for m in metrics)
-        replay = limit_run(cfg, arm, folders[arm])
-        timed_row_tps = replay["real_row_tokens_per_sec"]  # the steps as taken, right before their replays
         out["arms"][arm] = {
             "steps": len(metrics), "epoch_s": epoch_s, "fit_s": fit_s,
             "tokens_per_sec": sum(m["num_tokens"] for m in metrics) / epoch_s,
@@ -65,10 +71,35 @@ def bench_train(config: str, overrides: list[str], work_dir: str) -> dict:
             "padding_fraction": 1 - sum(m["num_tokens"] for m in metrics) / sum(m["num_row_tokens"] for m in metrics),
             "last_loss": metrics[-1]["loss"],
             "model_tflops_per_sec": sum(m["model_tflops_per_sec"] * m["step_time_s"] for m in metrics) / epoch_s,
-            "replay": replay, "timed_row_tokens_per_sec": timed_row_tps,
-            "ratio_to_replay": timed_row_tps / replay["row_tokens_per_sec"],
+            **warm_figures(metrics), "attn_implementation": summary["attn_implementation"],
+            "loss_impl": cfg.train.loss_impl, "zero_stage": cfg.train.zero_stage,
         }
+        if replay:
+            limit = limit_run(cfg, arm, folders[arm])
+            timed_row_tps = limit["real_row_tokens_per_sec"]  # the steps as taken, right before their replays
+            out["arms"][arm].update({"replay": limit, "timed_row_tokens_per_sec": timed_row_tps,
+                                     "ratio_to_replay": timed_row_tps / limit["row_tokens_per_sec"]})
     return out
+
+
+def warm_figures(metrics: list[dict]) -> dict:
+    """The first step's time, and tokens/s and MFU over the steps after it (module docstring); the largest peak
+    memory of any step. Over every step when there is only one.
+
+    >>> m = [{"step_time_s": 5.0, "num_tokens": 100, "mfu": 0.1, "peak_memory_mb": 9.0},
+    ...      {"step_time_s": 1.0, "num_tokens": 100, "mfu": 0.5, "peak_memory_mb": 8.0},
+    ...      {"step_time_s": 3.0, "num_tokens": 300, "mfu": 0.3, "peak_memory_mb": 7.0}]
+    >>> warm_figures(m)
+    {'first_step_time_s': 5.0, 'warm_steps': 2, 'warm_tokens_per_sec': 100.0, 'warm_mfu': 0.35, 'peak_memory_mb': 9.0}
+    """
+    warm = metrics[1:] or metrics
+    seconds = sum(m["step_time_s"] for m in warm)
+    mfus = [m.get("mfu") for m in warm]
+    peaks = [m["peak_memory_mb"] for m in metrics if m.get("peak_memory_mb") is not None]
+    return {"first_step_time_s": metrics[0]["step_time_s"], "warm_steps": len(warm),
+            "warm_tokens_per_sec": sum(m["num_tokens"] for m in warm) / seconds,
+            "warm_mfu": None if None in mfus else sum(f * m["step_time_s"] for f, m in zip(mfus, warm)) / seconds,
+            "peak_memory_mb": max(peaks) if peaks else None}
 
 
 def limit_run(cfg: Config, arm: str, folder: str) -> dict:
@@ -119,15 +150,17 @@ def limit_loop_per_worker(config: dict) -> None:
 
 def format_train_result(r: dict) -> str:
     header = (f"{'arm':<14}{'steps':>6}{'epoch s':>9}{'fit s':>8}{'tok/s':>9}{'row tok/s':>11}{'pad':>7}"
-              f"{'replay row tok/s':>18}{'ratio':>7}")
+              f"{'replay row tok/s':>18}{'ratio':>7}  attention")
     lines = [header]
     for arm, a in r["arms"].items():
+        replay = (f"{a['replay']['row_tokens_per_sec']:>18.0f}{a['ratio_to_replay']:>7.3f}" if "replay" in a
+                  else f"{'-':>18}{'-':>7}")
         lines.append(f"{arm:<14}{a['steps']:>6}{a['epoch_s']:>9.1f}{a['fit_s']:>8.1f}{a['tokens_per_sec']:>9.0f}"
-                     f"{a['row_tokens_per_sec']:>11.0f}{a['padding_fraction']:>7.1%}"
-                     f"{a['replay']['row_tokens_per_sec']:>18.0f}{a['ratio_to_replay']:>7.3f}")
+                     f"{a['row_tokens_per_sec']:>11.0f}{a['padding_fraction']:>7.1%}{replay}  "
+                     f"{a['attn_implementation']}")
     lines.append("ratio: row tokens/s of steps 2.. as taken (rows fetched and collated) over their replays with no "
-                 "data loading, interleaved in a run of their own (target >= 0.9)")
-    if set(ARMS) <= set(r["arms"]):
+                 "data loading, interleaved in a run of their own (target >= 0.9; - : --no-replay)")
+    if {"padding", "bfd-isolated"} <= set(r["arms"]):
         p, b = r["arms"]["padding"], r["arms"]["bfd-isolated"]
         row_p = p["row_tokens_per_sec"] * p["epoch_s"]
         row_b = b["row_tokens_per_sec"] * b["epoch_s"]

@@ -117,8 +117,8 @@ from raypack.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCo
 from raypack.data.collate import arm_collation, collate, model_inputs, takes_boundaries
 from raypack.data.order import balanced_step_rows, epoch_order, step_rows
 from raypack.data.prepared import Manifest, RowStore, read_manifest
-from raypack.model import (build_model, enable_checkpointing, has_local_safetensors, import_model_code, load_tokenizer,
-                           prepare_export, resolve_attn_implementation)
+from raypack.model import (build_model, checkpointed_layers, enable_checkpointing, has_local_safetensors,
+                           import_model_code, load_tokenizer, prepare_export, resolve_attn_implementation)
 from raypack.tracking import Run, numeric
 from raypack.train.engine import (decay_split, full_state_dict, initialize, load_into_partitions,
                                   local_parameter_elements, partitioned_construction, resolve_precision)
@@ -176,6 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "world_size": world_size, "grad_accum": plan.grad_accum, "attn_implementation": w.attn,
                 "mode": w.mode, "precision": w.precision, "flat_isolated_rows": w.flatten and w.mode == "isolated",
                 "gradient_checkpointing": train.gradient_checkpointing,
+                "checkpointed_layers": checkpointed_layers(engine.module), "loss_impl": train.loss_impl,
                 **({"rng_restored": rng_restored} if checkpoint else {}), **w.memory})
     if checkpoint and not rng_restored:
         print(f"[{arm}] rank {rank}: the checkpoint at step {start_step} holds no random-generator state (saved "
@@ -226,7 +227,7 @@ def train_loop_per_worker(config: dict) -> None:
         logs.step(metrics, epoch, [int(i) for mb in indices for i in mb])
         progress.add(metrics)
 
-        if plan.checkpoints_at(done) or preempted:
+        if (train.checkpoints and plan.checkpoints_at(done)) or preempted:
             _save_checkpoint(engine, cfg, done, plan.steps_per_epoch, progress.carry(metrics), rank, identity)
             logs.event({"event": "checkpoint", "step": done})
         elif "val_loss" in metrics:
