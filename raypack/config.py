@@ -743,6 +743,20 @@ OUTPUT_PATHS = {
     "sweep.out": "the sweep folder holds Ray Tune's experiment and the trials' runs, written by every worker, and "
                  "needs a filesystem path every node reaches (a shared mount)",
 }
+# Every key naming what raypack reads from a folder or file, and how it reads it: none goes through pyarrow.fs, so
+# a URI there would fail late and obscurely (transformers reading 's3://b/m' as a malformed hub id, in every worker,
+# after the data is prepared). data.sources is the one input that takes URIs (pyarrow.fs, and hf:ORG/NAME).
+INPUT_PATHS = {
+    "data.tokenizer": "tokenizers load through transformers from a hub id or a local folder",
+    "data.hf_root": "hub-like dataset repositories are read from a local folder",
+    "pack.embedding_model": "sentence-transformers loads its model from a model id or a local folder",
+    "model.name_or_path": "models load through transformers' from_pretrained from a hub id or a folder every node "
+                          "reaches",
+    "train.deepspeed_json": "the DeepSpeed JSON is read from a local file",
+    "eval.model_dir": "the model scored loads through transformers from a folder (train's exported model is one)",
+    "eval.val_dir": "prepared validation rows are memory-mapped from a folder",
+    "plan.mfu_from": "the measured MFU is read from a finished run's or study's local folder",
+}
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # scheme: (s3://b/x, s3:b/x, gs://, hf:...); not a drive letter
 
 
@@ -756,7 +770,7 @@ def is_uri(value: str) -> bool:
 
 
 def _validate_outputs(cfg: Config) -> None:
-    """Refuse a URI in a key of OUTPUT_PATHS, naming the key and what to give instead."""
+    """Refuse a URI in a key of OUTPUT_PATHS or INPUT_PATHS, naming the key and what to give instead."""
     for key, why in OUTPUT_PATHS.items():
         value = cfg
         for part in key.split("."):
@@ -765,6 +779,12 @@ def _validate_outputs(cfg: Config) -> None:
             folder = "" if "://" in value else f" (a folder of that name is written ./{value})"
             raise ConfigError(f"{key} {value!r} is a URI{folder}; {why}; checkpoints may go to object storage "
                               "through train.storage_path")
+    for key, why in INPUT_PATHS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if is_uri(value):
+            raise ConfigError(f"{key} {value!r} is a URI, which raypack does not read there: {why}; copy it to a "
+                              "filesystem path every node reaches (a shared mount) and give that path")
 
 
 def validate(cfg: Config) -> Config:

@@ -198,6 +198,29 @@ def test_an_output_key_refuses_a_uri_and_takes_a_path(key, uri, tmp_path):
         assert getattr(getattr(cfg, section) if section else cfg, name) == path
 
 
+INPUT_KEYS = ["data.tokenizer", "data.hf_root", "pack.embedding_model", "model.name_or_path", "train.deepspeed_json",
+              "eval.model_dir", "eval.val_dir", "plan.mfu_from"]
+
+
+@pytest.mark.parametrize("key", INPUT_KEYS)
+def test_an_input_key_refuses_a_uri_and_takes_a_path_or_a_hub_id(key, tmp_path):
+    """raypack reads these with file operations or transformers, never pyarrow.fs: a URI would fail late, in every
+    worker, as a malformed hub id. Refused at load, naming the key. Negative control: a path, and for the model
+    keys a hub id, load."""
+    for uri in ("s3://bucket/model", "gs://bucket/x", "s3:bucket/x"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={uri}"])
+        message = str(err.value)
+        assert message.startswith(f"{key} {uri!r} is a URI") and "filesystem path" in message, message
+        assert "\n" not in message
+    section, name = key.split(".")
+    takes = [str(tmp_path / "x"), "out/x"] + (["meta-llama/Llama-3.2-1B"] if "model" in key or key ==
+                                                 "data.tokenizer" else [])
+    model = [f"model.name_or_path={tmp_path / 'model'}"] if key == "data.tokenizer" else []  # tiny needs tiny
+    for value in takes:
+        assert getattr(getattr(load_config(None, [*model, f"{key}={value}"]), section), name) == value
+
+
 def test_every_output_key_is_checked_and_the_uri_keys_still_take_uris():
     """The keys named out / output_dir are all in OUTPUT_KEYS (a new one joins the test above); train.storage_path
     (checkpoints through pyarrow.fs), data.sources and tracking.uri keep taking URIs."""
