@@ -241,3 +241,31 @@ def test_the_arm_table_names_each_arms_attention_implementation():
     assert "| val loss | attention |" in md
     assert md.count("| sdpa |") == 1 and "| flash_attention_2/raypack_varlen |" in md
     assert summarise(RECORDS)["arms"]["padding"]["attn_implementation"] == "?"  # older records: unknown, said so
+
+
+def test_intervals_of_proportions_stay_within_their_range_and_other_figures_are_not_cut():
+    """Exact match near 1 over 3 seeds: the t-interval (scipy's) passes 1, the report's stops at 1 with the same
+    mean; a difference of proportions stops at -1 with t and significance unchanged. Negative controls: a
+    validation loss's interval below 0 and a perplexity's are left as they are."""
+    em = {"padding": [0.85, 1.0, 1.0], "bfd-isolated+related": [0.0, 0.8, 0.43]}
+    val = {"padding": [0.05, 0.6, 0.3], "bfd-isolated+related": [1.0, 1.5, 1.2]}
+    records = [record(arm, k, 4, 10.0, 1000, 1100, val[arm][k],
+                      {"facts/exact_match": em[arm][k], "wiki/word_perplexity": 3.0 * em[arm][k]})
+               for arm in em for k in range(3)]
+    summary = summarise(records)
+    padding, related = summary["arms"]["padding"], summary["arms"]["bfd-isolated+related"]
+    t_ci = scipy.stats.t.interval(0.95, 2, loc=sum(em["padding"]) / 3, scale=scipy.stats.sem(em["padding"]))
+    assert t_ci[1] > 1 and padding["score:facts/exact_match_ci"] == pytest.approx([t_ci[0], 1.0])
+    assert padding["score:facts/exact_match"] == pytest.approx(sum(em["padding"]) / 3)
+    d = related["differences"]["score:facts/exact_match"]
+    ref = scipy.stats.ttest_ind(em["bfd-isolated+related"], em["padding"], equal_var=False)
+    assert ref.confidence_interval()[0] < -1 and d["ci"] == pytest.approx([-1.0, ref.confidence_interval()[1]])
+    assert d["t"] == pytest.approx(ref.statistic) and d["significant"] is False
+    assert padding["val_loss_ci"][0] < 0  # a loss is not a proportion: not cut
+    ppl = 3.0 * sum(em["padding"]) / 3
+    assert padding["score:wiki/word_perplexity_ci"][1] > ppl + 0.5  # nor a perplexity (not cut at 1)
+    assert padding["average_ci"] == pytest.approx(  # the average mixes in a perplexity: not a proportion
+        list(scipy.stats.t.interval(0.95, 2, loc=sum(2.0 * v for v in em["padding"]) / 3,
+                                    scale=scipy.stats.sem([2.0 * v for v in em["padding"]]))))
+    md = markdown(summary, "cut", [])
+    assert "have their intervals cut at 0 and 1" in md and "0.9500 [" in md and ", 1.0000]" in md

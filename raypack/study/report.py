@@ -78,6 +78,33 @@ def average_score(scores: dict, tasks: list[str]) -> float | None:
     return statistics.fmean(scores[t] for t in tasks) if tasks and all(t in scores for t in tasks) else None
 
 
+# lm-eval metrics that are proportions. Their mean over seeds lies in [0, 1], and so is its interval reported: the
+# Student-t interval intersected with [0, 1] (a difference's with [-1, 1]). The intersection keeps the interval's
+# coverage, since the true mean lies in that range whatever the seeds gave; t and significance are unchanged.
+PROPORTIONS = {"acc", "acc_norm", "exact_match", "pass@1", "mc1", "mc2", "f1"}
+
+
+def is_proportion(key: str, tasks: list[str]) -> bool:
+    """Whether a figure of _per_run is a proportion: a score of a PROPORTIONS metric ("task/metric" or
+    "task/metric,filter"), or the average of such scores.
+
+    >>> tasks = ["mmlu/acc", "gsm8k/exact_match,strict-match"]
+    >>> [is_proportion(k, tasks) for k in ("score:mmlu/acc", "score:gsm8k/exact_match,strict-match", "average")]
+    [True, True, True]
+    >>> [is_proportion(k, ["wikitext/word_perplexity"]) for k in ("score:wikitext/word_perplexity", "average")]
+    [False, False]
+    >>> is_proportion("val_loss", tasks)
+    False
+    """
+    if key == "average":
+        return bool(tasks) and all(is_proportion(f"score:{t}", tasks) for t in tasks)
+    return key.startswith("score:") and key.rpartition("/")[2].split(",")[0] in PROPORTIONS
+
+
+def _within(ci, lo: float, hi: float) -> list | None:
+    return [max(ci[0], lo), min(ci[1], hi)] if ci else None
+
+
 def summarise(records: list[dict], reference: str = "") -> dict:
     """report.json's content: per arm the mean, sample sd (`_spread`) and 95% interval (`_ci`) over seeds of each
     figure, in the order arms first appear, and each arm's Welch differences from its reference arm
@@ -95,7 +122,8 @@ def summarise(records: list[dict], reference: str = "") -> dict:
         per_run = values[arm] = _per_run(runs, tasks)
         for key, figures in per_run.items():
             e = estimate(figures)
-            row[key], row[f"{key}_spread"], row[f"{key}_ci"] = e.mean, e.sd, list(e.ci) if e.ci else None
+            ci = _within(e.ci, 0.0, 1.0) if is_proportion(key, tasks) else (list(e.ci) if e.ci else None)
+            row[key], row[f"{key}_spread"], row[f"{key}_ci"] = e.mean, e.sd, ci
         for key in MANIFEST_COUNTS + COMPOSITION_KEYS:
             row[key] = runs[0]["manifest"].get(key)
         probed = [r for r in runs if r.get("probe")]
@@ -112,11 +140,19 @@ def summarise(records: list[dict], reference: str = "") -> dict:
     for arm, row in out["arms"].items():
         ref = row["reference"] = reference_arm(out["arms"], row["setting"], reference)
         row["differences"] = {} if arm == ref else {
-            key: welch(values[arm][key], values[ref][key]).to_dict()
+            key: _difference_of(values[arm][key], values[ref][key], is_proportion(key, tasks))
             for key in difference_keys(tasks) if key in values[arm] and key in values[ref]}
         delta = row["differences"].get("average", {}).get("diff", 0.0 if arm == ref else None)
         row["average_delta_vs_reference"] = delta if tasks and not math.isnan(out["arms"][ref]["average"]) else None
     return out
+
+
+def _difference_of(a: list, b: list, proportion: bool) -> dict:
+    """Welch's difference as report.json holds it; a difference of proportions has its interval within [-1, 1]."""
+    d = welch(a, b).to_dict()
+    if proportion and d["ci"]:
+        d["ci"] = _within(d["ci"], -1.0, 1.0)
+    return d
 
 
 def _per_run(runs: list[dict], tasks: list[str]) -> dict[str, list]:
@@ -222,6 +258,10 @@ def markdown(summary: dict, title: str, notes: list[str]) -> str:
     if len(summary["seeds"]) > 1:
         lines += ["", f"Each figure: mean over seeds {summary['seeds']} [95% Student-t interval, n - 1 degrees of "
                       "freedom for n seeds] (report.json also holds the sample standard deviation, `_spread`)."]
+        if any(is_proportion(f"score:{t}", tasks) for t in tasks):
+            lines += ["Scores that are proportions (accuracy, exact match) have their intervals cut at 0 and 1, "
+                      "their differences' at -1 and +1: the true mean lies there, so the cut interval covers it "
+                      "as often."]
     else:
         lines += ["", f"One seed ({', '.join(map(str, summary['seeds']))}): no intervals over seeds; intervals and "
                       "the significance of differences need study.seeds >= 2."]
