@@ -234,3 +234,28 @@ def test_delta_vs_padding_has_its_welch_interval_and_says_when_it_is_not_signifi
     assert f"+5.00 [{greedy['ci'][0]:+.2f}, {greedy['ci'][1]:+.2f}], {greedy['t']:.1f} SE |" in delta
     assert delta.count("not significant") == 1 and "+0.00 [-2.08, +2.08], 0.0 SE, not significant" in delta
     assert "40.00 [" in md[md.index("## Benchmark average"):]
+
+
+def test_a_proportions_average_in_points_keeps_its_interval_within_0_and_100(tmp_path):
+    """Scores near 1 over 3 seeds: the t interval of padding's average passes 100 points, the grid's stops there
+    (as the study report cuts it); Δ's interval stops at -100. Negative control: a perplexity in the tasks makes
+    the average no proportion, and its interval is scipy's, uncut."""
+    from raypack.study.grid import combine
+
+    pad, low = (1.0, 0.85, 1.0), (0.0, 0.8, 0.43)
+    runs = {"padding": [(k, 10, 60.0, {"a/exact_match": a, "b/acc": a}) for k, a in enumerate(pad)],
+            "random-cross": [(k, 4, 30.0, {"a/exact_match": a, "b/acc": a}) for k, a in enumerate(low)]}
+    write_study(tmp_path / "em", config_of("jobs/quickstart.yaml", "em", list(runs), "study.seeds=3"), runs)
+    row = combine([str(tmp_path / "em")])["rows"][0]
+    points = [100 * a for a in pad]
+    t_ci = scipy.stats.t.interval(0.95, 2, loc=statistics.fmean(points), scale=scipy.stats.sem(points))
+    assert t_ci[1] > 100 and row["arms"]["padding"]["average_points_ci"] == pytest.approx([t_ci[0], 100.0])
+    welch = scipy.stats.ttest_ind([100 * a for a in low], points, equal_var=False)
+    delta = row["arms"]["random-cross"]["delta_points_welch"]
+    assert welch.confidence_interval()[0] < -100 and delta["ci"] == pytest.approx([-100.0, welch.confidence_interval()[1]])
+    ppl = {arm: [(k, s, t, {**sc, "c/word_perplexity": 2.0}) for k, s, t, sc in r] for arm, r in runs.items()}
+    write_study(tmp_path / "ppl", config_of("jobs/quickstart.yaml", "ppl", list(ppl), "study.seeds=3"), ppl)
+    uncut = combine([str(tmp_path / "ppl")])["rows"][0]["arms"]["padding"]["average_points_ci"]
+    mixed = [100 * (2 * a + 2.0) / 3 for a in pad]
+    assert uncut[1] > 100 and uncut == pytest.approx(list(scipy.stats.t.interval(0.95, 2, loc=statistics.fmean(mixed),
+                                                              scale=scipy.stats.sem(mixed))))

@@ -44,8 +44,8 @@ import math
 from pathlib import Path
 
 from raypack.config import OVERLENGTH_POLICIES
-from raypack.stats import Difference, estimate, format_difference, welch
-from raypack.study.report import average_score, describe_data
+from raypack.stats import Difference, estimate, format_difference, welch, within
+from raypack.study.report import average_score, describe_data, is_proportion
 
 # The paper's published deltas vs padding of its 6-benchmark average (MMLU, GSM8K, MATH, BBH, IFEval, HumanEval),
 # in points, (random packing, greedy packing) per (model, dataset).
@@ -187,6 +187,9 @@ def study_row(study: dict) -> dict:
         for key, values in figures.items():
             arms[arm][key], arms[arm][f"{key}_spread"], arms[arm][f"{key}_ci"] = _figure(values)
         delta = _delta(list(points[arm].values()), list(points[base].values()) if base else [], arm == base)
+        if is_proportion("average", tasks):  # points of proportions: the report's cut, at 0 and 100 (Δ: ±100)
+            arms[arm]["average_points_ci"] = within(arms[arm]["average_points_ci"], 0.0, 100.0)
+            delta["ci"] = within(delta["ci"], -100.0, 100.0)
         arms[arm]["delta_points"], arms[arm]["delta_points_welch"] = delta["diff"], delta
     gpu = bool(train.get("use_gpu"))
     return {"study": config["name"], "folder": study["folder"], "model": config["model"]["name_or_path"],

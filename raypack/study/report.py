@@ -45,7 +45,7 @@ from pathlib import Path
 
 from raypack.config import SynthConfig
 from raypack.data.synth import describe
-from raypack.stats import estimate, format_difference, welch
+from raypack.stats import estimate, format_difference, welch, within
 
 MANIFEST_COUNTS = ("num_rows", "num_supervised_tokens", "overlength", "num_truncated", "num_split",
                    "num_dropped_too_long", "num_dropped_no_supervised")
@@ -101,10 +101,6 @@ def is_proportion(key: str, tasks: list[str]) -> bool:
     return key.startswith("score:") and key.rpartition("/")[2].split(",")[0] in PROPORTIONS
 
 
-def _within(ci, lo: float, hi: float) -> list | None:
-    return [max(ci[0], lo), min(ci[1], hi)] if ci else None
-
-
 def summarise(records: list[dict], reference: str = "") -> dict:
     """report.json's content: per arm the mean, sample sd (`_spread`) and 95% interval (`_ci`) over seeds of each
     figure, in the order arms first appear, and each arm's Welch differences from its reference arm
@@ -122,7 +118,7 @@ def summarise(records: list[dict], reference: str = "") -> dict:
         per_run = values[arm] = _per_run(runs, tasks)
         for key, figures in per_run.items():
             e = estimate(figures)
-            ci = _within(e.ci, 0.0, 1.0) if is_proportion(key, tasks) else (list(e.ci) if e.ci else None)
+            ci = within(e.ci, 0.0, 1.0) if is_proportion(key, tasks) else (list(e.ci) if e.ci else None)
             row[key], row[f"{key}_spread"], row[f"{key}_ci"] = e.mean, e.sd, ci
         for key in MANIFEST_COUNTS + COMPOSITION_KEYS:
             row[key] = runs[0]["manifest"].get(key)
@@ -151,7 +147,7 @@ def _difference_of(a: list, b: list, proportion: bool) -> dict:
     """Welch's difference as report.json holds it; a difference of proportions has its interval within [-1, 1]."""
     d = welch(a, b).to_dict()
     if proportion and d["ci"]:
-        d["ci"] = _within(d["ci"], -1.0, 1.0)
+        d["ci"] = within(d["ci"], -1.0, 1.0)
     return d
 
 
