@@ -371,10 +371,15 @@ def arm_attentions(cfg: Config, precision: str) -> dict[str, str]:
                                    arm_spec(arm, cfg.pack).attention) for arm in cfg.pack.arms}
 
 
+def job_precision(cfg: Config) -> str:
+    """The precision the job's workers train in (train.precision resolved for their device)."""
+    return resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+
+
 def precision_and_attention(cfg: Config) -> tuple[str, str]:
     """The training precision and the attention implementation(s) the job's workers will use (resolved here):
     one name, or "<name> for <arms>; ..." when auto picks differently per arm."""
-    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    precision = job_precision(cfg)
     by_name: dict[str, list[str]] = {}
     for arm, attention in arm_attentions(cfg, precision).items():
         by_name.setdefault(attention, []).append(arm)
@@ -385,7 +390,7 @@ def precision_and_attention(cfg: Config) -> tuple[str, str]:
 
 def estimate_job(cfg: Config, shape: ModelShape, num_tokens: dict[str, int] | None = None) -> dict[str, ArmMemory]:
     """Every arm of cfg.pack.arms: {arm: ArmMemory}; num_tokens gives prepared arms' real tokens (host rows)."""
-    precision = resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    precision = job_precision(cfg)
     attentions = arm_attentions(cfg, precision)
     return {arm: estimate_arm(shape, arm_mode(arm, cfg.pack), cfg.train, cfg.data.max_seq_len, precision,
                               attentions[arm], (num_tokens or {}).get(arm, 0))
