@@ -59,6 +59,20 @@ def test_bad_sweep_settings_name_the_key(override, key):
         load_config("jobs/sweep-quick.yaml", [override])
 
 
+def test_the_best_trials_tasks_are_checked_before_anything_trains():
+    """sweep.eval_best needs something to score: lm-eval tasks, or facts data's held-out questions alone; those
+    without the chat template are refused, as a study refuses them (the sweep's run: the killed sweep below)."""
+    from raypack.tune.sweep import _eval_specs
+
+    facts = ["sweep.eval_best=true", "eval.preset=none", "synth.task=facts"]
+    assert _eval_specs(load_config("jobs/sweep-quick.yaml", [*facts, "eval.apply_chat_template=true"])) == []
+    with pytest.raises(ValueError, match="facts_heldout: .*set eval.apply_chat_template=true"):
+        _eval_specs(load_config("jobs/sweep-quick.yaml", facts))
+    with pytest.raises(ConfigError, match="sweep.eval_best needs lm-eval tasks: eval.preset is none .* no held-out"):
+        _eval_specs(load_config("jobs/sweep-quick.yaml", facts[:2]))  # chain text: nothing to score
+    assert _eval_specs(load_config("jobs/sweep-quick.yaml", ["sweep.eval_best=true", "eval.preset=offline"]))
+
+
 def test_sweep_presets_load():
     quick, big = load_config("jobs/sweep-quick.yaml"), load_config("jobs/sweep-8b.yaml")
     assert len(quick.sweep.arms) * len(quick.sweep.lr) * len(quick.sweep.global_batch_size) == 2 * 4 * 2
@@ -340,6 +354,13 @@ def sweep_overrides(tmp):
             "sweep.seeds=1"]
 
 
+# The killed sweep trains on facts (short questions about entities, with held-out phrasings) and scores each arm's
+# best trial: no lm-eval benchmark, so the held-out questions alone are its tasks (capped at HELDOUT_LIMIT).
+HELDOUT_LIMIT = 6
+EVAL_BEST = ["synth.task=facts", "synth.num_entities=100", "synth.heldout_per_entity=1", "sweep.eval_best=true",
+             "eval.preset=none", "eval.apply_chat_template=true", f"eval.limit={HELDOUT_LIMIT}"]
+
+
 def trial_statuses(sweep: Path) -> dict:
     return {trial_id: t["status"] for trial_id, t in tune_state_by_json(sweep).items()}
 
@@ -364,8 +385,8 @@ def resumed_sweep(tmp_path_factory, mlflow_server):
     server. The driver is killed (with the Ray instance it started) once Tune's saved state has a finished
     trial; `raypack sweep --resume`, in a new process and Ray instance, finishes the rest."""
     tmp = tmp_path_factory.mktemp("sweep")
-    args = ["jobs/sweep-quick.yaml", *sweep_overrides(tmp), "tracking.enabled=true", f"tracking.uri={mlflow_server}",
-            "tracking.experiment=sweep-test"]
+    args = ["jobs/sweep-quick.yaml", *sweep_overrides(tmp), *EVAL_BEST, "tracking.enabled=true",
+            f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-test"]
     sweep = tmp / "out" / "sweep" / "sweep-quick"
     driver = start_driver(args, tmp, "driver.log")
     try:
@@ -427,6 +448,27 @@ def test_validation_loss_reaches_tune_at_every_evaluation_step(resumed_sweep):
         assert 1 in steps_with_val and 2 in steps_with_val, result_file
         checked += 1
     assert checked >= 1
+
+
+def test_each_arms_best_trial_is_scored_on_the_held_out_questions(resumed_sweep):
+    """best_eval.json: per arm, the finished trial with the lowest final validation loss (found here from the trial
+    records, not through raypack.tune.analyze), its exported model scored by lm-eval on the facts data's held-out
+    questions, the only task (eval.preset=none), as a study scores them."""
+    from raypack.eval.qa_task import HELDOUT_TASK
+    from raypack.tune.trials import load_trials
+
+    sweep, _, _ = resumed_sweep
+    best = json.loads((sweep / "best_eval.json").read_text())
+    trials = load_trials(sweep)
+    assert set(best) == {"padding", "bfd-isolated"}
+    for arm, entry in best.items():
+        oracle = min((t for t in trials if t["arm"] == arm), key=lambda t: t["final_val_loss"])
+        assert entry["trial_id"] == oracle["trial_id"] and entry["lr"] == oracle["lr"]
+        (key,) = entry["scores"]  # one benchmark: the held-out questions, exact match
+        assert key == f"{HELDOUT_TASK}/exact_match"
+        assert round(entry["scores"][key] * HELDOUT_LIMIT, 9) in range(HELDOUT_LIMIT + 1)  # of eval.limit questions
+    lines = (sweep / "tasks" / f"{HELDOUT_TASK}.jsonl").read_text().splitlines()
+    assert len(lines) == 100 and all(json.loads(line)["answer"] for line in lines)  # one per entity
 
 
 def test_analyze_on_the_resumed_sweep(resumed_sweep, capsys):

@@ -154,10 +154,31 @@ def refuse_without_chat_template(specs: list[TaskSpec], apply_chat_template: boo
                          "chat template; set eval.apply_chat_template=true (in the config or as an override)")
 
 
+def has_heldout_questions(cfg: Config) -> bool:
+    """Whether the config's data has held-out questions (synthetic facts: synth.task facts, no data.sources)."""
+    return not cfg.data.sources and getattr(cfg.synth, "task", None) == "facts"
+
+
+def check_heldout_task(cfg: Config) -> bool:
+    """Whether `heldout_task` will write a task for this config; ValueError when it will and
+    eval.apply_chat_template is off (called before anything trains)."""
+    if not has_heldout_questions(cfg):
+        return False
+    _require_chat_template(cfg)
+    return True
+
+
+def _require_chat_template(cfg: Config) -> None:
+    if not cfg.eval.apply_chat_template:
+        raise ValueError(f"{HELDOUT_TASK}: the facts data's held-out questions are scored through the model's chat "
+                         "template, as it was trained; set eval.apply_chat_template=true (in the config or as an "
+                         "override)")
+
+
 def heldout_rows(cfg: Config) -> list[dict] | None:
-    """The config's held-out question rows: synthetic facts' held-out split (synth.task facts, no data.sources),
-    else None (the data has no held-out questions)."""
-    if cfg.data.sources or getattr(cfg.synth, "task", None) != "facts":
+    """The config's held-out question rows: synthetic facts' held-out split, else None (the data has no held-out
+    questions)."""
+    if not has_heldout_questions(cfg):
         return None
     from raypack.data.synth import facts_heldout
 
@@ -170,10 +191,7 @@ def heldout_task(cfg: Config, folder: str | Path) -> TaskSpec | None:
     rows = heldout_rows(cfg)
     if rows is None:
         return None
-    if not cfg.eval.apply_chat_template:
-        raise ValueError(f"{HELDOUT_TASK}: the facts data's held-out questions are scored through the model's chat "
-                         "template, as it was trained; set eval.apply_chat_template=true (in the config or as an "
-                         "override)")
+    _require_chat_template(cfg)
     from raypack.data.tokenize import end_of_turn
     from raypack.model import load_tokenizer
 

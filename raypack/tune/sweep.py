@@ -22,7 +22,8 @@ running Ray Tune. `raypack analyze` (raypack.tune.analyze) reads what it leaves,
        runs/<trial_id>-<arm>/         the trial's Ray Train run: checkpoints, raypack/metrics.jsonl, events
        experiment_state-*.json, ...   Tune's experiment state, what --resume restores
        best_eval.json                 with sweep.eval_best: lm-eval scores of each arm's best trial, one per
-                                      benchmark as a study reports them (raypack.eval.scores)
+                                      benchmark as a study reports them (raypack.eval.scores); facts data's
+                                      held-out questions among them (tasks/, raypack.eval.qa_task)
 
 Resources: a trial's driver reserves sweep.trial_cpus / trial_gpus; the Ray Train workers it starts reserve
 their own (train.worker_cpus each on CPU, one GPU each on GPU). At most sweep.max_concurrent_trials run at
@@ -52,6 +53,7 @@ from raypack.config import (Config, ConfigError, EvalConfig, SweepConfig, TrainC
 from raypack.data.pipeline import prepare
 from raypack.data.prepared import read_manifest
 from raypack.eval.harness import score_on_ray
+from raypack.eval.qa_task import check_heldout_task, heldout_task
 from raypack.ray_start import ensure_ray
 from raypack.tracking import Run, end_unfinished, numeric, open_run
 from raypack.train.launch import arm_config, build_trainer, log_run_inputs, run_dir
@@ -193,7 +195,7 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     elif tune.Tuner.can_restore(str(out)):
         raise ValueError(f"a sweep already exists in {out}: finish it with --resume {out}, or set sweep.out "
                          "or name for a new one")
-    specs = _eval_specs(cfg.sweep, cfg.eval)  # bad task names fail before any training
+    specs = _eval_specs(cfg)  # bad task names, held-out questions without the chat template: before any training
     ensure_ray()
     folders = prepare(replace(cfg, pack=replace(cfg.pack, arms=sweep_arms(cfg))))
     folders = {name: str(Path(folder).resolve()) for name, folder in folders.items()}  # trials chdir
@@ -215,8 +217,9 @@ def run_sweep(cfg: Config, resume: str | None = None) -> Path:
     else:
         tuner = _new_tuner(cfg, trainable, folders, out)
     tuner.fit()
-    if specs:
-        _evaluate_best(cfg.eval, out, specs, cfg.data.max_seq_len)
+    if cfg.sweep.eval_best:
+        heldout = heldout_task(cfg, out / "tasks")  # facts data: its held-out questions, as a study scores them
+        _evaluate_best(cfg.eval, out, specs + ([heldout] if heldout else []), cfg.data.max_seq_len)
     if parent:
         end_unfinished(out / "runs")
         parent.log_artifacts([out / "config.yaml", out / "best_eval.json"])
@@ -253,17 +256,20 @@ def trial_plans(cfg: Config, folders: dict) -> list[RunPlan]:
             for arm in sweep_arms(cfg) for t in trials]
 
 
-def _eval_specs(sweep: SweepConfig, ev: EvalConfig) -> list:
-    if not sweep.eval_best:
+def _eval_specs(cfg: Config) -> list:
+    """sweep.eval_best's lm-eval tasks from eval.*; with facts data the held-out questions come on top
+    (raypack.eval.qa_task, written into the sweep's folder once trained), so they alone are enough."""
+    if not cfg.sweep.eval_best:
         return []
     from raypack.eval.tasks import eval_tasks
 
-    specs, skipped = eval_tasks(ev)
-    if not specs:
+    specs, skipped = eval_tasks(cfg.eval)
+    if not check_heldout_task(cfg) and not specs:
         what = "eval.preset is none and eval.tasks is empty"
         if skipped:
             what = f"every task is skipped ({', '.join(skipped)}: eval.allow_code_execution is off)"
-        raise ConfigError(f"sweep.eval_best needs lm-eval tasks: {what}")
+        raise ConfigError(f"sweep.eval_best needs lm-eval tasks: {what}, and the data has no held-out questions "
+                          "(synth.task=facts has)")
     return specs
 
 
