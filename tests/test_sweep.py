@@ -189,6 +189,18 @@ def test_analyze_recovers_lr_star_and_alpha(recorded_sweep):
     assert [r["lr_star_interp"] for r in result["lr_star"]["bfd-isolated"]] == pytest.approx(
         [4e-4, 4e-4 * 2**0.5, 8e-4])
     assert bfd["seed_alphas"] == [] and bfd["bootstrap_95"] is None  # one seed: no uncertainty
+    # Both arms' lr* lie on a power law: the fit's largest residual is a factor 1.
+    assert padding["residual_factor"] == pytest.approx(1.0) and bfd["residual_factor"] == pytest.approx(1.0)
+
+
+def test_the_power_laws_goodness_of_fit_needs_three_batch_sizes():
+    from raypack.tune.analyze import fit_residual
+
+    assert math.isnan(fit_residual([8, 16], [1e-3, 5e-3]))  # two points fit any line
+    assert fit_residual([8, 16, 32, 64], [1e-3, 1e-3, 1e-3, 1e-3]) == 1.0  # flat: alpha 0, on the line
+    # lr* up by 4x, then down by 2x: the least-squares line in log-log (slope ln 2 / 2 through the means) misses
+    # the middle lr* by ln 4 - ln 2 and each end by (ln 2) / 2: the largest residual is a factor 2.
+    assert fit_residual([8, 16, 32], [1e-3, 4e-3, 2e-3]) == pytest.approx(2.0, rel=1e-9)
 
 
 def test_analyze_reports_best_configs_and_the_cost_of_the_other_arms_lr(recorded_sweep):
@@ -224,8 +236,8 @@ def test_the_objective_at_each_point_and_alpha_have_their_intervals(recorded_swe
     assert result["alpha"]["padding"]["not_a_measurement"] is None
     assert result["alpha"]["bfd-isolated"]["not_a_measurement"] == "no interval (one seed: set sweep.seeds >= 2)"
     text = (sweep / "analysis.md").read_text()
-    assert "| padding | 1 | 1 | 1, 1, 1 | 0 | [1, 1] | 3 | yes |" in text
-    assert "| bfd-isolated | 0.5 | 0.5 | - | - | - | 3 | not a measurement: no interval (one seed" in text
+    assert "| padding | 1 | 1 | 1, 1, 1 | 0 | [1, 1] | 3 | 1 | yes |" in text
+    assert "| bfd-isolated | 0.5 | 0.5 | - | - | - | 3 | 1 | not a measurement: no interval (one seed" in text
     lo, hi = at["ci_lo"], at["ci_hi"]
     assert f"| padding | 16 | 0.0002 | 3 | {at['mean']:.4g} [{lo:.4g}, {hi:.4g}] |" in text
     assert "## Objective at each point" in text

@@ -24,6 +24,7 @@ parabola in log lr through it and its two neighbours ("interpolated lr*"; the gr
 at the edge of the grid, which the notes flag). alpha is the least-squares slope of log lr* against log B
 (interpolated lr*; the grid-lr* slope is shown beside it). With several seeds the same fit is made per
 seed (spread of alpha over seeds) and on 1000 bootstrap resamples of the seeds (95% percentile interval).
+With 3 batch sizes or more, the fit's largest residual (as a factor on lr*) says whether a power law fits at all.
 alpha is reported as "not a measurement" (and why) when an arm's lr* sits at the edge of its lr grid at some
 batch size, when it has fewer than 2 batch sizes, or when it has no interval (one seed). The objective at every
 point is shown as its mean with a 95% Student-t interval over seeds (raypack.stats), and loss_vs_lr.png draws each
@@ -61,6 +62,21 @@ def fit_alpha(batches, lrs) -> float:
     if len(np.unique(x[ok])) < 2:
         return math.nan
     return float(np.round(np.polyfit(x[ok], y[ok], 1)[0], 9)) + 0.0  # no -1e-16 for a flat lr*
+
+
+def fit_residual(batches, lrs) -> float:
+    """How far lr* strays from the fitted power law: exp of the largest |residual| of log lr against its
+    least-squares line in log batch (1.0: on the line); nan with < 3 batch sizes (2 points fit any line).
+
+    >>> fit_residual([8, 16, 32], [1e-3, 2e-3, 4e-3]), round(fit_residual([8, 16, 32], [1e-3, 4e-3, 2e-3]), 3)
+    (1.0, 2.0)
+    """
+    x, y = np.log(np.asarray(batches, float)), np.log(np.asarray(lrs, float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if len(np.unique(x[ok])) < 3:
+        return math.nan
+    slope, intercept = np.polyfit(x[ok], y[ok], 1)
+    return float(np.round(np.exp(np.abs(y[ok] - (slope * x[ok] + intercept)).max()), 9))
 
 
 def lr_star(lrs, losses) -> tuple[float, float, bool]:
@@ -112,6 +128,7 @@ def alpha_estimate(arm_trials: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLE
     table = _lr_star_table(_points(arm_trials))
     out = {"alpha": fit_alpha(table["global_batch_size"], table["lr_star_interp"]),
            "alpha_grid": fit_alpha(table["global_batch_size"], table["lr_star"]),
+           "residual_factor": fit_residual(table["global_batch_size"], table["lr_star_interp"]),
            "num_batch_sizes": len(table), "table": table, "seed_alphas": [], "bootstrap_95": None}
     seeds = sorted(_usable(arm_trials)["seed"].unique())
     if len(seeds) < 2 or table.empty:
@@ -165,6 +182,10 @@ def _alpha_notes(arm: str, est: dict) -> list[str]:
     elif n == 2:
         notes.append(f"{arm}: 2 batch sizes: the line passes through both points exactly, so alpha has no "
                      "goodness of fit; add batch sizes to test the power law.")
+    elif math.isfinite(est.get("residual_factor", math.nan)):
+        notes.append(f"{arm}: {n} batch sizes: the interpolated lr* lies within a factor "
+                     f"{_g(est['residual_factor'], 3)} of the fitted power law (its largest residual; compare the lr "
+                     "grid's spacing).")
     edges = [int(b) for b, e in zip(est["table"]["global_batch_size"], est["table"]["at_edge"]) if e]
     if edges:
         notes.append(f"{arm}: lr* is at the edge of the lr grid at batch size {edges}: the optimum may lie "
@@ -288,7 +309,7 @@ def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_
               "alpha is a measurement when every lr* is inside its lr grid and alpha has an interval (the 95% "
               "bootstrap over seeds: 2 seeds or more); otherwise the table says it is not a measurement and why.", "",
               "| arm | alpha | alpha (grid lr*) | alpha per seed | sd over seeds | bootstrap 95% | batch sizes | "
-              "a measurement? |", "|---|---|---|---|---|---|---|---|"]
+              "fit: largest residual (factor) | a measurement? |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for arm, est in estimates.items():
         seed_alphas = [a for a in est["seed_alphas"] if math.isfinite(a)]
@@ -297,7 +318,8 @@ def markdown(sweep: Path, df: pd.DataFrame, result: dict, estimates: dict, best_
         per_seed = ", ".join(_g(a, 3) for a in est["seed_alphas"]) or "-"
         why = not_a_measurement(est)
         lines.append(f"| {arm} | {_g(est['alpha'], 3)} | {_g(est['alpha_grid'], 3)} | {per_seed} | {spread} | "
-                     f"{boot} | {est['num_batch_sizes']} | {f'not a measurement: {why}' if why else 'yes'} |")
+                     f"{boot} | {est['num_batch_sizes']} | {_g(est['residual_factor'], 3)} | "
+                     f"{f'not a measurement: {why}' if why else 'yes'} |")
         notes += _alpha_notes(arm, est)
     lines += [""] + [f"- {n}" for n in notes]
     lines += ["", "## Objective at each point", "", "Mean over seeds [95% Student-t interval over seeds; a point with one "
