@@ -769,19 +769,24 @@ def is_uri(value: str) -> bool:
     return bool(_URI.match(value)) and not re.match(r"^[A-Za-z]:[\\/]", value)
 
 
+def _key_value(cfg: Config, key: str):
+    """The value of a dotted key ("output_dir", "train.storage_path")."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _validate_outputs(cfg: Config) -> None:
     """Refuse a URI in a key of OUTPUT_PATHS or INPUT_PATHS, naming the key and what to give instead."""
     for key, why in OUTPUT_PATHS.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _key_value(cfg, key)
         if is_uri(value):
             folder = "" if "://" in value else f" (a folder of that name is written ./{value})"
             raise ConfigError(f"{key} {value!r} is a URI{folder}; {why}; checkpoints may go to object storage "
                               "through train.storage_path")
     for key, why in INPUT_PATHS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _key_value(cfg, key)
         if is_uri(value):
             raise ConfigError(f"{key} {value!r} is a URI, which raypack does not read there: {why}; copy it to a "
                               "filesystem path every node reaches (a shared mount) and give that path")

@@ -55,13 +55,19 @@ COLUMNS = ["trial_id", "arm", "lr", "global_batch_size", "seed", "status", "step
            "best_val_step", "final_val_loss", "objective", "run_dir"]
 
 
-def fit_alpha(batches, lrs) -> float:
-    """Least-squares slope of log lr against log batch (lr ∝ batch^alpha); nan with < 2 batch sizes."""
+def _log_points(batches, lrs) -> tuple[np.ndarray, np.ndarray]:
+    """log batch and log lr of the (batch, lr) pairs where both are finite."""
     x, y = np.log(np.asarray(batches, float)), np.log(np.asarray(lrs, float))
     ok = np.isfinite(x) & np.isfinite(y)
-    if len(np.unique(x[ok])) < 2:
+    return x[ok], y[ok]
+
+
+def fit_alpha(batches, lrs) -> float:
+    """Least-squares slope of log lr against log batch (lr ∝ batch^alpha); nan with < 2 batch sizes."""
+    x, y = _log_points(batches, lrs)
+    if len(np.unique(x)) < 2:
         return math.nan
-    return float(np.round(np.polyfit(x[ok], y[ok], 1)[0], 9)) + 0.0  # no -1e-16 for a flat lr*
+    return float(np.round(np.polyfit(x, y, 1)[0], 9)) + 0.0  # no -1e-16 for a flat lr*
 
 
 def fit_residual(batches, lrs) -> float:
@@ -71,12 +77,11 @@ def fit_residual(batches, lrs) -> float:
     >>> fit_residual([8, 16, 32], [1e-3, 2e-3, 4e-3]), round(fit_residual([8, 16, 32], [1e-3, 4e-3, 2e-3]), 3)
     (1.0, 2.0)
     """
-    x, y = np.log(np.asarray(batches, float)), np.log(np.asarray(lrs, float))
-    ok = np.isfinite(x) & np.isfinite(y)
-    if len(np.unique(x[ok])) < 3:
+    x, y = _log_points(batches, lrs)
+    if len(np.unique(x)) < 3:
         return math.nan
-    slope, intercept = np.polyfit(x[ok], y[ok], 1)
-    return float(np.round(np.exp(np.abs(y[ok] - (slope * x[ok] + intercept)).max()), 9))
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(np.round(np.exp(np.abs(y - (slope * x + intercept)).max()), 9))
 
 
 def lr_star(lrs, losses) -> tuple[float, float, bool]:
@@ -182,7 +187,7 @@ def _alpha_notes(arm: str, est: dict) -> list[str]:
     elif n == 2:
         notes.append(f"{arm}: 2 batch sizes: the line passes through both points exactly, so alpha has no "
                      "goodness of fit; add batch sizes to test the power law.")
-    elif math.isfinite(est.get("residual_factor", math.nan)):
+    elif math.isfinite(est["residual_factor"]):
         notes.append(f"{arm}: {n} batch sizes: the interpolated lr* lies within a factor "
                      f"{_g(est['residual_factor'], 3)} of the fitted power law (its largest residual; compare the lr "
                      "grid's spacing).")
